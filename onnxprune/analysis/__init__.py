@@ -1,0 +1,70 @@
+"""Dependency analysis: which channels, neurons and heads can go, and what goes with them."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxprune.analysis.context import AnalysisState, ParamSlice, SinkUse, Source
+from onnxprune.analysis.groups import Group, build_groups
+from onnxprune.analysis.rules import rule_for
+from onnxprune.analysis.units import NO_UNIT
+from onnxprune.ir.graph_view import GraphView
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Analysis", "Group", "ParamSlice", "SinkUse", "Source", "analyze_graph"]
+
+
+@dataclass
+class Analysis:
+    view: GraphView
+    state: AnalysisState
+    groups: list[Group]
+    root_of: np.ndarray
+
+    @property
+    def layouts(self) -> dict[str, dict[int, np.ndarray]]:
+        return self.state.layouts
+
+    def group(self, name_or_id: str | int) -> Group:
+        for g in self.groups:
+            if g.id == name_or_id or g.name == name_or_id:
+                return g
+        raise KeyError(name_or_id)
+
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def keep_masks(self, removed_roots: set[int] | np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+        """(tensor, axis) -> boolean keep mask, for every axis that loses positions."""
+        removed = np.zeros(len(self.root_of) + 1, dtype=bool)
+        removed[np.fromiter(removed_roots, dtype=np.int64)] = True
+        masks = {}
+        for tensor, axes in self.state.layouts.items():
+            for axis, layout in axes.items():
+                roots = np.where(layout == NO_UNIT, len(self.root_of), self.root_of[np.maximum(layout, 0)])
+                keep = ~removed[roots]
+                if not keep.all():
+                    masks[(tensor, axis)] = keep
+        return masks
+
+
+def analyze_graph(view: GraphView) -> Analysis:
+    """Walk the graph once in topological order, applying each node's rule."""
+    state = AnalysisState(view)
+    for node in view.nodes:
+        rule = rule_for(node)
+        try:
+            rule.propagate(node, state)
+        except Exception as exc:  # a rule bug must not take down the other groups
+            log.debug("rule for %s failed", node.name, exc_info=True)
+            for name in list(node.input) + list(node.output):
+                if name:
+                    state.block_tensor(name, f"{node.op_type} '{node.name}': rule failed ({exc})")
+    for name in view.graph_outputs:
+        state.block_tensor(name, f"reaches graph output '{name}'")
+    groups, root_of = build_groups(state)
+    return Analysis(view, state, groups, root_of)

@@ -1,0 +1,159 @@
+"""The state rules write into while the graph is walked in topological order.
+
+Rules call the small vocabulary below (`layout`, `set_layout`, `fresh`, `param`,
+`sink`, `couple`, `block`, `inexact`); they never touch the union-find directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.analysis.units import NO_UNIT, UnitTable
+from onnxprune.ir.graph_view import GraphView
+
+
+@dataclass(frozen=True)
+class Source:
+    """A node output axis that opens new units (Conv output channels...)."""
+
+    node: str
+    op_type: str
+    tensor: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """An initializer axis sliced together with some units."""
+
+    tensor: str
+    axis: int
+    node: str
+    role: str  # weight_out, weight_in, bias, bn_scale, bn_bias, bn_stats, constant
+
+
+@dataclass(frozen=True)
+class SinkUse:
+    """An activation axis consumed by an op that mixes positions (Conv input channels...)."""
+
+    tensor: str
+    axis: int
+    node: str
+
+
+@dataclass
+class AnalysisState:
+    view: GraphView
+    units: UnitTable = field(default_factory=UnitTable)
+    layouts: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    sources: list[Source] = field(default_factory=list)
+    source_units: list[np.ndarray] = field(default_factory=list)
+    params: list[ParamSlice] = field(default_factory=list)
+    sinks: list[SinkUse] = field(default_factory=list)
+    block_reasons: dict[int, list[str]] = field(default_factory=dict)
+    inexact_reasons: dict[int, list[str]] = field(default_factory=dict)
+
+    # -- reading -------------------------------------------------------------
+    def layouts_of(self, tensor: str) -> dict[int, np.ndarray]:
+        return self.layouts.get(tensor, {})
+
+    def layout(self, tensor: str, axis: int) -> np.ndarray | None:
+        return self.layouts.get(tensor, {}).get(axis)
+
+    # -- writing -------------------------------------------------------------
+    def fresh(self, node: onnx.NodeProto, tensor: str, axis: int, count: int) -> np.ndarray:
+        """Open `count` new units for (tensor, axis), created by `node`."""
+        self.sources.append(Source(node.name, node.op_type, tensor, axis))
+        units = self.units.new(count, len(self.sources) - 1)
+        self.source_units.append(units)
+        return units
+
+    def set_layout(self, tensor: str, axis: int, layout: np.ndarray) -> None:
+        """Attach a layout; a second layout on the same axis couples position-wise."""
+        axes = self.layouts.setdefault(tensor, {})
+        if axis in axes:
+            layout = self.couple([axes[axis], layout], f"tensor '{tensor}'")
+        axes[axis] = np.asarray(layout, dtype=np.int64)
+
+    def couple(self, layouts: list[np.ndarray], where: str) -> np.ndarray:
+        """Union equal positions of several layouts of the same length.
+
+        A position that is a unit in one layout but NO_UNIT in another cannot be
+        removed (the other side has no way to drop it): that unit is blocked.
+        """
+        layouts = [np.asarray(l, dtype=np.int64) for l in layouts]
+        lengths = {len(l) for l in layouts}
+        if len(lengths) != 1:
+            for l in layouts:
+                self.block(l, f"{where}: coupled axes have different sizes {sorted(lengths)}")
+            return layouts[0]
+        merged = layouts[0].copy()
+        for other in layouts[1:]:
+            for i, (a, b) in enumerate(zip(merged.tolist(), other.tolist())):
+                if a == b:
+                    continue
+                if a == NO_UNIT or b == NO_UNIT:
+                    unit = b if a == NO_UNIT else a
+                    self._block_unit(unit, f"{where}: a channel it is coupled with cannot be pruned")
+                    merged[i] = unit
+                else:
+                    self.units.union(a, b)
+        return merged
+
+    def union_positions(self, layout: np.ndarray, classes: np.ndarray, where: str) -> np.ndarray:
+        """Coarsen: positions with the same class id must share one unit."""
+        first: dict[int, int] = {}
+        for u, c in zip(layout.tolist(), classes.tolist()):
+            if c in first:
+                a = first[c]
+                if (a == NO_UNIT) != (u == NO_UNIT):
+                    unit = a if u == NO_UNIT else u
+                    self._block_unit(unit, f"{where}: coarsened together with an unprunable channel")
+                elif u != NO_UNIT:
+                    self.units.union(a, u)
+            else:
+                first[c] = u
+        return layout
+
+    def param(self, node: onnx.NodeProto, index: int, axis: int, layout: np.ndarray, role: str) -> bool:
+        """Slice input `index` of `node` (must be an initializer) with `layout` on `axis`."""
+        name = node.input[index] if index < len(node.input) else ""
+        if not name:
+            return True
+        if not self.view.is_const(name):
+            self.block(layout, f"{node.op_type} '{node.name}': input '{name}' is computed at run time, not a constant weight")
+            return False
+        self.set_layout(name, axis, layout)
+        self.params.append(ParamSlice(name, axis, node.name, role))
+        return True
+
+    def sink(self, node: onnx.NodeProto, tensor: str, axis: int) -> None:
+        self.sinks.append(SinkUse(tensor, axis, node.name))
+
+    def block(self, layout: np.ndarray | None, reason: str) -> None:
+        if layout is None:
+            return
+        for u in set(np.asarray(layout).tolist()):
+            if u != NO_UNIT:
+                self._block_unit(u, reason)
+
+    def block_tensor(self, tensor: str, reason: str) -> None:
+        for layout in self.layouts_of(tensor).values():
+            self.block(layout, reason)
+
+    def _block_unit(self, unit: int, reason: str) -> None:
+        reasons = self.block_reasons.setdefault(unit, [])
+        if reason not in reasons:
+            reasons.append(reason)
+
+    def inexact(self, layout: np.ndarray | None, reason: str) -> None:
+        """Pruning these units is valid but changes other channels' values (LRN...)."""
+        if layout is None:
+            return
+        for u in set(np.asarray(layout).tolist()):
+            if u != NO_UNIT:
+                self.inexact_reasons.setdefault(u, [])
+                if reason not in self.inexact_reasons[u]:
+                    self.inexact_reasons[u].append(reason)

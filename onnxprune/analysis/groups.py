@@ -1,0 +1,107 @@
+"""Pruning groups: the result of dependency analysis, as plain data.
+
+A group is every unit that coupling ties together, with every parameter slice
+that must be cut with them.  Unit index i of a group is what plans refer to;
+units are numbered in the order of the group's first source's channels, so
+"keep [0, 3, 5]" of a Conv group means output channels 0, 3 and 5.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.analysis.context import AnalysisState, ParamSlice, Source
+from onnxprune.analysis.units import NO_UNIT
+
+
+@dataclass
+class Group:
+    id: int
+    name: str
+    sources: list[Source]
+    roots: np.ndarray  # root unit id of unit index i
+    params: list[ParamSlice] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    inexact: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.roots)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size": self.size,
+            "sources": [f"{s.op_type} {s.node}" for s in self.sources],
+            "params": [f"{p.tensor}[axis {p.axis}] ({p.role})" for p in self.params],
+            "blocked": self.blocked,
+            "inexact": self.inexact,
+        }
+
+
+def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
+    """Returns the groups and root_of (unit id -> root id)."""
+    root_of = state.units.root_array()
+    n_sources = len(state.sources)
+    parent = list(range(n_sources))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    source_of = state.units.source_of
+    for unit in range(len(root_of)):
+        a, b = find(source_of[unit]), find(source_of[root_of[unit]])
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    members: dict[int, list[int]] = {}
+    for i in range(n_sources):
+        members.setdefault(find(i), []).append(i)
+
+    groups: list[Group] = []
+    group_of_root: dict[int, int] = {}
+    for source_ids in members.values():
+        roots: list[int] = []
+        seen: set[int] = set()
+        for sid in source_ids:
+            for u in state.source_units[sid].tolist():
+                r = int(root_of[u])
+                if r not in seen:
+                    seen.add(r)
+                    roots.append(r)
+        gid = len(groups)
+        first = state.sources[source_ids[0]]
+        groups.append(Group(gid, first.node, [state.sources[i] for i in source_ids], np.array(roots, dtype=np.int64)))
+        for r in roots:
+            group_of_root[r] = gid
+
+    for unit, reasons in state.block_reasons.items():
+        g = groups[group_of_root[int(root_of[unit])]]
+        g.blocked.extend(r for r in reasons if r not in g.blocked)
+    for unit, reasons in state.inexact_reasons.items():
+        g = groups[group_of_root[int(root_of[unit])]]
+        g.inexact.extend(r for r in reasons if r not in g.inexact)
+
+    seen_params: set[tuple] = set()
+    for p in state.params:
+        key = (p.tensor, p.axis, p.role, p.node)
+        if key in seen_params:
+            continue
+        seen_params.add(key)
+        layout = state.layout(p.tensor, p.axis)
+        gids = {group_of_root[int(root_of[u])] for u in set(layout.tolist()) if u != NO_UNIT}
+        for gid in sorted(gids):
+            groups[gid].params.append(p)
+    for g in groups:
+        if g.size < 2 and not g.blocked:
+            g.blocked.append("a single unit: removing it would remove the layer")
+    return groups, root_of

@@ -1,0 +1,58 @@
+"""Concat: units keep their offsets along the concatenation axis.
+
+The output layout is the inputs' layouts side by side (NO_UNIT where an input
+carries none, e.g. the network input).  On every other axis the inputs are
+coupled like a broadcasting op.  Nested concats compose naturally.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.analysis.rules.base import Rule, norm_axis, register
+from onnxprune.analysis.units import NO_UNIT
+
+
+@register("Concat")
+class ConcatRule(Rule):
+    preserves_zeros = True
+
+    def propagate(self, node, s):
+        y = node.output[0]
+        rank = s.view.rank(y)
+        where = f"Concat '{node.name}'"
+        if rank is None:
+            for name in node.input:
+                s.block_tensor(name, f"{where}: output shape unknown")
+            return
+        axis = norm_axis(int(s.view.attr(node, "axis", 1)), rank)
+        inputs = [n for n in node.input if n]
+        pieces, any_units = [], False
+        for name in inputs:
+            layout = s.layout(name, axis)
+            if layout is None:
+                size = s.view.dim(name, axis)
+                if size is None:
+                    for other in inputs:
+                        s.block(s.layout(other, axis), f"{where}: size of '{name}' along axis {axis} unknown")
+                    return
+                layout = np.full(size, NO_UNIT, dtype=np.int64)
+            else:
+                any_units = True
+            pieces.append(layout)
+        if any_units:
+            s.set_layout(y, axis, np.concatenate(pieces))
+        for other_axis in range(rank):
+            if other_axis == axis:
+                continue
+            layouts = [s.layout(n, other_axis) for n in inputs]
+            present = [l for l in layouts if l is not None]
+            if not present:
+                continue
+            merged = s.couple(present, where)
+            for name, layout in zip(inputs, layouts):
+                if layout is None:
+                    if s.view.is_const(name):
+                        s.param(node, list(node.input).index(name), other_axis, merged, "constant")
+                    else:
+                        s.block(merged, f"{where} joins it with '{name}', whose channels cannot be pruned")
+            s.set_layout(y, other_axis, merged)

@@ -1,0 +1,102 @@
+"""Gemm and MatMul: input features are consumed, output features are new units.
+
+With a constant weight these are the FC sources/sinks.  MatMul of two run-time
+tensors (attention scores, context) couples the contracted axes of both sides
+and passes the outer axes through.
+"""
+from __future__ import annotations
+
+from onnxprune.analysis.rules.base import Rule, register
+
+
+@register("Gemm")
+class GemmRule(Rule):
+    def propagate(self, node, s):
+        a, y = node.input[0], node.output[0]
+        where = f"Gemm '{node.name}'"
+        trans_a = int(s.view.attr(node, "transA", 0))
+        trans_b = int(s.view.attr(node, "transB", 0))
+        k_axis_a, m_axis_a = (0, 1) if trans_a else (1, 0)
+        m_layout = s.layout(a, m_axis_a)
+        if m_layout is not None:
+            s.set_layout(y, 0, m_layout)
+        k_layout = s.layout(a, k_axis_a)
+        weight = s.view.const_input(node, 1)
+        if weight is None:
+            s.block(k_layout, f"{where}: weight '{node.input[1]}' is computed at run time")
+            return
+        k_axis_b, n_axis_b = (1, 0) if trans_b else (0, 1)
+        if k_layout is not None:
+            s.param(node, 1, k_axis_b, k_layout, "weight_in")
+            s.sink(node, a, k_axis_a)
+        out_layout = s.fresh(node, y, 1, weight.shape[n_axis_b])
+        s.param(node, 1, n_axis_b, out_layout, "weight_out")
+        c_shape = s.view.shape(node.input[2]) if s.view.has_input(node, 2) else None
+        if c_shape and c_shape[-1] == weight.shape[n_axis_b] and weight.shape[n_axis_b] != 1:
+            s.param(node, 2, len(c_shape) - 1, out_layout, "bias")
+        s.set_layout(y, 1, out_layout)
+
+    def zeros(self, node, z):
+        z.source_zeros(node, alpha_beta=True)
+
+
+@register("MatMul")
+class MatMulRule(Rule):
+    def propagate(self, node, s):
+        a, b, y = node.input[0], node.input[1], node.output[0]
+        where = f"MatMul '{node.name}'"
+        ra, rb, ry = s.view.rank(a), s.view.rank(b), s.view.rank(y)
+        if ra is None or rb is None or ry is None or ra < 2 or rb < 2:
+            s.block_tensor(a, f"{where}: operand ranks unknown or 1-D")
+            s.block_tensor(b, f"{where}: operand ranks unknown or 1-D")
+            return
+        # batch axes broadcast like an elementwise op
+        for out_axis in range(ry - 2):
+            layouts = []
+            for name, r in ((a, ra), (b, rb)):
+                in_axis = out_axis - (ry - r)
+                if in_axis >= 0 and s.view.dim(name, in_axis) != 1:
+                    layout = s.layout(name, in_axis)
+                    if layout is not None:
+                        layouts.append(layout)
+            if layouts:
+                s.set_layout(y, out_axis, s.couple(layouts, where))
+        k_a, k_b = ra - 1, rb - 2
+        a_const, b_const = s.view.is_const(a), s.view.is_const(b)
+        if b_const and not a_const:
+            self._weight_side(node, s, act=a, act_k=k_a, weight_index=1, w_k=rb - 2, w_n=rb - 1, out_axis=ry - 1)
+            m_layout = s.layout(a, ra - 2)
+            if m_layout is not None:
+                s.set_layout(y, ry - 2, m_layout)
+        elif a_const and not b_const:
+            self._weight_side(node, s, act=b, act_k=k_b, weight_index=0, w_k=ra - 1, w_n=ra - 2, out_axis=ry - 2)
+            n_layout = s.layout(b, rb - 1)
+            if n_layout is not None:
+                s.set_layout(y, ry - 1, n_layout)
+        elif not a_const and not b_const:
+            ka, kb = s.layout(a, k_a), s.layout(b, k_b)
+            if ka is not None and kb is not None:
+                s.couple([ka, kb], where)
+            elif ka is not None or kb is not None:
+                s.block(ka if ka is not None else kb, f"{where}: contracted with a tensor whose features cannot be pruned")
+            for name, axis in ((a, k_a), (b, k_b)):
+                if s.layout(name, axis) is not None:
+                    s.sink(node, name, axis)
+            for name, axis, out_axis in ((a, ra - 2, ry - 2), (b, rb - 1, ry - 1)):
+                layout = s.layout(name, axis)
+                if layout is not None:
+                    s.set_layout(y, out_axis, layout)
+
+    @staticmethod
+    def _weight_side(node, s, *, act, act_k, weight_index, w_k, w_n, out_axis):
+        k_layout = s.layout(act, act_k)
+        if k_layout is not None:
+            s.param(node, weight_index, w_k, k_layout, "weight_in")
+            s.sink(node, act, act_k)
+        weight = s.view.const_input(node, weight_index)
+        out_layout = s.fresh(node, node.output[0], out_axis, weight.shape[w_n])
+        s.param(node, weight_index, w_n, out_layout, "weight_out")
+        s.set_layout(node.output[0], out_axis, out_layout)
+
+    def zeros(self, node, z):
+        z.source_zeros(node)

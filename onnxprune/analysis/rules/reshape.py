@@ -1,0 +1,205 @@
+"""Reshape and Flatten: carry unit layouts across merged and split axes.
+
+Axes are matched in runs whose sizes multiply to the same number.  Merging
+axes repeats a layout as blocks (channel c of a (C, H, W) map becomes features
+c*H*W .. c*H*W + H*W - 1 of the flattened vector).  Splitting an axis into
+several (hidden -> heads x head_dim; C -> groups x C/g for a channel shuffle)
+needs one output axis to carry the units: the units inside each slice of that
+axis are merged into one (a head becomes one unit).  The carrier is the outer
+axis, except in the channel-shuffle pattern (Reshape-Transpose-Reshape), where
+it is the inner one so that a unit is one channel index in every group.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.analysis.rules.base import Rule, norm_axis, register
+from onnxprune.analysis.shape_expr import DimOf, shape_elements
+
+
+def axis_runs(in_shape, out_shape):
+    """Pair runs of input axes with runs of output axes of equal total size.
+
+    Returns [(in_axes, out_axes)] or None when symbolic sizes make it ambiguous.
+    """
+    runs, i, j = [], 0, 0
+    while i < len(in_shape) or j < len(out_shape):
+        if i < len(in_shape) and j < len(out_shape) and in_shape[i] == out_shape[j]:
+            runs.append(((i,), (j,)))
+            i, j = i + 1, j + 1
+            continue
+        if i < len(in_shape) and in_shape[i] == 1:
+            runs.append(((i,), ()))
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1:
+            runs.append(((), (j,)))
+            j += 1
+            continue
+        if i >= len(in_shape) or j >= len(out_shape):
+            return None
+        if not isinstance(in_shape[i], int) or not isinstance(out_shape[j], int):
+            return None
+        ins, outs = [i], [j]
+        p, q = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q:
+                if i >= len(in_shape) or not isinstance(in_shape[i], int):
+                    return None
+                p *= in_shape[i]
+                ins.append(i)
+                i += 1
+            else:
+                if j >= len(out_shape) or not isinstance(out_shape[j], int):
+                    return None
+                q *= out_shape[j]
+                outs.append(j)
+                j += 1
+        runs.append((tuple(ins), tuple(outs)))
+    return runs
+
+
+def _run_layout(s, tensor, in_axes, in_shape):
+    """Unit id of every element of the run (as an N-d array), or None if no units."""
+    with_units = [a for a in in_axes if s.layout(tensor, a) is not None]
+    if not with_units:
+        return None, None
+    if len(with_units) > 1:
+        return None, f"units on several merged axes {with_units}"
+    a = with_units[0]
+    dims = [in_shape[k] for k in in_axes]
+    view_shape = [1] * len(dims)
+    view_shape[in_axes.index(a)] = dims[in_axes.index(a)]
+    return np.broadcast_to(s.layout(tensor, a).reshape(view_shape), dims), None
+
+
+def map_layouts(node, s, x, y, in_shape, out_shape, prefer_inner=False):
+    where = f"{node.op_type} '{node.name}'"
+    if in_shape is None or out_shape is None:
+        s.block_tensor(x, f"{where}: static shapes unknown")
+        return
+    runs = axis_runs(list(in_shape), list(out_shape))
+    if runs is None:
+        s.block_tensor(x, f"{where}: cannot match input and output axes {in_shape} -> {out_shape}")
+        return
+    for in_axes, out_axes in runs:
+        if not in_axes:
+            continue
+        elements, problem = _run_layout(s, x, in_axes, in_shape)
+        if problem:
+            for a in in_axes:
+                s.block(s.layout(x, a), f"{where}: {problem}")
+            continue
+        if elements is None:
+            continue
+        if not out_axes:
+            s.block(np.unique(elements), f"{where} drops the axis")
+            continue
+        out_dims = [out_shape[k] for k in out_axes]
+        grid = np.ascontiguousarray(elements).reshape(out_dims)
+        carrier = _choose_carrier(out_dims, prefer_inner)
+        moved = np.moveaxis(grid, carrier, 0).reshape(out_dims[carrier], -1)
+        if not (moved == moved[:, :1]).all():
+            # positions of one carrier index hold different units: merge them
+            classes = np.repeat(np.arange(out_dims[carrier]), moved.shape[1])
+            s.union_positions(moved.ravel(), classes, where)
+        s.set_layout(y, out_axes[carrier], moved[:, 0].copy())
+
+
+def _choose_carrier(out_dims, prefer_inner):
+    candidates = [k for k, d in enumerate(out_dims) if d != 1] or [0]
+    return candidates[-1] if prefer_inner else candidates[0]
+
+
+def _is_channel_shuffle(node, s) -> bool:
+    """Reshape -> Transpose swapping two split axes -> Reshape back to the input rank."""
+    y = node.output[0]
+    users = s.view.consumers.get(y, [])
+    if len(users) != 1 or users[0][0].op_type != "Transpose":
+        return False
+    transpose = users[0][0]
+    perm = list(s.view.attr(transpose, "perm", []))
+    swapped = [i for i, p in enumerate(perm) if p != i]
+    if len(swapped) != 2 or abs(swapped[0] - swapped[1]) != 1:
+        return False
+    after = s.view.consumers.get(transpose.output[0], [])
+    return len(after) == 1 and after[0][0].op_type == "Reshape" and s.view.rank(after[0][0].output[0]) == s.view.rank(node.input[0])
+
+
+@register("Reshape")
+class ReshapeRule(Rule):
+    preserves_zeros = True
+
+    def propagate(self, node, s):
+        x, y = node.input[0], node.output[0]
+        if not s.layouts_of(x):
+            return
+        if not s.view.is_const(node.input[1]) and not _only_inferred_axes(node, s):
+            s.block_tensor(x, f"Reshape '{node.name}': target shape computed at run time")
+            return
+        map_layouts(node, s, x, y, s.view.shape(x), s.view.shape(y), prefer_inner=_is_channel_shuffle(node, s))
+
+    def rewrite(self, node, rw):
+        y = node.output[0]
+        if not rw.changed(y):
+            return
+        target = rw.view.const_input(node, 1)
+        if target is None:
+            return  # run-time target: only its -1 axis changes (checked in propagate)
+        new_out = rw.new_shape(y)
+        new_target = [
+            int(t) if t in (0, -1) or rw.mask(y, i) is None else int(new_out[i]) for i, t in enumerate(target)
+        ]
+        rw.replace_const_input(node, 1, np.array(new_target, dtype=target.dtype))
+
+
+def _only_inferred_axes(node, s) -> bool:
+    """A run-time target is safe when every axis carrying units is -1 there, or
+    is read from a dimension that carries the same units (torch's
+    x.view(x.size(0), -1) before a classifier, for instance)."""
+    y = node.output[0]
+    elements = shape_elements(s.view, node.input[1])
+    out_shape = s.view.shape(y)
+    if elements is None or out_shape is None or len(elements) != len(out_shape):
+        return False
+    x_shape = s.view.shape(node.input[0]) or ()
+    runs = axis_runs(list(x_shape), list(out_shape)) or []
+    for in_axes, out_axes in runs:
+        if not any(s.layout(node.input[0], a) is not None for a in in_axes):
+            continue
+        for k in out_axes:
+            e = elements[k]
+            if e == -1 or (isinstance(e, DimOf) and s.layout(e.tensor, e.axis) is not None):
+                continue
+            if out_shape[k] == 1:
+                continue
+            return False
+    return True
+
+
+@register("Flatten")
+class FlattenRule(Rule):
+    preserves_zeros = True
+
+    def propagate(self, node, s):
+        x, y = node.input[0], node.output[0]
+        in_shape = s.view.shape(x)
+        if not s.layouts_of(x):
+            return
+        if in_shape is None:
+            s.block_tensor(x, f"Flatten '{node.name}': input shape unknown")
+            return
+        axis = norm_axis(int(s.view.attr(node, "axis", 1)), len(in_shape))
+        head, tail = in_shape[:axis], in_shape[axis:]
+        out_shape = (_product(head), _product(tail))
+        map_layouts(node, s, x, y, in_shape, out_shape)
+
+
+def _product(dims):
+    p = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        p *= d
+    return p

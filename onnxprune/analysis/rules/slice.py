@@ -1,0 +1,85 @@
+"""Slice: the output keeps the slice of the input's layout.
+
+Bounds are rewritten to count only kept positions.  Steps other than 1 on a
+pruned axis, or bounds computed at run time, block the units there.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.analysis.rules.base import Rule, norm_axis, register
+
+
+def slice_params(node, view, rank: int):
+    """{axis: (start, stop, step)} normalised to the static input shape, or None."""
+    x = node.input[0]
+    if view.opset < 10 or view.attr(node, "starts") is not None:
+        starts, ends = view.attr(node, "starts"), view.attr(node, "ends")
+        axes, steps = view.attr(node, "axes"), None
+    else:
+        starts, ends = view.const_input(node, 1), view.const_input(node, 2)
+        axes = view.const_input(node, 3) if view.has_input(node, 3) else None
+        steps = view.const_input(node, 4) if view.has_input(node, 4) else None
+        if starts is None or ends is None or (view.has_input(node, 3) and axes is None) or (
+            view.has_input(node, 4) and steps is None
+        ):
+            return None
+    starts, ends = list(np.atleast_1d(starts)), list(np.atleast_1d(ends))
+    axes = list(range(len(starts))) if axes is None else [norm_axis(int(a), rank) for a in np.atleast_1d(axes)]
+    steps = [1] * len(starts) if steps is None else list(np.atleast_1d(steps))
+    out = {}
+    for a, start, stop, step in zip(axes, starts, ends, steps):
+        size = view.dim(x, a)
+        if size is None:
+            out[a] = None
+            continue
+        out[a] = slice(int(start), int(stop), int(step)).indices(size)
+    return out
+
+
+@register("Slice")
+class SliceRule(Rule):
+    preserves_zeros = True
+
+    def propagate(self, node, s):
+        x, y = node.input[0], node.output[0]
+        rank = s.view.rank(x)
+        params = slice_params(node, s.view, rank) if rank is not None else None
+        for axis, layout in s.layouts_of(x).items():
+            if params is None:
+                s.block(layout, f"Slice '{node.name}': bounds computed at run time")
+            elif axis not in params:
+                s.set_layout(y, axis, layout)
+            elif params[axis] is None or params[axis][2] != 1:
+                s.block(layout, f"Slice '{node.name}': step other than 1 or unknown size on axis {axis}")
+            else:
+                start, stop, _ = params[axis]
+                s.set_layout(y, axis, layout[start:stop])
+
+    def rewrite(self, node, rw):
+        x = node.input[0]
+        rank = rw.view.rank(x)
+        params = slice_params(node, rw.view, rank)
+        changed = {a: p for a, p in params.items() if rw.mask(x, a) is not None}
+        if not changed:
+            return
+        attr_form = rw.view.attr(node, "starts") is not None
+        starts = list(np.atleast_1d(rw.view.attr(node, "starts") if attr_form else rw.view.const_input(node, 1)))
+        ends = list(np.atleast_1d(rw.view.attr(node, "ends") if attr_form else rw.view.const_input(node, 2)))
+        axes_raw = rw.view.attr(node, "axes") if attr_form else (
+            rw.view.const_input(node, 3) if rw.view.has_input(node, 3) else None
+        )
+        axes = list(range(len(starts))) if axes_raw is None else [norm_axis(int(a), rank) for a in np.atleast_1d(axes_raw)]
+        for i, a in enumerate(axes):
+            if a in changed:
+                start, stop, _ = changed[a]
+                mask = rw.mask(x, a)
+                starts[i] = int(mask[:start].sum())
+                ends[i] = int(mask[:stop].sum())
+        if attr_form:
+            rw.set_attr(node, "starts", [int(v) for v in starts])
+            rw.set_attr(node, "ends", [int(v) for v in ends])
+        else:
+            dtype = rw.view.const_input(node, 1).dtype
+            rw.replace_const_input(node, 1, np.array(starts, dtype=dtype))
+            rw.replace_const_input(node, 2, np.array(ends, dtype=dtype))

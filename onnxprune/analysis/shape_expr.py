@@ -1,0 +1,65 @@
+"""Symbolic evaluation of run-time shape tensors (Shape -> Gather -> Concat ...).
+
+Exporters compute Reshape targets from the input's own shape.  Each element of
+such a tensor is described as a constant, or as "dimension `axis` of tensor
+`t`"; an element that follows a pruned dimension at run time needs no rewrite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.ir.graph_view import GraphView
+
+
+@dataclass(frozen=True)
+class DimOf:
+    tensor: str
+    axis: int
+
+
+Element = int | DimOf | None  # None: unknown
+
+
+def shape_elements(view: GraphView, name: str, depth: int = 0) -> list[Element] | None:
+    """Elements of a 1-D int tensor, or None if its length is unknown."""
+    value = view.const(name)
+    if value is not None:
+        return [int(v) for v in np.atleast_1d(value)]
+    node = view.producer.get(name)
+    if node is None or depth > 16:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        rank = view.rank(node.input[0])
+        if rank is None:
+            return None
+        start = int(view.attr(node, "start", 0))
+        end = view.attr(node, "end")
+        axes = list(range(rank))[slice(start, None if end is None else int(end))]
+        return [DimOf(node.input[0], a) for a in axes]
+    if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        return shape_elements(view, node.input[0], depth + 1)
+    if op == "Concat":
+        out: list[Element] = []
+        for part in node.input:
+            elems = shape_elements(view, part, depth + 1)
+            if elems is None:
+                return None
+            out.extend(elems)
+        return out
+    if op == "Gather":
+        src = shape_elements(view, node.input[0], depth + 1)
+        idx = view.const(node.input[1])
+        if src is None or idx is None:
+            return None
+        return [src[int(i)] for i in np.atleast_1d(idx)]
+    if op == "Slice":
+        src = shape_elements(view, node.input[0], depth + 1)
+        starts, ends = view.const_input(node, 1), view.const_input(node, 2)
+        if src is None or starts is None or ends is None:
+            return None
+        return src[slice(int(starts[0]), int(ends[0]))]
+    length = view.dim(name, 0)
+    return None if length is None else [None] * length

@@ -1,0 +1,115 @@
+"""Cost model: parameters, MACs and FLOPs per node and in total.
+
+Conventions (used everywhere in reports):
+* MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul.
+* FLOPs = 2 x MACs + one operation per output element of every other node
+  (activations, normalisation, pooling windows count their window size).
+* Parameters count every element of every initializer, once.
+Dynamic dimensions are evaluated at the shapes given for validation
+(batch 1 by default).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.shapes import infer_shapes
+
+LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Transpose", "Concat",
+            "Split", "Slice", "Gather", "Constant", "ConstantOfShape", "Cast", "Dropout", "Expand"}
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op_type: str
+    macs: int
+    flops: int
+
+
+@dataclass
+class ModelCost:
+    nodes: list[NodeCost] = field(default_factory=list)
+    params: int = 0
+    op_counts: Counter = field(default_factory=Counter)
+
+    @property
+    def macs(self) -> int:
+        return sum(n.macs for n in self.nodes)
+
+    @property
+    def flops(self) -> int:
+        return sum(n.flops for n in self.nodes)
+
+    def by_node(self) -> dict[str, NodeCost]:
+        return {n.name: n for n in self.nodes}
+
+
+def _numel(shape) -> int | None:
+    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
+    op = node.op_type
+    y = view.shape(node.output[0])
+    out = _numel(y)
+    if out is None:
+        return 0
+    if op == "Conv":
+        w = view.shape(node.input[1])
+        k = _numel(w[1:]) if w else None
+        return out * (k or 0)
+    if op == "ConvTranspose":
+        x, w = view.shape(node.input[0]), view.shape(node.input[1])
+        if not x or not w:
+            return 0
+        return (_numel(x) or 0) * w[1] * (_numel(w[2:]) or 0)  # w: (Cin, Cout/group, k...)
+    if op == "Gemm":
+        a = view.shape(node.input[0])
+        if not a:
+            return 0
+        k = a[0] if int(view.attr(node, "transA", 0)) else a[1]
+        return out * (k if isinstance(k, int) else 0)
+    if op == "MatMul":
+        a = view.shape(node.input[0])
+        if not a or not isinstance(a[-1], int):
+            return 0
+        return out * a[-1]
+    return 0
+
+
+def node_flops(node: onnx.NodeProto, view: GraphView, macs: int) -> int:
+    if node.op_type in LINEAR_OPS:
+        return 2 * macs
+    if node.op_type in FREE_OPS:
+        return 0
+    out = _numel(view.shape(node.output[0])) or 0
+    kernel = view.attr(node, "kernel_shape")
+    if kernel is not None and "Pool" in node.op_type:
+        return out * int(np.prod(kernel))
+    if node.op_type.startswith("Global") or node.op_type.startswith("Reduce"):
+        return _numel(view.shape(node.input[0])) or 0
+    return out
+
+
+def model_cost(model: onnx.ModelProto, fixed_inputs: dict[str, list[int]] | None = None) -> ModelCost:
+    """Cost of `model` at concrete input shapes (the model's value_info is left alone)."""
+    saved = list(model.graph.value_info)
+    shapes = infer_shapes(model, fixed_inputs)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(saved)
+    view = GraphView(model, shapes)
+    cost = ModelCost()
+    for node in view.nodes:
+        macs = node_macs(node, view)
+        cost.nodes.append(NodeCost(node.name, node.op_type, macs, node_flops(node, view, macs)))
+        cost.op_counts[node.op_type] += 1
+    cost.params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    return cost

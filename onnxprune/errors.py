@@ -1,0 +1,42 @@
+"""One exception family for everything the user can get wrong or we refuse to do.
+
+Each error names the file, node or tensor involved and says how to fix it; the CLI
+maps the class to a distinct exit code.
+"""
+from __future__ import annotations
+
+
+class OnnxPruneError(Exception):
+    """Base class; `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ModelLoadError(OnnxPruneError):
+    """The input file is missing, corrupt, truncated or not an ONNX model."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(OnnxPruneError):
+    """The model cannot be analysed at all (e.g. shapes that cannot be inferred)."""
+
+    exit_code = 3
+
+
+class PlanError(OnnxPruneError):
+    """A plan or target that cannot be applied to this model."""
+
+    exit_code = 5
+
+
+class ValidationError(OnnxPruneError):
+    """The rewritten model failed a check; nothing was written."""
+
+    exit_code = 4
+
+
+class OutputError(OnnxPruneError):
+    """The output path is unusable (same as the input, not writable...)."""
+
+    exit_code = 6

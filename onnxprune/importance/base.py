@@ -1,0 +1,73 @@
+"""Importance criteria: one score per unit of a group (higher = more important).
+
+A criterion reads the group's parameter slices.  Per-slice scores are
+normalised by their mean so a 3x3 conv and a 1x1 conv weigh the same, then
+averaged over every slice that touches the unit: a unit is judged by all the
+parameters that go with it, not only its producing layer (DepGraph's lesson).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from onnxprune.analysis import Analysis, Group, ParamSlice
+from onnxprune.analysis.units import NO_UNIT
+
+Criterion = Callable[[Analysis, Group, np.random.Generator], np.ndarray]
+CRITERIA: dict[str, Criterion] = {}
+
+
+def criterion(name: str):
+    def wrap(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        return fn
+
+    return wrap
+
+
+def unit_index(analysis: Analysis, group: Group, p: ParamSlice) -> np.ndarray:
+    """For each position of the slice's axis: the group's unit index, or -1."""
+    layout = analysis.layouts[p.tensor][p.axis]
+    index_of = {int(r): i for i, r in enumerate(group.roots)}
+    return np.array(
+        [index_of.get(int(analysis.root_of[u]), -1) if u != NO_UNIT else -1 for u in layout.tolist()],
+        dtype=np.int64,
+    )
+
+
+def per_position(values: np.ndarray, axis: int, reduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Collapse every axis but `axis`: one number per position."""
+    moved = np.moveaxis(values.astype(np.float64, copy=False), axis, 0).reshape(values.shape[axis], -1)
+    return reduce(moved)
+
+
+def aggregate(analysis: Analysis, group: Group, slices: list[ParamSlice], position_scores) -> np.ndarray | None:
+    """Sum position scores into units per slice, normalise each slice, average."""
+    total = np.zeros(group.size)
+    count = np.zeros(group.size)
+    for p in slices:
+        values = analysis.view.const(p.tensor)
+        if values is None:
+            continue
+        scores = position_scores(values, p.axis)
+        idx = unit_index(analysis, group, p)
+        mine = idx >= 0
+        if not mine.any():
+            continue
+        per_unit = np.zeros(group.size)
+        np.add.at(per_unit, idx[mine], scores[mine])
+        touched = np.zeros(group.size, dtype=bool)
+        touched[idx[mine]] = True
+        mean = per_unit[touched].mean()
+        if mean > 0:
+            per_unit /= mean
+        total += per_unit
+        count += touched
+    if not count.any():
+        return None
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def slices_with_roles(group: Group, roles: set[str]) -> list[ParamSlice]:
+    return [p for p in group.params if p.role in roles]

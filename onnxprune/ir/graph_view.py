@@ -1,0 +1,102 @@
+"""A read-only index over a ModelProto: producers, consumers, constants, shapes.
+
+Analysis and cost passes read the graph through this view; they never copy
+weights.  Constant values are decoded lazily and cached.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxprune.ir.shapes import Shape, infer_shapes
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique, non-empty name: reports and plans refer to them."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def tensor_values(t: onnx.TensorProto) -> np.ndarray:
+    """Decode an initializer; raw little-endian data is viewed, not copied."""
+    if t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        if dtype.kind in "fiub" and t.data_type != onnx.TensorProto.BFLOAT16:
+            return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+class GraphView:
+    def __init__(self, model: onnx.ModelProto, shapes: dict | None = None):
+        self.model = model
+        graph = model.graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.shapes = shapes if shapes is not None else infer_shapes(model)
+        self.graph_inputs = [i.name for i in graph.input]
+        self.graph_outputs = [o.name for o in graph.output]
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for node in self.nodes:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for idx, i in enumerate(node.input):
+                if i:
+                    self.consumers[i].append((node, idx))
+        self.opset = next(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13
+        )
+        self._values: dict[str, np.ndarray] = {}
+
+    # -- constants -----------------------------------------------------------
+    def is_const(self, name: str) -> bool:
+        return name in self.initializers
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name not in self.initializers:
+            return None
+        if name not in self._values:
+            self._values[name] = tensor_values(self.initializers[name])
+        return self._values[name]
+
+    def const_input(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        if index >= len(node.input) or not node.input[index]:
+            return None
+        return self.const(node.input[index])
+
+    def has_input(self, node: onnx.NodeProto, index: int) -> bool:
+        return index < len(node.input) and bool(node.input[index])
+
+    # -- shapes --------------------------------------------------------------
+    def shape(self, name: str) -> Shape | None:
+        entry = self.shapes.get(name)
+        return None if entry is None else entry[1]
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def dim(self, name: str, axis: int) -> int | None:
+        s = self.shape(name)
+        if s is None or axis >= len(s):
+            return None
+        d = s[axis]
+        return d if isinstance(d, int) and d > 0 else None
+
+    # -- attributes ----------------------------------------------------------
+    @staticmethod
+    def attr(node: onnx.NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default

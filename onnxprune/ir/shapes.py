@@ -1,0 +1,128 @@
+"""Shape inference on a weight-free skeleton of the model.
+
+ONNX shape inference copies the whole model; on a 100 MB network that costs a
+second copy of every weight.  We infer on a *skeleton* instead: large
+initializers become typed graph inputs (only their shapes matter), small ones
+stay (they may be Reshape targets or Slice bounds).  The inferred value_info is
+copied back.  onnxruntime's symbolic shape inference is the fallback for graphs
+that onnx's own inference leaves incomplete (custom or contrib ops).
+"""
+from __future__ import annotations
+
+import logging
+
+import onnx
+from onnx import helper
+
+log = logging.getLogger(__name__)
+
+# Initializers up to this many elements keep their values in the skeleton:
+# enough for any shape constant, far below any weight matrix.
+SMALL_CONSTANT = 64
+
+Dim = int | str | None
+Shape = tuple[Dim, ...]
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def skeleton(model: onnx.ModelProto, fixed_inputs: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """A copy of `model` without large weight data, for shape work."""
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    g = sk.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.output.extend(model.graph.output)
+    for vi in model.graph.input:
+        new = g.input.add()
+        new.CopyFrom(vi)
+        if fixed_inputs and vi.name in fixed_inputs:
+            dims = new.type.tensor_type.shape.dim
+            for d, value in zip(dims, fixed_inputs[vi.name]):
+                d.Clear()
+                d.dim_value = int(value)
+    for t in model.graph.initializer:
+        if _numel(t) <= SMALL_CONSTANT and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        else:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return sk
+
+
+def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int, Shape] | None:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tt.elem_type, tuple(dims)
+
+
+def _missing_outputs(model: onnx.ModelProto, known: set[str]) -> list[str]:
+    """Used tensors (consumed or graph outputs) that inference left without a shape."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    return [o for n in model.graph.node for o in n.output if o and o in used and o not in known]
+
+
+def infer_shapes(
+    model: onnx.ModelProto, fixed_inputs: dict[str, list[int]] | None = None
+) -> dict[str, tuple[int, Shape]]:
+    """Infer every tensor's (elem_type, shape); replaces model.graph.value_info.
+
+    Stale value_info is dropped first: after a rewrite it describes the old graph.
+    """
+    del model.graph.value_info[:]
+    sk = skeleton(model, fixed_inputs)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(sk, data_prop=True)
+    except Exception as exc:  # inference errors on odd graphs: try the fallback
+        log.debug("onnx shape inference failed: %s", exc)
+        inferred = sk
+    shapes = _collect(inferred)
+    missing = _missing_outputs(model, set(shapes))
+    if missing:
+        shapes.update({k: v for k, v in _symbolic(sk).items() if k not in shapes})
+    for vi in inferred.graph.value_info:
+        if vi.name in shapes:
+            model.graph.value_info.append(vi)
+    return shapes
+
+
+def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
+    shapes = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        s = _shape_of(vi)
+        if s is not None:
+            shapes[vi.name] = s
+    for t in model.graph.initializer:
+        shapes[t.name] = (t.data_type, tuple(t.dims))
+    return shapes
+
+
+def _symbolic(sk: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        out = SymbolicShapeInference.infer_shapes(sk, auto_merge=True, guess_output_rank=True)
+    except Exception as exc:
+        log.debug("symbolic shape inference failed: %s", exc)
+        return {}
+    return _collect(out) if out is not None else {}
+
+
+def static_shape(shapes: dict[str, tuple[int, Shape]], name: str) -> Shape | None:
+    entry = shapes.get(name)
+    return None if entry is None else entry[1]

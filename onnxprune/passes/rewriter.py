@@ -1,0 +1,78 @@
+"""The toolbox rules use to rewrite attributes and shape constants.
+
+It knows the keep mask of every (tensor, axis) that loses positions and the
+static shapes from before the rewrite, so a rule can ask "what is this
+tensor's new shape" and patch a Reshape target or Split sizes accordingly.
+Constant inputs are never patched in place: the node gets its own copy, so a
+shape constant shared by several nodes stays right for the others.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxprune.ir.graph_view import GraphView
+
+
+class Rewriter:
+    def __init__(self, model: onnx.ModelProto, view: GraphView, masks: dict[tuple[str, int], np.ndarray]):
+        self.model = model
+        self.view = view
+        self.masks = masks
+        self._changed_tensors = {t for t, _ in masks}
+        self._taken = {t.name for t in model.graph.initializer} | {
+            o for n in model.graph.node for o in n.output
+        }
+
+    # -- questions ------------------------------------------------------------
+    def mask(self, tensor: str, axis: int) -> np.ndarray | None:
+        return self.masks.get((tensor, axis))
+
+    def changed(self, tensor: str) -> bool:
+        return tensor in self._changed_tensors
+
+    def kept(self, tensor: str, axis: int) -> int:
+        mask = self.mask(tensor, axis)
+        if mask is not None:
+            return int(mask.sum())
+        return self.view.dim(tensor, axis)
+
+    def new_shape(self, tensor: str) -> list:
+        shape = list(self.view.shape(tensor) or [])
+        for axis in range(len(shape)):
+            mask = self.mask(tensor, axis)
+            if mask is not None:
+                shape[axis] = int(mask.sum())
+        return shape
+
+    # -- edits ----------------------------------------------------------------
+    def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
+        self.remove_attr(node, name)
+        node.attribute.append(helper.make_attribute(name, value))
+
+    def remove_attr(self, node: onnx.NodeProto, name: str) -> None:
+        keep = [a for a in node.attribute if a.name != name]
+        if len(keep) != len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+
+    def replace_const_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        """Point input `index` of `node` at a new initializer holding `value`."""
+        name = self._fresh_name(f"{node.input[index]}__{node.name}")
+        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        node.input[index] = name
+
+    def set_const_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        """Add (or replace) optional input `index`, padding skipped inputs with ''."""
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = "placeholder"
+        self.replace_const_input(node, index, value)
+
+    def _fresh_name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._taken:
+            name, i = f"{base}_{i}", i + 1
+        self._taken.add(name)
+        return name

@@ -1,0 +1,255 @@
+"""The prune pipeline, end to end, as the Python API.
+
+    load -> analyze -> score -> allocate -> rewrite -> validate -> save
+
+`prune()` never modifies the model it is given and writes the output (if
+asked) only after the pruned model passed validation.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.analysis import Analysis, analyze_graph
+from onnxprune.analysis.zeros import ZeroState
+from onnxprune.cost import model_cost
+from onnxprune.errors import OnnxPruneError, PlanError
+from onnxprune.importance import score_groups
+from onnxprune.ir.fold import fold_constants
+from onnxprune.ir.graph_view import GraphView, name_nodes
+from onnxprune.ir.model_io import SourceInfo, load_model, normalise, save_model, unshare_initializers
+from onnxprune.ir.shapes import infer_shapes
+from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
+from onnxprune.passes.lossless import bypass, dead_units, zero_branches
+from onnxprune.report import GroupChange, ModelStats, PruneReport
+from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
+from onnxprune.runtime.validate import run_model, validate_model
+from onnxprune.strategy.allocate import Target, allocate
+from onnxprune.strategy.estimate import CostEstimator
+from onnxprune.strategy.plan import Plan
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+def prepare(model: ModelLike) -> tuple[onnx.ModelProto, SourceInfo]:
+    """Our own normalised copy of the model: the caller's object or file is never touched."""
+    if isinstance(model, onnx.ModelProto):
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
+        source = SourceInfo(file_size=working.ByteSize())
+        normalise(working)
+    else:
+        working, source = load_model(model)
+    fold_constants(working)
+    unshare_initializers(working)
+    name_nodes(working)
+    return working, source
+
+
+def build_analysis(model: onnx.ModelProto) -> Analysis:
+    shapes = infer_shapes(model)
+    return analyze_graph(GraphView(model, shapes))
+
+
+@dataclass
+class AnalysisReport:
+    """What `onnxprune analyze` prints: groups, what blocks them, and the cost."""
+
+    analysis: Analysis
+    stats: ModelStats
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.stats.params,
+            "macs": self.stats.macs,
+            "flops": self.stats.flops,
+            "op_counts": dict(sorted(self.stats.op_counts.items())),
+            "groups": [g.to_dict() for g in self.analysis.groups],
+        }
+
+
+def analyze(model: ModelLike, input_shapes: dict[str, list[int]] | None = None) -> AnalysisReport:
+    working, source = prepare(model)
+    fixed = concrete_input_shapes(working, input_shapes)
+    stats = ModelStats.from_cost(model_cost(working, fixed), source.file_size)
+    return AnalysisReport(build_analysis(working), stats)
+
+
+def prune(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    ratio: float | None = None,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    criterion: str = "l1",
+    strategy: str = "uniform",
+    max_ratio: float = 0.9,
+    round_to: int = 1,
+    include: list[str] | tuple[str, ...] = (),
+    exclude: list[str] | tuple[str, ...] = (),
+    lossless: bool = False,
+    plan: Plan | str | os.PathLike | None = None,
+    save_plan: str | os.PathLike | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, PruneReport]:
+    """Prune `model`; returns the pruned ModelProto and a report.
+
+    Exactly one of: ratio / target_flops / target_params (fractions REMOVED),
+    lossless=True, or plan (a Plan or the path of a saved plan).
+    """
+    modes = [ratio is not None or target_flops is not None or target_params is not None, lossless, plan is not None]
+    if sum(modes) != 1:
+        raise PlanError("choose one of: a target (ratio, target_flops, target_params), lossless, or a plan")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = now - clock
+        clock = now
+
+    working, source = prepare(model)
+    fixed = concrete_input_shapes(working, input_shapes)
+    dense_cost = model_cost(working, fixed)
+    before = ModelStats.from_cost(dense_cost, source.file_size)
+    expected_shapes = _output_shapes(working, fixed)
+    lap("load")
+
+    notes: list[str] = []
+    reference = None
+    if lossless:
+        reference = run_model(working, random_inputs(working, fixed, seed), "dense model")
+        working, analysis, removed = _lossless(working, notes)
+        mode = "lossless elimination"
+        if removed:
+            keep = _keep_from_removed(analysis, removed)
+            used_plan = Plan.from_keep(analysis, keep, {"mode": "lossless"})
+        else:
+            used_plan = Plan(meta={"mode": "lossless"})
+    else:
+        analysis = build_analysis(working)
+        lap("analyze")
+        if plan is not None:
+            used_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+            removed = used_plan.removed_roots(analysis)
+            mode = "plan replay"
+        else:
+            target = Target(ratio, target_flops, target_params, strategy, max_ratio, round_to,
+                            list(include), list(exclude))
+            target.check()
+            candidates = [g for g in analysis.prunable_groups()]
+            scores = score_groups(analysis, candidates, criterion, seed)
+            lap("score")
+            estimator = None if ratio is not None else CostEstimator(analysis, dense_cost)
+            keep = allocate(analysis, scores, target, estimator)
+            removed = {int(r) for gid, kept in keep.items()
+                       for i, r in enumerate(analysis.groups[gid].roots.tolist()) if i not in set(kept.tolist())}
+            used_plan = Plan.from_keep(analysis, keep, {"criterion": criterion, "strategy": strategy,
+                                                        "ratio": ratio, "target_flops": target_flops,
+                                                        "target_params": target_params, "round_to": round_to})
+            mode = _describe(ratio, target_flops, target_params, criterion, strategy)
+        lap("allocate")
+    changes = _changes(analysis, removed)
+    apply_removal(working, analysis, removed)
+    analysis.view._values.clear()  # release views of the dense weights
+    drop_unused_initializers(working)
+    infer_shapes(working)
+    lap("rewrite")
+
+    result = validate_model(working, fixed, reference_outputs=reference, expected_shapes=expected_shapes, seed=seed)
+    lap("validate")
+    after = ModelStats.from_cost(model_cost(working, fixed), working.ByteSize())
+    if save_plan is not None:
+        used_plan.save(save_plan)
+    if output is not None:
+        after.file_size = save_model(working, output, source=source)
+    lap("save")
+    report = PruneReport(
+        input=str(source.path) if source.path else "<ModelProto>",
+        output=str(output) if output is not None else None,
+        mode=mode,
+        before=before,
+        after=after,
+        groups_total=len(analysis.groups),
+        groups_prunable=len(analysis.prunable_groups()),
+        changes=changes,
+        checks=result.checks,
+        max_abs_diff=result.max_abs_diff,
+        notes=notes,
+        timings=timings,
+    )
+    return working, report
+
+
+def _describe(ratio, target_flops, target_params, criterion, strategy) -> str:
+    if ratio is not None:
+        what = f"ratio {ratio:g} of units removed"
+    elif target_flops is not None:
+        what = f"{target_flops:.0%} of FLOPs removed"
+    else:
+        what = f"{target_params:.0%} of parameters removed"
+    return f"{what} ({criterion}, {strategy})"
+
+
+def _output_shapes(model: onnx.ModelProto, fixed) -> list[tuple] | None:
+    shapes = infer_shapes(model, fixed)
+    out = []
+    for o in model.graph.output:
+        entry = shapes.get(o.name)
+        if entry is None or any(not isinstance(d, int) for d in entry[1]):
+            return None
+        out.append(tuple(entry[1]))
+    del model.graph.value_info[:]
+    return out
+
+
+def _keep_from_removed(analysis: Analysis, removed: set[int]) -> dict[int, np.ndarray]:
+    keep = {}
+    for g in analysis.groups:
+        flags = np.array([int(r) not in removed for r in g.roots.tolist()])
+        if not flags.all():
+            keep[g.id] = np.flatnonzero(flags)
+    return keep
+
+
+def _changes(analysis: Analysis, removed: set[int]) -> list[GroupChange]:
+    out = []
+    for g in analysis.groups:
+        gone = sum(1 for r in g.roots.tolist() if int(r) in removed)
+        if gone:
+            out.append(GroupChange(g.name, g.sources[0].op_type, g.size, g.size - gone))
+    return out
+
+
+def _lossless(working: onnx.ModelProto, notes: list[str]):
+    """Remove zero residual branches (repeatedly), then find dead units."""
+    branches = 0
+    while True:
+        analysis = build_analysis(working)
+        zeros = ZeroState(analysis).run()
+        residuals = zero_branches(analysis, zeros)
+        if not residuals:
+            break
+        bypass(working, residuals)
+        branches += len(residuals)
+        cleaned = remove_dead_nodes(working)
+        working = cleaned
+    removed = dead_units(analysis, zeros)
+    notes.append(f"removed {branches} all-zero residual branch(es) and {len(removed)} dead unit(s)")
+    return working, analysis, removed
+
+
+def load_plan(path: str | Path) -> Plan:
+    return Plan.load(path)
+
+
+__all__ = ["AnalysisReport", "OnnxPruneError", "analyze", "prune", "prepare"]

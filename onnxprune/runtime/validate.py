@@ -1,0 +1,73 @@
+"""Checks a rewritten model must pass before anything is written.
+
+onnx.checker, strict shape inference, and an onnxruntime run on random inputs
+of the right shapes and dtypes; in lossless mode the outputs must also equal
+the dense model's.  Failures raise ValidationError naming what broke.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import ValidationError
+from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, model_byte_size
+from onnxprune.ir.shapes import skeleton
+from onnxprune.runtime.inputs import random_inputs
+from onnxprune.runtime.session import make_session
+
+
+@dataclass
+class ValidationResult:
+    checks: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+    output_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "model") -> list[np.ndarray]:
+    try:
+        session = make_session(model)
+        return session.run(None, feeds)
+    except Exception as exc:
+        raise ValidationError(f"onnxruntime could not run the {what}: {exc}") from exc
+
+
+def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *,
+                   reference_outputs: list[np.ndarray] | None = None, expected_shapes: list[tuple] | None = None,
+                   atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0) -> ValidationResult:
+    result = ValidationResult()
+    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise ValidationError(f"onnx.checker rejected the pruned model: {exc}") from exc
+        result.checks.append("onnx.checker")
+    try:
+        onnx.shape_inference.infer_shapes(skeleton(model, input_shapes), strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise ValidationError(f"shape inference failed on the pruned model: {exc}") from exc
+    result.checks.append("shape inference")
+    feeds = random_inputs(model, input_shapes, seed)
+    outputs = run_model(model, feeds, "pruned model")
+    result.checks.append("onnxruntime run")
+    names = [o.name for o in model.graph.output]
+    result.output_shapes = {n: list(o.shape) for n, o in zip(names, outputs)}
+    if expected_shapes is not None:
+        for name, out, want in zip(names, outputs, expected_shapes):
+            if tuple(out.shape) != tuple(want):
+                raise ValidationError(f"output '{name}' changed shape: {tuple(want)} -> {tuple(out.shape)}")
+        result.checks.append("output shapes unchanged")
+    if reference_outputs is not None:
+        worst = 0.0
+        for name, out, ref in zip(names, outputs, reference_outputs):
+            diff = float(np.max(np.abs(out.astype(np.float64) - ref.astype(np.float64)))) if out.size else 0.0
+            worst = max(worst, diff)
+            if not np.allclose(out, ref, atol=atol, rtol=rtol):
+                raise ValidationError(
+                    f"output '{name}' differs from the dense model by up to {diff:.3g}; "
+                    "lossless elimination must not change outputs (please report this model)"
+                )
+        result.max_abs_diff = worst
+        result.checks.append("outputs equal the dense model")
+    return result

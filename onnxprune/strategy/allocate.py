@@ -1,0 +1,153 @@
+"""Turn a target into a plan: how many units each group keeps, and which.
+
+Every number is a fraction REMOVED:
+* ratio          - of the units of each eligible group (uniform), or of all
+                   eligible units ranked together (global);
+* target_flops   - of the whole model's FLOPs;
+* target_params  - of the whole model's parameters.
+FLOP and parameter targets search the ratio that reaches them with the fast
+estimator.  Kept counts are rounded up to multiples of `round_to`, and no
+group loses more than `max_ratio` of its units.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.analysis import Analysis, Group
+from onnxprune.errors import PlanError
+from onnxprune.strategy.estimate import CostEstimator
+
+
+@dataclass
+class Target:
+    ratio: float | None = None
+    target_flops: float | None = None
+    target_params: float | None = None
+    strategy: str = "uniform"  # or "global"
+    max_ratio: float = 0.9
+    round_to: int = 1
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        given = [v for v in (self.ratio, self.target_flops, self.target_params) if v is not None]
+        if len(given) != 1:
+            raise PlanError("give exactly one of ratio, target_flops, target_params")
+        if not 0.0 <= given[0] < 1.0:
+            raise PlanError(f"target {given[0]} must be a fraction to remove, in [0, 1)")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise PlanError("max_ratio must be in (0, 1]")
+        if self.round_to < 1:
+            raise PlanError("round_to must be >= 1")
+        if self.strategy not in ("uniform", "global"):
+            raise PlanError(f"unknown strategy '{self.strategy}' (uniform or global)")
+
+
+def eligible_groups(analysis: Analysis, include: list[str], exclude: list[str]) -> list[Group]:
+    """Prunable groups filtered by node-name glob or op type of their sources."""
+
+    def matches(g: Group, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(s.node, p) or s.op_type == p for s in g.sources for p in patterns)
+
+    out = []
+    for g in analysis.prunable_groups():
+        if include and not matches(g, include):
+            continue
+        if exclude and matches(g, exclude):
+            continue
+        out.append(g)
+    return out
+
+
+def _kept_count(size: int, remove: int, round_to: int, max_ratio: float) -> int:
+    remove = min(remove, int(np.floor(size * max_ratio)), size - 1)
+    kept = size - max(remove, 0)
+    if round_to > 1:
+        kept = min(size, int(np.ceil(kept / round_to)) * round_to)
+    return kept
+
+
+def _uniform(groups, scores, ratio, t: Target) -> dict[int, int]:
+    return {g.id: _kept_count(g.size, int(np.floor(g.size * ratio)), t.round_to, t.max_ratio) for g in groups}
+
+
+def _global(groups, scores, ratio, t: Target) -> dict[int, int]:
+    entries = [(s, g.id) for g in groups for s in scores[g.id]]
+    if not entries:
+        return {}
+    order = np.argsort(np.array([e[0] for e in entries]), kind="stable")
+    budget = int(np.floor(len(entries) * ratio))
+    caps = {g.id: min(int(np.floor(g.size * t.max_ratio)), g.size - 1) for g in groups}
+    removed = {g.id: 0 for g in groups}
+    for i in order:
+        if budget == 0:
+            break
+        gid = entries[i][1]
+        if removed[gid] < caps[gid]:
+            removed[gid] += 1
+            budget -= 1
+    sizes = {g.id: g.size for g in groups}
+    return {gid: _kept_count(sizes[gid], r, t.round_to, 1.0) for gid, r in removed.items()}
+
+
+def _keep_indices(groups, scores, kept_counts) -> dict[int, np.ndarray]:
+    out = {}
+    for g in groups:
+        k = kept_counts[g.id]
+        order = np.argsort(-scores[g.id], kind="stable")
+        out[g.id] = np.sort(order[:k])
+    return out
+
+
+def removed_flags(analysis: Analysis, keep: dict[int, np.ndarray]) -> np.ndarray:
+    flags = np.zeros(len(analysis.root_of), dtype=bool)
+    for gid, kept in keep.items():
+        g = analysis.groups[gid]
+        mask = np.ones(g.size, dtype=bool)
+        mask[kept] = False
+        flags[g.roots[mask]] = True
+    return flags
+
+
+def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
+             estimator: CostEstimator | None = None) -> dict[int, np.ndarray]:
+    """group id -> sorted unit indices to keep, for every eligible group."""
+    target.check()
+    groups = eligible_groups(analysis, target.include, target.exclude)
+    by_ratio = _uniform if target.strategy == "uniform" else _global
+
+    def plan_for(ratio: float) -> dict[int, np.ndarray]:
+        return _keep_indices(groups, scores, by_ratio(groups, scores, ratio, target))
+
+    if target.ratio is not None:
+        return plan_for(target.ratio)
+
+    if estimator is None:
+        raise PlanError("FLOP and parameter targets need a cost estimator")
+    want_flops = target.target_flops is not None
+    goal = target.target_flops if want_flops else target.target_params
+    dense = estimator.dense_flops if want_flops else estimator.dense_params
+
+    def removed_fraction(ratio: float) -> float:
+        flops, params = estimator.estimate(removed_flags(analysis, plan_for(ratio)))
+        return 1.0 - (flops if want_flops else params) / dense
+
+    best = removed_fraction(1.0)
+    if best < goal:
+        what = "FLOPs" if want_flops else "parameters"
+        raise PlanError(
+            f"cannot remove {goal:.0%} of {what}: at most {best:.1%} is removable with "
+            f"max_ratio={target.max_ratio} over {len(groups)} prunable groups "
+            "(raise --max-ratio, relax --include/--exclude, or lower the target)"
+        )
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if removed_fraction(mid) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    return plan_for(hi)

@@ -1,0 +1,73 @@
+"""Fast FLOP and parameter estimates for a candidate removal.
+
+Targets such as "remove 50% of FLOPs" need many candidate plans evaluated.
+Re-running shape inference for each would be slow; instead every node's dense
+cost is scaled by the kept fraction of the unit-carrying axes that drive it
+(the weight's axes for linear ops, the output's axes otherwise), which is exact
+for Conv/Gemm/MatMul and for elementwise ops.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.analysis import Analysis
+from onnxprune.analysis.units import NO_UNIT
+from onnxprune.cost import LINEAR_OPS, ModelCost
+
+
+class CostEstimator:
+    def __init__(self, analysis: Analysis, cost: ModelCost):
+        self.analysis = analysis
+        self._slots: dict[tuple[str, int], int] = {}
+        self._slot_roots: list[np.ndarray] = []
+        self._sentinel = len(analysis.root_of)
+        view = analysis.view
+        by_node = cost.by_node()
+        self.node_terms: list[tuple[float, list[int]]] = []
+        for node in view.nodes:
+            c = by_node.get(node.name)
+            if c is None or c.flops == 0:
+                continue
+            self.node_terms.append((float(c.flops), self._node_slots(node)))
+        self.param_terms: list[tuple[float, list[int]]] = []
+        for name, t in view.initializers.items():
+            numel = float(np.prod(t.dims, dtype=np.float64))
+            self.param_terms.append((numel, [self._slot(name, a) for a in analysis.layouts.get(name, {})]))
+        self.dense_flops = sum(f for f, _ in self.node_terms)
+        self.dense_params = sum(p for p, _ in self.param_terms)
+
+    def _slot(self, tensor: str, axis: int) -> int:
+        key = (tensor, axis)
+        if key not in self._slots:
+            layout = self.analysis.layouts[tensor][axis]
+            roots = np.where(layout == NO_UNIT, self._sentinel, self.analysis.root_of[np.maximum(layout, 0)])
+            self._slots[key] = len(self._slot_roots)
+            self._slot_roots.append(roots)
+        return self._slots[key]
+
+    def _node_slots(self, node) -> list[int]:
+        layouts = self.analysis.layouts
+        view = self.analysis.view
+        if node.op_type in LINEAR_OPS:
+            weights = [i for i in node.input[:2] if i and view.is_const(i)]
+            if weights:
+                return [self._slot(weights[0], a) for a in layouts.get(weights[0], {})]
+            slots = [self._slot(node.output[0], a) for a in layouts.get(node.output[0], {})]
+            a = node.input[0]
+            k = (view.rank(a) or 1) - 1
+            if k in layouts.get(a, {}):
+                slots.append(self._slot(a, k))
+            return slots
+        out = node.output[0]
+        return [self._slot(out, a) for a in layouts.get(out, {})]
+
+    def _fractions(self, removed: np.ndarray) -> np.ndarray:
+        keep = ~np.append(removed, False)  # sentinel (NO_UNIT) always kept
+        return np.array([keep[r].mean() for r in self._slot_roots])
+
+    def estimate(self, removed: np.ndarray) -> tuple[float, float]:
+        """(flops, params) after removing the roots flagged in `removed`."""
+        frac = self._fractions(removed)
+        flops = sum(f * np.prod(frac[s]) for f, s in self.node_terms)
+        params = sum(p * np.prod(frac[s]) for p, s in self.param_terms)
+        return float(flops), float(params)
