@@ -1,0 +1,95 @@
+"""Shared test helpers: build graphs with onnx.helper, prune them, and check the
+pruned model against the masking oracle in onnxruntime."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.ir.shapes import infer_shapes
+from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.passes.cleanup import drop_unused_initializers
+from onnxprune.pipeline import build_analysis, prepare
+from onnxprune.runtime.session import make_session
+from onnxprune.testing import masked_reference
+
+RNG = np.random.default_rng(1234)
+
+
+def weight(*shape, name: str, scale: float = 0.5) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def const(value, name: str, dtype=np.int64) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.ModelProto:
+    """inputs/outputs: [(name, shape)] float tensors; output shapes may be None."""
+    graph = helper.make_graph(
+        nodes,
+        "test",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        initializer=list(initializers),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def analysis_of(model: onnx.ModelProto):
+    working, _ = prepare(model)
+    return build_analysis(working)
+
+
+def random_removal(analysis, fraction: float, seed: int = 0) -> set[int]:
+    """Remove `fraction` of every prunable group's units (at least one, keeping one)."""
+    rng = np.random.default_rng(seed)
+    removed: set[int] = set()
+    for g in analysis.prunable_groups():
+        k = min(max(1, int(g.size * fraction)), g.size - 1)
+        removed |= {int(r) for r in rng.choice(g.roots, k, replace=False)}
+    return removed
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return make_session(model).run(None, feeds)
+
+
+def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for vi in model.graph.input:
+        shape = [d.dim_value if d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def prune_matches_oracle(model: onnx.ModelProto, fraction: float = 0.5, seed: int = 0, atol: float = 1e-4):
+    """Prune random units and assert pruned == dense-with-units-masked.
+
+    Returns (analysis, pruned model, removed roots) for further assertions.
+    """
+    working, _ = prepare(model)
+    analysis = build_analysis(working)
+    removed = random_removal(analysis, fraction, seed)
+    assert removed, "nothing was prunable"
+    reference = masked_reference(working, analysis, removed)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(working)
+    apply_removal(pruned, analysis, removed)
+    drop_unused_initializers(pruned)
+    infer_shapes(pruned)
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = feeds_for(model, seed)
+    got, want = run(pruned, feeds), run(reference, feeds)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=atol, rtol=1e-4)
+    return analysis, pruned, removed
+
+
+def blocked_reasons(model: onnx.ModelProto) -> list[str]:
+    return [r for g in analysis_of(model).groups for r in g.blocked]
