@@ -101,3 +101,30 @@ def masked_reference(model: onnx.ModelProto, analysis, removed_roots) -> onnx.Mo
     del ref.graph.node[:]
     ref.graph.node.extend(new_nodes)
     return ref
+
+
+def plant_dead_units(model: onnx.ModelProto, analysis, group, unit_indices) -> None:
+    """Zero everything that produces the given units of `group`, in place.
+
+    Source weights and biases, and BatchNorm gamma and beta, are set to zero:
+    what structured-sparse training exports.  `model` must be the model the
+    analysis was built on.
+    """
+    produced_by = {"weight_out", "bias", "bn_scale", "bn_bias"}
+    roots = {int(group.roots[i]) for i in unit_indices}
+    inits = {t.name: t for t in model.graph.initializer}
+    source_nodes = {s.node for s in group.sources}
+    op_of = {n.name: n.op_type for n in model.graph.node}
+    for p in group.params:
+        per_channel_shift = p.role == "constant" and op_of.get(p.node) in ("Add", "Sub", "Mul")
+        if not (p.role in produced_by or per_channel_shift):
+            continue
+        if p.role in ("weight_out", "bias") and p.node not in source_nodes:
+            continue
+        layout = analysis.layouts[p.tensor][p.axis]
+        positions = [i for i, u in enumerate(layout.tolist()) if u >= 0 and int(analysis.root_of[u]) in roots]
+        values = numpy_helper.to_array(inits[p.tensor]).copy()
+        index = [slice(None)] * values.ndim
+        index[p.axis] = positions
+        values[tuple(index)] = 0
+        inits[p.tensor].CopyFrom(numpy_helper.from_array(values, p.tensor))

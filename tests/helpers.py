@@ -83,7 +83,7 @@ def prune_matches_oracle(model: onnx.ModelProto, fraction: float = 0.5, seed: in
     drop_unused_initializers(pruned)
     infer_shapes(pruned)
     onnx.checker.check_model(pruned, full_check=True)
-    feeds = feeds_for(model, seed)
+    feeds = feeds_for(working, seed)
     got, want = run(pruned, feeds), run(reference, feeds)
     for g, w in zip(got, want):
         assert g.shape == w.shape

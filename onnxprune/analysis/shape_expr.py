@@ -2,7 +2,8 @@
 
 Exporters compute Reshape targets from the input's own shape.  Each element of
 such a tensor is described as a constant, or as "dimension `axis` of tensor
-`t`"; an element that follows a pruned dimension at run time needs no rewrite.
+`t`" times a constant ratio (`c // groups` in a channel shuffle); an element
+that follows a pruned dimension at run time needs no rewrite.
 """
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ from onnxprune.ir.graph_view import GraphView
 
 @dataclass(frozen=True)
 class DimOf:
+    """dim(tensor, axis) * num / den."""
+
     tensor: str
     axis: int
+    num: int = 1
+    den: int = 1
+
+    def scaled(self, num: int, den: int) -> "DimOf":
+        return DimOf(self.tensor, self.axis, self.num * num, self.den * den)
 
 
 Element = int | DimOf | None  # None: unknown
@@ -61,5 +69,23 @@ def shape_elements(view: GraphView, name: str, depth: int = 0) -> list[Element] 
         if src is None or starts is None or ends is None:
             return None
         return src[slice(int(starts[0]), int(ends[0]))]
-    length = view.dim(name, 0)
+    if op in ("Mul", "Div"):
+        a, b = (shape_elements(view, i, depth + 1) for i in node.input[:2])
+        if a is not None and b is not None and (len(a) == len(b) or 1 in (len(a), len(b))):
+            n = max(len(a), len(b))
+            return [_arith(op, a[i % len(a)], b[i % len(b)]) for i in range(n)]
+    length = view.dim(name, 0) if view.rank(name) != 0 else 1
     return None if length is None else [None] * length
+
+
+def _arith(op: str, a: Element, b: Element) -> Element:
+    """a * b or a / b (integer division) where at most one side is a dimension."""
+    if isinstance(a, int) and isinstance(b, int):
+        if op == "Mul":
+            return a * b
+        return int(a / b) if b else None  # ONNX integer Div truncates
+    if isinstance(a, DimOf) and isinstance(b, int) and b > 0:
+        return a.scaled(b, 1) if op == "Mul" else a.scaled(1, b)
+    if op == "Mul" and isinstance(b, DimOf) and isinstance(a, int) and a > 0:
+        return b.scaled(a, 1)
+    return None

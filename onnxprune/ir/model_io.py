@@ -107,6 +107,69 @@ def _numel(t: onnx.TensorProto) -> int:
     return n
 
 
+# Weights at least this large go to the external data file.  Integer tensors
+# always stay inline: onnxruntime reads shape constants (Reshape targets,
+# ReduceMean axes) only from the model file itself.
+EXTERNAL_MIN_BYTES = 1024
+
+
+def _externalise(model: onnx.ModelProto, data_path: Path, location: str) -> onnx.ModelProto:
+    """A copy of `model` whose large float initializers point into `data_path`.
+
+    Written tensor by tensor, so no second in-memory copy of the weights is made.
+    """
+    header = onnx.ModelProto()
+    _copy_fields(model, header, skip="graph")
+    graph = header.graph
+    _copy_fields(model.graph, graph, skip="initializer")
+    offset = 0
+    with open(data_path, "wb") as data:
+        for t in model.graph.initializer:
+            payload = t.raw_data if t.HasField("raw_data") else None
+            if payload is None or len(payload) < EXTERNAL_MIN_BYTES or t.data_type not in _FLOAT_TYPES:
+                graph.initializer.append(t)
+                continue
+            pad = (-offset) % 4096  # page-aligned, as onnx's own writer does
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(payload)
+            ref = graph.initializer.add()
+            ref.name = t.name
+            ref.data_type = t.data_type
+            ref.dims.extend(t.dims)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry = ref.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(payload)
+    return header
+
+
+def _default_permissions(path: Path) -> None:
+    """mkstemp creates 0600 files; give the output the permissions a normal write would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    data = path.parent / (path.name + ".data")
+    if data.exists():
+        os.chmod(data, 0o666 & ~umask)
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field
+            getattr(dst, field.name).extend(value)
+        elif field.message_type:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
 def _file_size(path: Path, model: onnx.ModelProto) -> int:
     size = path.stat().st_size
     locations = {
@@ -213,31 +276,16 @@ def save_model(
     tmp_data = tmp.parent / (tmp.name + ".data")
     try:
         if external_data:
-            # Write the weights under a temporary name, then fix the recorded
-            # location so the final pair is consistent after both renames.
-            onnx.save_model(
-                to_write,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_external_data=True,
-                location=tmp_data.name,
-                size_threshold=1024,
-            )
-            reloaded = onnx.load(str(tmp), load_external_data=False)
-            for t in reloaded.graph.initializer:
-                for entry in t.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(reloaded, str(tmp))
+            header = _externalise(to_write, tmp_data, data_name)
+            onnx.save_model(header, str(tmp))
             os.replace(tmp_data, path.parent / data_name)
         else:
             onnx.save_model(to_write, str(tmp))
+        _default_permissions(tmp)
         os.replace(tmp, path)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         tmp_data.unlink(missing_ok=True)
-        if isinstance(exc, OutputError):
-            raise
         raise OutputError(f"{path}: could not write the model ({exc}).") from exc
     size = path.stat().st_size
     if external_data:

@@ -13,6 +13,15 @@ import numpy as np
 from onnxprune.analysis.rules.base import Rule, register
 
 
+def _in_channels(s, node, transposed: bool) -> int | None:
+    """From the input's shape, or, when inference lost it, from the weight."""
+    known = s.view.dim(node.input[0], 1)
+    weight = s.view.const_input(node, 1)
+    if known is not None or weight is None:
+        return known
+    return weight.shape[0] if transposed else weight.shape[1] * int(s.view.attr(node, "group", 1))
+
+
 def _conv_kind(s, node, in_channels: int | None, transposed: bool):
     weight = s.view.const_input(node, 1)
     group = int(s.view.attr(node, "group", 1))
@@ -38,7 +47,8 @@ class ConvLike(Rule):
             elif axis != 1:
                 s.block(layout, f"{where} mixes spatial positions")
         in_layout = s.layout(x, 1)
-        kind, group = _conv_kind(s, node, s.view.dim(x, 1), self.transposed)
+        in_channels = _in_channels(s, node, self.transposed)
+        kind, group = _conv_kind(s, node, in_channels, self.transposed)
         if kind is None:
             s.block(in_layout, f"{where}: weight is not a constant or input channels unknown")
             return
@@ -59,7 +69,6 @@ class ConvLike(Rule):
             # ConvTranspose weight (C, m, k..): axis 0 follows the inputs.
             s.param(node, 1, 0, in_layout if self.transposed else out_layout, "weight_out")
         else:
-            in_channels = s.view.dim(x, 1)
             per_group_in, per_group_out = in_channels // group, out_channels // group
             if in_layout is not None:
                 s.union_positions(in_layout, np.arange(in_channels) % per_group_in, where)
@@ -78,7 +87,7 @@ class ConvLike(Rule):
     def rewrite(self, node, rw):
         x = node.input[0]
         group = int(rw.view.attr(node, "group", 1))
-        if group > 1 and group == rw.view.dim(x, 1) and rw.mask(x, 1) is not None:
+        if group > 1 and group == _in_channels(rw, node, self.transposed) and rw.mask(x, 1) is not None:
             rw.set_attr(node, "group", rw.kept(x, 1))
 
     def zeros(self, node, z):

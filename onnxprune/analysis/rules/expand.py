@@ -34,7 +34,8 @@ class ExpandRule(GrowOp):
         shift = len(new_out) - len(target)
         new_target = [int(new_out[i + shift]) if t != 1 and rw.mask(y, i + shift) is not None else int(t)
                       for i, t in enumerate(target)]
-        rw.replace_const_input(node, 1, np.array(new_target, dtype=target.dtype))
+        if new_target != [int(t) for t in target]:
+            rw.replace_const_input(node, 1, np.array(new_target, dtype=target.dtype))
 
 
 @register("Tile")

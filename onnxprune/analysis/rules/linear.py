@@ -14,12 +14,18 @@ class GemmRule(Rule):
     def propagate(self, node, s):
         a, y = node.input[0], node.output[0]
         where = f"Gemm '{node.name}'"
+        for index in (1, 2):  # units reaching B or C at run time: no rule to follow them through
+            if s.view.has_input(node, index) and not s.view.is_const(node.input[index]):
+                s.block_tensor(node.input[index], f"{where} uses '{node.input[index]}' as a run-time weight or bias")
         trans_a = int(s.view.attr(node, "transA", 0))
         trans_b = int(s.view.attr(node, "transB", 0))
         k_axis_a, m_axis_a = (0, 1) if trans_a else (1, 0)
+        c_shape = s.view.shape(node.input[2]) if s.view.has_input(node, 2) else None
         m_layout = s.layout(a, m_axis_a)
         if m_layout is not None:
             s.set_layout(y, 0, m_layout)
+            if c_shape and len(c_shape) == 2 and c_shape[0] != 1:
+                s.param(node, 2, 0, m_layout, "bias")  # a bias with one row per row of A
         k_layout = s.layout(a, k_axis_a)
         weight = s.view.const_input(node, 1)
         if weight is None:
@@ -31,7 +37,6 @@ class GemmRule(Rule):
             s.sink(node, a, k_axis_a)
         out_layout = s.fresh(node, y, 1, weight.shape[n_axis_b])
         s.param(node, 1, n_axis_b, out_layout, "weight_out")
-        c_shape = s.view.shape(node.input[2]) if s.view.has_input(node, 2) else None
         if c_shape and c_shape[-1] == weight.shape[n_axis_b] and weight.shape[n_axis_b] != 1:
             s.param(node, 2, len(c_shape) - 1, out_layout, "bias")
         s.set_layout(y, 1, out_layout)
@@ -50,17 +55,27 @@ class MatMulRule(Rule):
             s.block_tensor(a, f"{where}: operand ranks unknown or 1-D")
             s.block_tensor(b, f"{where}: operand ranks unknown or 1-D")
             return
-        # batch axes broadcast like an elementwise op
+        # batch axes broadcast like an elementwise op: a constant batch axis is sliced with the units
         for out_axis in range(ry - 2):
-            layouts = []
-            for name, r in ((a, ra), (b, rb)):
+            layouts, consts, pinned = [], [], []
+            for index, (name, r) in enumerate(((a, ra), (b, rb))):
                 in_axis = out_axis - (ry - r)
                 if in_axis >= 0 and s.view.dim(name, in_axis) != 1:
                     layout = s.layout(name, in_axis)
                     if layout is not None:
                         layouts.append(layout)
+                    elif s.view.is_const(name):
+                        consts.append((index, in_axis))
+                    else:
+                        pinned.append(name)
             if layouts:
-                s.set_layout(y, out_axis, s.couple(layouts, where))
+                merged = s.couple(layouts, where)
+                for name in pinned:
+                    s.block(merged, f"{where}: batch axis {out_axis} is shared with '{name}', "
+                                    "whose channels cannot be pruned")
+                for index, in_axis in consts:
+                    s.param(node, index, in_axis, merged, "constant")
+                s.set_layout(y, out_axis, merged)
         k_a, k_b = ra - 1, rb - 2
         a_const, b_const = s.view.is_const(a), s.view.is_const(b)
         if b_const and not a_const:

@@ -56,9 +56,15 @@ class StatisticsOverAxes(Rule):
         x = node.input[0]
         rank = s.view.rank(x) or 0
         blocked = self.normalised_axes(node, s, rank)
-        mapping = {a: a for a in range(rank) if a not in blocked}
-        for out in node.output[:1]:
-            pass_axes(s, node, x, out, mapping)
+        for axis in sorted(blocked):
+            s.block(s.layout(x, axis), f"{node.op_type} '{node.name}' computes its statistics over axis {axis}: "
+                                       "removing a channel there would change every other channel")
+        layouts = {a: l for a, l in s.layouts_of(x).items() if a not in blocked}
+        for axis, layout in layouts.items():
+            if axis < rank:
+                s.set_layout(node.output[0], axis, layout)
+            else:
+                s.block(layout, f"{node.op_type} '{node.name}': rank of '{x}' unknown")
 
 
 @register("LayerNormalization")

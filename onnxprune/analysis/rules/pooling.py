@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, const_ints, register
+from onnxprune.analysis.shape_expr import DimOf, shape_elements
 
 
 class SpatialOp(Rule):
@@ -57,6 +58,8 @@ class PadRule(SpatialOp):
     def kept_axes(self, node, s, rank):
         pads = const_ints(s, node, "pads", 1)
         if pads is None:
+            pads = self._run_time_pads(node, s)
+        if pads is None:
             return set()
         axes_input = s.view.const_input(node, 3) if s.view.has_input(node, 3) else np.arange(rank)
         if axes_input is None:
@@ -65,6 +68,20 @@ class PadRule(SpatialOp):
         n = len(axes)
         padded = {axes[i] for i in range(n) if pads[i] != 0 or pads[i + n] != 0}
         return set(range(rank)) - padded
+
+    @staticmethod
+    def _run_time_pads(node, s):
+        """Pads from a Shape -> Gather -> Concat subgraph: usable if every amount is a constant
+        or a dimension no unit lives on (one that pruning changes would move the padding)."""
+        if not s.view.has_input(node, 1):
+            return None
+        elements = shape_elements(s.view, node.input[1])
+        if elements is None:
+            return None
+        for e in elements:
+            if e is None or (isinstance(e, DimOf) and s.layout(e.tensor, e.axis) is not None):
+                return None
+        return elements
 
     def zeros(self, node, z):
         mode = z.view.attr(node, "mode", b"constant")

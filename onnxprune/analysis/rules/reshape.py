@@ -11,6 +11,8 @@ it is the inner one so that a unit is one channel index in every group.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, norm_axis, register
@@ -24,7 +26,10 @@ def axis_runs(in_shape, out_shape):
     """
     runs, i, j = [], 0, 0
     while i < len(in_shape) or j < len(out_shape):
-        if i < len(in_shape) and j < len(out_shape) and in_shape[i] == out_shape[j]:
+        if i < len(in_shape) and j < len(out_shape) and (
+            in_shape[i] == out_shape[j] or (not isinstance(in_shape[i], int) and not isinstance(out_shape[j], int))
+        ):
+            # equal sizes, or two symbolic sizes (the batch axis): paired one to one
             runs.append(((i,), (j,)))
             i, j = i + 1, j + 1
             continue
@@ -133,12 +138,10 @@ class ReshapeRule(Rule):
 
     def propagate(self, node, s):
         x, y = node.input[0], node.output[0]
-        if not s.layouts_of(x):
-            return
-        if not s.view.is_const(node.input[1]) and not _only_inferred_axes(node, s):
-            s.block_tensor(x, f"Reshape '{node.name}': target shape computed at run time")
-            return
-        map_layouts(node, s, x, y, s.view.shape(x), s.view.shape(y), prefer_inner=_is_channel_shuffle(node, s))
+        if s.layouts_of(x):
+            map_layouts(node, s, x, y, s.view.shape(x), s.view.shape(y), prefer_inner=_is_channel_shuffle(node, s))
+        if not s.view.is_const(node.input[1]):
+            _check_run_time_target(node, s)
 
     def rewrite(self, node, rw):
         y = node.output[0]
@@ -151,31 +154,60 @@ class ReshapeRule(Rule):
         new_target = [
             int(t) if t in (0, -1) or rw.mask(y, i) is None else int(new_out[i]) for i, t in enumerate(target)
         ]
-        rw.replace_const_input(node, 1, np.array(new_target, dtype=target.dtype))
+        if new_target != [int(t) for t in target]:
+            rw.replace_const_input(node, 1, np.array(new_target, dtype=target.dtype))
 
 
-def _only_inferred_axes(node, s) -> bool:
-    """A run-time target is safe when every axis carrying units is -1 there, or
-    is read from a dimension that carries the same units (torch's
-    x.view(x.size(0), -1) before a classifier, for instance)."""
-    y = node.output[0]
+def _check_run_time_target(node, s) -> None:
+    """A target computed at run time (Shape -> Gather -> Concat) cannot be rewritten:
+    each element must come out right by itself once units are gone.  That holds for
+    -1; a constant on an axis no unit lives on; a dimension of a tensor that loses
+    the same units (torch's x.view(x.size(0), -1), or c // groups in a channel
+    shuffle).  A dimension of another tensor of the same size is coupled with the
+    axis (x.view_as(other)).  Anything else keeps every unit involved."""
+    x, y = node.input[0], node.output[0]
     elements = shape_elements(s.view, node.input[1])
     out_shape = s.view.shape(y)
     if elements is None or out_shape is None or len(elements) != len(out_shape):
+        s.block_tensor(x, f"Reshape '{node.name}': target shape computed at run time")
+        return
+    runs = axis_runs(list(s.view.shape(x) or ()), list(out_shape)) or []
+    carrying = {k for ins, outs in runs if any(s.layout(x, a) is not None for a in ins) for k in outs}
+    problems = [k for k, e in enumerate(elements) if not _element_follows(s, e, s.layout(y, k), k in carrying)]
+    if not problems:
+        return
+    reason = (f"Reshape '{node.name}': target shape computed at run time; element(s) {problems} "
+              "would not follow the pruned sizes")
+    s.block_tensor(x, reason)
+    s.block_tensor(y, reason)
+    for e in elements:
+        if isinstance(e, DimOf):
+            s.block(s.layout(e.tensor, e.axis), reason)
+
+
+def _element_follows(s, e, y_layout, in_unit_run: bool) -> bool:
+    e_layout = s.layout(e.tensor, e.axis) if isinstance(e, DimOf) else None
+    if isinstance(e, int) and e == -1:
+        return True
+    if y_layout is None:
+        if isinstance(e, int) or (isinstance(e, DimOf) and e_layout is None):
+            return True  # a size pruning does not change, on an axis it does not change
+        return e is None and not in_unit_run  # unknown arithmetic on untouched axes (h * w)
+    if e_layout is None:
         return False
-    x_shape = s.view.shape(node.input[0]) or ()
-    runs = axis_runs(list(x_shape), list(out_shape)) or []
-    for in_axes, out_axes in runs:
-        if not any(s.layout(node.input[0], a) is not None for a in in_axes):
-            continue
-        for k in out_axes:
-            e = elements[k]
-            if e == -1 or (isinstance(e, DimOf) and s.layout(e.tensor, e.axis) is not None):
-                continue
-            if out_shape[k] == 1:
-                continue
-            return False
-    return True
+    if _counts_follow(s, e_layout, e.num, e.den, y_layout):
+        return True
+    if e.num == e.den == 1 and len(e_layout) == len(y_layout):
+        s.couple([e_layout, y_layout], "Reshape to the run-time shape of another tensor")
+        return True
+    return False
+
+
+def _counts_follow(s, source, num: int, den: int, target) -> bool:
+    """kept(source) * num / den == kept(target) whatever units are removed."""
+    src = Counter(s.units.roots(np.asarray(source)).tolist())
+    dst = Counter(s.units.roots(np.asarray(target)).tolist())
+    return src.keys() == dst.keys() and all(src[r] * num == dst[r] * den for r in src)
 
 
 @register("Flatten")

@@ -59,6 +59,8 @@ class SliceRule(Rule):
     def rewrite(self, node, rw):
         x = node.input[0]
         rank = rw.view.rank(x)
+        if not rw.changed(x):
+            return
         params = slice_params(node, rw.view, rank)
         changed = {a: p for a, p in params.items() if rw.mask(x, a) is not None}
         if not changed:

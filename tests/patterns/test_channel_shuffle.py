@@ -1,0 +1,87 @@
+"""ShuffleNet's channel shuffle: Reshape(N,g,C/g,H,W) -> Transpose(0,2,1,3,4) -> Reshape(N,C,H,W).
+
+A unit is one channel index inside every group of the grouped conv, so every
+group keeps the same count, and the shuffle's Reshape targets shrink with it.
+"""
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from helpers import analysis_of, const, make_model, prune_matches_oracle, weight
+
+C, H, W = 8, 4, 4
+X = ("x", [1, 4, H, W])
+
+
+def group_of(analysis, source_node):
+    return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
+
+
+def shuffle_model(groups, explicit_targets=True):
+    """conv0 -> grouped 1x1 gconv -> shuffle -> depthwise dw -> conv_out."""
+    per_group = C // groups
+    if explicit_targets:
+        split_target, merge_target = [1, groups, per_group, H, W], [1, C, H, W]
+    else:
+        split_target, merge_target = [0, groups, -1, H, W], [0, -1, H, W]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv0.w"], ["a"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Conv", ["a", "gconv.w", "gconv.b"], ["g"], name="gconv", kernel_shape=[1, 1], group=groups),
+        helper.make_node("Relu", ["g"], ["g_act"], name="relu"),
+        helper.make_node("Reshape", ["g_act", "split_target"], ["r5"], name="shuffle_split"),
+        helper.make_node("Transpose", ["r5"], ["t5"], name="shuffle_transpose", perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t5", "merge_target"], ["s"], name="shuffle_merge"),
+        helper.make_node("Conv", ["s", "dw.w", "dw.b"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1] * 4, group=C),
+        helper.make_node("Conv", ["d", "conv_out.w"], ["y"], name="conv_out", kernel_shape=[1, 1]),
+    ]
+    inits = [
+        weight(C, 4, 3, 3, name="conv0.w"),
+        weight(C, C // groups, 1, 1, name="gconv.w"), weight(C, name="gconv.b"),
+        const(split_target, "split_target"), const(merge_target, "merge_target"),
+        weight(C, 1, 3, 3, name="dw.w"), weight(C, name="dw.b"),
+        weight(3, C, 1, 1, name="conv_out.w"),
+    ]
+    return make_model(nodes, [X], [("y", [1, 3, H, W])], inits, opset=13)
+
+
+def target_of(model, node_name):
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == node.input[1])).tolist()
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_channel_shuffle_unit_is_one_channel_index_in_every_group(groups):
+    analysis = analysis_of(shuffle_model(groups))
+    per_group = C // groups
+    shuffle = group_of(analysis, "gconv")
+    assert shuffle.prunable, shuffle.blocked
+    assert shuffle.size == per_group
+    roots = analysis.root_of
+    g_roots = roots[analysis.layouts["g"][1]].reshape(groups, per_group)
+    assert (g_roots == g_roots[0]).all(), "channel j of every group is one unit"
+    # after the shuffle, channel j*groups + k is channel j of group k
+    s_roots = roots[analysis.layouts["s"][1]]
+    np.testing.assert_array_equal(s_roots, np.repeat(g_roots[0], groups))
+    # the depthwise conv passes them through to the last conv's input
+    np.testing.assert_array_equal(roots[analysis.layouts["d"][1]], s_roots)
+    # the grouped conv's input channels are coupled across groups too
+    assert group_of(analysis, "conv0").size == per_group
+
+
+@pytest.mark.parametrize("explicit_targets", [True, False], ids=["explicit_targets", "inferred_targets"])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_channel_shuffle_prunes_and_rewrites_reshape_targets(groups, explicit_targets):
+    model = shuffle_model(groups, explicit_targets)
+    for seed in range(2):
+        analysis, pruned, removed = prune_matches_oracle(model, 0.5, seed=seed)
+        kept = C // groups - len(set(removed) & set(group_of(analysis, "gconv").roots.tolist()))
+        gconv = next(n for n in pruned.graph.node if n.name == "gconv")
+        assert helper.get_attribute_value(next(a for a in gconv.attribute if a.name == "group")) == groups
+        dw = next(n for n in pruned.graph.node if n.name == "dw")
+        assert helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == groups * kept
+        if explicit_targets:
+            assert target_of(pruned, "shuffle_split") == [1, groups, kept, H, W]
+            assert target_of(pruned, "shuffle_merge") == [1, groups * kept, H, W]
+        else:
+            assert target_of(pruned, "shuffle_split") == [0, groups, -1, H, W]
+            assert target_of(pruned, "shuffle_merge") == [0, -1, H, W]

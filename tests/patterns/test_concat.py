@@ -1,0 +1,132 @@
+"""Concat: each input keeps its own units, placed at its offset along the axis."""
+import numpy as np
+from onnx import helper
+
+from helpers import analysis_of, make_model, prune_matches_oracle, weight
+
+X = ("x", [1, 4, 8, 8])
+
+
+def conv(name, x, y, cin, cout, k=3):
+    node = helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name,
+                            kernel_shape=[k, k], pads=[k // 2] * 4)
+    return node, [weight(cout, cin, k, k, name=f"{name}.w"), weight(cout, name=f"{name}.b")]
+
+
+def build(items, outputs=(("y", [1, None, 8, 8]),), inputs=(X,)):
+    """items: conv specs (name, x, y, cin, cout) or ready nodes, in graph order."""
+    nodes, inits = [], []
+    for item in items:
+        if isinstance(item, tuple):
+            node, ws = conv(*item)
+            nodes.append(node)
+            inits += ws
+        else:
+            nodes.append(item)
+    return make_model(nodes, list(inputs), list(outputs), inits)
+
+
+def concat(name, inputs, y, axis=1):
+    return helper.make_node("Concat", inputs, [y], name=name, axis=axis)
+
+
+def two_sources_into_head():
+    return build([
+        ("convA", "x", "a", 4, 6),
+        ("convB", "x", "b", 4, 5),
+        concat("cat", ["a", "b"], "c"),
+        ("head", "c", "y", 11, 3),
+    ])
+
+
+def test_concat_of_two_convs_keeps_each_source_a_separate_group():
+    model = two_sources_into_head()
+    analysis = analysis_of(model)
+    group_a, group_b = group_of(analysis, "convA"), group_of(analysis, "convB")
+    assert group_a.id != group_b.id
+    assert group_a.size == 6 and group_b.size == 5
+    assert group_a.prunable and group_b.prunable
+    # offset map: c's channels are a's units, then b's units
+    np.testing.assert_array_equal(
+        analysis.layouts["c"][1], np.concatenate([analysis.layouts["a"][1], analysis.layouts["b"][1]])
+    )
+    assert not group_of(analysis, "head").prunable  # its output is the graph output
+    _, pruned, removed = prune_matches_oracle(model, 0.5, seed=1)
+    assert init(pruned, "head.w").dims[1] == 11 - len(removed)
+
+
+def test_concat_sources_prune_independently_with_any_selection():
+    model = two_sources_into_head()
+    for seed in range(3):
+        prune_matches_oracle(model, 0.34, seed=seed)
+
+
+def test_nested_concat_composes_offsets():
+    model = build([
+        ("convA", "x", "a", 4, 4),
+        ("convB", "x", "b", 4, 5),
+        ("convC", "x", "c", 4, 6),
+        concat("cat_inner", ["a", "b"], "ab"),
+        concat("cat_outer", ["c", "ab"], "abc"),
+        ("head", "abc", "y", 15, 3),
+    ])
+    analysis = analysis_of(model)
+    la, lb, lc = (analysis.layouts[t][1] for t in "abc")
+    np.testing.assert_array_equal(analysis.layouts["abc"][1], np.concatenate([lc, la, lb]))
+    groups = [group_of(analysis, n) for n in ("convA", "convB", "convC")]
+    assert len({g.id for g in groups}) == 3
+    assert all(g.prunable for g in groups)
+    for seed in range(2):
+        prune_matches_oracle(model, 0.5, seed=seed)
+
+
+def test_concat_with_network_input_keeps_input_channels_and_prunes_the_conv():
+    model = build([
+        ("convA", "x", "a", 4, 6),
+        concat("cat", ["x", "a"], "c"),
+        ("head", "c", "y", 10, 3),
+    ])
+    analysis = analysis_of(model)
+    layout = analysis.layouts["c"][1]
+    assert (layout[:4] == -1).all(), "the network input's channels carry no units"
+    np.testing.assert_array_equal(layout[4:], analysis.layouts["a"][1])
+    assert group_of(analysis, "convA").prunable
+    assert not any(g.blocked for g in analysis.groups if g.name == "convA")
+    _, pruned, removed = prune_matches_oracle(model, 0.5)
+    assert init(pruned, "head.w").dims[1] == 10 - len(removed)  # all 4 input channels survive
+
+
+def test_concat_then_residual_add_couples_units_across_offsets():
+    # cat(a[4], b[5]) + d[9]: d's channels 0..3 couple with a's, 4..8 with b's
+    model = build([
+        ("convA", "x", "a", 4, 4),
+        ("convB", "x", "b", 4, 5),
+        ("convD", "x", "d", 4, 9),
+        concat("cat", ["a", "b"], "c"),
+        helper.make_node("Add", ["c", "d"], ["s"], name="add"),
+        ("head", "s", "y", 9, 2),
+    ])
+    analysis = analysis_of(model)
+    group = group_of(analysis, "convD")
+    # convD's units join both concat sources: one group holding all three
+    assert group_of(analysis, "convA").id == group_of(analysis, "convB").id == group.id
+    assert {s.node for s in group.sources} == {"convA", "convB", "convD"}
+    assert group.size == 9 and group.prunable
+    roots = analysis.root_of
+    la, lb, ld = (analysis.layouts[t][1] for t in "abd")
+    np.testing.assert_array_equal(roots[ld[:4]], roots[la])
+    np.testing.assert_array_equal(roots[ld[4:]], roots[lb])
+    for seed in range(3):  # 3 of 9 removed: never a whole concat piece
+        _, pruned, removed = prune_matches_oracle(model, 0.34, seed=seed)
+        assert init(pruned, "convD.w").dims[0] == 9 - len(removed)
+        assert init(pruned, "head.w").dims[1] == 9 - len(removed)
+
+
+def init(model, prefix):
+    """The (possibly renamed) initializer whose name starts with `prefix`."""
+    return next(t for t in model.graph.initializer if t.name.startswith(prefix))
+
+
+def group_of(analysis, source_node):
+    """The group a source node's units ended up in."""
+    return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
