@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="uniform", choices=["uniform", "global"],
                    help="same ratio in every group, or one global ranking (default uniform)")
     p.add_argument("--max-ratio", type=float, default=0.9, help="most any group may lose (default 0.9)")
-    p.add_argument("--round-to", type=int, default=1, help="keep a multiple of N units per group (e.g. 8)")
+    p.add_argument("--round-to", type=int, default=8,
+                   help="keep a multiple of N units per group (default 8: CPU kernels run odd widths slowly)")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="only prune groups whose source node name matches this glob, or op type")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

@@ -91,7 +91,7 @@ def prune(
     criterion: str = "l1",
     strategy: str = "uniform",
     max_ratio: float = 0.9,
-    round_to: int = 1,
+    round_to: int = 8,
     include: list[str] | tuple[str, ...] = (),
     exclude: list[str] | tuple[str, ...] = (),
     lossless: bool = False,
@@ -124,67 +124,43 @@ def prune(
     expected_shapes = _output_shapes(working, fixed)
     lap("load")
 
-    notes: list[str] = []
-    reference = None
+    reference = run_model(working, random_inputs(working, fixed, seed), "dense model") if lossless else None
     if lossless:
-        reference = run_model(working, random_inputs(working, fixed, seed), "dense model")
-        working, analysis, removed = _lossless(working, notes)
-        mode = "lossless elimination"
-        if removed:
-            keep = _keep_from_removed(analysis, removed)
-            used_plan = Plan.from_keep(analysis, keep, {"mode": "lossless"})
-        else:
-            used_plan = Plan(meta={"mode": "lossless"})
+        decision = _decide_lossless(working)
     else:
-        analysis = build_analysis(working)
-        lap("analyze")
-        if plan is not None:
-            used_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-            removed = used_plan.removed_roots(analysis)
-            mode = "plan replay"
-        else:
+        target = None
+        if plan is None:
             target = Target(ratio, target_flops, target_params, strategy, max_ratio, round_to,
                             list(include), list(exclude))
             target.check()
-            candidates = [g for g in analysis.prunable_groups()]
-            scores = score_groups(analysis, candidates, criterion, seed)
-            lap("score")
-            estimator = None if ratio is not None else CostEstimator(analysis, dense_cost)
-            keep = allocate(analysis, scores, target, estimator)
-            removed = {int(r) for gid, kept in keep.items()
-                       for i, r in enumerate(analysis.groups[gid].roots.tolist()) if i not in set(kept.tolist())}
-            used_plan = Plan.from_keep(analysis, keep, {"criterion": criterion, "strategy": strategy,
-                                                        "ratio": ratio, "target_flops": target_flops,
-                                                        "target_params": target_params, "round_to": round_to})
-            mode = _describe(ratio, target_flops, target_params, criterion, strategy)
-        lap("allocate")
-    changes = _changes(analysis, removed)
-    apply_removal(working, analysis, removed)
-    analysis.view._values.clear()  # release views of the dense weights
+        decision = _decide(working, plan, target, criterion, seed, dense_cost, lap)
+    working = decision.pruned  # the dense model and its analysis are released here
+    decision.pruned = None
     drop_unused_initializers(working)
     infer_shapes(working)
     lap("rewrite")
 
     result = validate_model(working, fixed, reference_outputs=reference, expected_shapes=expected_shapes, seed=seed)
     lap("validate")
-    after = ModelStats.from_cost(model_cost(working, fixed), working.ByteSize())
+    after = ModelStats.from_cost(model_cost(working, fixed), len(result.serialized or b"") or working.ByteSize())
     if save_plan is not None:
-        used_plan.save(save_plan)
+        decision.plan.save(save_plan)
     if output is not None:
-        after.file_size = save_model(working, output, source=source)
+        after.file_size = save_model(working, output, source=source, serialized=result.serialized)
+    result.serialized = None
     lap("save")
     report = PruneReport(
         input=str(source.path) if source.path else "<ModelProto>",
         output=str(output) if output is not None else None,
-        mode=mode,
+        mode=decision.mode,
         before=before,
         after=after,
-        groups_total=len(analysis.groups),
-        groups_prunable=len(analysis.prunable_groups()),
-        changes=changes,
+        groups_total=decision.groups_total,
+        groups_prunable=decision.groups_prunable,
+        changes=decision.changes,
         checks=result.checks,
         max_abs_diff=result.max_abs_diff,
-        notes=notes,
+        notes=decision.notes,
         timings=timings,
     )
     return working, report
@@ -230,8 +206,51 @@ def _changes(analysis: Analysis, removed: set[int]) -> list[GroupChange]:
     return out
 
 
-def _lossless(working: onnx.ModelProto, notes: list[str]):
-    """Remove zero residual branches (repeatedly), then find dead units."""
+@dataclass
+class Decision:
+    """What was removed and why, plus the rewritten model."""
+
+    pruned: onnx.ModelProto | None
+    plan: Plan
+    mode: str
+    changes: list[GroupChange]
+    groups_total: int
+    groups_prunable: int
+    notes: list[str]
+
+
+def _apply(working, analysis, removed, plan, mode, notes=None) -> Decision:
+    changes = _changes(analysis, removed)
+    pruned = apply_removal(working, analysis, removed)
+    return Decision(pruned, plan, mode, changes, len(analysis.groups), len(analysis.prunable_groups()), notes or [])
+
+
+def _decide(working, plan, target, criterion, seed, dense_cost, lap) -> Decision:
+    analysis = build_analysis(working)
+    lap("analyze")
+    if plan is not None:
+        used_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        removed = used_plan.removed_roots(analysis)
+        return _apply(working, analysis, removed, used_plan, "plan replay")
+    scores = score_groups(analysis, analysis.prunable_groups(), criterion, seed)
+    lap("score")
+    estimator = None if target.ratio is not None else CostEstimator(analysis, dense_cost)
+    keep = allocate(analysis, scores, target, estimator)
+    lap("allocate")
+    removed = set()
+    for gid, kept in keep.items():
+        flags = np.ones(analysis.groups[gid].size, dtype=bool)
+        flags[kept] = False
+        removed.update(int(r) for r in analysis.groups[gid].roots[flags])
+    meta = {"criterion": criterion, "strategy": target.strategy, "ratio": target.ratio,
+            "target_flops": target.target_flops, "target_params": target.target_params,
+            "round_to": target.round_to}
+    mode = _describe(target.ratio, target.target_flops, target.target_params, criterion, target.strategy)
+    return _apply(working, analysis, removed, Plan.from_keep(analysis, keep, meta), mode)
+
+
+def _decide_lossless(working: onnx.ModelProto) -> Decision:
+    """Remove zero residual branches (repeatedly), then dead units."""
     branches = 0
     while True:
         analysis = build_analysis(working)
@@ -241,11 +260,12 @@ def _lossless(working: onnx.ModelProto, notes: list[str]):
             break
         bypass(working, residuals)
         branches += len(residuals)
-        cleaned = remove_dead_nodes(working)
-        working = cleaned
+        working = remove_dead_nodes(working)
     removed = dead_units(analysis, zeros)
-    notes.append(f"removed {branches} all-zero residual branch(es) and {len(removed)} dead unit(s)")
-    return working, analysis, removed
+    keep = _keep_from_removed(analysis, removed)
+    plan = Plan.from_keep(analysis, keep, {"mode": "lossless"})
+    notes = [f"removed {branches} all-zero residual branch(es) and {len(removed)} dead unit(s)"]
+    return _apply(working, analysis, removed, plan, "lossless elimination", notes)
 
 
 def load_plan(path: str | Path) -> Plan:

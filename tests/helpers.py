@@ -77,9 +77,7 @@ def prune_matches_oracle(model: onnx.ModelProto, fraction: float = 0.5, seed: in
     removed = random_removal(analysis, fraction, seed)
     assert removed, "nothing was prunable"
     reference = masked_reference(working, analysis, removed)
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(working)
-    apply_removal(pruned, analysis, removed)
+    pruned = apply_removal(working, analysis, removed)
     drop_unused_initializers(pruned)
     infer_shapes(pruned)
     onnx.checker.check_model(pruned, full_check=True)

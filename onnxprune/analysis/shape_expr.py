@@ -7,6 +7,7 @@ that follows a pruned dimension at run time needs no rewrite.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,3 +90,25 @@ def _arith(op: str, a: Element, b: Element) -> Element:
     if op == "Mul" and isinstance(b, DimOf) and isinstance(a, int) and a > 0:
         return b.scaled(a, 1)
     return None
+
+
+def match_dim(state, e: Element, layout: np.ndarray, where: str) -> bool:
+    """Does run-time element `e` equal the kept size of an axis with `layout`, whatever is removed?
+
+    True when `e` reads a dimension whose units are the same ones (in the same
+    proportion: c // groups); a dimension of the same size with other units is
+    coupled with `layout` to make it so (x.view_as(other), g.expand_as(other)).
+    """
+    if not isinstance(e, DimOf):
+        return False
+    source = state.layout(e.tensor, e.axis)
+    if source is None:
+        return False
+    src = Counter(state.units.roots(np.asarray(source)).tolist())
+    dst = Counter(state.units.roots(np.asarray(layout)).tolist())
+    if src.keys() == dst.keys() and all(src[r] * e.num == dst[r] * e.den for r in src):
+        return True
+    if e.num == e.den == 1 and len(source) == len(layout):
+        state.couple([source, layout], where)
+        return True
+    return False

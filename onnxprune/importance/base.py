@@ -38,8 +38,8 @@ def unit_index(analysis: Analysis, group: Group, p: ParamSlice) -> np.ndarray:
 
 def per_position(values: np.ndarray, axis: int, reduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Collapse every axis but `axis`: one number per position."""
-    moved = np.moveaxis(values.astype(np.float64, copy=False), axis, 0).reshape(values.shape[axis], -1)
-    return reduce(moved)
+    moved = np.moveaxis(values.astype(np.float32, copy=False), axis, 0).reshape(values.shape[axis], -1)
+    return np.asarray(reduce(moved), dtype=np.float64)
 
 
 def aggregate(analysis: Analysis, group: Group, slices: list[ParamSlice], position_scores) -> np.ndarray | None:

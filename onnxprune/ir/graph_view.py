@@ -26,6 +26,9 @@ def name_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
+CACHED_ELEMENTS = 4096
+
+
 def tensor_values(t: onnx.TensorProto) -> np.ndarray:
     """Decode an initializer; raw little-endian data is viewed, not copied."""
     if t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
@@ -63,11 +66,17 @@ class GraphView:
         return name in self.initializers
 
     def const(self, name: str) -> np.ndarray | None:
-        if name not in self.initializers:
+        """The initializer's values.  Small ones are cached; weights are decoded on
+        each call so that a full second copy of the model never sits in memory."""
+        t = self.initializers.get(name)
+        if t is None:
             return None
-        if name not in self._values:
-            self._values[name] = tensor_values(self.initializers[name])
-        return self._values[name]
+        if name in self._values:
+            return self._values[name]
+        values = tensor_values(t)
+        if values.size <= CACHED_ELEMENTS:
+            self._values[name] = values
+        return values
 
     def const_input(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
         if index >= len(node.input) or not node.input[index]:

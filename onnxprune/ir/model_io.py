@@ -119,9 +119,9 @@ def _externalise(model: onnx.ModelProto, data_path: Path, location: str) -> onnx
     Written tensor by tensor, so no second in-memory copy of the weights is made.
     """
     header = onnx.ModelProto()
-    _copy_fields(model, header, skip="graph")
+    copy_fields(model, header, skip="graph")
     graph = header.graph
-    _copy_fields(model.graph, graph, skip="initializer")
+    copy_fields(model.graph, graph, skip="initializer")
     offset = 0
     with open(data_path, "wb") as data:
         for t in model.graph.initializer:
@@ -155,7 +155,8 @@ def _default_permissions(path: Path) -> None:
         os.chmod(data, 0o666 & ~umask)
 
 
-def _copy_fields(src, dst, skip: str) -> None:
+def copy_fields(src, dst, skip: str) -> None:
+    """Copy every field of message `src` into `dst` except `skip` (a field name)."""
     for field, value in src.ListFields():
         if field.name == skip:
             continue
@@ -249,6 +250,7 @@ def save_model(
     *,
     source: SourceInfo | None = None,
     external_data: bool | None = None,
+    serialized: bytes | None = None,
 ) -> int:
     """Write `model` to `path` atomically; returns the bytes written.
 
@@ -279,6 +281,8 @@ def save_model(
             header = _externalise(to_write, tmp_data, data_name)
             onnx.save_model(header, str(tmp))
             os.replace(tmp_data, path.parent / data_name)
+        elif serialized is not None:  # validation already serialised it: no second copy
+            tmp.write_bytes(serialized)
         else:
             onnx.save_model(to_write, str(tmp))
         _default_permissions(tmp)

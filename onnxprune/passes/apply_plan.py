@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import numpy_helper
 
 from onnxprune.analysis import Analysis
 from onnxprune.analysis.rules import rule_for
 from onnxprune.errors import PlanError
+from onnxprune.ir.model_io import copy_fields
 from onnxprune.passes.rewriter import Rewriter
 
 
-def apply_removal(model: onnx.ModelProto, analysis: Analysis, removed_roots: set[int]) -> int:
-    """Rewrite `model` (the one `analysis` was built on) in place.
+def apply_removal(model: onnx.ModelProto, analysis: Analysis, removed_roots: set[int]) -> onnx.ModelProto:
+    """The pruned copy of `model` (the one `analysis` was built on); `model` is not changed.
 
-    Returns the number of initializers sliced.
+    A new ModelProto is built rather than editing in place: protobuf keeps
+    replaced tensor bytes in the old message's arena, so in-place slicing would
+    hold dense and pruned weights in memory together until the end.
     """
     if not removed_roots:
-        return 0
+        return model
     masks = analysis.keep_masks(removed_roots)
     for (tensor, axis), mask in masks.items():
         if not mask.any():
@@ -32,15 +35,18 @@ def apply_removal(model: onnx.ModelProto, analysis: Analysis, removed_roots: set
                 f"the plan removes every position of axis {axis} of '{tensor}'; keep at least one unit "
                 "in each group (and each Split/Concat piece)"
             )
-    sliced = _slice_initializers(model, analysis, masks)
-    rw = Rewriter(model, analysis.view, masks)
-    for node in model.graph.node:
+    pruned = onnx.ModelProto()
+    copy_fields(model, pruned, skip="graph")
+    copy_fields(model.graph, pruned.graph, skip="initializer")
+    del pruned.graph.value_info[:]
+    _slice_initializers(model, pruned, analysis, masks)
+    rw = Rewriter(pruned, analysis.view, masks)
+    for node in pruned.graph.node:
         rule_for(node).rewrite(node, rw)
-    del model.graph.value_info[:]
-    return sliced
+    return pruned
 
 
-def _slice_initializers(model, analysis, masks) -> int:
+def _slice_initializers(model, pruned, analysis, masks) -> None:
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for (tensor, axis), mask in masks.items():
         if analysis.view.is_const(tensor):
@@ -48,23 +54,11 @@ def _slice_initializers(model, analysis, masks) -> int:
     for t in model.graph.initializer:
         cuts = by_tensor.get(t.name)
         if not cuts:
+            pruned.graph.initializer.append(t)
             continue
         arr = analysis.view.const(t.name)
-        index = [slice(None)] * arr.ndim
+        index = [np.arange(n) for n in arr.shape]
         for axis, mask in cuts:
             index[axis] = np.flatnonzero(mask)
-        arr = arr[np.ix_(*[np.arange(n) if isinstance(i, slice) else i for n, i in zip(arr.shape, index)])]
-        _store(t, arr)
-    return len(by_tensor)
-
-
-def _store(t: onnx.TensorProto, arr: np.ndarray) -> None:
-    """Overwrite an initializer's contents in place (one copy, no re-encoding)."""
-    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-        t.ClearField(field)
-    t.ClearField("external_data")
-    t.data_location = onnx.TensorProto.DEFAULT
-    t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
-    del t.dims[:]
-    t.dims.extend(arr.shape)
-    t.raw_data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        arr = arr[np.ix_(*index)]
+        pruned.graph.initializer.append(numpy_helper.from_array(arr, t.name))

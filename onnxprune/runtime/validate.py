@@ -23,11 +23,12 @@ class ValidationResult:
     checks: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None
     output_shapes: dict[str, list[int]] = field(default_factory=dict)
+    serialized: bytes | None = None  # the validated bytes, reused for saving (models < 2 GB)
 
 
-def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "model") -> list[np.ndarray]:
+def run_model(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], what: str = "model") -> list[np.ndarray]:
     try:
-        session = make_session(model)
+        session = make_session(model, prepack=False, optimize=False)
         return session.run(None, feeds)
     except Exception as exc:
         raise ValidationError(f"onnxruntime could not run the {what}: {exc}") from exc
@@ -38,8 +39,10 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
                    atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0) -> ValidationResult:
     result = ValidationResult()
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
+        # serialise once: the checker, onnxruntime and the final write share these bytes
+        result.serialized = model.SerializeToString()
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(result.serialized)
         except Exception as exc:
             raise ValidationError(f"onnx.checker rejected the pruned model: {exc}") from exc
         result.checks.append("onnx.checker")
@@ -49,7 +52,7 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
         raise ValidationError(f"shape inference failed on the pruned model: {exc}") from exc
     result.checks.append("shape inference")
     feeds = random_inputs(model, input_shapes, seed)
-    outputs = run_model(model, feeds, "pruned model")
+    outputs = run_model(result.serialized or model, feeds, "pruned model")
     result.checks.append("onnxruntime run")
     names = [o.name for o in model.graph.output]
     result.output_shapes = {n: list(o.shape) for n, o in zip(names, outputs)}

@@ -28,7 +28,7 @@ class Target:
     target_params: float | None = None
     strategy: str = "uniform"  # or "global"
     max_ratio: float = 0.9
-    round_to: int = 1
+    round_to: int = 8
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
 

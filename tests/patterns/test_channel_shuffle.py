@@ -85,3 +85,77 @@ def test_channel_shuffle_prunes_and_rewrites_reshape_targets(groups, explicit_ta
         else:
             assert target_of(pruned, "shuffle_split") == [0, groups, -1, H, W]
             assert target_of(pruned, "shuffle_merge") == [0, -1, H, W]
+
+
+def runtime_shuffle_model(groups, batch):
+    """The shuffle as torch's exporter writes it with a dynamic batch:
+    b, c, h, w = x.size(); x.view(b, g, c // g, h, w).transpose(1, 2).view(b, -1, h, w)."""
+    model = shuffle_model(groups)
+    graph = model.graph
+    dims = []
+    nodes = [helper.make_node("Shape", ["g_act"], ["shp"], name="shape")]
+    inits = [const([0], "unsq_axes"), const(groups, "groups_scalar"), const([groups], "groups_1d"),
+             const([-1], "minus_one")]
+    for i in range(4):
+        inits.append(const(i, f"i{i}"))
+        nodes.append(helper.make_node("Gather", ["shp", f"i{i}"], [f"d{i}"], name=f"gather{i}", axis=0))
+        dims.append(f"d{i}")
+    nodes += [
+        helper.make_node("Div", ["d1", "groups_scalar"], ["per_group"], name="div"),
+        helper.make_node("Cast", ["per_group"], ["per_group_i"], name="cast", to=7),
+    ]
+    unsq = {}
+    for name in ["d0", "per_group_i", "d2", "d3"]:
+        unsq[name] = f"{name}_1d"
+        nodes.append(helper.make_node("Unsqueeze", [name, "unsq_axes"], [f"{name}_1d"], name=f"unsqueeze_{name}"))
+    nodes += [
+        helper.make_node("Concat", [unsq["d0"], "groups_1d", unsq["per_group_i"], unsq["d2"], unsq["d3"]],
+                         ["split_target_rt"], name="concat_split", axis=0),
+        helper.make_node("Concat", [unsq["d0"], "minus_one", unsq["d2"], unsq["d3"]],
+                         ["merge_target_rt"], name="concat_merge", axis=0),
+    ]
+    old = list(graph.node)
+    at = next(i for i, n in enumerate(old) if n.name == "shuffle_split")
+    old[at].input[1] = "split_target_rt"
+    next(n for n in old if n.name == "shuffle_merge").input[1] = "merge_target_rt"
+    del graph.node[:]
+    graph.node.extend(old[:at] + nodes + old[at:])
+    keep = [t for t in graph.initializer if t.name not in ("split_target", "merge_target")]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + inits)
+    graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    graph.output[0].type.tensor_type.shape.dim[0].Clear()
+    if isinstance(batch, str):
+        graph.input[0].type.tensor_type.shape.dim[0].dim_param = batch
+        graph.output[0].type.tensor_type.shape.dim[0].dim_param = batch
+    else:
+        graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+        graph.output[0].type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, "N"], ids=["static_batch", "dynamic_batch"])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_channel_shuffle_with_run_time_targets_from_shape_is_prunable(groups, batch):
+    # c // groups follows the pruned channel count: nothing to rewrite, nothing to block
+    model = runtime_shuffle_model(groups, batch)
+    analysis = analysis_of(model)
+    group = group_of(analysis, "gconv")
+    assert group.prunable, group.blocked
+    assert group.size == C // groups
+    for seed in range(2):
+        _, pruned, _ = prune_matches_oracle(model, 0.5, seed=seed)
+        assert not any(n.op_type == "Reshape" and n.input[1] in ("split_target", "merge_target")
+                       for n in pruned.graph.node)
+
+
+def test_channel_shuffle_with_a_hard_coded_group_size_at_run_time_is_blocked():
+    # view(b, g, 4, h, w) with b, h, w read at run time but C/g written as a literal
+    model = runtime_shuffle_model(2, 1)
+    graph = model.graph
+    concat = next(n for n in graph.node if n.name == "concat_split")
+    concat.input[2] = "literal_per_group"
+    graph.initializer.append(const([C // 2], "literal_per_group"))
+    group = group_of(analysis_of(model), "gconv")
+    assert not group.prunable
+    assert any("Reshape 'shuffle_split'" in r for r in group.blocked)

@@ -201,3 +201,45 @@ def test_runtime_target_hard_coding_the_channel_count_is_blocked():
     group = group_of(analysis_of(model), "conv0")
     assert not group.prunable
     assert any("Reshape 'reshape'" in r for r in group.blocked)
+
+
+# -- a run-time target read from another tensor's shape (x.view_as(other)) ----------
+
+def test_reshape_to_the_shape_of_another_conv_output_couples_the_two_groups():
+    # z.view_as(c): z's channels must shrink exactly like c's
+    c0, c0_w = conv("conv0", "x", "c", 4, C)
+    c1, c1_w = conv("conv1", "x", "z", 4, C)
+    model = make_model(
+        [c0, c1,
+         helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+         helper.make_node("Reshape", ["z", "c_shape"], ["zr"], name="view_as"),
+         helper.make_node("Conv", ["zr", "head_z.w"], ["y"], name="head_z", kernel_shape=[1, 1]),
+         helper.make_node("Conv", ["c", "head_c.w"], ["y2"], name="head_c", kernel_shape=[1, 1])],
+        [X], [("y", [1, 3, H, W]), ("y2", [1, 3, H, W])],
+        c0_w + c1_w + [weight(3, C, 1, 1, name="head_z.w"), weight(3, C, 1, 1, name="head_c.w")],
+    )
+    analysis = analysis_of(model)
+    assert group_of(analysis, "conv0").id == group_of(analysis, "conv1").id
+    assert group_of(analysis, "conv0").prunable
+    prune_matches_oracle(model, 0.5)
+
+
+def test_reshape_of_unpruned_tensor_to_a_pruned_tensors_shape_blocks_that_tensor():
+    # x.view_as(c) where x (the network input) cannot lose channels: c must keep its own
+    c0, c0_w = conv("conv0", "x", "c", 4, 4)
+    c1, c1_w = conv("conv1", "c", "c1", 4, 5)
+    model = make_model(
+        [c0, c1,
+         helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+         helper.make_node("Reshape", ["x", "c_shape"], ["xr"], name="view_as"),
+         helper.make_node("Conv", ["xr", "head.w"], ["y"], name="head", kernel_shape=[1, 1]),
+         helper.make_node("Conv", ["c1", "tail.w"], ["y2"], name="tail", kernel_shape=[1, 1])],
+        [X], [("y", [1, 3, H, W]), ("y2", [1, 3, H, W])],
+        c0_w + c1_w + [weight(3, 4, 1, 1, name="head.w"), weight(3, 5, 1, 1, name="tail.w")],
+    )
+    analysis = analysis_of(model)
+    group = group_of(analysis, "conv0")
+    assert not group.prunable
+    assert any("Reshape 'view_as'" in r for r in group.blocked)
+    assert group_of(analysis, "conv1").prunable
+    prune_matches_oracle(model, 0.5)

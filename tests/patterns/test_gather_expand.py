@@ -146,3 +146,66 @@ def test_tile_on_the_channel_axis_blocks_with_a_reason():
     group = group_of(analysis_of(model), "conv0")
     assert not group.prunable
     assert any("Tile 'tile'" in r and "axis 1" in r for r in group.blocked)
+
+
+# -- Expand to a run-time shape (expand_as) --------------------------------------------
+
+def expand_as_model(gate_nodes, gate_inits, gate):
+    """c * gate.expand_as(c) -> head; gate is built by gate_nodes."""
+    head, head_w = conv("head", "m", "y", C, 3)
+    return conv_then(
+        [*gate_nodes,
+         helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+         helper.make_node("Expand", [gate, "c_shape"], ["e"], name="expand_as"),
+         helper.make_node("Mul", ["c", "e"], ["m"], name="gate_mul"),
+         head],
+        [*gate_inits, *head_w],
+        [1, 3, H, W],
+    )
+
+
+def test_expand_as_of_a_squeeze_excite_gate_keeps_the_group_prunable():
+    model = expand_as_model(
+        [helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+         helper.make_node("Sigmoid", ["p"], ["gate"], name="sigmoid")],
+        [], "gate",
+    )
+    analysis = analysis_of(model)
+    np.testing.assert_array_equal(analysis.layouts["e"][1], analysis.layouts["c"][1])
+    assert group_of(analysis, "conv0").prunable
+    prune_matches_oracle(model, 0.5)
+
+
+def test_expand_as_of_a_one_channel_spatial_mask_follows_the_pruned_channels():
+    # a (1, 1, H, W) attention mask broadcast over c's channels at run time
+    mask, mask_w = conv("mask_conv", "x", "mask", 4, 1)
+    model = expand_as_model(
+        [mask, helper.make_node("Sigmoid", ["mask"], ["gate"], name="sigmoid")],
+        mask_w, "gate",
+    )
+    analysis = analysis_of(model)
+    np.testing.assert_array_equal(analysis.layouts["e"][1], analysis.layouts["c"][1])
+    group = group_of(analysis, "conv0")
+    assert group.prunable, group.blocked
+    prune_matches_oracle(model, 0.5)
+
+
+def test_expand_as_of_another_groups_channels_couples_the_groups():
+    # gate from conv1's channels expanded to the shape of conv0's output, used on its own
+    c1, c1_w = conv("conv1", "x", "z", 4, C)
+    head2, head2_w = conv("head2", "e", "y2", C, 3)
+    c0, c0_w = conv("conv0", "x", "c", 4, C)
+    head, head_w = conv("head", "c", "y", C, 3)
+    model = make_model(
+        [c0, c1, head,
+         helper.make_node("GlobalAveragePool", ["z"], ["p"], name="gap"),
+         helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+         helper.make_node("Expand", ["p", "c_shape"], ["e"], name="expand_as"),
+         head2],
+        [X], [("y", [1, 3, H, W]), ("y2", [1, 3, H, W])],
+        c0_w + c1_w + head_w + head2_w,
+    )
+    analysis = analysis_of(model)
+    assert group_of(analysis, "conv0").id == group_of(analysis, "conv1").id
+    assert group_of(analysis, "conv0").prunable
+    prune_matches_oracle(model, 0.5)

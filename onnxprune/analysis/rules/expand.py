@@ -1,9 +1,16 @@
-"""Expand and Tile: units pass on axes the op does not grow."""
+"""Expand and Tile: units pass on axes the op does not grow.
+
+Expand to a shape read at run time (g.expand_as(x)) needs no rewrite, but each
+element must follow the pruned sizes: an axis that carries units must be
+broadcast (1) or read from a dimension with the same units; an axis of size 1
+expanded to such a dimension takes that dimension's units.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, register
+from onnxprune.analysis.shape_expr import DimOf, match_dim, shape_elements
 
 
 class GrowOp(Rule):
@@ -25,6 +32,11 @@ class GrowOp(Rule):
 
 @register("Expand")
 class ExpandRule(GrowOp):
+    def propagate(self, node, s):
+        super().propagate(node, s)
+        if not s.view.is_const(node.input[1]):
+            _check_run_time_shape(node, s)
+
     def rewrite(self, node, rw):
         y = node.output[0]
         target = rw.view.const_input(node, 1)
@@ -36,6 +48,37 @@ class ExpandRule(GrowOp):
                       for i, t in enumerate(target)]
         if new_target != [int(t) for t in target]:
             rw.replace_const_input(node, 1, np.array(new_target, dtype=target.dtype))
+
+
+def _check_run_time_shape(node, s) -> None:
+    x, y = node.input[0], node.output[0]
+    rank, out_rank = s.view.rank(x), s.view.rank(y)
+    if rank is None or out_rank is None:
+        return  # blocked by GrowOp
+    where = f"Expand '{node.name}' to a run-time shape"
+    elements = shape_elements(s.view, node.input[1])
+    if elements is None:
+        s.block_tensor(x, f"{where} it cannot read")
+        return
+    for k in range(out_rank):
+        xa = k - (out_rank - rank)
+        ea = k - (out_rank - len(elements))
+        e = elements[ea] if ea >= 0 else 1
+        x_dim = s.view.dim(x, xa) if xa >= 0 else 1
+        x_layout = s.layout(x, xa) if xa >= 0 and x_dim != 1 else None
+        e_layout = s.layout(e.tensor, e.axis) if isinstance(e, DimOf) else None
+        if isinstance(e, DimOf) and e_layout is None and s.view.dim(e.tensor, e.axis) == 1:
+            e = 1
+        if x_layout is not None:
+            if e != 1 and not match_dim(s, e, x_layout, where):
+                reason = f"{where}: element {ea} would not follow the pruned axis {xa} of '{x}'"
+                s.block(x_layout, reason)
+                s.block(e_layout, reason)
+        elif e_layout is not None:
+            if x_dim == 1 and e.num == e.den == 1:
+                s.set_layout(y, k, e_layout)  # broadcast copies: the axis follows that dimension
+            else:
+                s.block(e_layout, f"{where}: axis {k} would change size while '{x}' keeps its own")
 
 
 @register("Tile")

@@ -11,12 +11,10 @@ it is the inner one so that a unit is one channel index in every group.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, norm_axis, register
-from onnxprune.analysis.shape_expr import DimOf, shape_elements
+from onnxprune.analysis.shape_expr import DimOf, match_dim, shape_elements
 
 
 def axis_runs(in_shape, out_shape):
@@ -173,7 +171,8 @@ def _check_run_time_target(node, s) -> None:
         return
     runs = axis_runs(list(s.view.shape(x) or ()), list(out_shape)) or []
     carrying = {k for ins, outs in runs if any(s.layout(x, a) is not None for a in ins) for k in outs}
-    problems = [k for k, e in enumerate(elements) if not _element_follows(s, e, s.layout(y, k), k in carrying)]
+    where = f"Reshape '{node.name}' to a run-time shape"
+    problems = [k for k, e in enumerate(elements) if not _element_follows(s, e, s.layout(y, k), k in carrying, where)]
     if not problems:
         return
     reason = (f"Reshape '{node.name}': target shape computed at run time; element(s) {problems} "
@@ -185,7 +184,7 @@ def _check_run_time_target(node, s) -> None:
             s.block(s.layout(e.tensor, e.axis), reason)
 
 
-def _element_follows(s, e, y_layout, in_unit_run: bool) -> bool:
+def _element_follows(s, e, y_layout, in_unit_run: bool, where: str) -> bool:
     e_layout = s.layout(e.tensor, e.axis) if isinstance(e, DimOf) else None
     if isinstance(e, int) and e == -1:
         return True
@@ -193,21 +192,7 @@ def _element_follows(s, e, y_layout, in_unit_run: bool) -> bool:
         if isinstance(e, int) or (isinstance(e, DimOf) and e_layout is None):
             return True  # a size pruning does not change, on an axis it does not change
         return e is None and not in_unit_run  # unknown arithmetic on untouched axes (h * w)
-    if e_layout is None:
-        return False
-    if _counts_follow(s, e_layout, e.num, e.den, y_layout):
-        return True
-    if e.num == e.den == 1 and len(e_layout) == len(y_layout):
-        s.couple([e_layout, y_layout], "Reshape to the run-time shape of another tensor")
-        return True
-    return False
-
-
-def _counts_follow(s, source, num: int, den: int, target) -> bool:
-    """kept(source) * num / den == kept(target) whatever units are removed."""
-    src = Counter(s.units.roots(np.asarray(source)).tolist())
-    dst = Counter(s.units.roots(np.asarray(target)).tolist())
-    return src.keys() == dst.keys() and all(src[r] * num == dst[r] * den for r in src)
+    return match_dim(s, e, y_layout, where)
 
 
 @register("Flatten")
