@@ -18,6 +18,7 @@ import onnx
 
 from onnxprune.ir.graph_view import GraphView
 from onnxprune.ir.shapes import infer_shapes
+from onnxprune.runtime.inputs import concrete_input_shapes
 
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Transpose", "Concat",
@@ -100,7 +101,12 @@ def node_flops(node: onnx.NodeProto, view: GraphView, macs: int) -> int:
 
 
 def model_cost(model: onnx.ModelProto, fixed_inputs: dict[str, list[int]] | None = None) -> ModelCost:
-    """Cost of `model` at concrete input shapes (the model's value_info is left alone)."""
+    """Cost of `model` at concrete input shapes (the model's value_info is left alone).
+
+    Without `fixed_inputs`, dynamic dimensions take the validation defaults.
+    """
+    if fixed_inputs is None:
+        fixed_inputs = concrete_input_shapes(model)
     saved = list(model.graph.value_info)
     shapes = infer_shapes(model, fixed_inputs)
     del model.graph.value_info[:]

@@ -79,8 +79,8 @@ def test_prune_options_give_valid_models(tmp_path, args):
 
 def test_impossible_target_exits_5_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "p.onnx"
-    assert main(["prune", str(EXAMPLE), str(out), "--target-flops", "0.99"]) == 5
-    assert "cannot remove 99% of FLOPs" in capsys.readouterr().err
+    assert main(["prune", str(EXAMPLE), str(out), "--target-flops", "0.999"]) == 5
+    assert "cannot remove 99.9% of FLOPs" in capsys.readouterr().err
     assert not out.exists()
 
 

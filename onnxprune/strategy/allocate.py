@@ -130,6 +130,9 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
     want_flops = target.target_flops is not None
     goal = target.target_flops if want_flops else target.target_params
     dense = estimator.dense_flops if want_flops else estimator.dense_params
+    if dense <= 0:
+        raise PlanError("the model's FLOPs could not be computed (shapes unknown); "
+                        "fix the dynamic input dimensions with --input-shape")
 
     def removed_fraction(ratio: float) -> float:
         flops, params = estimator.estimate(removed_flags(analysis, plan_for(ratio)))
@@ -139,7 +142,7 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
     if best < goal:
         what = "FLOPs" if want_flops else "parameters"
         raise PlanError(
-            f"cannot remove {goal:.0%} of {what}: at most {best:.1%} is removable with "
+            f"cannot remove {goal:.1%} of {what}: at most {best:.1%} is removable with "
             f"max_ratio={target.max_ratio} over {len(groups)} prunable groups "
             "(raise --max-ratio, relax --include/--exclude, or lower the target)"
         )
