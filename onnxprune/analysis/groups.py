@@ -103,5 +103,11 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
             groups[gid].params.append(p)
     for g in groups:
         if g.size < 2 and not g.blocked:
-            g.blocked.append("a single unit: removing it would remove the layer")
+            channels = max(len(state.layout(s.tensor, s.axis)) for s in g.sources)
+            if channels > 1:
+                g.blocked.append(
+                    f"its {channels} channels are coupled into a single unit (grouped convolutions or channel "
+                    "shuffles force equal removal in every group); removing it would remove the layer")
+            else:
+                g.blocked.append("a single unit: removing it would remove the layer")
     return groups, root_of
