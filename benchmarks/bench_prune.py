@@ -35,7 +35,11 @@ def main() -> None:
     rows = []
     for name, model in models.items():
         for setting in args.settings.split(","):
-            pruned, report = onnxprune.prune(model, **SETTINGS[setting])
+            try:
+                pruned, report = onnxprune.prune(model, **SETTINGS[setting])
+            except onnxprune.PlanError as exc:  # e.g. too few prunable groups for the target
+                rows.append([name, setting, "–", str(exc).split(" (")[0], "", "", "", ""])
+                continue
             dense_t, pruned_t = paired_latency([model, pruned], args.threads, args.runs)
             b, a = report.before, report.after
             rows.append([

@@ -3,7 +3,7 @@
 Conventions (used everywhere in reports):
 * MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul.
 * FLOPs = 2 x MACs + one operation per output element of every other node
-  (activations, normalisation, pooling windows count their window size).
+  (pooling counts its window size; LRN and Softmax their per-element work).
 * Parameters count every element of every initializer, once.
 Dynamic dimensions are evaluated at the shapes given for validation
 (batch 1 by default).
@@ -23,6 +23,15 @@ from onnxprune.runtime.inputs import concrete_input_shapes
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Transpose", "Concat",
             "Split", "Slice", "Gather", "Constant", "ConstantOfShape", "Cast", "Dropout", "Expand"}
+
+
+# Ops that do much more than one operation per output element.
+PER_ELEMENT = {
+    # sum of squares over `size` neighbours, then scale, add, power and divide
+    "LRN": lambda node, view: 2 * int(view.attr(node, "size", 5)) + 4,
+    "Softmax": lambda node, view: 4,  # max, exp, sum, divide
+    "LogSoftmax": lambda node, view: 5,
+}
 
 
 @dataclass
@@ -92,6 +101,8 @@ def node_flops(node: onnx.NodeProto, view: GraphView, macs: int) -> int:
     if node.op_type in FREE_OPS:
         return 0
     out = _numel(view.shape(node.output[0])) or 0
+    if node.op_type in PER_ELEMENT:
+        return out * PER_ELEMENT[node.op_type](node, view)
     kernel = view.attr(node, "kernel_shape")
     if kernel is not None and "Pool" in node.op_type:
         return out * int(np.prod(kernel))

@@ -36,6 +36,10 @@ def unit_index(analysis: Analysis, group: Group, p: ParamSlice) -> np.ndarray:
     )
 
 
+def other_axes(values: np.ndarray, axis: int) -> tuple[int, ...]:
+    return tuple(a for a in range(values.ndim) if a != axis)
+
+
 def per_position(values: np.ndarray, axis: int, reduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Collapse every axis but `axis`: one number per position."""
     moved = np.moveaxis(values.astype(np.float32, copy=False), axis, 0).reshape(values.shape[axis], -1)

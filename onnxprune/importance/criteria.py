@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.importance.base import aggregate, criterion, per_position, slices_with_roles
+from onnxprune.importance.base import aggregate, criterion, other_axes, per_position, slices_with_roles
 
 WEIGHTS = {"weight_out", "weight_in"}
 
@@ -12,13 +12,13 @@ WEIGHTS = {"weight_out", "weight_in"}
 def l1(analysis, group, rng):
     """Sum of |w| over every weight slice of the unit (its filters and the next layer's columns)."""
     return aggregate(analysis, group, slices_with_roles(group, WEIGHTS),
-                     lambda v, axis: per_position(v, axis, lambda m: np.abs(m).sum(axis=1)))
+                     lambda v, axis: np.abs(v).sum(axis=other_axes(v, axis), dtype=np.float64))
 
 
 @criterion("l2")
 def l2(analysis, group, rng):
     return aggregate(analysis, group, slices_with_roles(group, WEIGHTS),
-                     lambda v, axis: per_position(v, axis, lambda m: np.sqrt((m * m).sum(axis=1))))
+                     lambda v, axis: np.sqrt(np.square(v).sum(axis=other_axes(v, axis), dtype=np.float64)))
 
 
 @criterion("bn_scale")

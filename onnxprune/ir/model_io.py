@@ -238,10 +238,8 @@ def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 def model_byte_size(model: onnx.ModelProto) -> int:
     """Serialized size without materialising a >2 GB protobuf."""
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
-    return total + 4096 * len(model.graph.node)
+    # ByteSize() counts without serialising (reading t.raw_data would copy the bytes)
+    return sum(t.ByteSize() for t in model.graph.initializer) + 4096 * len(model.graph.node)
 
 
 def save_model(
