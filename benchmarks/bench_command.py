@@ -10,11 +10,9 @@ onnx, onnxruntime) is measured the same way and shown separately.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx

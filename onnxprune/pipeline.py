@@ -268,8 +268,4 @@ def _decide_lossless(working: onnx.ModelProto) -> Decision:
     return _apply(working, analysis, removed, plan, "lossless elimination", notes)
 
 
-def load_plan(path: str | Path) -> Plan:
-    return Plan.load(path)
-
-
 __all__ = ["AnalysisReport", "OnnxPruneError", "analyze", "prune", "prepare"]

@@ -5,7 +5,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from onnxprune.analysis.context import AnalysisState, ParamSlice, SinkUse, Source
 from onnxprune.analysis.groups import Group, build_groups
