@@ -3,31 +3,43 @@
     import onnxprune
     model, report = onnxprune.prune("model.onnx", "model.pruned.onnx", target_flops=0.5)
     print(report.render_table())
+    print(onnxprune.evaluate("model.pruned.onnx", "test.npz", reference="model.onnx").render_table())
+    print(onnxprune.benchmark(["model.onnx", "model.pruned.onnx"]).render_table())
 """
 from onnxprune.errors import (
+    DataError,
     ModelLoadError,
     OnnxPruneError,
     OutputError,
     PlanError,
+    ProviderError,
     UnsupportedModelError,
     ValidationError,
 )
 from onnxprune.pipeline import AnalysisReport, analyze, prune
 from onnxprune.report import PruneReport
+from onnxprune.runtime.bench import BenchResult, benchmark
+from onnxprune.runtime.evaluate import EvalResult, evaluate
 from onnxprune.strategy.plan import Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisReport",
+    "BenchResult",
+    "DataError",
+    "EvalResult",
     "ModelLoadError",
     "OnnxPruneError",
     "OutputError",
     "Plan",
     "PlanError",
+    "ProviderError",
     "PruneReport",
     "UnsupportedModelError",
     "ValidationError",
     "analyze",
+    "benchmark",
+    "evaluate",
     "prune",
 ]

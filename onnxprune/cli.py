@@ -1,8 +1,12 @@
-"""Command line: `onnxprune analyze MODEL` and `onnxprune prune INPUT OUTPUT`.
+"""Command line: `onnxprune analyze MODEL`, `onnxprune prune INPUT OUTPUT`,
+`onnxprune eval MODEL --data DATA [--reference DENSE]` and
+`onnxprune bench MODEL [MODEL ...]`.
 
 Exit codes: 0 success, 1 other error, 2 bad usage, 3 unreadable or
 unsupported model, 4 validation failed (nothing written), 5 impossible plan or
-target, 6 output cannot be written.
+target, 6 output cannot be written, 7 evaluation data unreadable or not
+matching the model's inputs (DataError), 8 execution provider not available
+(ProviderError).
 """
 from __future__ import annotations
 
@@ -64,7 +68,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the before/after table as Markdown")
     p.add_argument("--input-shape", help="fix dynamic input dims for validation and FLOPs, e.g. input:1x3x224x224")
     p.add_argument("--seed", type=int, default=0)
+    _add_eval_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser(
+        "eval", help="accuracy on labelled data, and fidelity against a reference model",
+        description="Accuracy (top-1/top-5) of MODEL on DATA and, with --reference, its fidelity to the reference "
+                    "(top-1 agreement, cosine similarity, max/mean |error|, KL divergence). DATA: an .npz with one "
+                    "array per model input plus 'labels' (a single-input model may name its array anything), an "
+                    ".npy of inputs, a folder of images with one subfolder per class (needs onnxprune[images]), or "
+                    ".jsonl text with --tokenizer (needs onnxprune[text]).")
+    e.add_argument("model")
+    e.add_argument("--data", required=True, help=".npz/.npy arrays, an image folder (ROOT/<class>/<image>) or .jsonl")
+    e.add_argument("--reference", help="the model to compare against (e.g. the dense model)")
+    e.add_argument("--batch-size", type=_positive, default=32,
+                   help="samples per run when the batch axis is dynamic (default 32); a static batch is used as is")
+    e.add_argument("--output", help="which model output to evaluate (default the first)")
+    e.add_argument("--class-axis", type=int, help="class axis of the output (default: from the labels, else 1)")
+    e.add_argument("--preprocess", help="image folders: a preset (imagenet, none), a JSON file or inline JSON with "
+                                        "resize, crop, crop_ratio, mean, std, scale, layout, mode, interpolation")
+    e.add_argument("--tokenizer", help="JSONL text: a tokenizers tokenizer.json")
+    e.add_argument("--max-length", type=_positive, help="JSONL text: truncate sequences to this many tokens")
+    e.add_argument("--text-key", default="text", help="JSONL text: the field holding the text (default text)")
+    e.add_argument("--label-key", default="label", help="JSONL text: the field holding the class id (default label)")
+    e.add_argument("--metric", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="a custom metric(outputs, labels) -> number or dict, from a module or a .py file "
+                        "(e.g. my_metrics.py:mae); repeatable")
+    e.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
+    e.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: onnxruntime chooses)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--markdown", help="also write the table as Markdown to this file")
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="latency of one or more models side by side, with speed-ups",
+        description="Latency with onnxruntime: warm-up, then RUNS interleaved runs of every model (so drift hits "
+                    "all alike); median/p90/min in ms and speed-up relative to the first model.")
+    b.add_argument("models", nargs="+", metavar="MODEL")
+    b.add_argument("--provider", default="CPUExecutionProvider",
+                   help="onnxruntime execution provider (default CPUExecutionProvider)")
+    b.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    b.add_argument("--runs", type=_positive, default=50, help="timed runs per model (default 50)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
+    b.add_argument("--batch", type=_positive, help="size of every dynamic batch (first) axis (default 1)")
+    b.add_argument("--input-shape", help="fix input shapes, e.g. input:8x3x224x224,mask:8x128 (wins over --batch)")
+    b.add_argument("--profile", action="store_true",
+                   help="also print time per op type from onnxruntime's profiler (separate, untimed runs)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    b.add_argument("--markdown", help="also write the latency table as Markdown to this file")
 
 
 def cmd_analyze(args) -> int:
@@ -120,11 +185,75 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _load_metric(spec: str):
+    """'package.module:function' or 'path/to/file.py:function' -> the function."""
+    import importlib
+    import importlib.util
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise OnnxPruneError(f"--metric '{spec}': expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if where.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if loader is None or not Path(where).is_file():
+                raise OnnxPruneError(f"--metric '{spec}': no such file {where}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except OnnxPruneError:
+        raise
+    except Exception as exc:
+        raise OnnxPruneError(f"--metric '{spec}': cannot import {where} ({type(exc).__name__}: {exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise OnnxPruneError(f"--metric '{spec}': {where} has no function '{attr}'")
+    return fn
+
+
+def cmd_eval(args) -> int:
+    from onnxprune.runtime.data import open_data
+    from onnxprune.runtime.evaluate import evaluate
+
+    data = open_data(args.data, preprocess=args.preprocess, tokenizer=args.tokenizer, max_length=args.max_length,
+                     text_key=args.text_key, label_key=args.label_key)
+    metrics = {spec.rpartition(":")[2]: _load_metric(spec) for spec in args.metric} or None
+    result = evaluate(args.model, data, reference=args.reference, metric=metrics, batch_size=args.batch_size,
+                      output=args.output, axis=args.class_axis, provider=args.provider, threads=args.threads)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.render_table())
+        print(result.summary())
+    if args.markdown:
+        Path(args.markdown).write_text(result.render_markdown() + "\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from onnxprune.runtime.bench import benchmark
+
+    result = benchmark(args.models, provider=args.provider, threads=args.threads, runs=args.runs,
+                       warmup=args.warmup, batch=args.batch, input_shapes=parse_input_shapes(args.input_shape),
+                       profile=args.profile)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.render_table())
+        if args.profile:
+            print("Time per op type (ms per run, as onnxruntime ran it after its fusions):")
+            print(result.render_profile())
+    if args.markdown:
+        Path(args.markdown).write_text(result.render_markdown() + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"analyze": cmd_analyze, "prune": cmd_prune}[args.command](args)
+        return {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except OnnxPruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code

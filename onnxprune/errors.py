@@ -40,3 +40,16 @@ class OutputError(OnnxPruneError):
     """The output path is unusable (same as the input, not writable...)."""
 
     exit_code = 6
+
+
+class DataError(OnnxPruneError):
+    """Evaluation data that cannot be read or does not fit the model's inputs
+    (name, dtype, shape), or a missing optional extra needed to read it."""
+
+    exit_code = 7
+
+
+class ProviderError(OnnxPruneError):
+    """The requested onnxruntime execution provider is not available here."""
+
+    exit_code = 8

@@ -3,15 +3,41 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
-from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, model_byte_size
+from onnxprune.errors import ProviderError
+from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, load_model, model_byte_size
+
+
+def load_for_runtime(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """(model, display name) for eval and bench: a path is loaded with its external
+    data (ModelLoadError if unreadable); a ModelProto is used as it is."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "<ModelProto>"
+    loaded, _ = load_model(model)
+    return loaded, str(Path(model))
+
+
+def check_provider(provider: str) -> None:
+    """Raise ProviderError naming the providers this onnxruntime build has."""
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ProviderError(
+            f"execution provider '{provider}' is not available in this onnxruntime "
+            f"({ort.__version__}); available: {', '.join(available)}. Install the onnxruntime "
+            "package built for it (e.g. onnxruntime-gpu for CUDAExecutionProvider)."
+        )
 
 
 def make_session(model: onnx.ModelProto | bytes, *, threads: int = 1, provider: str = "CPUExecutionProvider",
-                 optimize: bool = True, prepack: bool = True) -> ort.InferenceSession:
+                 optimize: bool = True, prepack: bool = True,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
+    """threads=0 lets onnxruntime choose; profile_prefix turns on onnxruntime's
+    profiler, writing its JSON trace to files starting with that prefix."""
+    check_provider(provider)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -20,6 +46,9 @@ def make_session(model: onnx.ModelProto | bytes, *, threads: int = 1, provider: 
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if isinstance(model, bytes):
         return ort.InferenceSession(model, opts, providers=[provider])
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
