@@ -22,6 +22,7 @@ class ZeroState:
         self.zeros: dict[str, set[int]] = {}
         self._const_cache: dict[str, set[int]] = {}
         self._positions: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = {}
+        self._zero_rows: dict[tuple, np.ndarray] = {}
 
     def run(self) -> "ZeroState":
         for node in self.view.nodes:
@@ -136,17 +137,28 @@ class ZeroState:
                 live[p.tensor] = (p.axis, ~np.isin(roots, list(self.zero_set(use.tensor))))
         return live
 
+    def _zero_positions(self, tensor: str, axis: int, live: tuple[int, np.ndarray] | None) -> np.ndarray:
+        """Per position along `axis`: is its whole slice zero (ignoring dead input columns)?
+
+        Computed once per weight: decoding a large weight per unit would be quadratic.
+        """
+        key = (tensor, axis, None if live is None else (live[0], live[1].tobytes()))
+        if key not in self._zero_rows:
+            values = self.view.const(tensor)
+            if live is not None:
+                values = np.compress(live[1], values, axis=live[0])
+            nonzero = np.moveaxis(values != 0, axis, 0).reshape(values.shape[axis], -1).any(axis=1)
+            self._zero_rows[key] = ~nonzero
+        return self._zero_rows[key]
+
     def _all_zero_at(self, slices, root: int, live=None) -> bool:
         """Every position of `root` in every slice is zero (ignoring dead input columns)."""
         for p in slices:
             places = [pos for axis, pos in self.positions(p.tensor).get(root, []) if axis == p.axis]
             if not places:
                 return False
-            part = np.take(self.view.const(p.tensor), places[0], axis=p.axis)
-            if live and p.tensor in live:
-                in_axis, mask = live[p.tensor]
-                part = np.compress(mask, part, axis=in_axis)
-            if part.any():
+            zero = self._zero_positions(p.tensor, p.axis, (live or {}).get(p.tensor))
+            if not zero[places[0]].all():
                 return False
         return True
 

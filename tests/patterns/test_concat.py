@@ -122,6 +122,47 @@ def test_concat_then_residual_add_couples_units_across_offsets():
         assert init(pruned, "head.w").dims[1] == 9 - len(removed)
 
 
+def test_concat_of_a_tensor_with_itself_repeats_its_units():
+    # torch.cat([a, a], 1): channel c and channel c + 6 are the same unit
+    model = build([
+        ("convA", "x", "a", 4, 6),
+        concat("cat", ["a", "a"], "c"),
+        ("head", "c", "y", 12, 3),
+    ])
+    analysis = analysis_of(model)
+    la = analysis.layouts["a"][1]
+    np.testing.assert_array_equal(analysis.layouts["c"][1], np.concatenate([la, la]))
+    assert group_of(analysis, "convA").size == 6
+    _, pruned, removed = prune_matches_oracle(model, 0.5)
+    assert init(pruned, "head.w").dims[1] == 2 * (6 - len(removed))
+
+
+def test_concat_along_a_spatial_axis_couples_the_channels_of_both_inputs():
+    model = build([
+        ("convA", "x", "a", 4, 6),
+        ("convB", "x", "b", 4, 6),
+        concat("cat_rows", ["a", "b"], "c", axis=2),
+        ("head", "c", "y", 6, 3),
+    ], outputs=(("y", [1, 3, 16, 8]),))
+    analysis = analysis_of(model)
+    group = group_of(analysis, "convA")
+    assert group.id == group_of(analysis, "convB").id
+    assert group.size == 6 and group.prunable
+    prune_matches_oracle(model, 0.5)
+
+
+def test_concat_along_a_spatial_axis_with_the_network_input_blocks_the_conv():
+    # the input's channels cannot go, so the conv's channels it is stacked with cannot either
+    model = build([
+        ("convA", "x", "a", 4, 4),
+        concat("cat_rows", ["x", "a"], "c", axis=2),
+        ("head", "c", "y", 4, 3),
+    ], outputs=(("y", [1, 3, 16, 8]),))
+    group = group_of(analysis_of(model), "convA")
+    assert not group.prunable
+    assert any("Concat 'cat_rows'" in r for r in group.blocked)
+
+
 def init(model, prefix):
     """The (possibly renamed) initializer whose name starts with `prefix`."""
     return next(t for t in model.graph.initializer if t.name.startswith(prefix))

@@ -209,3 +209,21 @@ def test_expand_as_of_another_groups_channels_couples_the_groups():
     assert group_of(analysis, "conv0").id == group_of(analysis, "conv1").id
     assert group_of(analysis, "conv0").prunable
     prune_matches_oracle(model, 0.5)
+
+
+def test_zeros_like_from_constant_of_shape_follows_the_pruned_channels():
+    # torch.zeros_like(c) + 1 -> ConstantOfShape(Shape(c)); used as an additive offset on c
+    head, head_w = conv("head", "m", "y", C, 3)
+    model = conv_then(
+        [helper.make_node("Shape", ["c"], ["c_shape"], name="shape"),
+         helper.make_node("ConstantOfShape", ["c_shape"], ["ones"], name="ones_like",
+                          value=numpy_helper.from_array(np.ones(1, np.float32))),
+         helper.make_node("Add", ["c", "ones"], ["m"], name="offset"),
+         head],
+        head_w,
+        [1, 3, H, W],
+    )
+    analysis = analysis_of(model)
+    np.testing.assert_array_equal(analysis.layouts["ones"][1], analysis.layouts["c"][1])
+    assert group_of(analysis, "conv0").prunable
+    prune_matches_oracle(model, 0.5)

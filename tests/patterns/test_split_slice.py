@@ -1,7 +1,7 @@
 """Split and Slice on the channel axis: offset maps, rewritten sizes and bounds."""
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from helpers import analysis_of, blocked_reasons, const, make_model, prune_matches_oracle, weight
 
@@ -38,7 +38,6 @@ def int_values(model, node, attr, index):
         if a.name == attr:
             return list(helper.get_attribute_value(a))
     tensor = next(t for t in model.graph.initializer if t.name == node.input[index])
-    from onnx import numpy_helper
     return numpy_helper.to_array(tensor).tolist()
 
 
@@ -98,6 +97,20 @@ def test_split_removing_units_from_every_piece_matches_oracle():
     model = split_model(13, [4, 4], form="input")
     for seed in range(3):
         prune_matches_oracle(model, 0.25, seed=seed)
+
+
+def test_split_along_a_spatial_axis_gives_every_piece_all_channels():
+    split = helper.make_node("Split", ["c", "split_sizes"], ["top", "bottom"], name="split_rows", axis=2)
+    model = build(
+        [("conv0", "x", "c", 4, 8), split, ("conv_top", "top", "y0", 8, 3), ("conv_bottom", "bottom", "y1", 8, 3)],
+        ["y0", "y1"], 13, [const([3, 5], "split_sizes")],
+    )
+    analysis = analysis_of(model)
+    for piece in ("top", "bottom"):
+        np.testing.assert_array_equal(analysis.layouts[piece][1], analysis.layouts["c"][1])
+    assert group_of(analysis, "conv0").prunable
+    _, pruned, _ = prune_matches_oracle(model, 0.5)
+    assert int_values(pruned, node_of(pruned, "Split"), "split", 1) == [3, 5]
 
 
 # -- Slice ----------------------------------------------------------------------

@@ -110,3 +110,21 @@ def test_squeeze_and_unsqueeze_around_gap_gemm_head_keep_both_groups_prunable(op
         _, pruned, _ = prune_matches_oracle(model, 0.5, seed=seed)
         assert init(pruned, "fc.w").dims == [3, 4]
         assert init(pruned, "conv1.w").dims[1] == 4
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_squeeze_without_axes_keeps_a_channel_axis_pruned_down_to_one(opset):
+    # Squeeze() drops every size-1 axis: once conv0 keeps a single channel it must not drop that one
+    c0, c0_w = conv("conv0", "x", "c", 4, 2)
+    model = make_model(
+        [c0,
+         helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+         helper.make_node("Squeeze", ["p"], ["s"], name="squeeze"),
+         helper.make_node("Gemm", ["s", "fc.w"], ["y"], name="fc")],
+        [("x", ["N", 4, H, W])], [("y", ["N", 5])], c0_w + [weight(2, 5, name="fc.w")], opset=opset,
+    )
+    analysis = analysis_of(model)
+    np.testing.assert_array_equal(analysis.layouts["s"][1], analysis.layouts["c"][1])
+    _, pruned, removed = prune_matches_oracle(model, 0.5)
+    assert len(removed) == 1
+    assert init(pruned, "fc.w").dims == [1, 5]

@@ -1,13 +1,44 @@
 """Ops that read only shapes, or create tensors without channel inputs.
 
 Shape/Size outputs follow the pruned shapes at run time, so they block nothing.
+A tensor created from such a shape (ConstantOfShape(Shape(x)), torch's
+zeros_like) or like another one (RandomNormalLike) has one position per
+position of x: it takes x's units on the axes it copies.
 """
 from __future__ import annotations
 
-from onnxprune.analysis.rules.base import Rule, register
+from onnxprune.analysis.rules.base import Rule, identity_map, pass_axes, register
+from onnxprune.analysis.shape_expr import DimOf, shape_elements
 
 
-@register("Shape", "Size", "ConstantOfShape", "Range", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+@register("Shape", "Size", "Range")
 class ShapeOnlyRule(Rule):
     def propagate(self, node, s):
         pass
+
+
+@register("RandomNormalLike", "RandomUniformLike")
+class LikeRule(Rule):
+    def propagate(self, node, s):
+        x = node.input[0]
+        pass_axes(s, node, x, node.output[0], identity_map(s.view.rank(x)))
+
+
+@register("EyeLike")
+class EyeLikeRule(Rule):
+    def propagate(self, node, s):
+        s.block_tensor(node.input[0], f"EyeLike '{node.name}': removing rows or columns moves its diagonal")
+
+
+@register("ConstantOfShape")
+class ConstantOfShapeRule(Rule):
+    def propagate(self, node, s):
+        elements = shape_elements(s.view, node.input[0]) or []
+        for k, e in enumerate(elements):
+            layout = s.layout(e.tensor, e.axis) if isinstance(e, DimOf) else None
+            if layout is None:
+                continue
+            if e.num == e.den == 1:
+                s.set_layout(node.output[0], k, layout)
+            else:
+                s.block(layout, f"ConstantOfShape '{node.name}': a size derived from a pruned axis")

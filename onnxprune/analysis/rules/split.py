@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.analysis.rules.base import Rule, const_ints, norm_axis, register
+from onnxprune.analysis.rules.base import Rule, norm_axis, register
 
 
 def split_sizes(node, view, rank: int) -> list[int] | None:
