@@ -25,7 +25,7 @@ def const(value, name: str, dtype=np.int64) -> onnx.TensorProto:
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.ModelProto:
-    """inputs/outputs: [(name, shape)] float tensors; output shapes may be None."""
+    """inputs/outputs: [(name, shape)] float tensors; a dimension may be None (unknown)."""
     graph = helper.make_graph(
         nodes,
         "test",
@@ -62,8 +62,12 @@ def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     out = {}
     for vi in model.graph.input:
-        shape = [d.dim_value if d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
-        out[vi.name] = rng.standard_normal(shape).astype(np.float32)
+        shape = [d.dim_value if d.dim_value > 0 else 2 + i for i, d in enumerate(vi.type.tensor_type.shape.dim)]
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if dtype.kind == "f":
+            out[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:  # token ids and masks: small non-negative integers are valid for both
+            out[vi.name] = rng.integers(0, 2, shape).astype(dtype)
     return out
 
 

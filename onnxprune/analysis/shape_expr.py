@@ -28,6 +28,16 @@ class DimOf:
         return DimOf(self.tensor, self.axis, self.num * num, self.den * den)
 
 
+class ConstElement(int):
+    """A constant element that sits in a Concat's constant input, so it can be rewritten
+    (the head count in Concat(batch, seq, [4], [16]) -> Reshape)."""
+
+    def __new__(cls, value: int, node: str, index: int, offset: int):
+        obj = int.__new__(cls, value)
+        obj.node, obj.index, obj.offset = node, index, offset
+        return obj
+
+
 Element = int | DimOf | None  # None: unknown
 
 
@@ -52,7 +62,11 @@ def shape_elements(view: GraphView, name: str, depth: int = 0) -> list[Element] 
         return shape_elements(view, node.input[0], depth + 1)
     if op == "Concat":
         out: list[Element] = []
-        for part in node.input:
+        for index, part in enumerate(node.input):
+            if view.is_const(part):
+                out.extend(ConstElement(int(v), node.name, index, k)
+                           for k, v in enumerate(np.atleast_1d(view.const(part))))
+                continue
             elems = shape_elements(view, part, depth + 1)
             if elems is None:
                 return None
@@ -92,6 +106,11 @@ def _arith(op: str, a: Element, b: Element) -> Element:
     return None
 
 
+def is_rewritable(e: Element) -> bool:
+    """A constant size the rewrite can set to the kept count (not a -1 or 0 wildcard)."""
+    return isinstance(e, ConstElement) and int(e) > 0
+
+
 def match_dim(state, e: Element, layout: np.ndarray, where: str) -> bool:
     """Does run-time element `e` equal the kept size of an axis with `layout`, whatever is removed?
 
@@ -112,3 +131,12 @@ def match_dim(state, e: Element, layout: np.ndarray, where: str) -> bool:
         state.couple([source, layout], where)
         return True
     return False
+
+
+def rewrite_const_elements(rw, elements: list[Element], tensor: str, shift: int = 0) -> None:
+    """Set each rewritable constant element on a pruned axis of `tensor` to the kept size."""
+    new_shape = None
+    for k, e in enumerate(elements):
+        if is_rewritable(e) and rw.mask(tensor, k + shift) is not None:
+            new_shape = new_shape or rw.new_shape(tensor)
+            rw.set_const_element(e.node, e.index, e.offset, int(new_shape[k + shift]))

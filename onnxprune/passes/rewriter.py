@@ -24,6 +24,8 @@ class Rewriter:
         self._taken = {t.name for t in model.graph.initializer} | {
             o for n in model.graph.node for o in n.output
         }
+        self._nodes = {n.name: n for n in model.graph.node}
+        self._created: dict[str, np.ndarray] = {}
 
     # -- questions ------------------------------------------------------------
     def mask(self, tensor: str, axis: int) -> np.ndarray | None:
@@ -61,7 +63,21 @@ class Rewriter:
         """Point input `index` of `node` at a new initializer holding `value`."""
         name = self._fresh_name(f"{node.input[index]}__{node.name}")
         self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        self._created[name] = np.asarray(value)
         node.input[index] = name
+
+    def set_const_element(self, node_name: str, index: int, offset: int, value: int) -> None:
+        """Change one element of constant input `index` of another node (a shape Concat)."""
+        node = self._nodes[node_name]
+        current = node.input[index]
+        values = self._created.get(current)
+        if values is None:
+            values = self.view.const(current)
+        if int(values.flat[offset]) == value:
+            return
+        values = np.array(values, copy=True)
+        values.flat[offset] = value
+        self.replace_const_input(node, index, values)
 
     def set_const_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
         """Add (or replace) optional input `index`, padding skipped inputs with ''."""

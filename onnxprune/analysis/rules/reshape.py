@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, norm_axis, register
-from onnxprune.analysis.shape_expr import DimOf, match_dim, shape_elements
+from onnxprune.analysis.shape_expr import DimOf, is_rewritable, match_dim, rewrite_const_elements, shape_elements
 
 
 def axis_runs(in_shape, out_shape):
@@ -147,7 +147,9 @@ class ReshapeRule(Rule):
             return
         target = rw.view.const_input(node, 1)
         if target is None:
-            return  # run-time target: only its -1 axis changes (checked in propagate)
+            # run-time target: constant pieces on pruned axes are set to the kept size
+            rewrite_const_elements(rw, shape_elements(rw.view, node.input[1]) or [], y)
+            return
         new_out = rw.new_shape(y)
         new_target = [
             int(t) if t in (0, -1) or rw.mask(y, i) is None else int(new_out[i]) for i, t in enumerate(target)
@@ -192,7 +194,7 @@ def _element_follows(s, e, y_layout, in_unit_run: bool, where: str) -> bool:
         if isinstance(e, int) or (isinstance(e, DimOf) and e_layout is None):
             return True  # a size pruning does not change, on an axis it does not change
         return e is None and not in_unit_run  # unknown arithmetic on untouched axes (h * w)
-    return match_dim(s, e, y_layout, where)
+    return is_rewritable(e) or match_dim(s, e, y_layout, where)
 
 
 @register("Flatten")
