@@ -23,7 +23,9 @@ def test_ffn_neurons_are_prunable_in_every_layer(name):
 
 
 @pytest.mark.parametrize("name", ["bert_encoder_legacy.onnx", "bert_encoder_dynamo.onnx",
-                                  "vit_legacy.onnx", "vit_dynamo.onnx"])
+                                  "vit_legacy.onnx", "vit_dynamo.onnx",
+                                  # fused QKV: one MatMul then Split; a unit is a head of Q, K and V together
+                                  "gpt2_decoder_legacy.onnx", "gpt2_decoder_dynamo.onnx"])
 def test_attention_heads_are_groups_of_whole_heads(name):
     groups = onnxprune.analyze(FIXTURES / name).analysis.groups
     heads = [g for g in groups if g.prunable and g.size == 4]  # 4 heads of 16 dims per layer

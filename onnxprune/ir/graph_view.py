@@ -95,12 +95,28 @@ class GraphView:
         s = self.shape(name)
         return None if s is None else len(s)
 
-    def dim(self, name: str, axis: int) -> int | None:
+    def dim(self, name: str, axis: int, _depth: int = 0) -> int | None:
         s = self.shape(name)
         if s is None or axis >= len(s):
             return None
         d = s[axis]
-        return d if isinstance(d, int) and d > 0 else None
+        if isinstance(d, int) and d > 0:
+            return d
+        return self._dim_through_slice(name, axis, _depth)
+
+    def _dim_through_slice(self, name: str, axis: int, depth: int) -> int | None:
+        """Shape inference loses every dim of a Slice with run-time bounds, even on the
+        axes it does not slice (a causal-mask buffer sliced to the sequence length)."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != "Slice" or depth > 8 or not self.has_input(node, 3):
+            return None
+        axes = self.const_input(node, 3)
+        rank = self.rank(node.input[0])
+        if axes is None or rank is None:
+            return None
+        if axis in {int(a) + rank if a < 0 else int(a) for a in np.atleast_1d(axes)}:
+            return None
+        return self.dim(node.input[0], axis, depth + 1)
 
     # -- attributes ----------------------------------------------------------
     @staticmethod
