@@ -93,12 +93,24 @@ def infer_shapes(
         inferred = sk
     shapes = _collect(inferred)
     missing = _missing_outputs(model, set(shapes))
-    if missing:
-        shapes.update({k: v for k, v in _symbolic(sk).items() if k not in shapes})
+    if missing or any(_is_unknown(d) for _, shape in shapes.values() for d in shape):
+        # onnxruntime's symbolic inference follows Shape->Concat->Reshape arithmetic
+        # that onnx's leaves as unk__N dims (attention head splits with -1)
+        for name, (elem, shape) in _symbolic(sk).items():
+            if name not in shapes:
+                shapes[name] = (elem, shape)
+            elif len(shape) == len(shapes[name][1]):
+                merged = tuple(b if _is_unknown(a) and not _is_unknown(b) else a
+                               for a, b in zip(shapes[name][1], shape))
+                shapes[name] = (shapes[name][0], merged)
     for vi in inferred.graph.value_info:
         if vi.name in shapes:
             model.graph.value_info.append(vi)
     return shapes
+
+
+def _is_unknown(d: Dim) -> bool:
+    return d is None or (isinstance(d, str) and d.startswith("unk__"))
 
 
 def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:

@@ -176,21 +176,19 @@ def test_runtime_target_reading_the_channel_dimension_is_prunable():
     prune_matches_oracle(model, 0.5)
 
 
-def test_runtime_target_hard_coding_the_feature_count_is_blocked():
-    # x.view(x.size(0), 96): after pruning 96 would be wrong, and we cannot rewrite it safely
+def test_runtime_target_hard_coding_the_feature_count_is_rewritten():
+    # x.view(x.size(0), 96): the literal 96 in the shape Concat becomes the kept feature count
     model = runtime_reshape_model(
         [("dim", 0), [C * H * W]],
         [helper.make_node("MatMul", ["f", "fc.w"], ["y"], name="fc")],
         [weight(C * H * W, 5, name="fc.w")],
         [1, 5],
     )
-    group = group_of(analysis_of(model), "conv0")
-    assert not group.prunable
-    assert any("Reshape 'reshape'" in r and "run time" in r for r in group.blocked)
-    assert any("Reshape 'reshape'" in r for r in blocked_reasons(model))
+    assert group_of(analysis_of(model), "conv0").prunable
+    prune_matches_oracle(model, fraction=0.5)
 
 
-def test_runtime_target_hard_coding_the_channel_count_is_blocked():
+def test_runtime_target_hard_coding_the_channel_count_is_rewritten():
     # x.view(n, 6, h, w) rebuilt from Shape with the channel count as a literal
     model = runtime_reshape_model(
         [("dim", 0), [C], ("dim", 2), ("dim", 3)],
@@ -198,9 +196,8 @@ def test_runtime_target_hard_coding_the_channel_count_is_blocked():
         [weight(3, C, 1, 1, name="head.w")],
         [1, 3, H, W],
     )
-    group = group_of(analysis_of(model), "conv0")
-    assert not group.prunable
-    assert any("Reshape 'reshape'" in r for r in group.blocked)
+    assert group_of(analysis_of(model), "conv0").prunable
+    prune_matches_oracle(model, fraction=0.5)
 
 
 # -- a run-time target read from another tensor's shape (x.view_as(other)) ----------

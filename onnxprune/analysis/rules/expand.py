@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, register
-from onnxprune.analysis.shape_expr import DimOf, match_dim, shape_elements
+from onnxprune.analysis.shape_expr import DimOf, is_rewritable, match_dim, rewrite_const_elements, shape_elements
 
 
 class GrowOp(Rule):
@@ -23,15 +23,32 @@ class GrowOp(Rule):
             s.block_tensor(x, f"{node.op_type} '{node.name}': rank unknown")
             return
         shift = out_rank - rank
+        out_dims = self.output_dims(node, s, out_rank)
         for axis, layout in s.layouts_of(x).items():
-            if s.view.dim(x, axis) is not None and s.view.dim(x, axis) == s.view.dim(y, axis + shift):
+            if s.view.dim(x, axis) is not None and s.view.dim(x, axis) == out_dims[axis + shift]:
                 s.set_layout(y, axis + shift, layout)
             else:
                 s.block(layout, f"{node.op_type} '{node.name}' repeats axis {axis}")
 
+    def output_dims(self, node, s, out_rank: int) -> list:
+        return [s.view.dim(node.output[0], k) for k in range(out_rank)]
+
 
 @register("Expand")
 class ExpandRule(GrowOp):
+    def output_dims(self, node, s, out_rank):
+        """Where inference lost a dim, the target's own constant (or a broadcast 1) says it."""
+        dims = super().output_dims(node, s, out_rank)
+        elements = shape_elements(s.view, node.input[1]) or []
+        x_rank = s.view.rank(node.input[0]) or 0
+        for k, d in enumerate(dims):
+            e = elements[k - (out_rank - len(elements))] if k >= out_rank - len(elements) else 1
+            if d is None and isinstance(e, int) and not isinstance(e, bool):
+                xa = k - (out_rank - x_rank)
+                x_dim = s.view.dim(node.input[0], xa) if xa >= 0 else 1
+                dims[k] = x_dim if e == 1 else int(e)
+        return dims
+
     def propagate(self, node, s):
         super().propagate(node, s)
         if not s.view.is_const(node.input[1]):
@@ -40,7 +57,11 @@ class ExpandRule(GrowOp):
     def rewrite(self, node, rw):
         y = node.output[0]
         target = rw.view.const_input(node, 1)
-        if target is None or not rw.changed(y):
+        if not rw.changed(y):
+            return
+        if target is None:  # run-time shape: constant pieces on pruned axes get the kept size
+            elements = shape_elements(rw.view, node.input[1]) or []
+            rewrite_const_elements(rw, elements, y, shift=len(rw.new_shape(y)) - len(elements))
             return
         new_out = rw.new_shape(y)
         shift = len(new_out) - len(target)
@@ -70,7 +91,7 @@ def _check_run_time_shape(node, s) -> None:
         if isinstance(e, DimOf) and e_layout is None and s.view.dim(e.tensor, e.axis) == 1:
             e = 1
         if x_layout is not None:
-            if e != 1 and not match_dim(s, e, x_layout, where):
+            if e != 1 and not is_rewritable(e) and not match_dim(s, e, x_layout, where):
                 reason = f"{where}: element {ea} would not follow the pruned axis {xa} of '{x}'"
                 s.block(x_layout, reason)
                 s.block(e_layout, reason)

@@ -137,7 +137,8 @@ class ReshapeRule(Rule):
     def propagate(self, node, s):
         x, y = node.input[0], node.output[0]
         if s.layouts_of(x):
-            map_layouts(node, s, x, y, s.view.shape(x), s.view.shape(y), prefer_inner=_is_channel_shuffle(node, s))
+            out_shape = _resolved_out_shape(node, s)
+            map_layouts(node, s, x, y, s.view.shape(x), out_shape, prefer_inner=_is_channel_shuffle(node, s))
         if not s.view.is_const(node.input[1]):
             _check_run_time_target(node, s)
 
@@ -156,6 +157,41 @@ class ReshapeRule(Rule):
         ]
         if new_target != [int(t) for t in target]:
             rw.replace_const_input(node, 1, np.array(new_target, dtype=target.dtype))
+
+
+def _resolved_out_shape(node, s):
+    """The output shape, with dims shape inference left unknown filled in from the target.
+
+    Shape inference gives up on Concat(batch, seq, [-1], [16]) targets; the
+    target itself says: constants are sizes, Shape reads are the read dims,
+    and a single -1 is what is left of the input's size.
+    """
+    x, y = node.input[0], node.output[0]
+    in_shape, out_shape = s.view.shape(x), s.view.shape(y)
+    if in_shape is None or out_shape is None or all(isinstance(d, int) for d in out_shape):
+        return out_shape
+    elements = shape_elements(s.view, node.input[1])
+    if elements is None or len(elements) != len(out_shape):
+        return out_shape
+    out = list(out_shape)
+    wildcard = None
+    for k, e in enumerate(elements):
+        if isinstance(e, DimOf) and e.num == e.den == 1:
+            out[k] = (s.view.shape(e.tensor) or [None] * (e.axis + 1))[e.axis]
+        elif isinstance(e, int) and e > 0:
+            out[k] = int(e)
+        elif isinstance(e, int) and e == -1:
+            wildcard = k
+    if wildcard is not None:
+        rest = [d for k, d in enumerate(out) if k != wildcard]
+        ints_in = [d for d in in_shape if isinstance(d, int)]
+        ints_rest = [d for d in rest if isinstance(d, int)]
+        symbols_in = sorted(str(d) for d in in_shape if not isinstance(d, int))
+        symbols_rest = sorted(str(d) for d in rest if not isinstance(d, int))
+        total, known = int(np.prod(ints_in)), int(np.prod(ints_rest))
+        if symbols_in == symbols_rest and known and total % known == 0:
+            out[wildcard] = total // known
+    return tuple(out)
 
 
 def _check_run_time_target(node, s) -> None:

@@ -37,6 +37,14 @@ def slice_params(node, view, rank: int):
     return out
 
 
+def sliced_axes(node, view, rank: int) -> set[int] | None:
+    """The axes a Slice touches, when known even though its bounds are not."""
+    if view.opset >= 10 and view.attr(node, "starts") is None and view.has_input(node, 3):
+        axes = view.const_input(node, 3)
+        return None if axes is None else {norm_axis(int(a), rank) for a in np.atleast_1d(axes)}
+    return None
+
+
 @register("Slice")
 class SliceRule(Rule):
     preserves_zeros = True
@@ -45,8 +53,11 @@ class SliceRule(Rule):
         x, y = node.input[0], node.output[0]
         rank = s.view.rank(x)
         params = slice_params(node, s.view, rank) if rank is not None else None
+        sliced = sliced_axes(node, s.view, rank) if params is None and rank is not None else None
         for axis, layout in s.layouts_of(x).items():
-            if params is None:
+            if params is None and sliced is not None and axis not in sliced:
+                s.set_layout(y, axis, layout)  # run-time bounds, but on other axes
+            elif params is None:
                 s.block(layout, f"Slice '{node.name}': bounds computed at run time")
             elif axis not in params:
                 s.set_layout(y, axis, layout)
