@@ -24,6 +24,7 @@ class Group:
     params: list[ParamSlice] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     inexact: list[str] = field(default_factory=list)
+    channels_per_unit: int = 1  # a head is head_dim channels; a grouped-conv unit one per group
 
     @property
     def size(self) -> int:
@@ -32,6 +33,7 @@ class Group:
     @property
     def prunable(self) -> bool:
         return not self.blocked
+
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +104,8 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         for gid in sorted(gids):
             groups[gid].params.append(p)
     for g in groups:
+        first = g.sources[0]
+        g.channels_per_unit = max(1, len(state.layout(first.tensor, first.axis)) // max(g.size, 1))
         if g.size < 2 and not g.blocked:
             channels = max(len(state.layout(s.tensor, s.axis)) for s in g.sources)
             if channels > 1:

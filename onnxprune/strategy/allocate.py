@@ -6,12 +6,13 @@ Every number is a fraction REMOVED:
 * target_flops   - of the whole model's FLOPs;
 * target_params  - of the whole model's parameters.
 FLOP and parameter targets search the ratio that reaches them with the fast
-estimator.  Kept counts are rounded up to multiples of `round_to`, and no
+estimator.  Kept channel counts are rounded up to multiples of `round_to`, and no
 group loses more than `max_ratio` of its units.
 """
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,11 @@ def eligible_groups(analysis: Analysis, include: list[str], exclude: list[str]) 
     return out
 
 
+def unit_rounding(group: Group, round_to: int) -> int:
+    """round_to counts channels; a unit may already be several (a head, a grouped-conv index)."""
+    return round_to // math.gcd(round_to, group.channels_per_unit)
+
+
 def _kept_count(size: int, remove: int, round_to: int, max_ratio: float) -> int:
     remove = min(remove, int(np.floor(size * max_ratio)), size - 1)
     kept = size - max(remove, 0)
@@ -71,7 +77,8 @@ def _kept_count(size: int, remove: int, round_to: int, max_ratio: float) -> int:
 
 
 def _uniform(groups, scores, ratio, t: Target) -> dict[int, int]:
-    return {g.id: _kept_count(g.size, int(np.floor(g.size * ratio)), t.round_to, t.max_ratio) for g in groups}
+    return {g.id: _kept_count(g.size, int(np.floor(g.size * ratio)), unit_rounding(g, t.round_to), t.max_ratio)
+            for g in groups}
 
 
 def _global(groups, scores, ratio, t: Target) -> dict[int, int]:
@@ -89,8 +96,9 @@ def _global(groups, scores, ratio, t: Target) -> dict[int, int]:
         if removed[gid] < caps[gid]:
             removed[gid] += 1
             budget -= 1
-    sizes = {g.id: g.size for g in groups}
-    return {gid: _kept_count(sizes[gid], r, t.round_to, 1.0) for gid, r in removed.items()}
+    by_id = {g.id: g for g in groups}
+    return {gid: _kept_count(by_id[gid].size, r, unit_rounding(by_id[gid], t.round_to), 1.0)
+            for gid, r in removed.items()}
 
 
 def _keep_indices(groups, scores, kept_counts) -> dict[int, np.ndarray]:
