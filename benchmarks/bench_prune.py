@@ -21,8 +21,9 @@ SETTINGS = {
     "ratio 0.3": {"ratio": 0.3},
     "ratio 0.5": {"ratio": 0.5},
     "FLOPs -50%": {"target_flops": 0.5},
-    # the same without rounding widths to multiples of 8: odd widths run slower
-    "FLOPs -50%, round-to 1": {"target_flops": 0.5, "round_to": 1},
+    # the same with other width roundings (default 8): odd widths run slower
+    "FLOPs -50% round-to 1": {"target_flops": 0.5, "round_to": 1},
+    "FLOPs -50% round-to 16": {"target_flops": 0.5, "round_to": 16},
 }
 DEFAULT_SETTINGS = ["ratio 0.3", "ratio 0.5", "FLOPs -50%"]
 
