@@ -1,0 +1,176 @@
+"""Capture intermediate activations by exposing them as extra onnxruntime outputs.
+
+The model is never modified: `expose` builds a copy whose graph outputs are
+the requested tensors and which keeps only the nodes those tensors need (a
+prefix of the network for early layers, so capturing them is cheap).
+
+Memory: a run returns every requested tensor for the whole batch, so the
+tensors are split into *chunks* whose activations for one batch fit under a
+byte cap (`plan_chunks`); each chunk is one pass over the calibration data.
+Nothing is kept across batches except the statistics being accumulated.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, copy_fields, model_byte_size
+from onnxprune.ir.shapes import infer_shapes, skeleton
+from onnxprune.runtime.session import check_provider
+
+DEFAULT_MEMORY_CAP = 1 << 30  # bytes of captured activations per batch
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names a control-flow node's subgraphs may read."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(i for i in n.input if i)
+                names |= _subgraph_names(n)
+    return names
+
+
+def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are `names` (in that order), without the nodes they do not need.
+
+    Graph inputs are all kept (callers feed every input); initializers only when used.
+    """
+    wanted = list(dict.fromkeys(names))
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    needed_nodes: set[int] = set()
+    needed: set[str] = set()
+    stack = list(wanted)
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        i = producer.get(t)
+        if i is None or i in needed_nodes:
+            continue
+        needed_nodes.add(i)
+        node = model.graph.node[i]
+        stack.extend(x for x in node.input if x)
+        stack.extend(_subgraph_names(node))
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip="graph")
+    for field, value in model.graph.ListFields():
+        if field.name in ("node", "initializer", "output", "value_info"):
+            continue
+        if hasattr(value, "extend"):
+            getattr(out.graph, field.name).extend(value)
+        elif field.message_type:
+            getattr(out.graph, field.name).CopyFrom(value)
+        else:
+            setattr(out.graph, field.name, value)
+    out.graph.node.extend(n for i, n in enumerate(model.graph.node) if i in needed_nodes)
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
+    old_outputs = {o.name: o for o in model.graph.output}
+    for name in wanted:
+        out.graph.output.append(old_outputs.get(name) or onnx.ValueInfoProto(name=name))
+    return out
+
+
+def sample_bytes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, int | None]:
+    """Bytes per sample of each tensor (axis 0 is the batch), None where a dimension is unknown."""
+    shapes = infer_shapes(skeleton(model))
+    out: dict[str, int | None] = {}
+    for name in names:
+        entry = shapes.get(name)
+        if entry is None or not entry[1]:
+            out[name] = None
+            continue
+        elem, dims = entry
+        rest = dims[1:]
+        if any(not isinstance(d, int) or d <= 0 for d in rest):
+            out[name] = None
+            continue
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize if elem else 4
+        out[name] = int(math.prod(rest)) * itemsize
+    return out
+
+
+@dataclass
+class ChunkPlan:
+    chunks: list[list[str]]
+    batch_size: int
+
+
+def plan_chunks(per_sample: dict[str, int | None], batch_size: int, memory_cap: int,
+                static_batch: int | None = None) -> ChunkPlan:
+    """Group tensors (in the given order) so one batch of each chunk fits under `memory_cap`.
+
+    A tensor too large on its own lowers the batch size (unless the model's
+    batch is static); a tensor of unknown size gets a chunk of its own.
+    """
+    known = [b for b in per_sample.values() if b]
+    if static_batch is None and known:
+        batch_size = max(1, min(batch_size, memory_cap // max(known)))
+    elif static_batch is not None:
+        batch_size = static_batch
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, b in per_sample.items():
+        if b is None:
+            chunks.append([name])
+            continue
+        cost = b * batch_size
+        if current and used + cost > memory_cap:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += cost
+    if current:
+        chunks.append(current)
+    return ChunkPlan(chunks, batch_size)
+
+
+def calibration_session(model: onnx.ModelProto, *, threads: int = 0,
+                        provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    """A session for calibration runs. Its threads do not spin-wait between runs: the numpy
+    work done between batches (Gram matrices, solves) would otherwise compete with idle
+    spinning onnxruntime threads for the same cores."""
+    check_provider(provider)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+    with tempfile.TemporaryDirectory() as tmp:  # >2 GB: through a file with external data
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, opts, providers=[provider])
+
+
+class Capture:
+    """An onnxruntime session returning `names` of `model` for each batch of feeds."""
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str], *, threads: int = 0,
+                 provider: str = "CPUExecutionProvider"):
+        self.names = list(dict.fromkeys(names))
+        proto = expose(model, self.names)
+        self.session = calibration_session(proto, threads=threads, provider=provider)
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def run(self, feeds: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.ndarray]:
+        """Requested tensors for the batch; only the first `n` samples (padding dropped)."""
+        values = self.session.run(self.names, {k: v for k, v in feeds.items() if k in self._inputs})
+        if n is None:
+            return dict(zip(self.names, values))
+        return {name: v[:n] for name, v in zip(self.names, values)}

@@ -1,0 +1,336 @@
+"""The input features of a mixing op (Conv, Gemm, MatMul with a constant weight), as rows.
+
+Least squares and Gram statistics need the consumer's input as a matrix X
+with one row per output position and one column per weight entry of an
+output channel, so that output = X @ W.reshape(C_out, -1).T + bias.
+
+* Gemm / MatMul: a row is one input vector (a row of A; for MatMul every
+  position of the leading axes, subsampled per sample).
+* Conv (1d/2d/3d, any stride, dilation, padding, auto_pad): a row is the
+  unfolded receptive field (C_in x kernel, channel-major, matching the weight
+  layout) of one output position. Im2col of every position would cost
+  C_in*K times the activation, so each sample contributes the patches of a
+  random subset of `per_sample` output positions (all of them when there are
+  fewer). Padding positions are zeros, as in the convolution itself.
+
+The output rows at the same positions come from `rows(..., y=...)`, so the
+cross terms X^T Y of a least-squares fit pair exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+SUPPORTED = ("Conv", "Gemm", "MatMul")
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A node that mixes input features with a constant weight."""
+
+    node: str
+    op_type: str
+    input: str
+    output: str
+    weight: str
+    weight_shape: tuple[int, ...]
+    bias: str | None = None
+    feature_axis: int = 1  # axis of `input` that holds the features
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()  # begins then ends, as ONNX writes them
+    auto_pad: str = "NOTSET"
+    group: int = 1
+    trans_a: int = 0
+    trans_b: int = 0
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return self.weight_shape[2:] if self.op_type == "Conv" else ()
+
+    @property
+    def out_channels(self) -> int:
+        if self.op_type == "Conv":
+            return self.weight_shape[0]
+        if self.op_type == "Gemm":
+            return self.weight_shape[0] if self.trans_b else self.weight_shape[1]
+        return self.weight_shape[1]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of X (per group for a grouped Conv)."""
+        if self.op_type == "Conv":
+            return int(np.prod(self.weight_shape[1:]))
+        if self.op_type == "Gemm":
+            return self.weight_shape[1] if self.trans_b else self.weight_shape[0]
+        return self.weight_shape[0]
+
+    @property
+    def output_axis(self) -> int:
+        return 1 if self.op_type in ("Conv", "Gemm") else -1
+
+    def effective_weight(self, w: np.ndarray) -> np.ndarray:
+        """The weight as (C_out, features): output = X @ result.T (+ bias). Gemm's alpha is folded in."""
+        if self.op_type == "Conv":
+            return w.reshape(w.shape[0], -1)
+        if self.op_type == "Gemm":
+            m = w if self.trans_b else w.T
+            return m * self.alpha
+        return w.T
+
+    def weight_from_effective(self, m: np.ndarray) -> np.ndarray:
+        """Inverse of `effective_weight` for a weight with m.shape[0] outputs and m.shape[1] features."""
+        if self.op_type == "Conv":
+            return m.reshape((m.shape[0], -1) + tuple(self.weight_shape[2:]))
+        if self.op_type == "Gemm":
+            m = m / self.alpha
+            return m if self.trans_b else m.T
+        return m.T
+
+
+def consumer_for(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> Consumer | None:
+    """The Consumer description of `node`, or None when it is not a supported mixing op
+    (run-time weight, weight on the left of a MatMul, batched MatMul weight, transposed A of rank != 2...)."""
+    if node.op_type not in SUPPORTED or len(node.input) < 2:
+        return None
+    w = initializers.get(node.input[1])
+    if w is None or node.input[0] in initializers:
+        return None
+    shape = tuple(int(d) for d in w.dims)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and bias not in initializers:
+        return None
+    if node.op_type == "Conv":
+        if len(shape) < 3:
+            return None
+        nd = len(shape) - 2
+        pads = tuple(int(p) for p in _attr(node, "pads", [0] * (2 * nd)))
+        auto_pad = _attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        return Consumer(node.name, "Conv", node.input[0], node.output[0], node.input[1], shape, bias, 1,
+                        tuple(int(s) for s in _attr(node, "strides", [1] * nd)),
+                        tuple(int(d) for d in _attr(node, "dilations", [1] * nd)),
+                        pads, auto_pad or "NOTSET", int(_attr(node, "group", 1)))
+    if node.op_type == "Gemm":
+        if len(shape) != 2:
+            return None
+        if bias is not None:
+            b = initializers[bias]
+            n_out = shape[0] if int(_attr(node, "transB", 0)) else shape[1]
+            if int(np.prod(b.dims)) not in (1, n_out) or (len(b.dims) == 2 and b.dims[0] != 1):
+                return None  # a per-row bias: not a per-output bias
+        trans_a = int(_attr(node, "transA", 0))
+        return Consumer(node.name, "Gemm", node.input[0], node.output[0], node.input[1], shape, bias,
+                        0 if trans_a else 1, trans_a=trans_a, trans_b=int(_attr(node, "transB", 0)),
+                        alpha=float(_attr(node, "alpha", 1.0)), beta=float(_attr(node, "beta", 1.0)))
+    if len(shape) != 2:
+        return None
+    return Consumer(node.name, "MatMul", node.input[0], node.output[0], node.input[1], shape, None, -1)
+
+
+def consumers_of(model: onnx.ModelProto) -> dict[str, Consumer]:
+    """Every supported consumer of `model`, by node name."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        c = consumer_for(node, inits)
+        if c is not None:
+            out[node.name] = c
+    return out
+
+
+# -- rows -------------------------------------------------------------------------------------------
+def _conv_geometry(c: Consumer, spatial: tuple[int, ...]):
+    nd = len(spatial)
+    kernel = c.kernel
+    strides = c.strides or (1,) * nd
+    dil = c.dilations or (1,) * nd
+    if c.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for i in range(nd):
+            out = -(-spatial[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial[i])
+            small = total // 2
+            begin = small if c.auto_pad == "SAME_UPPER" else total - small
+            begins.append(begin)
+            ends.append(total - begin)
+    elif c.auto_pad == "VALID":
+        begins, ends = [0] * nd, [0] * nd
+    else:
+        pads = c.pads or (0,) * (2 * nd)
+        begins, ends = list(pads[:nd]), list(pads[nd:])
+    out = tuple((spatial[i] + begins[i] + ends[i] - ((kernel[i] - 1) * dil[i] + 1)) // strides[i] + 1
+                for i in range(nd))
+    return out, begins, strides, dil
+
+
+def conv_output_shape(c: Consumer, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    return _conv_geometry(c, spatial)[0]
+
+
+def _pick(rng: np.random.Generator | None, batch: int, total: int, per_sample: int | None) -> np.ndarray:
+    """(batch, m) position indices: all positions, or a random subset of per_sample of them."""
+    if per_sample is None or per_sample >= total:
+        return np.broadcast_to(np.arange(total), (batch, total))
+    rng = rng or np.random.default_rng(0)
+    return np.argpartition(rng.random((batch, total)), per_sample - 1, axis=1)[:, :per_sample]
+
+
+def output_positions(c: Consumer, out_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(samples, positions per sample) of the consumer's output (Gemm: one position per row)."""
+    if c.op_type == "Conv":
+        return out_shape[0], int(np.prod(out_shape[2:]))
+    if c.op_type == "Gemm" or len(out_shape) <= 2:
+        return out_shape[0], 1
+    return out_shape[0], int(np.prod(out_shape[1:-1]))
+
+
+def pick_positions(c: Consumer, out_shape: tuple[int, ...], per_sample: int | None,
+                   rng: np.random.Generator | None) -> np.ndarray:
+    """The sampled output positions, (samples, m); the same picks give the same rows of X and Y."""
+    batch, total = output_positions(c, out_shape)
+    return _pick(rng, batch, total, per_sample)
+
+
+def input_rows(c: Consumer, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """Rows of X (rows, features) at the picked output positions."""
+    if c.op_type == "Conv":
+        return _conv_rows(c, x, pick)
+    if c.op_type == "Gemm":
+        return x.T if c.trans_a else x
+    k = x.shape[-1]
+    xs = x.reshape(x.shape[0], -1, k) if x.ndim > 2 else x[:, None, :]
+    return xs[np.arange(xs.shape[0])[:, None], pick].reshape(-1, k)
+
+
+def output_rows(c: Consumer, y: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """Rows of Y (rows, channels) at the picked output positions."""
+    if c.op_type == "Conv":
+        o = np.unravel_index(pick, y.shape[2:])
+        return _gather(y, np.arange(y.shape[0])[:, None], list(o)).reshape(-1, y.shape[1])
+    if c.op_type == "Gemm":
+        return y
+    ys = y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim > 2 else y[:, None, :]
+    return ys[np.arange(ys.shape[0])[:, None], pick].reshape(-1, y.shape[-1])
+
+
+def rows(c: Consumer, x: np.ndarray, y: np.ndarray | None = None, *, per_sample: int | None = 64,
+         rng: np.random.Generator | None = None, pick: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(X, Y): input feature rows and, if `y` (the op's output) is given, output rows at the same positions.
+
+    X is (rows, features); Y is (rows, y's channels). per_sample=None takes every position;
+    `pick` (from `pick_positions`) fixes the positions instead of drawing them.
+    """
+    if pick is None:
+        pick = pick_positions(c, _output_shape(c, x), per_sample, rng)
+    xr = input_rows(c, x, pick)
+    if y is None:
+        return xr, None
+    if c.op_type == "Conv" and tuple(y.shape[2:]) != _output_shape(c, x)[2:]:
+        raise ValueError(f"Conv '{c.node}': output spatial shape {tuple(y.shape[2:])} differs from the "
+                         f"computed {_output_shape(c, x)[2:]}")
+    return xr, output_rows(c, y, pick)
+
+
+def _output_shape(c: Consumer, x: np.ndarray) -> tuple[int, ...]:
+    if c.op_type == "Conv":
+        return (x.shape[0], c.out_channels) + _conv_geometry(c, tuple(x.shape[2:]))[0]
+    if c.op_type == "Gemm":
+        return ((x.shape[1] if c.trans_a else x.shape[0]), c.out_channels)
+    return tuple(x.shape[:-1]) + (c.out_channels,)
+
+
+def _conv_rows(c: Consumer, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    batch, channels = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    nd = len(spatial)
+    out, begins, strides, dil = _conv_geometry(c, spatial)
+    o = np.unravel_index(pick, out)  # nd arrays of (B, m)
+    offsets = np.indices(c.kernel).reshape(nd, -1)  # (nd, K)
+    idx, valid = [], np.ones(pick.shape + (offsets.shape[1],), dtype=bool)
+    for d in range(nd):
+        i = o[d][..., None] * strides[d] + offsets[d][None, None, :] * dil[d] - begins[d]  # (B, m, K)
+        valid &= (i >= 0) & (i < spatial[d])
+        idx.append(np.clip(i, 0, spatial[d] - 1))
+    patches = _gather(x, np.arange(batch)[:, None, None], idx)  # (B, m, K, C)
+    if not valid.all():
+        patches = patches * valid[..., None]
+    m, k = pick.shape[1], offsets.shape[1]
+    return patches.transpose(0, 1, 3, 2).reshape(batch * m, channels * k)  # channel-major, as the weight
+
+
+def _gather(t: np.ndarray, b: np.ndarray, spatial_idx: list[np.ndarray]) -> np.ndarray:
+    """t[b, :, i0, i1, ...] with the channel axis last: advanced indices around a slice
+    put the broadcast index dims first."""
+    moved = np.moveaxis(t, 1, -1)  # (B, *spatial, C), a view
+    return moved[(b,) + tuple(spatial_idx)]
+
+
+# -- accumulation ---------------------------------------------------------------------------------
+@dataclass
+class GramStats:
+    """Streaming sums for least squares: X^T X, sum X, n (and X^T Y, sum Y, sum Y^2 with targets)."""
+
+    features: int
+    targets: int = 0
+    n: int = 0
+    xtx: np.ndarray = field(init=False)
+    xsum: np.ndarray = field(init=False)
+    xty: np.ndarray | None = field(init=False)
+    ysum: np.ndarray | None = field(init=False)
+    ysq: np.ndarray | None = field(init=False)
+
+    def __post_init__(self):
+        self.xtx = np.zeros((self.features, self.features))
+        self.xsum = np.zeros(self.features)
+        self.xty = np.zeros((self.features, self.targets)) if self.targets else None
+        self.ysum = np.zeros(self.targets) if self.targets else None
+        self.ysq = np.zeros(self.targets) if self.targets else None
+
+    def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        # products of one batch in float32 (BLAS syrk/gemm), sums across batches in float64
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.xtx += x.T @ x
+        self.xsum += x.sum(axis=0, dtype=np.float64)
+        self.n += x.shape[0]
+        if self.targets:
+            y = np.ascontiguousarray(y, dtype=np.float32)
+            self.xty += x.T @ y
+            self.ysum += y.sum(axis=0, dtype=np.float64)
+            self.ysq += np.square(y, dtype=np.float64).sum(axis=0)
+
+    def augmented(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """([X 1]^T [X 1], [X 1]^T Y): the normal equations with a bias column last."""
+        f = self.features
+        a = np.empty((f + 1, f + 1))
+        a[:f, :f] = self.xtx
+        a[:f, f] = a[f, :f] = self.xsum
+        a[f, f] = self.n
+        if not self.targets:
+            return a, None
+        c = np.vstack([self.xty, self.ysum[None, :]])
+        return a, c
+
+    def squared_error(self, w: np.ndarray, bias: np.ndarray) -> float:
+        """Sum over rows and targets of (x . w_o + b_o - y_o)^2, for w (targets, features)."""
+        a, c = self.augmented()
+        wa = np.hstack([w, bias[:, None]]).astype(np.float64)
+        quad = float(((wa @ a) * wa).sum())
+        return quad - 2.0 * float((wa * c.T).sum()) + float(self.ysq.sum())
+
+    @property
+    def target_energy(self) -> float:
+        return float(self.ysq.sum()) if self.targets else 0.0
