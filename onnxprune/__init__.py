@@ -5,6 +5,7 @@
     print(report.render_table())
     print(onnxprune.evaluate("model.pruned.onnx", "test.npz", reference="model.onnx").render_table())
     print(onnxprune.benchmark(["model.onnx", "model.pruned.onnx"]).render_table())
+    print(onnxprune.sweep("model.onnx", [0.1, 0.3, 0.5], data="test.npz").render_table())
 """
 from onnxprune.errors import (
     DataError,
@@ -20,11 +21,14 @@ from onnxprune.pipeline import AnalysisReport, analyze, prune
 from onnxprune.report import PruneReport
 from onnxprune.runtime.bench import BenchResult, benchmark
 from onnxprune.runtime.evaluate import EvalResult, evaluate
+from onnxprune.runtime.gate import AccuracyDropError
 from onnxprune.strategy.plan import Plan
+from onnxprune.sweep import SweepResult, sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyDropError",
     "AnalysisReport",
     "BenchResult",
     "DataError",
@@ -36,10 +40,12 @@ __all__ = [
     "PlanError",
     "ProviderError",
     "PruneReport",
+    "SweepResult",
     "UnsupportedModelError",
     "ValidationError",
     "analyze",
     "benchmark",
     "evaluate",
     "prune",
+    "sweep",
 ]

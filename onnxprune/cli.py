@@ -1,12 +1,13 @@
 """Command line: `onnxprune analyze MODEL`, `onnxprune prune INPUT OUTPUT`,
-`onnxprune eval MODEL --data DATA [--reference DENSE]` and
-`onnxprune bench MODEL [MODEL ...]`.
+`onnxprune eval MODEL --data DATA [--reference DENSE]`,
+`onnxprune bench MODEL [MODEL ...]` and `onnxprune sweep MODEL --ratios R,R,... --data DATA`.
 
 Exit codes: 0 success, 1 other error, 2 bad usage, 3 unreadable or
 unsupported model, 4 validation failed (nothing written), 5 impossible plan or
 target, 6 output cannot be written, 7 evaluation data unreadable or not
 matching the model's inputs (DataError), 8 execution provider not available
-(ProviderError).
+(ProviderError), 9 accuracy gate: the drop on --validate-data exceeds
+--max-accuracy-drop (AccuracyDropError; nothing written).
 """
 from __future__ import annotations
 
@@ -53,6 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--target-params", type=_fraction, help="fraction of the model's parameters to REMOVE")
     what.add_argument("--lossless", action="store_true", help="remove only exactly-dead channels and zero branches")
     what.add_argument("--plan", help="apply a saved (possibly edited) plan JSON")
+    _add_pruning_options(p)
+    p.add_argument("--save-plan", help="write the plan that was applied as JSON")
+    p.add_argument("--report", help="write the report as JSON")
+    p.add_argument("--markdown", help="write the before/after table as Markdown")
+    gate = p.add_argument_group(
+        "validation gate",
+        "With --validate-data, the dense and the pruned model run over DATA and the table adds top-1/top-5 accuracy "
+        "(data with labels) or top-1 agreement with the dense model (no labels), and latency (interleaved "
+        "onnxruntime runs). With --max-accuracy-drop X, a drop of more than X (absolute: 0.02 = 2 points of top-1 "
+        "accuracy, or of top-1 agreement without labels) writes nothing and exits with code 9.")
+    gate.add_argument("--validate-data", metavar="DATA",
+                      help="data as `eval` reads it: .npz/.npy arrays, an image folder (ROOT/<class>/<image>) or .jsonl")
+    gate.add_argument("--max-accuracy-drop", type=_budget, metavar="X",
+                      help="refuse to write the model if top-1 drops by more than X (0.02 = 2 points)")
+    gate.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                      help="measure dense vs pruned latency (default: on with --validate-data)")
+    _add_measure_options(gate)
+    _add_eval_parser(sub)
+    _add_bench_parser(sub)
+    _add_sweep_parser(sub)
+    return parser
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1] (0.02 = 2 points of top-1)")
+    return value
+
+
+def _add_pruning_options(p) -> None:
     p.add_argument("--criterion", default="l1", choices=sorted(CRITERIA), help="importance criterion (default l1)")
     p.add_argument("--strategy", default="uniform", choices=["uniform", "global"],
                    help="same ratio in every group, or one global ranking (default uniform)")
@@ -63,14 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only prune groups whose source node name matches this glob, or op type")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="never prune groups whose source node name matches this glob, or op type")
-    p.add_argument("--save-plan", help="write the plan that was applied as JSON")
-    p.add_argument("--report", help="write the report as JSON")
-    p.add_argument("--markdown", help="write the before/after table as Markdown")
-    p.add_argument("--input-shape", help="fix dynamic input dims for validation and FLOPs, e.g. input:1x3x224x224")
+    p.add_argument("--input-shape", help="fix dynamic input dims for validation, FLOPs and latency, "
+                                         "e.g. input:1x3x224x224")
     p.add_argument("--seed", type=int, default=0)
-    _add_eval_parser(sub)
-    _add_bench_parser(sub)
-    return parser
+
+
+def _add_measure_options(g) -> None:
+    """Reading the data and timing the models: shared by prune's gate and sweep."""
+    g.add_argument("--batch-size", type=_positive, default=32,
+                   help="samples per data pass run when the batch axis is dynamic (default 32)")
+    g.add_argument("--preprocess", help="image folders: a preset (imagenet, none), a JSON file or inline JSON "
+                                        "(see `onnxprune eval --help`)")
+    g.add_argument("--tokenizer", help="JSONL text: a tokenizers tokenizer.json")
+    g.add_argument("--max-length", type=_positive, help="JSONL text: truncate sequences to this many tokens")
+    g.add_argument("--text-key", default="text", help="JSONL text: the field holding the text (default text)")
+    g.add_argument("--label-key", default="label", help="JSONL text: the field holding the class id (default label)")
+    g.add_argument("--provider", default="CPUExecutionProvider",
+                   help="onnxruntime execution provider for data passes and latency (default CPUExecutionProvider)")
+    g.add_argument("--threads", type=int, default=1, help="intra-op threads for latency (default 1)")
+    g.add_argument("--runs", type=_positive, default=50, help="timed latency runs per model (default 50)")
+    g.add_argument("--warmup", type=int, default=5, help="untimed latency runs per model first (default 5)")
+    _add_progress_option(g)
+
+
+def _add_progress_option(g) -> None:
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: only when stderr is a terminal)")
+
+
+def _open_data(args, data: str):
+    from onnxprune.runtime.data import open_data
+
+    return open_data(data, preprocess=args.preprocess, tokenizer=args.tokenizer, max_length=args.max_length,
+                     text_key=args.text_key, label_key=args.label_key)
 
 
 def _positive(text: str) -> int:
@@ -111,6 +171,7 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: onnxruntime chooses)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--markdown", help="also write the table as Markdown to this file")
+    _add_progress_option(e)
 
 
 def _add_bench_parser(sub) -> None:
@@ -130,6 +191,35 @@ def _add_bench_parser(sub) -> None:
                    help="also print time per op type from onnxruntime's profiler (separate, untimed runs)")
     b.add_argument("--json", action="store_true", help="print JSON instead of tables")
     b.add_argument("--markdown", help="also write the latency table as Markdown to this file")
+    _add_progress_option(b)
+
+
+def _add_sweep_parser(sub) -> None:
+    w = sub.add_parser(
+        "sweep", help="prune at several ratios: accuracy, FLOPs, params and latency of each",
+        description="Prunes MODEL at each ratio (as `prune` would, nothing written unless --output-dir), runs "
+                    "every model over DATA (top-1 accuracy with labels, top-1 agreement with the dense model "
+                    "without) and times them together (interleaved onnxruntime runs); prints a table of ratio, "
+                    "FLOPs kept, params kept, accuracy, latency and speed-up. --plot draws accuracy vs FLOPs and "
+                    "vs latency (needs onnxprune[plot], i.e. matplotlib).")
+    w.add_argument("model")
+    w.add_argument("--ratios", required=True, help="fractions REMOVED, comma-separated, e.g. 0.1,0.2,0.3,0.5")
+    w.add_argument("--target", choices=["flops", "params", "ratio"], default="flops",
+                   help="what a ratio removes: FLOPs of the model (default), parameters, or units of every "
+                        "group (as --target-flops, --target-params, --ratio of prune)")
+    w.add_argument("--data", required=True,
+                   help=".npz/.npy arrays, an image folder (ROOT/<class>/<image>) or .jsonl, as `eval` reads it")
+    w.add_argument("--max-accuracy-drop", type=_budget, metavar="X",
+                   help="mark the ratios whose top-1 drop is at most X (0.02 = 2 points) and name the largest")
+    w.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure latency (default on)")
+    w.add_argument("--plot", metavar="FILE.png", help="plot accuracy vs FLOPs and vs latency (needs matplotlib)")
+    w.add_argument("--output-dir", help="also write every pruned model here")
+    w.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    w.add_argument("--report", help="write the results as JSON")
+    w.add_argument("--markdown", help="write the table as Markdown")
+    _add_pruning_options(w)
+    _add_measure_options(w)
 
 
 def cmd_analyze(args) -> int:
@@ -155,7 +245,30 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    _, report = prune(
+    from onnxprune.runtime.gate import AccuracyDropError
+
+    data = _open_data(args, args.validate_data) if args.validate_data is not None else None
+    try:
+        _, report = _prune(args, data)
+    except AccuracyDropError as exc:
+        if exc.report is not None:  # show what was measured; write nothing
+            print(exc.report.render_table())
+            print(exc.report.summary())
+        raise
+    print(report.render_table())
+    print(report.summary())
+    for note in report.notes:
+        print(note)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(report.render_markdown() + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _prune(args, data):
+    return prune(
         args.input,
         args.output,
         ratio=args.ratio,
@@ -172,17 +285,16 @@ def cmd_prune(args) -> int:
         save_plan=args.save_plan,
         input_shapes=parse_input_shapes(args.input_shape),
         seed=args.seed,
+        validate_data=data,
+        max_accuracy_drop=args.max_accuracy_drop,
+        measure_latency=args.latency,
+        batch_size=args.batch_size,
+        provider=args.provider,
+        threads=args.threads,
+        latency_runs=args.runs,
+        latency_warmup=args.warmup,
+        progress=args.progress,
     )
-    print(report.render_table())
-    print(report.summary())
-    for note in report.notes:
-        print(note)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(report.render_markdown() + "\n")
-    print(f"wrote {args.output}")
-    return 0
 
 
 def _load_metric(spec: str):
@@ -220,7 +332,8 @@ def cmd_eval(args) -> int:
                      text_key=args.text_key, label_key=args.label_key)
     metrics = {spec.rpartition(":")[2]: _load_metric(spec) for spec in args.metric} or None
     result = evaluate(args.model, data, reference=args.reference, metric=metrics, batch_size=args.batch_size,
-                      output=args.output, axis=args.class_axis, provider=args.provider, threads=args.threads)
+                      output=args.output, axis=args.class_axis, provider=args.provider, threads=args.threads,
+                      progress=args.progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -236,7 +349,7 @@ def cmd_bench(args) -> int:
 
     result = benchmark(args.models, provider=args.provider, threads=args.threads, runs=args.runs,
                        warmup=args.warmup, batch=args.batch, input_shapes=parse_input_shapes(args.input_shape),
-                       profile=args.profile)
+                       profile=args.profile, progress=args.progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -249,11 +362,40 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from onnxprune.sweep import parse_ratios, require_matplotlib, sweep
+
+    ratios = parse_ratios(args.ratios)
+    if args.plot:
+        require_matplotlib()  # fail before the long work
+    result = sweep(args.model, ratios, data=_open_data(args, args.data), target=args.target,
+                   criterion=args.criterion, strategy=args.strategy, max_ratio=args.max_ratio,
+                   round_to=args.round_to, include=args.include, exclude=args.exclude,
+                   input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
+                   max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency,
+                   batch_size=args.batch_size, provider=args.provider, threads=args.threads,
+                   latency_runs=args.runs, latency_warmup=args.warmup, output_dir=args.output_dir,
+                   plot=args.plot, progress=args.progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.render_table())
+        if args.plot:
+            print(f"wrote {args.plot}")
+    if args.report:
+        Path(args.report).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(result.render_markdown() + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        commands = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,
+                    "sweep": cmd_sweep}
+        return commands[args.command](args)
     except OnnxPruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code

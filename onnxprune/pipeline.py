@@ -3,13 +3,15 @@
     load -> analyze -> score -> allocate -> rewrite -> validate -> save
 
 `prune()` never modifies the model it is given and writes the output (if
-asked) only after the pruned model passed validation.
+asked) only after the pruned model passed validation and, with
+`max_accuracy_drop`, the accuracy gate (onnxprune.runtime.gate).
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,7 +19,7 @@ import onnx
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.zeros import ZeroState
 from onnxprune.cost import model_cost
-from onnxprune.errors import OnnxPruneError, PlanError
+from onnxprune.errors import DataError, OnnxPruneError, PlanError
 from onnxprune.importance import score_groups
 from onnxprune.ir.fold import fold_constants
 from onnxprune.ir.graph_view import GraphView, name_nodes
@@ -27,7 +29,10 @@ from onnxprune.passes.apply_plan import apply_removal
 from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
 from onnxprune.passes.lossless import bypass, dead_units, zero_branches
 from onnxprune.report import GroupChange, ModelStats, PruneReport
+from onnxprune.runtime.gate import AccuracyDropError, compare_latency, compare_quality, pruned_outputs, \
+    reference_pass
 from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
+from onnxprune.runtime.session import check_provider
 from onnxprune.runtime.validate import run_model, validate_model
 from onnxprune.strategy.allocate import Target, allocate
 from onnxprune.strategy.estimate import CostEstimator
@@ -98,15 +103,51 @@ def prune(
     save_plan: str | os.PathLike | None = None,
     input_shapes: dict[str, list[int]] | None = None,
     seed: int = 0,
+    validate_data: Any = None,
+    max_accuracy_drop: float | None = None,
+    measure_latency: bool | None = None,
+    batch_size: int = 32,
+    provider: str = "CPUExecutionProvider",
+    threads: int = 1,
+    latency_runs: int = 50,
+    latency_warmup: int = 5,
+    progress: bool | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune `model`; returns the pruned ModelProto and a report.
 
     Exactly one of: ratio / target_flops / target_params (fractions REMOVED),
     lossless=True, or plan (a Plan or the path of a saved plan).
+
+    Validation gate (onnxprune.runtime.gate): `validate_data` (a path in any
+    format `eval` reads, a dict of arrays, or a Dataset from
+    onnxprune.runtime.data.open_data) is run through the dense and the pruned
+    model, `batch_size` samples at a time; the report gets top-1/top-5
+    accuracy (data with labels) or fidelity to the dense model (no labels).
+    `max_accuracy_drop` (absolute, 0.02 = 2 points of top-1 accuracy, or of
+    top-1 agreement with the dense model without labels) raises
+    AccuracyDropError, carrying the report, and writes nothing (neither the
+    model nor the plan) when the drop is larger. `measure_latency` (default:
+    on with validate_data) adds dense vs pruned latency from one interleaved
+    onnxruntime benchmark on `provider` with `threads` intra-op threads,
+    `latency_warmup` + `latency_runs` runs each. `progress`: bars on stderr
+    (None: only when stderr is a terminal).
     """
     modes = [ratio is not None or target_flops is not None or target_params is not None, lossless, plan is not None]
     if sum(modes) != 1:
         raise PlanError("choose one of: a target (ratio, target_flops, target_params), lossless, or a plan")
+    if max_accuracy_drop is not None:
+        if validate_data is None:
+            raise OnnxPruneError("max_accuracy_drop (--max-accuracy-drop) needs validation data "
+                                 "(validate_data / --validate-data)")
+        if not 0.0 <= max_accuracy_drop <= 1.0:
+            raise OnnxPruneError(f"max_accuracy_drop is a fraction of top-1 accuracy in [0, 1] (0.02 = 2 points), "
+                                 f"got {max_accuracy_drop}")
+    if measure_latency is None:
+        measure_latency = validate_data is not None
+    if measure_latency and (latency_runs < 1 or latency_warmup < 0 or threads < 0):
+        raise OnnxPruneError("latency runs must be at least 1, warm-up and threads at least 0")
+    if validate_data is not None or measure_latency:
+        check_provider(provider)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -122,6 +163,14 @@ def prune(
     before = ModelStats.from_cost(dense_cost, source.file_size)
     expected_shapes = _output_shapes(working, fixed)
     lap("load")
+    dense_ref = None
+    if validate_data is not None:  # before any pruning work: data that does not fit fails fast
+        dense_ref = reference_pass(working, validate_data, batch_size=batch_size, provider=provider,
+                                   progress=progress)
+        if max_accuracy_drop is not None and dense_ref.metric is None:
+            raise DataError(f"the accuracy gate needs a classifier output: '{dense_ref.output}' has shape "
+                            f"{tuple(dense_ref.outputs.shape)} on {dense_ref.dataset.source}, with no class axis")
+        lap("evaluate dense")
 
     reference = run_model(working, random_inputs(working, fixed, seed), "dense model") if lossless else None
     if lossless:
@@ -142,12 +191,16 @@ def prune(
     result = validate_model(working, fixed, reference_outputs=reference, expected_shapes=expected_shapes, seed=seed)
     lap("validate")
     after = ModelStats.from_cost(model_cost(working, fixed), len(result.serialized or b"") or working.ByteSize())
-    if save_plan is not None:
-        decision.plan.save(save_plan)
-    if output is not None:
-        after.file_size = save_model(working, output, source=source, serialized=result.serialized)
-    result.serialized = None
-    lap("save")
+    quality = latency = None
+    if dense_ref is not None:
+        outputs = pruned_outputs(dense_ref, result.serialized or working, progress=progress)
+        quality = compare_quality(dense_ref, outputs, max_accuracy_drop)
+        dense_ref = outputs = None
+        lap("evaluate pruned")
+    if measure_latency:
+        latency = compare_latency(model, working, provider=provider, threads=threads, runs=latency_runs,
+                                  warmup=latency_warmup, input_shapes=input_shapes, progress=progress, seed=seed)
+        lap("latency")
     report = PruneReport(
         input=str(source.path) if source.path else "<ModelProto>",
         output=str(output) if output is not None else None,
@@ -161,7 +214,19 @@ def prune(
         max_abs_diff=result.max_abs_diff,
         notes=decision.notes,
         timings=timings,
+        quality=quality,
+        latency=latency,
     )
+    if quality is not None and quality.passed is False:
+        result.serialized = None
+        raise AccuracyDropError(f"accuracy gate: {quality.verdict()} Nothing was written; prune less (a smaller "
+                                "ratio or target), exclude sensitive layers, or raise the budget.", report)
+    if save_plan is not None:
+        decision.plan.save(save_plan)
+    if output is not None:
+        after.file_size = save_model(working, output, source=source, serialized=result.serialized)
+    result.serialized = None
+    lap("save")
     return working, report
 
 

@@ -41,6 +41,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.report import box_table
 from onnxprune.runtime.data import model_inputs
 from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
+from onnxprune.runtime.progress import Progress
 from onnxprune.runtime.session import check_provider, load_for_runtime, make_session
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -189,8 +190,10 @@ def benchmark(
     input_shapes: dict[str, list[int]] | None = None,
     profile: bool = False,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> BenchResult:
-    """Latency of each model (see the module docstring); speed-ups relative to the first."""
+    """Latency of each model (see the module docstring); speed-ups relative to the first.
+    progress: a bar of rounds done on stderr (None: only when stderr is a terminal)."""
     if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
         models = [models]
     if not models:
@@ -219,12 +222,14 @@ def benchmark(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for r in range(runs):
-            for k in range(count):
-                i = (r + k) % count
-                start = time.perf_counter()
-                sessions[i].run(None, feeds[i])
-                times[i].append((time.perf_counter() - start) * 1e3)
+        with Progress(runs, f"latency of {count} model(s)", enabled=progress) as bar:
+            for r in range(runs):
+                for k in range(count):
+                    i = (r + k) % count
+                    start = time.perf_counter()
+                    sessions[i].run(None, feeds[i])
+                    times[i].append((time.perf_counter() - start) * 1e3)
+                bar.update()  # between rounds, never inside a timed run
     finally:
         if gc_was_enabled:
             gc.enable()

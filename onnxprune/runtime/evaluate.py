@@ -32,6 +32,7 @@ from onnxprune.errors import DataError, OnnxPruneError
 from onnxprune.report import box_table
 from onnxprune.runtime.data import Dataset, ImageSpec, InputSpec, model_inputs, open_data
 from onnxprune.runtime.metrics import Metric, class_axis, custom_metrics, fidelity, topk_accuracy
+from onnxprune.runtime.progress import Progress
 from onnxprune.runtime.session import load_for_runtime, make_session
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -135,6 +136,7 @@ def evaluate(
     tokenizer: Any = None,
     max_length: int | None = None,
     top_k: tuple[int, ...] = (1, 5),
+    progress: bool | None = None,
 ) -> EvalResult:
     """Accuracy of `model` on `data` (top-1/top-5 when there are labels, plus
     `metric`), and its fidelity to `reference` when one is given.
@@ -142,7 +144,8 @@ def evaluate(
     data: a path (.npz, .npy, image folder, .jsonl: see onnxprune.runtime.data),
     a dict of arrays (labels under "labels"), or a Dataset. output: the output
     to evaluate (default the first); axis: its class axis (default from the
-    labels, else 1). threads=0 lets onnxruntime choose.
+    labels, else 1). threads=0 lets onnxruntime choose. progress: a bar on
+    stderr per data pass (None: only when stderr is a terminal).
     """
     if batch_size < 1:
         raise OnnxPruneError(f"batch size must be at least 1, got {batch_size}")
@@ -163,7 +166,7 @@ def evaluate(
             _output_name(ref_proto, None, ref_name, index=[o.name for o in proto.graph.output].index(out_name))
     clock = time.perf_counter()
     session = make_session(proto, threads=threads, provider=provider)
-    outputs = predict(session, specs, dataset, out_name, batch_size)
+    outputs = predict(session, specs, dataset, out_name, batch_size, progress=progress, label=f"{name} on data")
     seconds = time.perf_counter() - clock
     del session
     result = EvalResult(name, dataset.source, len(dataset), out_name, _effective_batch(specs, batch_size),
@@ -187,7 +190,8 @@ def evaluate(
     result.custom = custom_metrics(metric, outputs, labels)
     if reference is not None:
         ref_session = make_session(ref_proto, threads=threads, provider=provider)
-        ref_outputs = predict(ref_session, ref_specs, dataset, ref_out, batch_size)
+        ref_outputs = predict(ref_session, ref_specs, dataset, ref_out, batch_size, progress=progress,
+                              label=f"{ref_name} on data")
         del ref_session
         result.reference = ref_name
         if result.accuracy and ids_output:
@@ -238,30 +242,39 @@ def _effective_batch(specs: list[InputSpec], batch_size: int) -> int:
     return static.pop() if static else batch_size
 
 
-def predict(session, specs: list[InputSpec], dataset: Dataset, output: str, batch_size: int) -> np.ndarray:
-    """`output` for every sample of a bound dataset, samples on axis 0."""
+def predict(session, specs: list[InputSpec], dataset: Dataset, output: str, batch_size: int, *,
+            progress: bool | None = None, label: str = "data pass") -> np.ndarray:
+    """`output` for every sample of a bound dataset, samples on axis 0; `progress`
+    shows a bar of samples done on stderr (None: only when stderr is a terminal)."""
     chunk = _effective_batch(specs, batch_size)
     fixed = any(s.static_batch is not None for s in specs)
     n = len(dataset)
     if n == 0:
         raise DataError(f"{dataset.source} holds no samples")
     parts = []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        arrays = dataset.arrays(start, stop)
-        feeds = {}
-        for s in specs:
-            a = np.ascontiguousarray(arrays[s.name], dtype=s.dtype)
-            if fixed and len(a) < chunk:
-                a = np.concatenate([a, np.repeat(a[-1:], chunk - len(a), axis=0)])
-            feeds[s.name] = a
-        try:
-            (out,) = session.run([output], feeds)
-        except Exception as exc:
-            raise DataError(f"onnxruntime failed on samples {start}..{stop - 1} of {dataset.source}: {exc}") from exc
-        fed = len(next(iter(feeds.values())))
-        if out.ndim == 0 or out.shape[0] != fed:
-            raise DataError(f"output '{output}' has shape {tuple(out.shape)} for a batch of {fed}: its first axis "
-                            "is not the batch axis; evaluate another output with --output")
-        parts.append(out[:stop - start])
+    with Progress(n, label, enabled=progress) as bar:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            parts.append(_predict_batch(session, specs, dataset, output, chunk, fixed, start, stop))
+            bar.update(stop - start)
     return np.concatenate(parts)
+
+
+def _predict_batch(session, specs, dataset, output, chunk, fixed, start, stop) -> np.ndarray:
+    """One batch: samples start..stop-1, a static batch padded to `chunk` and the padding dropped."""
+    arrays = dataset.arrays(start, stop)
+    feeds = {}
+    for s in specs:
+        a = np.ascontiguousarray(arrays[s.name], dtype=s.dtype)
+        if fixed and len(a) < chunk:
+            a = np.concatenate([a, np.repeat(a[-1:], chunk - len(a), axis=0)])
+        feeds[s.name] = a
+    try:
+        (out,) = session.run([output], feeds)
+    except Exception as exc:
+        raise DataError(f"onnxruntime failed on samples {start}..{stop - 1} of {dataset.source}: {exc}") from exc
+    fed = len(next(iter(feeds.values())))
+    if out.ndim == 0 or out.shape[0] != fed:
+        raise DataError(f"output '{output}' has shape {tuple(out.shape)} for a batch of {fed}: its first axis "
+                        "is not the batch axis; evaluate another output with --output")
+    return out[:stop - start]

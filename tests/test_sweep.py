@@ -1,0 +1,133 @@
+"""`onnxprune sweep` / `onnxprune.sweep`: prune at several ratios, accuracy (or
+fidelity), FLOPs, params and latency of each, JSON and an optional plot.
+
+Timings are never asserted on, only their consistency.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.errors import OnnxPruneError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "models" / "digits_resnet.onnx"
+TEST_DATA = ROOT / "models" / "digits_test.npz"
+
+
+@pytest.fixture(scope="module")
+def small():
+    with np.load(TEST_DATA) as npz:
+        return {"input": npz["input"][:150], "labels": npz["labels"][:150]}
+
+
+@pytest.fixture(scope="module")
+def small_npz(small, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep") / "small.npz"
+    np.savez(path, **small)
+    return path
+
+
+@pytest.fixture(scope="module")
+def swept():
+    return onnxprune.sweep(EXAMPLE, [0.5, 0.02], data=TEST_DATA, target="flops", max_accuracy_drop=0.02,
+                           latency_runs=3, latency_warmup=0)
+
+
+def test_each_ratio_is_pruned_measured_and_timed(swept):
+    dense, (tiny, half) = swept.dense, swept.points
+    assert [p.ratio for p in swept.points] == [0.02, 0.5]  # sorted
+    assert swept.metric == "top1" and swept.samples == 450
+    assert dense.flops_kept == dense.params_kept == 1.0 and dense.value == pytest.approx(449 / 450)
+    assert 1.0 > tiny.flops_kept > half.flops_kept and half.flops_kept <= 0.5 * 1.05
+    assert 1.0 > tiny.params_kept > half.params_kept
+    assert tiny.quality.passed is True and half.quality.passed is False  # data-free 50%: about 20% left
+    assert half.quality.drop > 0.5 and swept.best() is tiny
+    for p in (dense, tiny, half):
+        assert 0 < p.latency_ms["min_ms"] <= p.latency_ms["median_ms"] <= p.latency_ms["p90_ms"]
+        assert p.speedup == pytest.approx(dense.latency_ms["median_ms"] / p.latency_ms["median_ms"])
+    assert dense.speedup == 1.0
+
+
+def test_table_markdown_and_json(swept):
+    table = swept.render_table()
+    for column in ("FLOPs removed", "FLOPs kept", "params kept", "top-1 accuracy", "latency ms", "speed-up",
+                   "drop <= 2 pt"):
+        assert column in table
+    assert "│ dense " in table and "│ 0.02 " in table and "│ 0.5 " in table and "99.78%" in table
+    assert "Largest reduction within a 2-point budget: 0.02" in table
+    md = swept.render_markdown()
+    assert "| dense | 100.00% | 100.00% | 99.78% |" in md
+    data = json.loads(json.dumps(swept.to_dict()))
+    assert [p["ratio"] for p in data["points"]] == [0.02, 0.5] and data["best"] == 0.02
+    assert data["latency"]["threads"] == 1 and data["dense"]["latency_ms"]["median_ms"] > 0
+    assert data["points"][1]["quality"]["passed"] is False
+
+
+def test_cli_sweep_json_by_unit_ratio_without_latency(tmp_path, capsys, small_npz):
+    out_dir = tmp_path / "models"
+    argv = ["sweep", str(EXAMPLE), "--ratios", "0.1,0.02", "--target", "ratio", "--round-to", "1",
+            "--data", str(small_npz), "--no-latency", "--json", "--output-dir", str(out_dir),
+            "--report", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["target"] == "ratio" and data["latency"] is None and data["samples"] == 150
+    assert [p["ratio"] for p in data["points"]] == [0.02, 0.1]
+    assert all(p["latency_ms"] is None and p["error"] is None for p in data["points"])
+    assert data["points"][0]["flops_kept"] > data["points"][1]["flops_kept"]
+    assert sorted(f.name for f in out_dir.iterdir()) == ["digits_resnet.ratio0.02.onnx", "digits_resnet.ratio0.1.onnx"]
+    assert json.loads((tmp_path / "s.json").read_text())["points"] == data["points"]
+    md = (tmp_path / "s.md").read_text()
+    assert "units removed" in md and "latency ms" not in md
+
+
+def test_without_labels_sweep_measures_agreement(small):
+    result = onnxprune.sweep(EXAMPLE, [0.5], data={"input": small["input"]}, measure_latency=False)
+    assert result.metric == "top1_agreement" and result.dense.value == 1.0
+    assert result.points[0].quality.fidelity["top1_agreement"] == result.points[0].value < 1.0
+    assert "top-1 agreement" in result.render_table()
+
+
+def test_an_unreachable_ratio_is_reported_and_the_others_go_on(small):
+    result = onnxprune.sweep(EXAMPLE, [0.02, 0.99], data=small, measure_latency=False)
+    ok, failed = result.points
+    assert ok.error is None and ok.value is not None
+    assert failed.error is not None and "99.0% of FLOPs" in failed.error and failed.quality is None
+    assert "failed: cannot remove 99.0% of FLOPs" in result.render_table()
+
+
+def test_bad_ratios_and_targets(capsys):
+    assert main(["sweep", str(EXAMPLE), "--ratios", "0.1,abc", "--data", str(TEST_DATA)]) == 1
+    assert "--ratios '0.1,abc'" in capsys.readouterr().err
+    assert main(["sweep", str(EXAMPLE), "--ratios", "0.1,1.5", "--data", str(TEST_DATA)]) == 1
+    assert "[0, 1)" in capsys.readouterr().err
+    with pytest.raises(OnnxPruneError, match="not one of"):
+        onnxprune.sweep(EXAMPLE, [0.1], data=TEST_DATA, target="latency")
+    with pytest.raises(SystemExit):
+        main(["sweep", str(EXAMPLE), "--ratios", "0.1"])  # --data is required
+
+
+def test_missing_matplotlib_is_a_clear_error_before_any_work(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    png = tmp_path / "s.png"
+    argv = ["sweep", str(EXAMPLE), "--ratios", "0.1", "--data", str(tmp_path / "nothing-read-yet.npz"),
+            "--plot", str(png)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "onnxprune[plot]" in err
+    assert not png.exists()
+
+
+def test_plot_accuracy_vs_flops_and_latency(tmp_path, small_npz, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    argv = ["sweep", str(EXAMPLE), "--ratios", "0.02,0.5", "--data", str(small_npz), "--plot", str(png),
+            "--runs", "2", "--warmup", "0", "--max-accuracy-drop", "0.02"]
+    assert main(argv) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
