@@ -101,6 +101,16 @@ def _add_pruning_options(p) -> None:
     p.add_argument("--input-shape", help="fix dynamic input dims for validation, FLOPs and latency, "
                                          "e.g. input:1x3x224x224")
     p.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("calibration and reconstruction (data-aware pruning)")
+    c.add_argument("--calib", metavar="DATA", help="calibration data (eval formats; labels ignored): enables the "
+                   "data-aware criteria and reconstruction after pruning")
+    c.add_argument("--calib-samples", type=int, default=512, help="at most this many calibration samples")
+    c.add_argument("--no-least-squares", dest="least_squares", action="store_false",
+                   help="skip the least-squares refit of consumers")
+    c.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
+                   help="skip bias compensation for removed inputs")
+    c.add_argument("--no-bn-recalibration", dest="bn_recalibration", action="store_false",
+                   help="skip BatchNorm statistics recalibration")
 
 
 def _add_measure_options(g) -> None:
@@ -286,6 +296,11 @@ def _prune(args, data):
         input_shapes=parse_input_shapes(args.input_shape),
         seed=args.seed,
         validate_data=data,
+        calib=_open_data(args, args.calib) if args.calib else None,
+        calib_samples=args.calib_samples,
+        least_squares=args.least_squares,
+        bias_correction=args.bias_correction,
+        bn_recalibration=args.bn_recalibration,
         max_accuracy_drop=args.max_accuracy_drop,
         measure_latency=args.latency,
         batch_size=args.batch_size,

@@ -18,9 +18,11 @@ import onnx
 
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.zeros import ZeroState
+from onnxprune.calibration import calibration_statistics, reconstruct
 from onnxprune.cost import model_cost
 from onnxprune.errors import DataError, OnnxPruneError, PlanError
 from onnxprune.importance import score_groups
+from onnxprune.importance.data_aware import needs_statistics
 from onnxprune.ir.fold import fold_constants
 from onnxprune.ir.graph_view import GraphView, name_nodes
 from onnxprune.ir.model_io import SourceInfo, load_model, normalise, save_model, unshare_initializers
@@ -112,6 +114,11 @@ def prune(
     latency_runs: int = 50,
     latency_warmup: int = 5,
     progress: bool | None = None,
+    calib: Any = None,
+    calib_samples: int | None = 512,
+    least_squares: bool = True,
+    bias_correction: bool = True,
+    bn_recalibration: bool = True,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune `model`; returns the pruned ModelProto and a report.
 
@@ -131,6 +138,14 @@ def prune(
     onnxruntime benchmark on `provider` with `threads` intra-op threads,
     `latency_warmup` + `latency_runs` runs each. `progress`: bars on stderr
     (None: only when stderr is a terminal).
+
+    Calibration (onnxprune.calibration): `calib` (same formats; labels are
+    ignored; at most `calib_samples` samples) feeds the data-aware criteria
+    (apoz, mean_act, flap, wanda) and, after the rewrite, the reconstruction
+    passes in graph order: least-squares refit of each consumer's kept weights,
+    bias compensation where no refit happened, BatchNorm recalibration; each
+    can be switched off, and each is undone if it makes held-out calibration
+    fidelity worse.
     """
     modes = [ratio is not None or target_flops is not None or target_params is not None, lossless, plan is not None]
     if sum(modes) != 1:
@@ -181,7 +196,9 @@ def prune(
             target = Target(ratio, target_flops, target_params, strategy, max_ratio, round_to,
                             list(include), list(exclude))
             target.check()
-        decision = _decide(working, plan, target, criterion, seed, dense_cost, lap)
+        calibration = None if calib is None else Calibration(calib, calib_samples, least_squares,
+                                                              bias_correction, bn_recalibration, seed)
+        decision = _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration)
     working = decision.pruned  # the dense model and its analysis are released here
     decision.pruned = None
     drop_unused_initializers(working)
@@ -283,20 +300,45 @@ class Decision:
     notes: list[str]
 
 
-def _apply(working, analysis, removed, plan, mode, notes=None) -> Decision:
+@dataclass
+class Calibration:
+    """Calibration data and which reconstruction passes to run (all on by default)."""
+
+    data: Any
+    max_samples: int | None = 512
+    least_squares: bool = True
+    bias_correction: bool = True
+    bn_recalibration: bool = True
+    seed: int = 0
+
+
+def _apply(working, analysis, removed, plan, mode, notes=None, calibration: Calibration | None = None) -> Decision:
     changes = _changes(analysis, removed)
     pruned = apply_removal(working, analysis, removed)
-    return Decision(pruned, plan, mode, changes, len(analysis.groups), len(analysis.prunable_groups()), notes or [])
+    notes = list(notes or [])
+    if calibration is not None and removed:
+        pruned, recon = reconstruct(working, pruned, analysis, removed, calibration.data,
+                                    max_samples=calibration.max_samples, least_squares=calibration.least_squares,
+                                    bias_correction=calibration.bias_correction,
+                                    bn_recalibration=calibration.bn_recalibration, seed=calibration.seed)
+        notes += recon.summary().splitlines()
+        mode += ", reconstructed"
+    return Decision(pruned, plan, mode, changes, len(analysis.groups), len(analysis.prunable_groups()), notes)
 
 
-def _decide(working, plan, target, criterion, seed, dense_cost, lap) -> Decision:
+def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration: Calibration | None = None) -> Decision:
     analysis = build_analysis(working)
     lap("analyze")
     if plan is not None:
         used_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         removed = used_plan.removed_roots(analysis)
-        return _apply(working, analysis, removed, used_plan, "plan replay")
-    scores = score_groups(analysis, analysis.prunable_groups(), criterion, seed)
+        return _apply(working, analysis, removed, used_plan, "plan replay", calibration=calibration)
+    stats = None
+    if calibration is not None and needs_statistics(criterion):
+        stats = calibration_statistics(working, analysis, calibration.data, max_samples=calibration.max_samples,
+                                       seed=seed)
+        lap("calibrate")
+    scores = score_groups(analysis, analysis.prunable_groups(), criterion, seed, stats=stats)
     lap("score")
     estimator = None if target.ratio is not None else CostEstimator(analysis, dense_cost)
     keep = allocate(analysis, scores, target, estimator)
@@ -310,7 +352,7 @@ def _decide(working, plan, target, criterion, seed, dense_cost, lap) -> Decision
             "target_flops": target.target_flops, "target_params": target.target_params,
             "round_to": target.round_to}
     mode = _describe(target.ratio, target.target_flops, target.target_params, criterion, target.strategy)
-    return _apply(working, analysis, removed, Plan.from_keep(analysis, keep, meta), mode)
+    return _apply(working, analysis, removed, Plan.from_keep(analysis, keep, meta), mode, calibration=calibration)
 
 
 def _decide_lossless(working: onnx.ModelProto) -> Decision:
