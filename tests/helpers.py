@@ -95,3 +95,15 @@ def prune_matches_oracle(model: onnx.ModelProto, fraction: float = 0.5, seed: in
 
 def blocked_reasons(model: onnx.ModelProto) -> list[str]:
     return [r for g in analysis_of(model).groups for r in g.blocked]
+
+
+def conv(name: str, x: str, y: str, cin: int, cout: int, k: int = 3):
+    """A same-padded KxK Conv with bias: (node, [weight, bias])."""
+    node = helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name,
+                            kernel_shape=[k, k], pads=[k // 2] * 4)
+    return node, [weight(cout, cin, k, k, name=f"{name}.w"), weight(cout, name=f"{name}.b")]
+
+
+def group_of(analysis, source_node: str):
+    """The group one of whose sources is `source_node`."""
+    return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))

@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import analysis_of, const, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, const, group_of, make_model, prune_matches_oracle, weight
 
 C, H, W = 8, 4, 4
 X = ("x", [1, 4, H, W])
-
-
-def group_of(analysis, source_node):
-    return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
 
 
 def shuffle_model(groups, explicit_targets=True):

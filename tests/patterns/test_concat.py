@@ -2,15 +2,9 @@
 import numpy as np
 from onnx import helper
 
-from helpers import analysis_of, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, conv, make_model, prune_matches_oracle, weight
 
 X = ("x", [1, 4, 8, 8])
-
-
-def conv(name, x, y, cin, cout, k=3):
-    node = helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name,
-                            kernel_shape=[k, k], pads=[k // 2] * 4)
-    return node, [weight(cout, cin, k, k, name=f"{name}.w"), weight(cout, name=f"{name}.b")]
 
 
 def build(items, outputs=(("y", [1, None, 8, 8]),), inputs=(X,)):

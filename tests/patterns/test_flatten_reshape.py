@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import analysis_of, blocked_reasons, const, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, blocked_reasons, const, group_of, make_model, prune_matches_oracle, weight
 
 C, H, W = 6, 4, 4
 X = ("x", [1, 4, H, W])
@@ -18,10 +18,6 @@ def model_with(nodes, inits, out_shape, opset=13, batch=1):
     conv_node, conv_inits = conv()
     x = ("x", [batch, *X[1][1:]])
     return make_model([conv_node, *nodes], [x], [("y", out_shape)], conv_inits + list(inits), opset=opset)
-
-
-def group_of(analysis, source_node):
-    return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
 
 
 def initializer(model, name):

@@ -3,20 +3,10 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from helpers import analysis_of, blocked_reasons, const, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, blocked_reasons, const, conv, group_of, make_model, prune_matches_oracle, weight
 
 C, H, W = 6, 4, 4
 X = ("x", [1, 4, H, W])
-
-
-def conv(name, x, y, cin, cout, k=3):
-    node = helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name,
-                            kernel_shape=[k, k], pads=[k // 2] * 4)
-    return node, [weight(cout, cin, k, k, name=f"{name}.w"), weight(cout, name=f"{name}.b")]
-
-
-def group_of(analysis, source_node):
-    return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
 
 
 def reduce_mean(opset, x, y, axes, keepdims, name="reduce"):

@@ -3,16 +3,10 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import analysis_of, blocked_reasons, const, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, blocked_reasons, const, conv, group_of, make_model, prune_matches_oracle, weight
 
 INT64_MAX = np.iinfo(np.int64).max
 X = ("x", [1, 4, 8, 8])
-
-
-def conv(name, x, y, cin, cout, k=3):
-    node = helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name,
-                            kernel_shape=[k, k], pads=[k // 2] * 4)
-    return node, [weight(cout, cin, k, k, name=f"{name}.w"), weight(cout, name=f"{name}.b")]
 
 
 def build(items, outputs, opset, inits=()):
@@ -39,10 +33,6 @@ def int_values(model, node, attr, index):
             return list(helper.get_attribute_value(a))
     tensor = next(t for t in model.graph.initializer if t.name == node.input[index])
     return numpy_helper.to_array(tensor).tolist()
-
-
-def group_of(analysis, source_node):
-    return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
 
 
 # -- Split ----------------------------------------------------------------------
