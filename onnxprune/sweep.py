@@ -28,7 +28,6 @@ import onnx
 
 from onnxprune.cost import model_cost
 from onnxprune.errors import OnnxPruneError, PlanError, ValidationError
-from onnxprune.ir.model_io import model_byte_size
 from onnxprune.pipeline import prepare, prune
 from onnxprune.report import QualityStats, box_table, threads_text
 from onnxprune.runtime.gate import compare_quality, pruned_outputs, reference_pass

@@ -2,7 +2,7 @@
 import numpy as np
 from onnx import helper
 
-from helpers import analysis_of, conv, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, conv, make_model, prune_matches_oracle
 
 X = ("x", [1, 4, 8, 8])
 

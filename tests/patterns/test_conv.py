@@ -1,8 +1,6 @@
 """Conv and ConvTranspose: output channels open units, the next layer's input
 channels consume them; depthwise convs pass them through; grouped convs keep
 their group count and prune the same channel index in every group."""
-import numpy as np
-import onnx
 import pytest
 from onnx import helper, numpy_helper
 

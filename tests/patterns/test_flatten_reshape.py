@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import analysis_of, blocked_reasons, const, group_of, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, const, group_of, make_model, prune_matches_oracle, weight
 
 C, H, W = 6, 4, 4
 X = ("x", [1, 4, H, W])

@@ -1,6 +1,5 @@
 """Gemm and MatMul: output features open units, the next layer's K rows consume
 them; MatMul of two run-time tensors couples the contracted axes."""
-import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 

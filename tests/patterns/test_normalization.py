@@ -3,7 +3,6 @@ with the channel; ones that compute statistics across the pruned axis
 (LayerNorm over it, GroupNorm) block it; LRN prunes but not exactly."""
 import numpy as np
 import onnx
-import pytest
 from onnx import helper, numpy_helper
 
 from helpers import analysis_of, feeds_for, make_model, prune_matches_oracle, random_removal, run, weight

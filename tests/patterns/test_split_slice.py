@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import analysis_of, blocked_reasons, const, conv, group_of, make_model, prune_matches_oracle, weight
+from helpers import analysis_of, blocked_reasons, const, conv, group_of, make_model, prune_matches_oracle
 
 INT64_MAX = np.iinfo(np.int64).max
 X = ("x", [1, 4, 8, 8])
