@@ -46,23 +46,26 @@ def per_position(values: np.ndarray, axis: int, reduce: Callable[[np.ndarray], n
     return np.asarray(reduce(moved), dtype=np.float64)
 
 
-def aggregate(analysis: Analysis, group: Group, slices: list[ParamSlice], position_scores) -> np.ndarray | None:
-    """Sum position scores into units per slice, normalise each slice, average."""
-    total = np.zeros(group.size)
-    count = np.zeros(group.size)
-    for p in slices:
-        values = analysis.view.const(p.tensor)
-        if values is None:
-            continue
-        scores = position_scores(values, p.axis)
-        idx = unit_index(analysis, group, p)
+def combine(size: int, members, how: str = "sum") -> np.ndarray | None:
+    """Per-unit scores from several members, each an (unit index per position, score per position) pair.
+
+    Within a member, positions of a unit are summed (or averaged with how="mean");
+    each member is normalised by its mean over the units it touches, then members
+    are averaged per unit.  None when no member touches any unit.
+    """
+    total = np.zeros(size)
+    count = np.zeros(size)
+    for idx, scores in members:
         mine = idx >= 0
         if not mine.any():
             continue
-        per_unit = np.zeros(group.size)
-        np.add.at(per_unit, idx[mine], scores[mine])
-        touched = np.zeros(group.size, dtype=bool)
-        touched[idx[mine]] = True
+        per_unit = np.zeros(size)
+        np.add.at(per_unit, idx[mine], np.asarray(scores, dtype=np.float64)[mine])
+        hits = np.zeros(size)
+        np.add.at(hits, idx[mine], 1.0)
+        touched = hits > 0
+        if how == "mean":
+            per_unit[touched] /= hits[touched]
         mean = per_unit[touched].mean()
         if mean > 0:
             per_unit /= mean
@@ -71,6 +74,17 @@ def aggregate(analysis: Analysis, group: Group, slices: list[ParamSlice], positi
     if not count.any():
         return None
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def aggregate(analysis: Analysis, group: Group, slices: list[ParamSlice], position_scores) -> np.ndarray | None:
+    """Sum position scores into units per slice, normalise each slice, average."""
+    def members():
+        for p in slices:
+            values = analysis.view.const(p.tensor)
+            if values is not None:
+                yield unit_index(analysis, group, p), position_scores(values, p.axis)
+
+    return combine(group.size, members())
 
 
 def slices_with_roles(group: Group, roles: set[str]) -> list[ParamSlice]:

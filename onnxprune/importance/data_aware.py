@@ -32,7 +32,7 @@ import numpy as np
 
 from onnxprune.analysis import Analysis, Group
 from onnxprune.errors import DataError
-from onnxprune.importance.base import CRITERIA, criterion, unit_index
+from onnxprune.importance.base import CRITERIA, combine, criterion, unit_index
 from onnxprune.importance.criteria import l1
 
 
@@ -118,31 +118,14 @@ def sink_aggregate(analysis: Analysis, group: Group, stats, position_scores, how
 
     position_scores(sink, channel_stats) -> array (one per position along the sink axis) or None.
     """
-    total = np.zeros(group.size)
-    count = np.zeros(group.size)
-    for sink, idx in group_sinks(analysis, group):
-        cs = stats.get(sink.tensor, sink.axis)
-        if cs is None:
-            continue
-        scores = position_scores(sink, cs)
-        if scores is None or len(scores) != len(idx):
-            continue
-        mine = idx >= 0
-        per_unit = np.zeros(group.size)
-        np.add.at(per_unit, idx[mine], np.asarray(scores, dtype=np.float64)[mine])
-        hits = np.zeros(group.size)
-        np.add.at(hits, idx[mine], 1.0)
-        touched = hits > 0
-        if how == "mean":
-            per_unit[touched] /= hits[touched]
-        mean = per_unit[touched].mean()
-        if mean > 0:
-            per_unit /= mean
-        total += per_unit
-        count += touched
-    if not count.any():
-        return None
-    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    def members():
+        for sink, idx in group_sinks(analysis, group):
+            cs = stats.get(sink.tensor, sink.axis)
+            scores = None if cs is None else position_scores(sink, cs)
+            if scores is not None and len(scores) == len(idx):
+                yield idx, scores
+
+    return combine(group.size, members(), how)
 
 
 def _or_magnitude(scores, analysis, group, rng):
