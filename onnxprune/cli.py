@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 from onnxprune.errors import OnnxPruneError
@@ -246,11 +247,12 @@ def cmd_analyze(args) -> int:
             status += " (not exact: " + g.inexact[0] + ")"
         first = g.sources[0]
         more = f" +{len(g.sources) - 1}" if len(g.sources) > 1 else ""
-        rows.append((str(g.id), f"{first.op_type} {g.name}{more}", str(g.size), str(len(g.params)), status))
+        rows.append((str(g.id), f"{first.op_type} {g.name}{more}", g.describe_units(), str(len(g.params)), status))
     print(box_table(("#", "group (source)", "units", "slices", "status"), rows))
     s = report.stats
-    print(f"{len(prunable)} of {len(groups)} groups prunable, {sum(g.size for g in prunable)} units. "
-          f"Params {human(s.params)}, MACs {human(s.macs)}, FLOPs {human(s.flops)}.")
+    kinds = Counter(g.kind for g in prunable)
+    print(f"{len(prunable)} of {len(groups)} groups prunable ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}), "
+          f"{sum(g.size for g in prunable)} units. Params {human(s.params)}, MACs {human(s.macs)}, FLOPs {human(s.flops)}.")
     return 0
 
 

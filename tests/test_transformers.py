@@ -2,10 +2,16 @@
 FFN neurons and attention heads prune and match the masking oracle."""
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 import onnxprune
-from helpers import prune_matches_oracle
+from helpers import prune_matches_oracle, run
+from onnxprune.cli import main
+from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.pipeline import build_analysis, prepare
+from onnxprune.testing import masked_reference
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "transformers"
 ALL = sorted(p.name for p in FIXTURES.glob("*.onnx"))
@@ -28,8 +34,8 @@ def test_ffn_neurons_are_prunable_in_every_layer(name):
                                   "gpt2_decoder_legacy.onnx", "gpt2_decoder_dynamo.onnx"])
 def test_attention_heads_are_groups_of_whole_heads(name):
     groups = onnxprune.analyze(FIXTURES / name).analysis.groups
-    heads = [g for g in groups if g.prunable and g.size == 4]  # 4 heads of 16 dims per layer
-    assert len(heads) == 2
+    heads = [g for g in groups if g.prunable and g.kind == "heads"]
+    assert [(g.size, g.head_dim) for g in heads] == [(4, 16), (4, 16)]  # 4 heads of 16 dims per layer
 
 
 @pytest.mark.parametrize("name", ["bert_encoder_legacy.onnx", "bert_encoder_dynamo.onnx"])
@@ -38,3 +44,51 @@ def test_removing_a_head_keeps_batch_and_sequence_dynamic(name):
     assert report.after.params < report.before.params
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input]
     assert all(isinstance(d, str) for shape in dims for d in shape)
+
+
+@pytest.mark.parametrize("name", ["llama_decoder_legacy.onnx", "llama_decoder_dynamo.onnx"])
+def test_grouped_query_attention_removes_whole_kv_groups(name):
+    """4 query heads share 2 KV heads: a unit is one KV head with its 2 query heads
+    (through repeat_kv's Expand+Reshape, and, in the dynamo export, SDPA's fold of
+    the heads into the batch axis)."""
+    groups = onnxprune.analyze(FIXTURES / name).analysis.groups
+    gqa = [g for g in groups if g.prunable and g.kind == "kv groups"]
+    assert len(gqa) == 2
+    for g in gqa:
+        assert g.size == 2 and g.head_dim == 16
+        assert sorted(g.heads_per_unit.values()) == [1, 1, 2]  # k_proj, v_proj: one head; q_proj: two
+        assert g.describe_units() == "2 kv groups (2 query + 1 kv heads x 16)"
+
+
+@pytest.mark.parametrize("name", ["llama_decoder_legacy.onnx", "llama_decoder_dynamo.onnx"])
+def test_removing_a_kv_group_matches_the_oracle_at_any_batch_and_length(name):
+    working, _ = prepare(FIXTURES / name)
+    analysis = build_analysis(working)
+    removed = {int(g.roots[0]) for g in analysis.groups if g.prunable and g.kind == "kv groups"}
+    reference = masked_reference(working, analysis, removed)
+    pruned = apply_removal(working, analysis, removed)
+    onnx.checker.check_model(pruned)
+    rng = np.random.default_rng(0)
+    for batch, length in [(1, 5), (3, 11)]:
+        feeds = {"input_ids": rng.integers(0, 128, (batch, length)).astype(np.int64)}
+        got, want = run(pruned, feeds)[0], run(reference, feeds)[0]
+        assert got.shape == (batch, length, 128)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    # half the heads are gone: q_proj 64 -> 32 outputs, k_proj/v_proj 32 -> 16
+    widths = sorted(numpy_width(pruned, i.name) for i in pruned.graph.initializer
+                    if i.name in {p.tensor for g in analysis.groups if g.kind == "kv groups" for p in g.params})
+    assert widths.count(32) == 2 and widths.count(16) == 4
+
+
+def numpy_width(model, name):
+    tensor = next(i for i in model.graph.initializer if i.name == name)
+    return int(onnx.numpy_helper.to_array(tensor).shape[-1]) if len(tensor.dims) == 2 else -1
+
+
+def test_analyze_lists_head_groups_with_head_counts_and_kv_grouping(capsys):
+    assert main(["analyze", str(FIXTURES / "llama_decoder_dynamo.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("2 kv groups (2 query + 1 kv heads x 16)") == 2
+    assert "kv groups: 2, neurons: 2" in out
+    assert main(["analyze", str(FIXTURES / "bert_encoder_legacy.onnx")]) == 0
+    assert capsys.readouterr().out.count("4 heads x 16") == 2

@@ -51,11 +51,23 @@ class Analysis:
         return masks
 
 
+def _block_folded_inputs(node, state: AnalysisState) -> None:
+    """Units on a dynamic axis (a folded (batch*heads) axis) reach only rules that know the fold."""
+    for name in node.input:
+        shape = state.view.shape(name) if name else None
+        for axis, layout in state.layouts_of(name).items() if name else ():
+            if shape is not None and not isinstance(shape[axis], int):
+                state.block(layout, f"{node.op_type} '{node.name}' reads units folded into the dynamic axis "
+                                    f"{axis} of '{name}' ({shape[axis]}); only Reshape and Transpose follow them")
+
+
 def analyze_graph(view: GraphView) -> Analysis:
     """Walk the graph once in topological order, applying each node's rule."""
     state = AnalysisState(view)
     for node in view.nodes:
         rule = rule_for(node)
+        if not rule.reads_folded_axes:
+            _block_folded_inputs(node, state)
         try:
             rule.propagate(node, state)
         except Exception as exc:  # a rule bug must not take down the other groups

@@ -54,6 +54,8 @@ class AnalysisState:
     sinks: list[SinkUse] = field(default_factory=list)
     block_reasons: dict[int, list[str]] = field(default_factory=dict)
     inexact_reasons: dict[int, list[str]] = field(default_factory=dict)
+    #: (unit, width): a Reshape made `width` positions one unit (hidden -> heads x head_dim)
+    splits: list[tuple[int, int]] = field(default_factory=list)
 
     # -- reading -------------------------------------------------------------
     def layouts_of(self, tensor: str) -> dict[int, np.ndarray]:
@@ -116,6 +118,10 @@ class AnalysisState:
             else:
                 first[c] = u
         return layout
+
+    def note_split(self, units: np.ndarray, width: int) -> None:
+        """Record that each of `units` now stands for a block of `width` positions (a head)."""
+        self.splits.extend((int(u), width) for u in np.asarray(units).tolist() if u != NO_UNIT)
 
     def param(self, node: onnx.NodeProto, index: int, axis: int, layout: np.ndarray, role: str) -> bool:
         """Slice input `index` of `node` (must be an initializer) with `layout` on `axis`."""

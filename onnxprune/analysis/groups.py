@@ -25,6 +25,8 @@ class Group:
     blocked: list[str] = field(default_factory=list)
     inexact: list[str] = field(default_factory=list)
     channels_per_unit: int = 1  # a head is head_dim channels; a grouped-conv unit one per group
+    head_dim: int | None = None  # set when a Reshape split the units into heads of this width
+    heads_per_unit: dict[str, int] = field(default_factory=dict)  # source node -> heads it has in one unit
 
     @property
     def size(self) -> int:
@@ -35,11 +37,34 @@ class Group:
         return not self.blocked
 
 
+    @property
+    def kind(self) -> str:
+        """channels (convolutions), neurons (FC), heads, or kv groups (grouped-query attention)."""
+        if self.head_dim is not None and self.heads_per_unit:
+            return "kv groups" if len(set(self.heads_per_unit.values())) > 1 else "heads"
+        if all(s.op_type in ("Conv", "ConvTranspose") for s in self.sources):
+            return "channels"
+        return "neurons"
+
+    def describe_units(self) -> str:
+        """'4 heads x 16', '2 kv groups (2 query + 1 kv heads x 16)', '256 neurons'."""
+        kind = self.kind
+        if kind == "heads":
+            return f"{self.size} heads x {self.head_dim}"
+        if kind == "kv groups":
+            query, kv = max(self.heads_per_unit.values()), min(self.heads_per_unit.values())
+            return f"{self.size} kv groups ({query} query + {kv} kv heads x {self.head_dim})"
+        return f"{self.size} {kind}"
+
     def to_dict(self) -> dict:
         return {
             "id": self.id,
             "name": self.name,
+            "kind": self.kind,
             "size": self.size,
+            "units": self.describe_units(),
+            "head_dim": self.head_dim,
+            "heads_per_unit": self.heads_per_unit,
             "sources": [f"{s.op_type} {s.node}" for s in self.sources],
             "params": [f"{p.tensor}[axis {p.axis}] ({p.role})" for p in self.params],
             "blocked": self.blocked,
@@ -103,9 +128,16 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         gids = {group_of_root[int(root_of[u])] for u in set(layout.tolist()) if u != NO_UNIT}
         for gid in sorted(gids):
             groups[gid].params.append(p)
+    for unit, width in state.splits:
+        g = groups[group_of_root[int(root_of[unit])]]
+        g.head_dim = width if g.head_dim is None else min(g.head_dim, width)
     for g in groups:
         first = g.sources[0]
         g.channels_per_unit = max(1, len(state.layout(first.tensor, first.axis)) // max(g.size, 1))
+        if g.head_dim is not None and all(s.op_type in ("MatMul", "Gemm") for s in g.sources):
+            per_unit = {s.node: len(state.layout(s.tensor, s.axis)) // max(g.size, 1) for s in g.sources}
+            if all(c % g.head_dim == 0 for c in per_unit.values()):
+                g.heads_per_unit = {node: c // g.head_dim for node, c in per_unit.items()}
         if g.size < 2 and not g.blocked:
             channels = max(len(state.layout(s.tensor, s.axis)) for s in g.sources)
             if channels > 1:

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import numpy_helper
 
 from onnxprune.ir.graph_view import GraphView
 
@@ -84,13 +85,51 @@ def shape_elements(view: GraphView, name: str, depth: int = 0) -> list[Element] 
         if src is None or starts is None or ends is None:
             return None
         return src[slice(int(starts[0]), int(ends[0]))]
-    if op in ("Mul", "Div"):
+    if op == "Reshape" and view.rank(name) == 1:  # a shape vector reshaped to [-1]: same elements
+        return shape_elements(view, node.input[0], depth + 1)
+    if op == "ConstantOfShape":
+        return _constant_of_shape(view, node, depth)
+    if op in ("Mul", "Div", "Equal"):
         a, b = (shape_elements(view, i, depth + 1) for i in node.input[:2])
         if a is not None and b is not None and (len(a) == len(b) or 1 in (len(a), len(b))):
             n = max(len(a), len(b))
-            return [_arith(op, a[i % len(a)], b[i % len(b)]) for i in range(n)]
+            combine = _equal if op == "Equal" else lambda x, y: _arith(op, x, y)
+            return [combine(a[i % len(a)], b[i % len(b)]) for i in range(n)]
+    if op == "Where":
+        # torch's expand() writes Where(shape == -1, 1, shape): pick per element where the test is known
+        cond, a, b = (shape_elements(view, i, depth + 1) for i in node.input[:3])
+        if cond is not None and a is not None and b is not None:
+            n = max(len(cond), len(a), len(b))
+            if all(len(v) in (1, n) for v in (cond, a, b)):
+                picked = [None if cond[i % len(cond)] is None else
+                          (a[i % len(a)] if cond[i % len(cond)] else b[i % len(b)]) for i in range(n)]
+                return picked
     length = view.dim(name, 0) if view.rank(name) != 0 else 1
     return None if length is None else [None] * length
+
+
+def _constant_of_shape(view: GraphView, node, depth: int) -> list[Element] | None:
+    """A filled 1-D tensor whose length is known statically."""
+    dims = shape_elements(view, node.input[0], depth + 1)
+    if dims is None or len(dims) != 1:
+        return None
+    length = dims[0]
+    if isinstance(length, DimOf) and length.num == length.den == 1:
+        length = view.dim(length.tensor, length.axis)
+    value = view.attr(node, "value")
+    fill = 0 if value is None else numpy_helper.to_array(value).ravel()[0]
+    if not isinstance(length, int) or fill != int(fill):
+        return None
+    return [int(fill)] * length
+
+
+def _equal(a: Element, b: Element) -> bool | None:
+    """Elementwise Equal of two shape elements: a dimension is never negative."""
+    if isinstance(a, int) and isinstance(b, int):
+        return int(a) == int(b)
+    if isinstance(a, DimOf) and isinstance(b, int) and b < 0 or isinstance(b, DimOf) and isinstance(a, int) and a < 0:
+        return False
+    return None
 
 
 def _arith(op: str, a: Element, b: Element) -> Element:
@@ -133,10 +172,14 @@ def match_dim(state, e: Element, layout: np.ndarray, where: str) -> bool:
     return False
 
 
-def rewrite_const_elements(rw, elements: list[Element], tensor: str, shift: int = 0) -> None:
-    """Set each rewritable constant element on a pruned axis of `tensor` to the kept size."""
+def rewrite_const_elements(rw, elements: list[Element], tensor: str, consumer, shift: int = 0) -> None:
+    """Set each rewritable constant element on a pruned axis of `tensor` to the kept size.
+
+    `consumer` is the node reading the shape from its input 1: a shape Concat
+    it shares with other nodes (exporters reuse one per model) gets a copy of its own.
+    """
     new_shape = None
     for k, e in enumerate(elements):
         if is_rewritable(e) and rw.mask(tensor, k + shift) is not None:
             new_shape = new_shape or rw.new_shape(tensor)
-            rw.set_const_element(e.node, e.index, e.offset, int(new_shape[k + shift]))
+            rw.set_const_element(e.node, e.index, e.offset, int(new_shape[k + shift]), reader=(consumer, 1))

@@ -43,6 +43,7 @@ def apply_removal(model: onnx.ModelProto, analysis: Analysis, removed_roots: set
     rw = Rewriter(pruned, analysis.view, masks)
     for node in pruned.graph.node:
         rule_for(node).rewrite(node, rw)
+    rw.finish()
     return pruned
 
 

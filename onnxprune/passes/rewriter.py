@@ -8,6 +8,8 @@ shape constant shared by several nodes stays right for the others.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -26,6 +28,8 @@ class Rewriter:
         }
         self._nodes = {n.name: n for n in model.graph.node}
         self._created: dict[str, np.ndarray] = {}
+        self._readers = Counter(i for n in model.graph.node for i in n.input)
+        self._copies: dict[tuple[str, str], onnx.NodeProto] = {}  # (shape node, reader) -> its own copy
 
     # -- questions ------------------------------------------------------------
     def mask(self, tensor: str, axis: int) -> np.ndarray | None:
@@ -44,7 +48,7 @@ class Rewriter:
         shape = list(self.view.shape(tensor) or [])
         for axis in range(len(shape)):
             mask = self.mask(tensor, axis)
-            if mask is not None:
+            if mask is not None and isinstance(shape[axis], int):  # a folded dynamic axis stays dynamic
                 shape[axis] = int(mask.sum())
         return shape
 
@@ -66,9 +70,16 @@ class Rewriter:
         self._created[name] = np.asarray(value)
         node.input[index] = name
 
-    def set_const_element(self, node_name: str, index: int, offset: int, value: int) -> None:
-        """Change one element of constant input `index` of another node (a shape Concat)."""
+    def set_const_element(self, node_name: str, index: int, offset: int, value: int,
+                          reader: tuple[onnx.NodeProto, int] | None = None) -> None:
+        """Change one element of constant input `index` of another node (a shape Concat).
+
+        reader: (node, input index) that reads the Concat's output.  A Concat
+        that others read too is copied for this reader, so their shapes stay.
+        """
         node = self._nodes[node_name]
+        if reader is not None and reader[0].input[reader[1]] in node.output and self._readers[node.output[0]] > 1:
+            node = self._own_copy(node, *reader)
         current = node.input[index]
         values = self._created.get(current)
         if values is None:
@@ -85,6 +96,33 @@ class Rewriter:
             node.input.append("")
         node.input[index] = "placeholder"
         self.replace_const_input(node, index, value)
+
+    def _own_copy(self, node: onnx.NodeProto, reader: onnx.NodeProto, input_index: int) -> onnx.NodeProto:
+        key = (node.name, reader.name)
+        if key not in self._copies:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = self._fresh_name(f"{node.name}__{reader.name}")
+            del copy.output[:]
+            copy.output.append(self._fresh_name(f"{node.output[0]}__{reader.name}"))
+            self._readers[node.output[0]] -= 1
+            reader.input[input_index] = copy.output[0]
+            self._copies[key] = copy
+        return self._copies[key]
+
+    def finish(self) -> None:
+        """Place the shape-node copies right after their originals (topological order holds)."""
+        if not self._copies:
+            return
+        after: dict[str, list[onnx.NodeProto]] = {}
+        for (original, _), copy in self._copies.items():
+            after.setdefault(original, []).append(copy)
+        nodes = []
+        for n in self.model.graph.node:
+            nodes.append(n)
+            nodes.extend(after.get(n.name, []))
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(nodes)
 
     def _fresh_name(self, base: str) -> str:
         name, i = base, 1

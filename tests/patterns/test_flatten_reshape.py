@@ -236,3 +236,46 @@ def test_reshape_of_unpruned_tensor_to_a_pruned_tensors_shape_blocks_that_tensor
     assert any("Reshape 'view_as'" in r for r in group.blocked)
     assert group_of(analysis, "conv1").prunable
     prune_matches_oracle(model, 0.5)
+
+
+# -- heads folded into a dynamic batch axis (SDPA exports: (batch, heads, S, d) -> (heads*batch, S, d)) --
+
+def folded_heads(between):
+    """x (batch, 3, 64) -> 4 heads of 16 -> folded (4*batch, 3, 16) -> `between` -> unfolded by the
+    heads tensor's own Shape[0:2] -> merged back to (batch, 3, 64) -> o_proj."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("Reshape", ["q", "split_heads"], ["qh"], name="split"),
+        helper.make_node("Transpose", ["qh"], ["qt"], name="to_heads", perm=[0, 2, 1, 3]),
+        helper.make_node("Shape", ["qt"], ["qt_shape"], name="shape"),
+        helper.make_node("Slice", ["qt_shape", "zero", "two"], ["batch_heads"], name="batch_heads"),
+        helper.make_node("Reshape", ["qt", "fold"], ["folded"], name="fold"),
+        *between,
+        helper.make_node("Concat", ["batch_heads", "seq_dim"], ["unfold_shape"], name="unfold_shape", axis=0),
+        helper.make_node("Reshape", ["mixed", "unfold_shape"], ["unfolded"], name="unfold"),
+        helper.make_node("Transpose", ["unfolded"], ["back"], name="from_heads", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["back", "merge_heads"], ["ctx"], name="merge"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="o_proj"),
+    ]
+    inits = [weight(64, 64, name="wq"), weight(64, 8, name="wo"), const([0, 3, 4, 16], "split_heads"),
+             const([-1, 3, 16], "fold"), const([0], "zero"), const([2], "two"), const([3, 16], "seq_dim"),
+             const([0, 3, 64], "merge_heads")]
+    return make_model(nodes, [("x", ["batch", 3, 64])], [("y", ["batch", 3, 8])], inits)
+
+
+def test_heads_folded_into_the_batch_axis_are_followed_through_the_fold_and_back():
+    model = folded_heads([helper.make_node("Transpose", ["folded"], ["t1"], name="t1", perm=[0, 2, 1]),
+                          helper.make_node("Transpose", ["t1"], ["mixed"], name="t2", perm=[0, 2, 1])])
+    analysis = analysis_of(model)
+    heads = group_of(analysis, "q_proj")
+    assert heads.prunable and heads.kind == "heads" and (heads.size, heads.head_dim) == (4, 16)
+    assert analysis.view.shape("folded")[0] == "4*batch"  # stays dynamic: its layout is one period of 4 heads
+    for seed in range(2):
+        _, pruned, _ = prune_matches_oracle(model, 0.5, seed=seed)
+
+
+def test_an_op_that_does_not_know_the_fold_keeps_the_heads():
+    analysis = analysis_of(folded_heads([helper.make_node("Relu", ["folded"], ["mixed"], name="relu")]))
+    heads = group_of(analysis, "q_proj")
+    assert not heads.prunable
+    assert "Relu 'relu' reads units folded into the dynamic axis 0" in heads.blocked[0]

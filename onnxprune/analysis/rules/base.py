@@ -41,6 +41,8 @@ def rule_for(node: onnx.NodeProto) -> "Rule":
 class Rule:
     #: units pass through unchanged in value: zero stays zero (Relu, pooling, Reshape...)
     preserves_zeros = False
+    #: follows units on a folded axis (heads merged into a dynamic batch axis, see rules/reshape.py)
+    reads_folded_axes = False
 
     def propagate(self, node: onnx.NodeProto, s: "AnalysisState") -> None:
         raise NotImplementedError

@@ -61,7 +61,7 @@ class ExpandRule(GrowOp):
             return
         if target is None:  # run-time shape: constant pieces on pruned axes get the kept size
             elements = shape_elements(rw.view, node.input[1]) or []
-            rewrite_const_elements(rw, elements, y, shift=len(rw.new_shape(y)) - len(elements))
+            rewrite_const_elements(rw, elements, y, node, shift=len(rw.new_shape(y)) - len(elements))
             return
         new_out = rw.new_shape(y)
         shift = len(new_out) - len(target)

@@ -11,52 +11,98 @@ it is the inner one so that a unit is one channel index in every group.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, norm_axis, register
 from onnxprune.analysis.shape_expr import DimOf, is_rewritable, match_dim, rewrite_const_elements, shape_elements
 
 
+def dim_factors(d) -> tuple[int, tuple[str, ...]]:
+    """A dimension as coefficient x symbols: 8 -> (8, ()), '4*batch' -> (4, ('batch',)).
+
+    An expression that is not a plain product ('sequence+1', or an unknown
+    dim) is one opaque symbol.
+    """
+    if isinstance(d, int):
+        return d, ()
+    if d is None:
+        return 1, (f"?{id(object())}",)  # unknown: equal to nothing else
+    coef, symbols = 1, []
+    for part in str(d).replace(" ", "").split("*"):
+        if part.isdigit():
+            coef *= int(part)
+        elif part.isidentifier():
+            symbols.append(part)
+        else:
+            return 1, (str(d),)
+    return coef, tuple(sorted(symbols))
+
+
+def _times(a, b):
+    return a[0] * b[0], tuple(sorted(a[1] + b[1]))
+
+
+def _is_plain_symbol(f) -> bool:
+    return f[0] == 1 and len(f[1]) == 1
+
+
+def _extend_input_side(p, q) -> bool | None:
+    """Which side of a run to grow next: True = input, False = output, None = sizes never meet."""
+    if not p[1] and not q[1]:
+        return p[0] < q[0]
+    if Counter(p[1]) <= Counter(q[1]) and q[0] % p[0] == 0:
+        return True
+    if Counter(q[1]) <= Counter(p[1]) and p[0] % q[0] == 0:
+        return False
+    return None
+
+
 def axis_runs(in_shape, out_shape):
     """Pair runs of input axes with runs of output axes of equal total size.
 
-    Returns [(in_axes, out_axes)] or None when symbolic sizes make it ambiguous.
+    Symbolic sizes take part as products ('batch' x 4 = '4*batch', as
+    onnxruntime's symbolic inference names a merged axis); two plain unknown
+    symbols (the batch axis under different names) pair one to one.  Returns
+    [(in_axes, out_axes)] or None when the sizes cannot be matched.
     """
+    fin, fout = [dim_factors(d) for d in in_shape], [dim_factors(d) for d in out_shape]
     runs, i, j = [], 0, 0
-    while i < len(in_shape) or j < len(out_shape):
-        if i < len(in_shape) and j < len(out_shape) and (
-            in_shape[i] == out_shape[j] or (not isinstance(in_shape[i], int) and not isinstance(out_shape[j], int))
+    while i < len(fin) or j < len(fout):
+        if i < len(fin) and j < len(fout) and (
+            fin[i] == fout[j] or (_is_plain_symbol(fin[i]) and _is_plain_symbol(fout[j]))
         ):
-            # equal sizes, or two symbolic sizes (the batch axis): paired one to one
             runs.append(((i,), (j,)))
             i, j = i + 1, j + 1
             continue
-        if i < len(in_shape) and in_shape[i] == 1:
+        if i < len(fin) and fin[i] == (1, ()):
             runs.append(((i,), ()))
             i += 1
             continue
-        if j < len(out_shape) and out_shape[j] == 1:
+        if j < len(fout) and fout[j] == (1, ()):
             runs.append(((), (j,)))
             j += 1
             continue
-        if i >= len(in_shape) or j >= len(out_shape):
-            return None
-        if not isinstance(in_shape[i], int) or not isinstance(out_shape[j], int):
+        if i >= len(fin) or j >= len(fout):
             return None
         ins, outs = [i], [j]
-        p, q = in_shape[i], out_shape[j]
+        p, q = fin[i], fout[j]
         i, j = i + 1, j + 1
         while p != q:
-            if p < q:
-                if i >= len(in_shape) or not isinstance(in_shape[i], int):
+            grow_input = _extend_input_side(p, q)
+            if grow_input is None:
+                return None
+            if grow_input:
+                if i >= len(fin):
                     return None
-                p *= in_shape[i]
+                p = _times(p, fin[i])
                 ins.append(i)
                 i += 1
             else:
-                if j >= len(out_shape) or not isinstance(out_shape[j], int):
+                if j >= len(fout):
                     return None
-                q *= out_shape[j]
+                q = _times(q, fout[j])
                 outs.append(j)
                 j += 1
         runs.append((tuple(ins), tuple(outs)))
@@ -87,7 +133,10 @@ def map_layouts(node, s, x, y, in_shape, out_shape, prefer_inner=False):
         s.block_tensor(x, f"{where}: cannot match input and output axes {in_shape} -> {out_shape}")
         return
     for in_axes, out_axes in runs:
-        if not in_axes:
+        if not in_axes or all(s.layout(x, a) is None for a in in_axes):
+            continue
+        if not all(isinstance(d, int) for d in [in_shape[k] for k in in_axes] + [out_shape[k] for k in out_axes]):
+            _map_folded(s, x, y, in_shape, out_shape, in_axes, out_axes, where)
             continue
         elements, problem = _run_layout(s, x, in_axes, in_shape)
         if problem:
@@ -102,12 +151,56 @@ def map_layouts(node, s, x, y, in_shape, out_shape, prefer_inner=False):
         out_dims = [out_shape[k] for k in out_axes]
         grid = np.ascontiguousarray(elements).reshape(out_dims)
         carrier = _choose_carrier(out_dims, prefer_inner)
-        moved = np.moveaxis(grid, carrier, 0).reshape(out_dims[carrier], -1)
-        if not (moved == moved[:, :1]).all():
-            # positions of one carrier index hold different units: merge them
-            classes = np.repeat(np.arange(out_dims[carrier]), moved.shape[1])
-            s.union_positions(moved.ravel(), classes, where)
-        s.set_layout(y, out_axes[carrier], moved[:, 0].copy())
+        _carry(s, y, out_axes[carrier], np.moveaxis(grid, carrier, 0).reshape(out_dims[carrier], -1), where)
+
+
+def _map_folded(s, x, y, in_shape, out_shape, in_axes, out_axes, where) -> None:
+    """A run with a dynamic size: (batch, heads) -> (heads*batch) and back, as SDPA exports write.
+
+    The flat index of the run is periodic in the units: with the unit axis and
+    every axis inside it static, unit ids repeat with period P over the dynamic
+    outer axes.  The output keeps them on the innermost static axes spanning a
+    multiple of P, or else on the dynamic axis that holds the period: a folded
+    axis, whose layout is one period and whose size stays dynamic.
+    """
+    with_units = [a for a in in_axes if s.layout(x, a) is not None]
+    if len(with_units) > 1 or not out_axes:
+        s.block_tensor(x, f"{where}: units on a dynamic axis it merges or drops")
+        return
+    a = with_units[0]
+    inner = [in_shape[k] for k in in_axes if k > a]
+    if not all(isinstance(d, int) for d in inner):
+        s.block(s.layout(x, a), f"{where}: merges units of axis {a} with a dynamic inner axis")
+        return
+    period = np.repeat(s.layout(x, a), int(np.prod(inner, dtype=np.int64)))
+    suffix: list[int] = []
+    for k in reversed(out_axes):
+        if not isinstance(out_shape[k], int):
+            break
+        suffix.insert(0, k)
+        dims = [out_shape[q] for q in suffix]
+        size = int(np.prod(dims, dtype=np.int64))
+        if size % len(period) == 0:
+            grid = np.tile(period, size // len(period)).reshape(dims)
+            carrier = _choose_carrier(dims, False)
+            _carry(s, y, suffix[carrier], np.moveaxis(grid, carrier, 0).reshape(dims[carrier], -1), where)
+            return
+    size = int(np.prod([out_shape[q] for q in suffix], dtype=np.int64))
+    boundary = out_axes[len(out_axes) - len(suffix) - 1] if len(suffix) < len(out_axes) else None
+    if boundary is None or len(period) % size:
+        s.block(s.layout(x, a), f"{where}: cannot follow units of axis {a} through dynamic sizes "
+                                f"{tuple(in_shape)} -> {tuple(out_shape)}")
+        return
+    _carry(s, y, boundary, period.reshape(len(period) // size, size), where)
+
+
+def _carry(s, y, axis: int, moved: np.ndarray, where: str) -> None:
+    """Put one unit per row of `moved` on `axis`, merging the units a row holds."""
+    if not (moved == moved[:, :1]).all():
+        classes = np.repeat(np.arange(moved.shape[0]), moved.shape[1])
+        s.union_positions(moved.ravel(), classes, where)
+        s.note_split(moved[:, 0], moved.shape[1])
+    s.set_layout(y, axis, moved[:, 0].copy())
 
 
 def _choose_carrier(out_dims, prefer_inner):
@@ -133,6 +226,7 @@ def _is_channel_shuffle(node, s) -> bool:
 @register("Reshape")
 class ReshapeRule(Rule):
     preserves_zeros = True
+    reads_folded_axes = True
 
     def propagate(self, node, s):
         x, y = node.input[0], node.output[0]
@@ -149,7 +243,7 @@ class ReshapeRule(Rule):
         target = rw.view.const_input(node, 1)
         if target is None:
             # run-time target: constant pieces on pruned axes are set to the kept size
-            rewrite_const_elements(rw, shape_elements(rw.view, node.input[1]) or [], y)
+            rewrite_const_elements(rw, shape_elements(rw.view, node.input[1]) or [], y, node)
             return
         new_out = rw.new_shape(y)
         new_target = [

@@ -73,6 +73,8 @@ class SliceRule(Rule):
         if not rw.changed(x):
             return
         params = slice_params(node, rw.view, rank)
+        if params is None:
+            return  # run-time bounds: propagate allowed them only on axes that keep every position
         changed = {a: p for a, p in params.items() if rw.mask(x, a) is not None}
         if not changed:
             return

@@ -7,6 +7,7 @@ from onnxprune.analysis.rules.base import Rule, pass_axes, register
 @register("Transpose")
 class TransposeRule(Rule):
     preserves_zeros = True
+    reads_folded_axes = True
 
     def propagate(self, node, s):
         x, y = node.input[0], node.output[0]
