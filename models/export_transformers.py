@@ -97,6 +97,25 @@ NUM_CLASSES = 10
 IMAGE = 16
 PATCH = 4
 
+# --size base: the published base configurations (BERT-base, ViT-B/16, GPT-2 small;
+# LLaMA at that width with 4 KV heads), for benchmarks/bench_transformers.py.
+# Not committed: BERT-base alone is 440 MB.
+SIZES = {
+    "tiny": dict(HIDDEN=64, HEADS=4, KV_HEADS=2, FFN=256, LAYERS=2, VOCAB=128, MAX_POS=16,
+                 NUM_CLASSES=10, IMAGE=16, PATCH=4, LLAMA_FFN=256),
+    "base": dict(HIDDEN=768, HEADS=12, KV_HEADS=4, FFN=3072, LAYERS=12, VOCAB=30522, MAX_POS=512,
+                 NUM_CLASSES=1000, IMAGE=224, PATCH=16, LLAMA_FFN=2048),
+}
+LLAMA_FFN = FFN
+
+
+def configure(size: str) -> None:
+    """Set the module-level dimensions the model classes read (before building a model)."""
+    global ATOL, HEAD_DIM
+    globals().update(SIZES[size])
+    HEAD_DIM = HIDDEN // HEADS
+    ATOL = 1e-4 if size == "tiny" else 2e-3  # 12 layers of 768-wide float32 sums drift more
+
 
 # --------------------------------------------------------------------------
 # BERT (post-LN encoder, HF BertModel with eager attention)
@@ -465,7 +484,8 @@ class LlamaRMSNorm(nn.Module):
 
 
 class LlamaRotaryEmbedding(nn.Module):
-    def __init__(self, dim=HEAD_DIM, base=10000.0):
+    def __init__(self, dim=None, base=10000.0):
+        dim = dim or HEAD_DIM
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -528,9 +548,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.gate_proj = nn.Linear(HIDDEN, FFN, bias=False)
-        self.up_proj = nn.Linear(HIDDEN, FFN, bias=False)
-        self.down_proj = nn.Linear(FFN, HIDDEN, bias=False)
+        self.gate_proj = nn.Linear(HIDDEN, LLAMA_FFN, bias=False)
+        self.up_proj = nn.Linear(HIDDEN, LLAMA_FFN, bias=False)
+        self.down_proj = nn.Linear(LLAMA_FFN, HIDDEN, bias=False)
         self.act_fn = nn.SiLU()
 
     def forward(self, x):
@@ -761,7 +781,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(MODELS))
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                    help="tiny: the committed test fixtures; base: BERT-base-sized, for benchmarks")
+    ap.add_argument("--exporters", default="legacy,dynamo", help="comma-separated subset of: legacy,dynamo")
     args = ap.parse_args(argv)
+    configure(args.size)
     os.makedirs(args.out, exist_ok=True)
     names = [n for n in args.only.split(",") if n] or list(MODELS)
     for n in names:
@@ -777,7 +801,7 @@ def main(argv=None) -> int:
         # trace with batch 2, seq 8 so that neither dim is specialised to 1
         # (nor the sequence to the maximum)
         xs = make_inputs(name, 2, 8, torch.Generator().manual_seed(seed))
-        for kind in ("legacy", "dynamo"):
+        for kind in [k for k in args.exporters.split(",") if k]:
             path = os.path.join(args.out, f"{name}_{kind}.onnx")
             try:
                 if kind == "legacy":
@@ -797,7 +821,8 @@ def main(argv=None) -> int:
     if failures:
         print("FAILURES: " + ", ".join(failures))
         return 1
-    print(f"all {2 * len(names)} exports verified (max abs err < {ATOL})")
+    print(f"all {len(names) * len([k for k in args.exporters.split(',') if k])} exports verified "
+          f"(max abs err < {ATOL})")
     return 0
 
 

@@ -35,6 +35,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _ratio(text: str) -> float | dict[str, float]:
+    """0.3, or per unit kind: heads=0.25,neurons=0.3."""
+    if "=" not in text:
+        return _fraction(text)
+    out = {}
+    for part in text.split(","):
+        kind, _, value = part.partition("=")
+        out[kind.strip()] = _fraction(value)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models after training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -50,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ratio", type=_fraction, help="fraction of units REMOVED per group (uniform) or overall (global)")
+    what.add_argument("--ratio", type=_ratio,
+                      help="fraction of units REMOVED per group (uniform) or overall (global); per unit kind: "
+                           "heads=0.25,neurons=0.3 (kinds: channels, neurons, heads, kv-groups)")
     what.add_argument("--target-flops", type=_fraction, help="fraction of the model's FLOPs to REMOVE")
     what.add_argument("--target-params", type=_fraction, help="fraction of the model's parameters to REMOVE")
     what.add_argument("--lossless", action="store_true", help="remove only exactly-dead channels and zero branches")

@@ -1,7 +1,11 @@
 """Cost model: parameters, MACs and FLOPs per node and in total.
 
 Conventions (used everywhere in reports):
-* MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul.
+* MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul,
+  and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
+  QKV projection, scores and context; MultiHeadAttention and
+  GroupQueryAttention: scores and context, the full S x L square even when
+  causal, as the decomposed MatMuls are counted).
 * FLOPs = 2 x MACs + one operation per output element of every other node
   (pooling counts its window size; LRN and Softmax their per-element work).
 * Parameters count every element of every initializer, once.
@@ -21,6 +25,7 @@ from onnxprune.ir.shapes import infer_shapes
 from onnxprune.runtime.inputs import concrete_input_shapes
 
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+CONTRIB_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}  # domain com.microsoft
 FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Transpose", "Concat",
             "Split", "Slice", "Gather", "Constant", "ConstantOfShape", "Cast", "Dropout", "Expand"}
 
@@ -72,6 +77,8 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
     out = _numel(y)
     if out is None:
         return 0
+    if node.domain == "com.microsoft":
+        return _contrib_attention_macs(node, view, y) if op in CONTRIB_ATTENTION else 0
     if op == "Conv":
         w = view.shape(node.input[1])
         k = _numel(w[1:]) if w else None
@@ -95,8 +102,33 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
     return 0
 
 
+def _contrib_attention_macs(node: onnx.NodeProto, view: GraphView, y) -> int:
+    """[B, S, D] in, [B, S, Dv] out: B*S*L*(D_qk + Dv) for scores and context (L: key length),
+    plus the packed QKV projection of Attention."""
+    x = view.shape(node.input[0])
+    if not x or len(x) != 3 or len(y) != 3:
+        return 0
+    batch_seq = _numel(x[:2])
+    if batch_seq is None or not isinstance(y[2], int):
+        return 0
+    if node.op_type == "Attention":
+        w = view.shape(node.input[1])
+        if not w or len(w) != 2 or not all(isinstance(d, int) for d in w):
+            return 0
+        sizes = view.attr(node, "qkv_hidden_sizes")
+        q_width = int(sizes[0]) if sizes is not None else w[1] // 3
+        return batch_seq * w[0] * w[1] + batch_seq * x[1] * (q_width + y[2])
+    key = node.input[1] if len(node.input) > 1 else ""
+    k_shape = view.shape(key) if key else None
+    length = k_shape[1] if k_shape and len(k_shape) == 3 else x[1]
+    if not isinstance(length, int):
+        return 0
+    q_width = y[2] if node.op_type == "GroupQueryAttention" else x[2]  # packed GQA query holds K and V too
+    return batch_seq * length * (q_width + y[2]) if isinstance(q_width, int) else 0
+
+
 def node_flops(node: onnx.NodeProto, view: GraphView, macs: int) -> int:
-    if node.op_type in LINEAR_OPS:
+    if node.op_type in LINEAR_OPS or (node.domain == "com.microsoft" and node.op_type in CONTRIB_ATTENTION):
         return 2 * macs
     if node.op_type in FREE_OPS:
         return 0

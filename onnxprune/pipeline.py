@@ -91,7 +91,7 @@ def prune(
     model: ModelLike,
     output: str | os.PathLike | None = None,
     *,
-    ratio: float | None = None,
+    ratio: float | dict[str, float] | None = None,
     target_flops: float | None = None,
     target_params: float | None = None,
     criterion: str = "l1",
@@ -248,7 +248,9 @@ def prune(
 
 
 def _describe(ratio, target_flops, target_params, criterion, strategy) -> str:
-    if ratio is not None:
+    if isinstance(ratio, dict):
+        what = "ratio " + ", ".join(f"{k} {v:g}" for k, v in ratio.items()) + " of units removed"
+    elif ratio is not None:
         what = f"ratio {ratio:g} of units removed"
     elif target_flops is not None:
         what = f"{target_flops:.0%} of FLOPs removed"

@@ -100,3 +100,15 @@ def test_output_over_input_exits_6(tmp_path):
 def test_bad_input_shape_spec_is_explained(tmp_path, capsys):
     assert main(["prune", str(EXAMPLE), str(tmp_path / "p.onnx"), "--ratio", "0.2", "--input-shape", "nope:1x2"]) == 1
     assert "model's inputs are" in capsys.readouterr().err
+
+
+def test_ratio_per_unit_kind_on_the_command_line(tmp_path, capsys):
+    bert = EXAMPLE.parent / "fixtures" / "transformers" / "bert_encoder_legacy.onnx"
+    plan = tmp_path / "plan.json"
+    assert main(["prune", str(bert), str(tmp_path / "p.onnx"), "--ratio", "heads=0.25,neurons=0.3",
+                 "--save-plan", str(plan)]) == 0
+    assert "ratio heads 0.25, neurons 0.3 of units removed" in capsys.readouterr().out
+    assert json.loads(plan.read_text())["meta"]["ratio"] == {"heads": 0.25, "neurons": 0.3}
+    with pytest.raises(SystemExit):  # argparse: "1.5 is not a fraction in [0, 1)"
+        main(["prune", str(bert), str(tmp_path / "q.onnx"), "--ratio", "heads=1.5"])
+    assert "1.5 is not a fraction" in capsys.readouterr().err

@@ -92,3 +92,19 @@ def test_analyze_lists_head_groups_with_head_counts_and_kv_grouping(capsys):
     assert "kv groups: 2, neurons: 2" in out
     assert main(["analyze", str(FIXTURES / "bert_encoder_legacy.onnx")]) == 0
     assert capsys.readouterr().out.count("4 heads x 16") == 2
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_quarter_of_the_heads_and_30_percent_of_the_ffn_by_unit_kind(name):
+    """--ratio heads=0.25,kv-groups=0.5,neurons=0.3: each kind at its own ratio (LLaMA's 2 KV
+    groups per layer can only lose whole groups), validated by onnxruntime."""
+    pruned, report = onnxprune.prune(FIXTURES / name, ratio={"heads": 0.25, "kv-groups": 0.5, "neurons": 0.3})
+    sizes = sorted((c.before, c.after) for c in report.changes)
+    heads = (2, 1) if name.startswith("llama") else (4, 3)
+    assert sizes == [heads, heads, (256, 184), (256, 184)]  # 179.2 kept neurons, rounded up to 8
+    assert "onnxruntime run" in report.checks and report.after.flops < report.before.flops
+
+
+def test_ratio_per_kind_names_only_known_kinds():
+    with pytest.raises(onnxprune.OnnxPruneError, match="unknown unit kind"):
+        onnxprune.prune(FIXTURES / "vit_legacy.onnx", ratio={"attention": 0.25})

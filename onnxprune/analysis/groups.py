@@ -15,6 +15,10 @@ from onnxprune.analysis.context import AnalysisState, ParamSlice, Source
 from onnxprune.analysis.units import NO_UNIT
 
 
+# ops whose output units a Reshape (or the op itself) can split into attention heads
+HEAD_SOURCES = ("MatMul", "Gemm", "Attention", "MultiHeadAttention", "GroupQueryAttention")
+
+
 @dataclass
 class Group:
     id: int
@@ -134,7 +138,7 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
     for g in groups:
         first = g.sources[0]
         g.channels_per_unit = max(1, len(state.layout(first.tensor, first.axis)) // max(g.size, 1))
-        if g.head_dim is not None and all(s.op_type in ("MatMul", "Gemm") for s in g.sources):
+        if g.head_dim is not None and all(s.op_type in HEAD_SOURCES for s in g.sources):
             per_unit = {s.node: len(state.layout(s.tensor, s.axis)) // max(g.size, 1) for s in g.sources}
             if all(c % g.head_dim == 0 for c in per_unit.values()):
                 g.heads_per_unit = {node: c // g.head_dim for node, c in per_unit.items()}

@@ -125,14 +125,25 @@ def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
 
 
 def _symbolic(sk: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
+    """onnxruntime's symbolic inference, keeping what it found when it stops short.
+
+    Its `infer_shapes` raises on an incomplete pass, after saving the partial
+    model as sym_shape_infer_temp.onnx into the current directory; running its
+    steps here keeps the partial shapes and writes no file.
+    """
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        out = SymbolicShapeInference.infer_shapes(sk, auto_merge=True, guess_output_rank=True)
+        inference = SymbolicShapeInference(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank, verbose
+        inference._preprocess(sk)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        out = inference.out_mp_
     except Exception as exc:
         log.debug("symbolic shape inference failed: %s", exc)
         return {}
-    return _collect(out) if out is not None else {}
+    return _collect(out)
 
 
 def static_shape(shapes: dict[str, tuple[int, Shape]], name: str) -> Shape | None:

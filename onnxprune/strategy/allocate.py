@@ -2,7 +2,9 @@
 
 Every number is a fraction REMOVED:
 * ratio          - of the units of each eligible group (uniform), or of all
-                   eligible units ranked together (global);
+                   eligible units ranked together (global); uniform ratios may
+                   differ by what the units are: {"heads": 0.25, "neurons": 0.3}
+                   (groups of a kind not named keep every unit);
 * target_flops   - of the whole model's FLOPs;
 * target_params  - of the whole model's parameters.
 FLOP and parameter targets search the ratio that reaches them with the fast
@@ -22,9 +24,16 @@ from onnxprune.errors import PlanError
 from onnxprune.strategy.estimate import CostEstimator
 
 
+KINDS = ("channels", "neurons", "heads", "kv-groups")
+
+
+def kind_key(group: Group) -> str:
+    return group.kind.replace(" ", "-")
+
+
 @dataclass
 class Target:
-    ratio: float | None = None
+    ratio: float | dict[str, float] | None = None
     target_flops: float | None = None
     target_params: float | None = None
     strategy: str = "uniform"  # or "global"
@@ -37,8 +46,15 @@ class Target:
         given = [v for v in (self.ratio, self.target_flops, self.target_params) if v is not None]
         if len(given) != 1:
             raise PlanError("give exactly one of ratio, target_flops, target_params")
-        if not 0.0 <= given[0] < 1.0:
-            raise PlanError(f"target {given[0]} must be a fraction to remove, in [0, 1)")
+        if isinstance(self.ratio, dict):
+            unknown = sorted(set(self.ratio) - set(KINDS))
+            if unknown:
+                raise PlanError(f"unknown unit kind(s) {unknown} in the ratio; use {', '.join(KINDS)}")
+            if self.strategy != "uniform":
+                raise PlanError("ratios per unit kind need the uniform strategy")
+        for value in given[0].values() if isinstance(given[0], dict) else given:
+            if not 0.0 <= value < 1.0:
+                raise PlanError(f"target {value} must be a fraction to remove, in [0, 1)")
         if not 0.0 < self.max_ratio <= 1.0:
             raise PlanError("max_ratio must be in (0, 1]")
         if self.round_to < 1:
@@ -48,10 +64,12 @@ class Target:
 
 
 def eligible_groups(analysis: Analysis, include: list[str], exclude: list[str]) -> list[Group]:
-    """Prunable groups filtered by node-name glob or op type of their sources."""
+    """Prunable groups filtered by node-name glob or op type of their sources, or by
+    what their units are: kind:channels, kind:neurons, kind:heads, kind:kv-groups."""
 
     def matches(g: Group, patterns: list[str]) -> bool:
-        return any(fnmatch.fnmatchcase(s.node, p) or s.op_type == p for s in g.sources for p in patterns)
+        kind = "kind:" + g.kind.replace(" ", "-")
+        return any(p == kind or fnmatch.fnmatchcase(s.node, p) or s.op_type == p for s in g.sources for p in patterns)
 
     out = []
     for g in analysis.prunable_groups():
@@ -77,8 +95,11 @@ def _kept_count(size: int, remove: int, round_to: int, max_ratio: float) -> int:
 
 
 def _uniform(groups, scores, ratio, t: Target) -> dict[int, int]:
-    return {g.id: _kept_count(g.size, int(np.floor(g.size * ratio)), unit_rounding(g, t.round_to), t.max_ratio)
-            for g in groups}
+    def ratio_of(g: Group) -> float:
+        return ratio.get(kind_key(g), 0.0) if isinstance(ratio, dict) else ratio
+
+    return {g.id: _kept_count(g.size, int(np.floor(g.size * ratio_of(g))), unit_rounding(g, t.round_to),
+                              t.max_ratio) for g in groups}
 
 
 def _global(groups, scores, ratio, t: Target) -> dict[int, int]:

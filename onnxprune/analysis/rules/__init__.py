@@ -2,6 +2,7 @@
 from onnxprune.analysis.rules import (  # noqa: F401
     broadcast,
     concat,
+    contrib,
     conv,
     elementwise,
     expand,
