@@ -114,7 +114,7 @@ class SweepResult:
                 continue
             q = p.quality
             cells = [label, _pct(p.flops_kept), _pct(p.params_kept), _pct(p.value),
-                     "" if q is None or q.drop is None or p.ratio is None else f"{-q.drop * 100:+.2f} pt"]
+                     "" if q is None or q.drop is None or p.ratio is None else f"{(0.0 - q.drop) * 100:+.2f} pt"]
             if self.latency is not None:
                 cells += ["" if p.latency_ms is None else f"{p.latency_ms['median_ms']:.3f}",
                           "" if p.speedup is None else f"{p.speedup:.2f}x"]
