@@ -10,11 +10,15 @@ Modules: `data` (CalibrationSet: the eval formats, limited and split),
 memory cap), `features` (consumer input rows: Gemm/MatMul vectors, Conv
 patches at sampled positions; Gram sums), `stats` (streaming per-channel
 statistics), `reconstruction` (the guarded sequence of reconstruction passes
-from `onnxprune.passes.reconstruct`).
+from `onnxprune.passes.reconstruct`), `ablation` (zero-ablation sensitivity
+of every unit through one gated session) and `removal_error` (next-layer
+reconstruction error of removing input channels, for ThiNet's greedy).
 """
+from onnxprune.calibration.ablation import AblationBudgetError, Sensitivity, ablation_sensitivity, gated_model
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP, Capture, expose
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.features import Consumer, GramStats, consumer_for, consumers_of, rows
+from onnxprune.calibration.removal_error import RemovalErrors, removal_errors
 from onnxprune.calibration.stats import (
     CalibrationStats,
     ChannelStats,
@@ -27,6 +31,7 @@ from onnxprune.calibration.reconstruction import ReconstructionReport, reconstru
 
 __all__ = [
     "DEFAULT_MEMORY_CAP",
+    "AblationBudgetError",
     "CalibrationSet",
     "CalibrationStats",
     "Capture",
@@ -35,12 +40,17 @@ __all__ = [
     "GramRequest",
     "GramStats",
     "ReconstructionReport",
+    "RemovalErrors",
+    "Sensitivity",
+    "ablation_sensitivity",
     "calibration_statistics",
     "collect_statistics",
     "consumer_for",
     "consumers_of",
     "expose",
+    "gated_model",
     "reconstruct",
+    "removal_errors",
     "rows",
     "sink_tensors",
 ]

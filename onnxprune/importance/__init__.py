@@ -12,8 +12,9 @@ def score_groups(analysis: Analysis, groups: list[Group], name: str, seed: int =
                  stats=None) -> dict[int, np.ndarray]:
     """Unit scores for each group, normalised to mean 1 so groups compare globally.
 
-    stats: calibration statistics (onnxprune.calibration.calibration_statistics)
-    for the data-aware criteria (apoz, mean_act, flap, wanda); ignored by the others.
+    stats: what a data-aware criterion reads (apoz, mean_act, flap, wanda, ablation,
+    thinet), from onnxprune.importance.data_aware.criterion_statistics(name, model,
+    analysis, data); ignored by the others.
     """
     if name not in CRITERIA:
         raise ValueError(f"unknown criterion '{name}'; choose one of {sorted(CRITERIA)}")

@@ -20,9 +20,24 @@ mean_act) into units, normalised by their mean over the group's units there,
 then averaged over the group's sinks (as `aggregate` does for weights). A
 group with no measured sink falls back to L1 magnitude.
 
-Still to come: first-order Taylor / zero-ablation sensitivity of a
-calibration loss (divergence from the dense outputs) and ThiNet/He-style
-greedy selection by next-layer reconstruction error.
+Two criteria need more than channel statistics, and say so with their own
+collector (`criterion_statistics(name, model, analysis, data)` runs the right
+one; the pipeline calls it):
+
+* ``ablation``: zero-ablation sensitivity of a calibration loss
+  (`onnxprune.calibration.ablation`): the increase of the divergence from the
+  dense model's outputs (KL of the class scores, relative MSE otherwise) when
+  the unit alone is zeroed where its consumers read it, which is what
+  removal does. Costs one pass of 64 samples per unit (through the part of
+  the model after the unit), under a FLOPs budget. Without autograd in
+  onnxruntime a first-order Taylor score is not available; ablation is the
+  exact version of what Taylor approximates.
+* ``thinet``: ThiNet / He et al. greedy selection by next-layer
+  reconstruction error (`onnxprune.calibration.removal_error`): from the
+  consumers' (centred) Gram matrices, repeatedly remove the unit whose
+  removal increases the summed relative error of the group's consumers the
+  least; a unit's score is its rank in that removal order (removed first =
+  lowest). Units of several channels (heads) leave with all their channels.
 """
 from __future__ import annotations
 
@@ -40,14 +55,35 @@ class CalibrationRequired(DataError):
     """A data-aware criterion was asked for without calibration statistics."""
 
 
-def data_criterion(name: str):
-    """Register a criterion that needs calibration statistics (`stats=`)."""
+def _channel_statistics(model, analysis, data, **kwargs):
+    from onnxprune.calibration import calibration_statistics
+
+    return calibration_statistics(model, analysis, data, **kwargs)
+
+
+def data_criterion(name: str, collect=None):
+    """Register a criterion that needs calibration statistics (`stats=`).
+
+    collect(model, analysis, data, *, groups=None, max_samples=None, seed=0) -> stats
+    gathers what it reads (default: the channel statistics of every sink).
+    """
 
     def wrap(fn):
         fn.needs_stats = True
+        fn.collect = collect or _channel_statistics
         return criterion(name)(fn)
 
     return wrap
+
+
+def criterion_statistics(name: str, model, analysis: Analysis, data, *, groups=None,
+                         max_samples: int | None = None, seed: int = 0):
+    """What data-aware criterion `name` reads (pass it as score_groups(..., stats=...)), measured on `model`
+    (the model `analysis` was built on) with calibration `data`; None for a data-free criterion."""
+    fn = CRITERIA.get(name)
+    if fn is None or not getattr(fn, "needs_stats", False):
+        return None
+    return fn.collect(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
 
 
 def needs_statistics(name: str) -> bool:
@@ -58,10 +94,10 @@ def needs_statistics(name: str) -> bool:
 def _require(name: str, stats) -> None:
     if stats is None:
         raise CalibrationRequired(
-            f"criterion '{name}' ranks units by their activations and needs calibration statistics: give "
-            "calibration data (prune --calib DATA), or pass score_groups(..., stats="
-            "onnxprune.calibration.calibration_statistics(model, analysis, data)); data-free criteria: "
-            "l1, l2, bn_scale, fpgm, random")
+            f"criterion '{name}' ranks units by what they do on calibration data and needs calibration "
+            "statistics: give calibration data (prune --calib DATA), or pass score_groups(..., stats="
+            f"onnxprune.importance.data_aware.criterion_statistics('{name}', model, analysis, data)); "
+            "data-free criteria: l1, l2, bn_scale, fpgm, random")
 
 
 def group_sinks(analysis: Analysis, group: Group):
@@ -170,4 +206,75 @@ def wanda(analysis, group, rng, stats=None):
     return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group, rng)
 
 
-DATA_AWARE = ("apoz", "mean_act", "flap", "wanda")
+def _collect_sensitivity(model, analysis, data, *, groups=None, max_samples=None, seed=0):
+    from onnxprune.calibration.ablation import ablation_sensitivity
+
+    return ablation_sensitivity(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
+
+
+def _collect_removal_errors(model, analysis, data, *, groups=None, max_samples=None, seed=0):
+    from onnxprune.calibration.removal_error import removal_errors
+
+    return removal_errors(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
+
+
+def _require_kind(name: str, stats, attribute: str, collector: str) -> None:
+    _require(name, stats)
+    if not hasattr(stats, attribute):
+        raise CalibrationRequired(
+            f"criterion '{name}' reads {collector}, not channel statistics: pass score_groups(..., stats="
+            f"onnxprune.importance.data_aware.criterion_statistics('{name}', model, analysis, data))")
+
+
+@data_criterion("ablation", collect=_collect_sensitivity)
+def ablation(analysis, group, rng, stats=None):
+    """Zero-ablation sensitivity: divergence from the dense outputs when the unit alone is removed."""
+    _require_kind("ablation", stats, "scores", "zero-ablation sensitivities (calibration.ablation_sensitivity)")
+    return _or_magnitude(stats.scores.get(group.id), analysis, group, rng)
+
+
+def unit_error_matrix(analysis: Analysis, group: Group, stats) -> np.ndarray | None:
+    """Summed channel matrices of the group's measured sinks, per unit (size x size); None if none measured."""
+    total = None
+    for sink, idx in group_sinks(analysis, group):
+        m = stats.matrices.get((sink.tensor, sink.axis, sink.node))
+        if m is None or len(m) != len(idx):
+            continue
+        mine = np.flatnonzero(idx >= 0)
+        onehot = np.zeros((len(mine), group.size))
+        onehot[np.arange(len(mine)), idx[mine]] = 1.0
+        part = onehot.T @ m[np.ix_(mine, mine)] @ onehot
+        total = part if total is None else total + part
+    return total
+
+
+def greedy_removal_order(errors: np.ndarray) -> np.ndarray:
+    """ThiNet's greedy: unit indices in the order that keeps err(S) = sum_{u,v in S} errors[u, v] smallest
+    at each step (ties: lowest index first)."""
+    n = len(errors)
+    cross = np.zeros(n)  # sum over removed v of errors[u, v] + errors[v, u]
+    diag = np.diag(errors).copy()
+    left = np.ones(n, dtype=bool)
+    order = np.empty(n, dtype=np.int64)
+    for step in range(n):
+        cost = np.where(left, cross + diag, np.inf)
+        u = int(np.argmin(cost))
+        order[step] = u
+        left[u] = False
+        cross += errors[u, :] + errors[:, u]
+    return order
+
+
+@data_criterion("thinet", collect=_collect_removal_errors)
+def thinet(analysis, group, rng, stats=None):
+    """ThiNet greedy removal order by next-layer reconstruction error; score = rank (removed first = lowest)."""
+    _require_kind("thinet", stats, "matrices", "next-layer removal errors (calibration.removal_errors)")
+    errors = unit_error_matrix(analysis, group, stats)
+    if errors is None:
+        return l1(analysis, group, rng)
+    scores = np.empty(group.size)
+    scores[greedy_removal_order(errors)] = np.arange(1, group.size + 1, dtype=np.float64)
+    return scores
+
+
+DATA_AWARE = ("apoz", "mean_act", "flap", "wanda", "ablation", "thinet")

@@ -1,0 +1,430 @@
+"""Zero-ablation sensitivity: how far the outputs move when one unit is removed.
+
+onnxruntime has no autograd (and the core does not depend on torch), so the
+"sensitivity of a calibration loss" is measured by ablation rather than by a
+first-order Taylor estimate: the score of a unit is the increase of the loss
+when that unit is zeroed, the loss being the divergence from the dense
+model's outputs (no labels needed):
+
+* an output of rank 2 with more than one column (a classifier's logits or
+  probabilities): KL(p_dense || p_ablated) of the softmax over axis 1 (used as
+  is when the output already is a probability vector), averaged over samples;
+* any other float output: mean squared error relative to the dense output's
+  mean square.  Several outputs add up.
+
+Where the gate sits. The gate is applied at the group's *sinks*: the input
+channel axis of every Conv/Gemm/MatMul that consumes the units, right before
+that consumer (the tensors the data-aware criteria read). That is exactly
+what physical removal does (the tests' masking oracle,
+`onnxprune.testing.masked_reference`: pruned == dense with the removed units
+zeroed at their consumers). Zeroing the source output instead would not be
+removal: a BatchNorm (or the bias folded into the conv, or a residual Add
+of a coupled source) after the source would turn the zero into its shift,
+and the channel would still reach the next layer as a constant.  A unit of
+several channels (an attention head, a grouped-conv index) has all its
+positions gated by the same gate entry, in every tensor that carries it.
+
+Cost. One onnxruntime session of a *gated* copy of the model serves every
+ablation: an extra graph input `onnxprune_gate` (one float per scored unit,
+plus a last entry that stays 1 for positions no scored unit owns) is gathered
+into a per-channel mask and multiplied into each sink tensor.  Each unit then
+costs one pass of `samples` calibration samples through the whole model:
+units x samples forward passes in all (digits_resnet: 448 units x 64 samples).
+A FLOPs budget bounds it: past `budget_flops` the sample count shrinks (not
+below `min_samples`), and when even that does not fit an `AblationBudgetError`
+says how large the job is and what to use instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.analysis.units import NO_UNIT
+from onnxprune.calibration.capture import Capture, _subgraph_names, calibration_session
+from onnxprune.calibration.data import CalibrationSet
+from onnxprune.errors import DataError, OnnxPruneError
+from onnxprune.ir.model_io import copy_fields
+from onnxprune.runtime.metrics import looks_like_probabilities
+from onnxprune.runtime.progress import Progress
+
+log = logging.getLogger(__name__)
+
+GATE = "onnxprune_gate"
+DEFAULT_SAMPLES = 64
+DEFAULT_MIN_SAMPLES = 8
+# 3e13 FLOPs: 6 to 12 minutes at the 40-80 GFLOP/s onnxruntime reached on 2 CPU cores here
+# (digits_resnet: 0.83 TFLOPs of ablations, 12-24 s)
+DEFAULT_BUDGET_FLOPS = 3e13
+
+
+class AblationBudgetError(DataError):
+    """Ablating every unit would cost more than the budget, even with the fewest samples allowed."""
+
+
+@dataclass
+class GatedModel:
+    """A copy of a model whose sinks are multiplied by a gate vector (graph input `gate`).
+
+    slots[group id] = gate index of the group's unit 0 (its units are consecutive);
+    `units` scored units, gate length units + 1 (the last entry is always 1).
+    """
+
+    model: onnx.ModelProto
+    gate: str
+    units: int
+    slots: dict[int, int]
+    gated: list[tuple[str, int]]  # the (tensor, axis) slots that were gated
+    used: np.ndarray  # per gate index: whether any gated position carries it
+    muls: dict[str, np.ndarray] = field(default_factory=dict)  # gating Mul node -> gate index per position
+
+    def ones(self) -> np.ndarray:
+        return np.ones(self.units + 1, dtype=np.float32)
+
+
+def gated_model(model: onnx.ModelProto, analysis, groups: Sequence) -> GatedModel:
+    """Gate every sink position that carries a unit of `groups` (see the module docstring)."""
+    slots: dict[int, int] = {}
+    slot_of_root: dict[int, int] = {}
+    total = 0
+    for g in groups:
+        slots[g.id] = total
+        for i, r in enumerate(g.roots.tolist()):
+            slot_of_root[int(r)] = total + i
+        total += g.size
+    root_of = analysis.root_of
+    by_node: dict[str, list[tuple[str, int]]] = {}
+    index: dict[tuple[str, int], np.ndarray] = {}
+    used = np.zeros(total + 1, dtype=bool)
+    for use in analysis.state.sinks:
+        key = (use.tensor, use.axis)
+        if key not in index:
+            layout = analysis.layouts[use.tensor][use.axis]
+            roots = np.where(layout == NO_UNIT, -1, root_of[np.maximum(layout, 0)])
+            index[key] = np.array([slot_of_root.get(int(r), total) for r in roots.tolist()], dtype=np.int64)
+            used[index[key]] = True
+        if (index[key] < total).any() and key not in by_node.get(use.node, []):
+            by_node.setdefault(use.node, []).append(key)
+
+    gated = onnx.ModelProto()
+    gated.CopyFrom(model)
+    graph = gated.graph
+    names = {n for node in graph.node for n in list(node.input) + list(node.output)}
+    names |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    gate = GATE
+    while gate in names:
+        gate += "_"
+    graph.input.append(helper.make_tensor_value_info(gate, TensorProto.FLOAT, [total + 1]))
+    done: dict[tuple, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    muls: dict[str, np.ndarray] = {}
+    counter = 0
+    for node in graph.node:
+        keys = by_node.get(node.name, [])
+        for tensor in dict.fromkeys(t for t, _ in keys):
+            axes = tuple(sorted(a for t, a in keys if t == tensor))
+            if (tensor, axes) not in done:
+                current = tensor
+                for axis in axes:
+                    rank = analysis.view.rank(tensor)
+                    if rank is None and axis != -1:
+                        raise OnnxPruneError(f"ablation: the rank of '{tensor}' (consumed by '{node.name}') is "
+                                             "unknown, so its channels cannot be gated; use another criterion")
+                    prefix = f"{gate}_{counter}"
+                    counter += 1
+                    shape = [-1] if rank is None else [1] * rank
+                    if rank is not None:
+                        shape[axis % rank] = -1
+                    graph.initializer.append(numpy_helper.from_array(index[(tensor, axis)], f"{prefix}_index"))
+                    graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{prefix}_shape"))
+                    nodes.append(helper.make_node("Gather", [gate, f"{prefix}_index"], [f"{prefix}_g"],
+                                                  name=f"{prefix}_gather"))
+                    mask = f"{prefix}_mask"
+                    nodes.append(helper.make_node("Reshape", [f"{prefix}_g", f"{prefix}_shape"], [mask],
+                                                  name=f"{prefix}_reshape"))
+                    elem = (analysis.view.shapes.get(tensor) or (TensorProto.FLOAT,))[0]
+                    if elem not in (TensorProto.FLOAT, 0, None):
+                        nodes.append(helper.make_node("Cast", [mask], [f"{prefix}_cast"], to=int(elem),
+                                                      name=f"{prefix}_cast"))
+                        mask = f"{prefix}_cast"
+                    nodes.append(helper.make_node("Mul", [current, mask], [f"{prefix}_out"], name=f"{prefix}_mul"))
+                    muls[f"{prefix}_mul"] = index[(tensor, axis)]
+                    current = f"{prefix}_out"
+                done[(tensor, axes)] = current
+            for i, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[i] = done[(tensor, axes)]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return GatedModel(gated, gate, total, slots, sorted(k for k, v in index.items() if (v < total).any()), used, muls)
+
+
+# -- the loss -------------------------------------------------------------------------------------
+class _Divergence:
+    """Divergence of one output from its dense value: 'kl' (rank-2 class scores) or relative 'mse'."""
+
+    def __init__(self, name: str, reference: list[np.ndarray], kind: str):
+        self.name = name
+        self.kind = kind
+        if kind == "kl":
+            self.probabilities = all(looks_like_probabilities(r, 1) for r in reference)
+            self.log_p = [self._log_probs(r) for r in reference]
+            self.p = [np.exp(lp) for lp in self.log_p]
+        else:
+            self.reference = [r.astype(np.float64) for r in reference]
+            energy = sum(float(np.square(r).sum()) for r in self.reference)
+            count = sum(r.size for r in self.reference)
+            self.scale = 1.0 / max(energy / max(count, 1), 1e-12)
+
+    def _log_probs(self, x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        if self.probabilities:
+            return np.log(np.maximum(x, 1e-12))
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    def total(self, batch: int, x: np.ndarray) -> float:
+        """Summed over the batch's samples (divide by the sample count for the mean)."""
+        if self.kind == "kl":
+            return float((self.p[batch] * (self.log_p[batch] - self._log_probs(x))).sum())
+        diff = x.astype(np.float64) - self.reference[batch]
+        per_sample = diff.size // max(diff.shape[0], 1) if diff.ndim else 1
+        return float(np.square(diff).sum()) * self.scale / max(per_sample, 1)
+
+
+def _kind(values: np.ndarray, loss: str) -> str | None:
+    if values.dtype.kind != "f":
+        return None
+    if loss != "auto":
+        if loss == "kl" and values.ndim < 2:
+            raise OnnxPruneError(f"ablation loss 'kl' needs class scores of rank 2, got shape {values.shape}")
+        return loss
+    return "kl" if values.ndim == 2 and values.shape[1] > 1 else "mse"
+
+
+# -- suffixes -------------------------------------------------------------------------------------
+@dataclass
+class Suffix:
+    """The part of the gated model a group's gates can change, as a model of its own.
+
+    frontier: the tensors it reads from the unchanged prefix (fed from one
+    capture of the prefix per group); outputs: the graph outputs it changes.
+    """
+
+    model: onnx.ModelProto
+    frontier: list[str]
+    outputs: list[str]
+    flops: float | None
+
+
+def _inputs_of(node: onnx.NodeProto) -> list[str]:
+    return [x for x in node.input if x] + sorted(_subgraph_names(node))
+
+
+def suffix(gm: GatedModel, start: set[str], node_flops: dict[str, float] | None,
+           dtypes: dict[str, int]) -> Suffix:
+    """Every node downstream of the gating Mul nodes `start`, with the gate masks they need."""
+    graph = gm.model.graph
+    constants = {t.name for t in graph.initializer}
+    affected: set[str] = set()
+    chosen: set[int] = set()
+    gate_only: dict[str, int] = {}  # tensor -> producer, for nodes computed from the gate and constants alone
+    for i, node in enumerate(graph.node):
+        ins = _inputs_of(node)
+        if node.name in start or any(x in affected for x in ins):
+            chosen.add(i)
+            affected.update(o for o in node.output if o)
+        elif all(x in constants or x == gm.gate or x in gate_only for x in ins):
+            gate_only.update((o, i) for o in node.output if o)
+    stack = [x for i in chosen for x in _inputs_of(graph.node[i]) if x in gate_only]
+    while stack:
+        i = gate_only[stack.pop()]
+        if i not in chosen:
+            chosen.add(i)
+            stack.extend(x for x in _inputs_of(graph.node[i]) if x in gate_only)
+    nodes = [graph.node[i] for i in sorted(chosen)]
+    produced = {o for n in nodes for o in n.output if o}
+    frontier = list(dict.fromkeys(x for n in nodes for x in _inputs_of(n)
+                                  if x not in produced and x not in constants and x != gm.gate))
+    outputs = [o for o in graph.output if o.name in affected]
+    out = onnx.ModelProto()
+    copy_fields(gm.model, out, skip="graph")
+    out.graph.name = graph.name
+    out.graph.node.extend(nodes)
+    used = {x for n in nodes for x in _inputs_of(n)}
+    out.graph.initializer.extend(t for t in graph.initializer if t.name in used)
+    old_inputs = {i.name: i for i in graph.input}
+    for name in frontier:
+        elem = dtypes.get(name, TensorProto.FLOAT)
+        out.graph.input.append(old_inputs.get(name) or helper.make_tensor_value_info(name, elem, None))
+    out.graph.input.append(old_inputs[gm.gate])
+    out.graph.output.extend(outputs)
+    flops = None if node_flops is None else float(sum(node_flops.get(n.name, 0.0) for n in nodes))
+    return Suffix(out, frontier, [o.name for o in outputs], flops)
+
+
+# -- the measurement ------------------------------------------------------------------------------
+@dataclass
+class Sensitivity:
+    """Loss increase when each unit alone is zeroed: `scores[group id]`, one value per unit."""
+
+    scores: dict[int, np.ndarray]
+    samples: int
+    units: int
+    runs: int = 0
+    seconds: float = 0.0
+    losses: dict[str, str] = field(default_factory=dict)  # output -> "kl" / "mse"
+    flops: float | None = None  # estimated FLOPs of the ablations (suffixes only)
+    dense_flops: float | None = None  # what the same ablations would cost through the whole model
+    notes: list[str] = field(default_factory=list)
+
+
+def _node_flops(model: onnx.ModelProto) -> dict[str, float] | None:
+    try:
+        from onnxprune.cost import model_cost
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return {n.name: float(n.flops) for n in model_cost(copy).nodes}
+    except Exception:  # an unknown cost only switches the budget off
+        log.debug("ablation: no FLOPs estimate", exc_info=True)
+        return None
+
+
+def _plan_samples(per_sample_cost: float | None, available: int, samples: int, min_samples: int,
+                  budget: float | None, units: int) -> tuple[int, list[str]]:
+    """per_sample_cost: FLOPs of every ablation of one sample."""
+    samples = max(1, min(samples, available))
+    if not per_sample_cost or budget is None:
+        return samples, []
+    if per_sample_cost * samples <= budget:
+        return samples, []
+    fit = int(budget // per_sample_cost)
+    floor = min(min_samples, samples)
+    if fit < floor:
+        raise AblationBudgetError(
+            f"ablation sensitivity of {units} units would cost {per_sample_cost * floor / 1e12:.3g} TFLOPs even "
+            f"with the fewest samples allowed ({floor}; {per_sample_cost / 1e9:.3g} GFLOPs per sample for all "
+            f"units), over the budget of {budget / 1e12:.3g} TFLOPs. Use a criterion that costs one pass over "
+            "the data (thinet, flap, wanda, mean_act), score fewer groups, or raise the budget "
+            "(ablation_sensitivity(..., budget_flops=...))")
+    note = (f"ablation: {units} units x {samples} samples would cost {per_sample_cost * samples / 1e12:.3g} "
+            f"TFLOPs, over the budget of {budget / 1e12:.3g} TFLOPs: {fit} samples per unit instead")
+    log.warning(note)
+    return fit, [note]
+
+
+def ablation_sensitivity(
+    model: onnx.ModelProto,
+    analysis,
+    data: Any,
+    *,
+    groups: Sequence | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    budget_flops: float | None = DEFAULT_BUDGET_FLOPS,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    loss: str = "auto",
+    seed: int = 0,
+    threads: int = 0,
+    progress: bool | None = None,
+) -> Sensitivity:
+    """Zero-ablation sensitivity of every unit of `groups` (default: the prunable ones) on `model`
+    (the model `analysis` was built on).
+
+    samples: calibration samples per ablation (a seeded random subset of the
+    first `max_samples` of `data`), fed `batch_size` at a time.
+    loss: "auto" (KL for rank-2 class scores, relative MSE otherwise), "kl" or "mse".
+    budget_flops: FLOPs allowed for all ablations (None: no limit), estimated
+    per group as its units x samples x the FLOPs of the part of the model
+    after its first gate.
+    """
+    if loss not in ("auto", "kl", "mse"):
+        raise OnnxPruneError(f"ablation loss must be 'auto', 'kl' or 'mse', got '{loss}'")
+    clock = time.perf_counter()
+    groups = list(analysis.prunable_groups() if groups is None else groups)
+    gm = gated_model(model, analysis, groups)
+    calib = CalibrationSet.open(data, model, max_samples=max_samples)
+    node_flops = _node_flops(model)
+    dtypes = {name: entry[0] for name, entry in analysis.view.shapes.items() if entry and entry[0]}
+    plans = []  # (group, active unit indices, suffix)
+    for g in groups:
+        lo, hi = gm.slots[g.id], gm.slots[g.id] + g.size
+        active = [k - lo for k in range(lo, hi) if gm.used[k]]
+        if not active:
+            continue
+        start = {name for name, idx in gm.muls.items() if ((idx >= lo) & (idx < hi)).any()}
+        plans.append((g, active, suffix(gm, start, node_flops, dtypes)))
+    units = sum(len(a) for _, a, _ in plans)
+    cost = None if node_flops is None else sum(len(a) * (s.flops or 0.0) for _, a, s in plans)
+    count, notes = _plan_samples(cost, len(calib), samples, min_samples, budget_flops, units)
+    if count < len(calib):
+        pick = np.sort(np.random.default_rng(seed).choice(len(calib), count, replace=False))
+        calib = CalibrationSet(calib.dataset, calib.specs, calib.indices[pick])
+    batches = list(calib.batches(batch_size))
+    n = len(calib)
+    ones = gm.ones()
+    scores = {g.id: np.zeros(g.size) for g in groups}
+    kinds: dict[str, str] = {}
+    runs = 0
+    with Progress(units, "ablation", enabled=progress) as bar:
+        for g, active, part in plans:
+            if not part.outputs:
+                bar.update(len(active))
+                continue
+            feeds = _frontier_feeds(gm, part, batches, ones, threads)
+            session = calibration_session(part.model, threads=threads)
+            dense = _run(session, part.outputs, feeds, gm.gate, ones)
+            losses = []
+            for j, name in enumerate(part.outputs):
+                kind = _kind(dense[0][j], loss)
+                if kind is not None:
+                    losses.append((j, _Divergence(name, [b[j] for b in dense], kind)))
+                    kinds[name] = kind
+            runs += len(feeds) * (len(active) + 1)
+            if not losses:
+                bar.update(len(active))
+                continue
+            for i in active:
+                gate = ones.copy()
+                gate[gm.slots[g.id] + i] = 0.0
+                total = 0.0
+                for b, values in enumerate(_run(session, part.outputs, feeds, gm.gate, gate)):
+                    total += sum(d.total(b, values[j]) for j, d in losses)
+                scores[g.id][i] = max(total / n, 0.0)
+                bar.update()
+    if plans and not kinds:
+        raise OnnxPruneError("ablation sensitivity needs a float model output to measure the divergence on; "
+                             f"the outputs are {[o.name for o in model.graph.output]}")
+    whole = None if node_flops is None else sum(node_flops.values())
+    result = Sensitivity(scores, n, units, runs=runs, losses=kinds,
+                         flops=None if cost is None else cost * n,
+                         dense_flops=None if whole is None else whole * units * n, notes=notes)
+    result.seconds = time.perf_counter() - clock
+    return result
+
+
+def _run(session, outputs: list[str], feeds, gate_name: str, gate: np.ndarray) -> list[list[np.ndarray]]:
+    """Per batch, the outputs (padding rows dropped) with `gate`."""
+    return [[v[:n] for v in session.run(outputs, {**f, gate_name: gate})] for f, n in feeds]
+
+
+def _frontier_feeds(gm: GatedModel, part: Suffix, batches, ones: np.ndarray, threads: int):
+    """Per batch: the suffix's inputs (graph inputs as given, prefix tensors from one dense run) and n."""
+    graph_inputs = {i.name for i in gm.model.graph.input}
+    captured = [x for x in part.frontier if x not in graph_inputs]
+    capture = Capture(gm.model, captured, threads=threads) if captured else None
+    out = []
+    for feeds, n in batches:
+        f = {x: feeds[x] for x in part.frontier if x in graph_inputs}
+        if capture is not None:
+            f.update(capture.run({**feeds, gm.gate: ones}))
+        out.append((f, n))
+    return out
