@@ -30,10 +30,15 @@ def benchmark_models(names: list[str] | None = None) -> dict[str, onnx.ModelProt
     return out
 
 
-def paired_latency(models: list[onnx.ModelProto], threads: int, runs: int, warmup: int = 3) -> list[dict]:
-    """Median/p90/min latency in ms of each model, runs interleaved so drift hits all alike."""
+def paired_latency(models: list, threads: int, runs: int, warmup: int = 3,
+                   feeds: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Median/p90/min latency in ms of each model (ModelProto or path), runs interleaved so
+    drift hits all alike; `feeds` (the same for all) or random inputs of the models' shapes."""
     sessions = [make_session(m, threads=threads) for m in models]
-    feeds = [random_inputs(m, concrete_input_shapes(m)) for m in models]
+    if feeds is not None:
+        feeds = [feeds] * len(models)
+    else:
+        feeds = [random_inputs(m, concrete_input_shapes(m)) for m in models]
     for s, f in zip(sessions, feeds):
         for _ in range(warmup):
             s.run(None, f)

@@ -97,8 +97,8 @@ NUM_CLASSES = 10
 IMAGE = 16
 PATCH = 4
 
-# --size base: the published base configurations (BERT-base, ViT-B/16, GPT-2 small;
-# LLaMA at that width with 4 KV heads), for benchmarks/bench_transformers.py.
+# --size base: the widths and depths of the published base models (BERT-base, ViT-B/16, GPT-2 small;
+# LLaMA at that width with 4 KV heads; one 30522-token vocabulary), for benchmarks/bench_transformers.py.
 # Not committed: BERT-base alone is 440 MB.
 SIZES = {
     "tiny": dict(HIDDEN=64, HEADS=4, KV_HEADS=2, FFN=256, LAYERS=2, VOCAB=128, MAX_POS=16,

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a.add_argument("--input-shape", help="fix dynamic input dims, e.g. input:1x3x224x224")
     a.add_argument("--all", action="store_true", help="list every blocked reason, not only the first")
+    a.add_argument("--prune-hidden", action="store_true", help=PRUNE_HIDDEN_HELP)
 
     p = sub.add_parser("prune", help="remove channels/neurons and write a validated smaller model")
     p.add_argument("input")
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ratio", type=_ratio,
                       help="fraction of units REMOVED per group (uniform) or overall (global); per unit kind: "
-                           "heads=0.25,neurons=0.3 (kinds: channels, neurons, heads, kv-groups)")
+                           "heads=0.25,neurons=0.3 (kinds: channels, neurons, heads, kv-groups, hidden)")
     what.add_argument("--target-flops", type=_fraction, help="fraction of the model's FLOPs to REMOVE")
     what.add_argument("--target-params", type=_fraction, help="fraction of the model's parameters to REMOVE")
     what.add_argument("--lossless", action="store_true", help="remove only exactly-dead channels and zero branches")
@@ -101,6 +102,10 @@ def _budget(text: str) -> float:
     return value
 
 
+PRUNE_HIDDEN_HELP = ("also prune the hidden (residual-stream) width of transformers through LayerNorm/RMSNorm: "
+                     "not lossless, their statistics change; name it in a ratio as hidden=R")
+
+
 def _add_pruning_options(p) -> None:
     p.add_argument("--criterion", default="l1", choices=sorted(CRITERIA), help="importance criterion (default l1)")
     p.add_argument("--strategy", default="uniform", choices=["uniform", "global"],
@@ -115,6 +120,7 @@ def _add_pruning_options(p) -> None:
     p.add_argument("--input-shape", help="fix dynamic input dims for validation, FLOPs and latency, "
                                          "e.g. input:1x3x224x224")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prune-hidden", action="store_true", help=PRUNE_HIDDEN_HELP)
     c = p.add_argument_group("calibration and reconstruction (data-aware pruning)")
     c.add_argument("--calib", metavar="DATA", help="calibration data (eval formats; labels ignored): enables the "
                    "data-aware criteria and reconstruction after pruning")
@@ -247,7 +253,7 @@ def _add_sweep_parser(sub) -> None:
 
 
 def cmd_analyze(args) -> int:
-    report = analyze(args.model, parse_input_shapes(args.input_shape))
+    report = analyze(args.model, parse_input_shapes(args.input_shape), prune_hidden=args.prune_hidden)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
@@ -300,6 +306,7 @@ def _prune(args, data):
         target_flops=args.target_flops,
         target_params=args.target_params,
         lossless=args.lossless,
+        prune_hidden=args.prune_hidden,
         plan=args.plan,
         criterion=args.criterion,
         strategy=args.strategy,
@@ -401,7 +408,7 @@ def cmd_sweep(args) -> int:
     result = sweep(args.model, ratios, data=_open_data(args, args.data), target=args.target,
                    criterion=args.criterion, strategy=args.strategy, max_ratio=args.max_ratio,
                    round_to=args.round_to, include=args.include, exclude=args.exclude,
-                   input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
+                   prune_hidden=args.prune_hidden, input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
                    max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency,
                    batch_size=args.batch_size, provider=args.provider, threads=args.threads,
                    latency_runs=args.runs, latency_warmup=args.warmup, output_dir=args.output_dir,

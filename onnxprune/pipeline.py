@@ -18,11 +18,11 @@ import onnx
 
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.zeros import ZeroState
-from onnxprune.calibration import calibration_statistics, reconstruct
+from onnxprune.calibration import reconstruct
 from onnxprune.cost import model_cost
 from onnxprune.errors import DataError, OnnxPruneError, PlanError
 from onnxprune.importance import score_groups
-from onnxprune.importance.data_aware import needs_statistics
+from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
 from onnxprune.ir.fold import fold_constants
 from onnxprune.ir.graph_view import GraphView, name_nodes
 from onnxprune.ir.model_io import SourceInfo, load_model, normalise, save_model, unshare_initializers
@@ -58,9 +58,9 @@ def prepare(model: ModelLike) -> tuple[onnx.ModelProto, SourceInfo]:
     return working, source
 
 
-def build_analysis(model: onnx.ModelProto) -> Analysis:
+def build_analysis(model: onnx.ModelProto, prune_hidden: bool = False) -> Analysis:
     shapes = infer_shapes(model)
-    return analyze_graph(GraphView(model, shapes))
+    return analyze_graph(GraphView(model, shapes), hidden_width=prune_hidden)
 
 
 @dataclass
@@ -80,11 +80,12 @@ class AnalysisReport:
         }
 
 
-def analyze(model: ModelLike, input_shapes: dict[str, list[int]] | None = None) -> AnalysisReport:
+def analyze(model: ModelLike, input_shapes: dict[str, list[int]] | None = None,
+            prune_hidden: bool = False) -> AnalysisReport:
     working, source = prepare(model)
     fixed = concrete_input_shapes(working, input_shapes)
     stats = ModelStats.from_cost(model_cost(working, fixed), source.file_size)
-    return AnalysisReport(build_analysis(working), stats)
+    return AnalysisReport(build_analysis(working, prune_hidden), stats)
 
 
 def prune(
@@ -101,6 +102,7 @@ def prune(
     include: list[str] | tuple[str, ...] = (),
     exclude: list[str] | tuple[str, ...] = (),
     lossless: bool = False,
+    prune_hidden: bool = False,
     plan: Plan | str | os.PathLike | None = None,
     save_plan: str | os.PathLike | None = None,
     input_shapes: dict[str, list[int]] | None = None,
@@ -124,6 +126,10 @@ def prune(
 
     Exactly one of: ratio / target_flops / target_params (fractions REMOVED),
     lossless=True, or plan (a Plan or the path of a saved plan).
+
+    prune_hidden: also prune the hidden (residual-stream) width of transformers
+    through LayerNorm / RMSNorm (not lossless: their statistics then cover the
+    kept dims only); a ratio may name it: {"hidden": 0.25}.
 
     Validation gate (onnxprune.runtime.gate): `validate_data` (a path in any
     format `eval` reads, a dict of arrays, or a Dataset from
@@ -198,7 +204,7 @@ def prune(
             target.check()
         calibration = None if calib is None else Calibration(calib, calib_samples, least_squares,
                                                               bias_correction, bn_recalibration, seed)
-        decision = _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration)
+        decision = _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration, prune_hidden)
     working = decision.pruned  # the dense model and its analysis are released here
     decision.pruned = None
     drop_unused_initializers(working)
@@ -328,17 +334,19 @@ def _apply(working, analysis, removed, plan, mode, notes=None, calibration: Cali
     return Decision(pruned, plan, mode, changes, len(analysis.groups), len(analysis.prunable_groups()), notes)
 
 
-def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration: Calibration | None = None) -> Decision:
-    analysis = build_analysis(working)
+def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration: Calibration | None = None,
+            prune_hidden: bool = False) -> Decision:
+    used_plan = None if plan is None else plan if isinstance(plan, Plan) else Plan.load(plan)
+    prune_hidden = prune_hidden or bool(used_plan and used_plan.meta.get("prune_hidden"))
+    analysis = build_analysis(working, prune_hidden)
     lap("analyze")
-    if plan is not None:
-        used_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if used_plan is not None:
         removed = used_plan.removed_roots(analysis)
         return _apply(working, analysis, removed, used_plan, "plan replay", calibration=calibration)
     stats = None
     if calibration is not None and needs_statistics(criterion):
-        stats = calibration_statistics(working, analysis, calibration.data, max_samples=calibration.max_samples,
-                                       seed=seed)
+        stats = criterion_statistics(criterion, working, analysis, calibration.data,
+                                     max_samples=calibration.max_samples, seed=seed)
         lap("calibrate")
     scores = score_groups(analysis, analysis.prunable_groups(), criterion, seed, stats=stats)
     lap("score")
@@ -352,9 +360,10 @@ def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration
         removed.update(int(r) for r in analysis.groups[gid].roots[flags])
     meta = {"criterion": criterion, "strategy": target.strategy, "ratio": target.ratio,
             "target_flops": target.target_flops, "target_params": target.target_params,
-            "round_to": target.round_to}
+            "round_to": target.round_to, "prune_hidden": prune_hidden}
     mode = _describe(target.ratio, target.target_flops, target.target_params, criterion, target.strategy)
-    return _apply(working, analysis, removed, Plan.from_keep(analysis, keep, meta), mode, calibration=calibration)
+    return _apply(working, analysis, removed, Plan.from_keep(analysis, keep, meta), mode,
+                  notes=getattr(stats, "notes", None), calibration=calibration)
 
 
 def _decide_lossless(working: onnx.ModelProto) -> Decision:

@@ -206,6 +206,7 @@ def sweep(
     round_to: int = 8,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    prune_hidden: bool = False,
     input_shapes: dict[str, list[int]] | None = None,
     seed: int = 0,
     max_accuracy_drop: float | None = None,
@@ -258,7 +259,8 @@ def sweep(
             try:
                 pruned, report = prune(dense, out, **{key: r}, criterion=criterion, strategy=strategy,
                                        max_ratio=max_ratio, round_to=round_to, include=list(include),
-                                       exclude=list(exclude), input_shapes=input_shapes, seed=seed,
+                                       exclude=list(exclude), prune_hidden=prune_hidden,
+                                       input_shapes=input_shapes, seed=seed,
                                        progress=False)
             except (PlanError, ValidationError) as exc:  # e.g. an unreachable target: report it, go on
                 point.error = str(exc)

@@ -108,3 +108,24 @@ def test_a_quarter_of_the_heads_and_30_percent_of_the_ffn_by_unit_kind(name):
 def test_ratio_per_kind_names_only_known_kinds():
     with pytest.raises(onnxprune.OnnxPruneError, match="unknown unit kind"):
         onnxprune.prune(FIXTURES / "vit_legacy.onnx", ratio={"attention": 0.25})
+
+
+@pytest.mark.parametrize("name", ["gpt2_decoder_legacy.onnx", "gpt2_decoder_dynamo.onnx",
+                                  "llama_decoder_legacy.onnx", "llama_decoder_dynamo.onnx"])
+def test_hidden_width_is_prunable_only_when_opted_in(name):
+    """The residual stream (embedding, every block's output projection, LayerNorm / RMSNorm
+    scales, the LM head's inputs) is one group; its norms make it inexact."""
+    assert not any(g.kind == "hidden" for g in onnxprune.analyze(FIXTURES / name).analysis.groups)
+    hidden = [g for g in onnxprune.analyze(FIXTURES / name, prune_hidden=True).analysis.groups if g.kind == "hidden"]
+    assert len(hidden) == 1 and hidden[0].prunable and hidden[0].size == 64 and hidden[0].inexact
+    pruned, report = onnxprune.prune(FIXTURES / name, ratio={"hidden": 0.25}, prune_hidden=True)
+    assert [(c.before, c.after) for c in report.changes] == [(64, 48)]
+    assert "onnxruntime run" in report.checks
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input]
+    assert all(isinstance(d, str) for shape in dims for d in shape)
+
+
+def test_hidden_width_that_reaches_the_output_stays_with_a_reason():
+    groups = onnxprune.analyze(FIXTURES / "bert_encoder_legacy.onnx", prune_hidden=True).analysis.groups
+    hidden = next(g for g in groups if g.kind == "hidden")
+    assert hidden.blocked == ["reaches graph output 'last_hidden_state'"]

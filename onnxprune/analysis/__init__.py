@@ -61,9 +61,14 @@ def _block_folded_inputs(node, state: AnalysisState) -> None:
                                     f"{axis} of '{name}' ({shape[axis]}); only Reshape and Transpose follow them")
 
 
-def analyze_graph(view: GraphView) -> Analysis:
-    """Walk the graph once in topological order, applying each node's rule."""
-    state = AnalysisState(view)
+def analyze_graph(view: GraphView, hidden_width: bool = False) -> Analysis:
+    """Walk the graph once in topological order, applying each node's rule.
+
+    hidden_width: let units through LayerNorm, RMSNorm and other statistics over
+    their axis (and open them at embedding lookups), so that the residual
+    stream's width becomes a prunable group; not lossless (the statistics change).
+    """
+    state = AnalysisState(view, hidden_width=hidden_width)
     for node in view.nodes:
         rule = rule_for(node)
         if not rule.reads_folded_axes:

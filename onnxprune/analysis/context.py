@@ -56,6 +56,9 @@ class AnalysisState:
     inexact_reasons: dict[int, list[str]] = field(default_factory=dict)
     #: (unit, width): a Reshape made `width` positions one unit (hidden -> heads x head_dim)
     splits: list[tuple[int, int]] = field(default_factory=list)
+    #: opt-in: prune the hidden (residual-stream) width through norms and reductions (not lossless)
+    hidden_width: bool = False
+    hidden_units: set[int] = field(default_factory=set)
 
     # -- reading -------------------------------------------------------------
     def layouts_of(self, tensor: str) -> dict[int, np.ndarray]:
@@ -118,6 +121,18 @@ class AnalysisState:
             else:
                 first[c] = u
         return layout
+
+    def through_statistics(self, layout: np.ndarray | None, reason: str) -> bool:
+        """Units on an axis a norm or reduction computes statistics over: with hidden_width
+        they may go (inexact, their group is the hidden width), otherwise they are blocked."""
+        if layout is None:
+            return False
+        if not self.hidden_width:
+            self.block(layout, reason + " (hidden width is opt-in: --prune-hidden; not lossless)")
+            return False
+        self.inexact(layout, reason)
+        self.hidden_units.update(int(u) for u in np.asarray(layout).tolist() if u != NO_UNIT)
+        return True
 
     def note_split(self, units: np.ndarray, width: int) -> None:
         """Record that each of `units` now stands for a block of `width` positions (a head)."""

@@ -31,6 +31,7 @@ class Group:
     channels_per_unit: int = 1  # a head is head_dim channels; a grouped-conv unit one per group
     head_dim: int | None = None  # set when a Reshape split the units into heads of this width
     heads_per_unit: dict[str, int] = field(default_factory=dict)  # source node -> heads it has in one unit
+    hidden: bool = False  # the residual-stream width, pruned through norms (opt-in, not lossless)
 
     @property
     def size(self) -> int:
@@ -43,7 +44,10 @@ class Group:
 
     @property
     def kind(self) -> str:
-        """channels (convolutions), neurons (FC), heads, or kv groups (grouped-query attention)."""
+        """channels (convolutions), neurons (FC), heads, kv groups (grouped-query attention),
+        or hidden (the residual-stream width, through norms: opt-in)."""
+        if self.hidden:
+            return "hidden"
         if self.head_dim is not None and self.heads_per_unit:
             return "kv groups" if len(set(self.heads_per_unit.values())) > 1 else "heads"
         if all(s.op_type in ("Conv", "ConvTranspose") for s in self.sources):
@@ -132,6 +136,8 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         gids = {group_of_root[int(root_of[u])] for u in set(layout.tolist()) if u != NO_UNIT}
         for gid in sorted(gids):
             groups[gid].params.append(p)
+    for unit in state.hidden_units:
+        groups[group_of_root[int(root_of[unit])]].hidden = True
     for unit, width in state.splits:
         g = groups[group_of_root[int(root_of[unit])]]
         g.head_dim = width if g.head_dim is None else min(g.head_dim, width)

@@ -32,7 +32,7 @@ def check_provider(provider: str) -> None:
         )
 
 
-def make_session(model: onnx.ModelProto | bytes, *, threads: int = 1, provider: str = "CPUExecutionProvider",
+def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads: int = 1, provider: str = "CPUExecutionProvider",
                  optimize: bool = True, prepack: bool = True,
                  profile_prefix: str | None = None) -> ort.InferenceSession:
     """threads=0 lets onnxruntime choose; profile_prefix turns on onnxruntime's
@@ -49,8 +49,8 @@ def make_session(model: onnx.ModelProto | bytes, *, threads: int = 1, provider: 
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    if isinstance(model, bytes):
-        return ort.InferenceSession(model, opts, providers=[provider])
+    if isinstance(model, (bytes, str, os.PathLike)):  # serialized, or a file (its external data beside it)
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=[provider])
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
     with tempfile.TemporaryDirectory() as tmp:  # >2 GB: go through a file with external data

@@ -24,7 +24,7 @@ from onnxprune.errors import PlanError
 from onnxprune.strategy.estimate import CostEstimator
 
 
-KINDS = ("channels", "neurons", "heads", "kv-groups")
+KINDS = ("channels", "neurons", "heads", "kv-groups", "hidden")
 
 
 def kind_key(group: Group) -> str:

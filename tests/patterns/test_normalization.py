@@ -138,3 +138,71 @@ def test_lrn_lets_channels_be_pruned_but_marks_the_group_inexact():
     assert _initializer(pruned, "w2").shape[1] == kept
     (out,) = run(pruned, feeds_for(model))
     assert out.shape == (1, 4, 8, 8) and np.isfinite(out).all()
+
+
+# -- hidden (residual-stream) width: opt-in through LayerNorm and RMSNorm ---------------
+
+def _residual_stream():
+    """ids -> embedding (12 wide) -> x + MLP(LayerNorm(x)) -> RMSNorm (decomposed) -> head."""
+    inits = [weight(10, 12, name="emb"), _positive(12, name="g1"), weight(12, name="b1"),
+             weight(12, 16, name="w1"), weight(16, 12, name="w2"), weight(12, name="b2"),
+             _positive(12, name="g2"), weight(12, 7, name="head"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps")]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["x"], name="embed"),
+        helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["ln", "w1"], ["up"], name="up"),
+        helper.make_node("Relu", ["up"], ["act"], name="act"),
+        helper.make_node("MatMul", ["act", "w2"], ["down"], name="down"),
+        helper.make_node("Add", ["down", "b2"], ["branch"], name="bias"),
+        helper.make_node("Add", ["x", "branch"], ["h"], name="residual"),
+        helper.make_node("Pow", ["h", "two"], ["sq"], name="sq"),
+        helper.make_node("ReduceMean", ["sq"], ["ms"], name="mean_sq", axes=[-1], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["ms_eps"], name="add_eps"),
+        helper.make_node("Sqrt", ["ms_eps"], ["rms"], name="rms"),
+        helper.make_node("Div", ["h", "rms"], ["normed"], name="normalise"),
+        helper.make_node("Mul", ["normed", "g2"], ["rmsnorm"], name="rms_scale"),
+        helper.make_node("MatMul", ["rmsnorm", "head"], ["y"], name="lm_head"),
+    ]
+    graph = helper.make_graph(nodes, "stream", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5, 7])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _stream_by_hand(model, ids, kept):
+    """The same computation in numpy with only the `kept` hidden dims: norms over those alone."""
+    p = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    x = p["emb"][:, kept][ids]
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    ln = (x - mu) / np.sqrt(var + 1e-5) * p["g1"][kept] + p["b1"][kept]
+    h = x + np.maximum(ln @ p["w1"][kept], 0) @ p["w2"][:, kept] + p["b2"][kept]
+    rms = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + 1e-6) * p["g2"][kept]
+    return rms @ p["head"][kept]
+
+
+def test_the_hidden_width_is_blocked_by_the_norms_unless_opted_in():
+    model = _residual_stream()
+    working, _ = prepare(model)
+    assert not any(g.kind == "hidden" for g in build_analysis(working).groups)
+    hidden = [g for g in build_analysis(working, prune_hidden=True).groups if g.kind == "hidden"]
+    assert len(hidden) == 1 and hidden[0].prunable and hidden[0].size == 12
+    assert any("LayerNormalization 'ln' computes its statistics over the hidden axis 2" in r for r in hidden[0].inexact)
+    assert any("ReduceMean 'mean_sq' reduces over axis 2" in r for r in hidden[0].inexact)
+    roles = {p.role for p in hidden[0].params}
+    assert {"embedding", "norm_scale", "norm_bias", "weight_in", "weight_out"} <= roles
+
+
+def test_pruned_hidden_width_computes_the_norms_over_the_kept_dims():
+    model = _residual_stream()
+    working, _ = prepare(model)
+    analysis = build_analysis(working, prune_hidden=True)
+    group = next(g for g in analysis.groups if g.kind == "hidden")
+    removed = {int(r) for r in group.roots[[1, 4, 5, 9]]}
+    pruned = apply_removal(working, analysis, removed)
+    onnx.checker.check_model(pruned, full_check=True)
+    ids = np.random.default_rng(0).integers(0, 10, (2, 5)).astype(np.int64)
+    kept = [i for i in range(12) if i not in (1, 4, 5, 9)]
+    np.testing.assert_allclose(run(pruned, {"ids": ids})[0], _stream_by_hand(model, ids, kept), atol=1e-4)

@@ -16,6 +16,11 @@ class GatherRule(Rule):
             s.block_tensor(data, f"Gather '{node.name}': rank unknown")
             return
         axis = norm_axis(int(s.view.attr(node, "axis", 0)), rank)
+        if s.hidden_width and rank == 2 and axis == 0 and s.view.is_const(data):
+            # an embedding lookup starts the residual stream: its width is the hidden units
+            s.set_layout(y, idx_rank, s.fresh(node, y, idx_rank, s.view.dim(data, 1)))
+            s.param(node, 0, 1, s.layout(y, idx_rank), "embedding")
+            return
         mapping = {a: a for a in range(axis)}
         mapping.update({a: a + idx_rank - 1 for a in range(axis + 1, rank)})
         for a, layout in s.layouts_of(data).items():

@@ -67,11 +67,32 @@ class StatisticsOverAxes(Rule):
                 s.block(layout, f"{node.op_type} '{node.name}': rank of '{x}' unknown")
 
 
-@register("LayerNormalization")
+@register("LayerNormalization", "SimplifiedLayerNormalization")
 class LayerNormRule(StatisticsOverAxes):
+    """Over the last axis (the hidden width of a transformer): opt-in, its scale and
+    bias sliced with the units; the statistics are then over the kept dims only."""
+
     def normalised_axes(self, node, s, rank):
         start = norm_axis(int(s.view.attr(node, "axis", -1)), rank)
         return set(range(start, rank))
+
+    def propagate(self, node, s):
+        x, y = node.input[0], node.output[0]
+        rank = s.view.rank(x) or 0
+        layout = s.layout(x, rank - 1) if rank else None
+        if layout is None or self.normalised_axes(node, s, rank) != {rank - 1}:
+            super().propagate(node, s)
+            return
+        reason = (f"{node.op_type} '{node.name}' computes its statistics over the hidden axis {rank - 1}: "
+                  "removing dims there changes its mean and variance")
+        for axis, other in s.layouts_of(x).items():
+            if axis != rank - 1:
+                s.set_layout(y, axis, other)
+        if s.through_statistics(layout, reason):
+            s.set_layout(y, rank - 1, layout)
+            for index, role in ((1, "norm_scale"), (2, "norm_bias")):
+                if s.view.has_input(node, index):
+                    s.param(node, index, 0, layout, role)
 
 
 @register("GroupNormalization")

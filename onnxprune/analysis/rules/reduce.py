@@ -29,7 +29,12 @@ class ReduceRule(Rule):
         keepdims = int(s.view.attr(node, "keepdims", 1))
         kept = [a for a in range(rank) if a not in reduced]
         mapping = {a: a for a in kept} if keepdims else {a: i for i, a in enumerate(kept)}
-        pass_axes(s, node, x, y, mapping)
+        for axis, layout in s.layouts_of(x).items():
+            if axis in mapping:
+                s.set_layout(y, mapping[axis], layout)
+            else:  # RMSNorm's mean(x^2) over the hidden width: opt-in
+                s.through_statistics(layout, f"{node.op_type} '{node.name}' reduces over axis {axis} of "
+                                             f"'{x}': removing a channel there changes the result")
 
     def zeros(self, node, z):
         if node.op_type in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare"):
