@@ -129,3 +129,37 @@ def test_hidden_width_that_reaches_the_output_stays_with_a_reason():
     groups = onnxprune.analyze(FIXTURES / "bert_encoder_legacy.onnx", prune_hidden=True).analysis.groups
     hidden = next(g for g in groups if g.kind == "hidden")
     assert hidden.blocked == ["reaches graph output 'last_hidden_state'"]
+
+
+def _zero_columns(model, matmul_name, columns):
+    """Zero some output columns of a MatMul's weight and of the bias Add that follows it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == matmul_name)
+    bias_add = next((n for n in model.graph.node if n.op_type == "Add" and node.output[0] in n.input), None)
+    targets = [(node.input[1], (slice(None), columns))]
+    if bias_add is not None:
+        targets += [(i, (columns,)) for i in bias_add.input if i in inits]
+    for name, index in targets:
+        values = onnx.numpy_helper.to_array(inits[name]).copy()
+        values[index] = 0
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(values, name))
+
+
+@pytest.mark.parametrize("name, value_proj, heads_after", [
+    ("bert_encoder_legacy.onnx", "/encoder/layer.0/attention/self/value/MatMul", [3]),
+    ("llama_decoder_legacy.onnx", "/model/layers.0/self_attn/v_proj/MatMul", [1]),  # a dead KV head: its group
+])
+def test_lossless_removes_a_head_whose_values_are_zero(name, value_proj, heads_after):
+    model = onnx.load(str(FIXTURES / name))
+    _zero_columns(model, value_proj, slice(16, 32))  # head 1 (16 dims)
+    pruned, report = onnxprune.prune(model, lossless=True)
+    assert [c.after for c in report.changes] == heads_after
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
+
+
+def test_lossless_removes_dead_ffn_neurons():
+    model = onnx.load(str(FIXTURES / "bert_encoder_legacy.onnx"))
+    _zero_columns(model, "/encoder/layer.1/intermediate/dense/MatMul", [3, 70, 200])  # GELU(0) = 0
+    pruned, report = onnxprune.prune(model, lossless=True)
+    assert [(c.before, c.after) for c in report.changes] == [(256, 253)]
+    assert report.max_abs_diff < 1e-5

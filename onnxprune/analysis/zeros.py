@@ -106,6 +106,19 @@ class ZeroState:
                 result.add(r)
         self._set(out, result)
 
+    def product_zeros(self, node: onnx.NodeProto, contracted: dict[str, int]) -> None:
+        """A product of two run-time tensors (MatMul): an output unit is zero where it is
+        zero in either operand on an axis that is not summed over."""
+        out = node.output[0]
+        result = set()
+        for r in self.positions(out):
+            for name, k_axis in contracted.items():
+                places = self.positions(name).get(r, [])
+                if places and r in self.zero_set(name) and all(axis != k_axis for axis, _ in places):
+                    result.add(r)
+                    break
+        self._set(out, result)
+
     def clip_keeps_zero(self, node: onnx.NodeProto) -> bool:
         lo = self.view.attr(node, "min")
         hi = self.view.attr(node, "max")

@@ -114,4 +114,11 @@ class MatMulRule(Rule):
         s.set_layout(node.output[0], out_axis, out_layout)
 
     def zeros(self, node, z):
-        z.source_zeros(node)
+        a, b = node.input[0], node.input[1]
+        if z.view.is_const(a) or z.view.is_const(b):
+            z.source_zeros(node)
+            return
+        # attention's probs @ V: a head whose values are all zero gives an all-zero context
+        ra, rb = z.view.rank(a), z.view.rank(b)
+        if ra is not None and rb is not None:
+            z.product_zeros(node, contracted={a: ra - 1, b: rb - 2})
