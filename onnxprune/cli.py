@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove channels/neurons and write a validated smaller model")
     p.add_argument("input")
     p.add_argument("output")
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()  # one of them, or --drop-layers alone (checked in main)
     what.add_argument("--ratio", type=_ratio,
                       help="fraction of units REMOVED per group (uniform) or overall (global); per unit kind: "
                            "heads=0.25,neurons=0.3 (kinds: channels, neurons, heads, kv-groups, hidden)")
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--target-params", type=_fraction, help="fraction of the model's parameters to REMOVE")
     what.add_argument("--lossless", action="store_true", help="remove only exactly-dead channels and zero branches")
     what.add_argument("--plan", help="apply a saved (possibly edited) plan JSON")
+    depth = p.add_argument_group(
+        "depth", "Remove whole residual layers: the N with the lowest block influence (1 - cosine similarity of "
+                 "their input and output on --calib data, or on random inputs without it) go and their input "
+                 "passes through. Alone, or before --ratio/--target-flops/--target-params.")
+    depth.add_argument("--drop-layers", type=_positive, metavar="N", help="drop N residual layers (or --drop-unit)")
+    depth.add_argument("--drop-unit", choices=["layer", "block", "attention", "mlp"], default="layer",
+                       help="what --drop-layers counts: a transformer layer or ResNet block (default), any residual "
+                            "sub-block, or only attention / feed-forward sub-blocks (pre-norm models)")
     _add_pruning_options(p)
     p.add_argument("--save-plan", help="write the plan that was applied as JSON")
     p.add_argument("--report", help="write the report as JSON")
@@ -307,6 +315,8 @@ def _prune(args, data):
         target_params=args.target_params,
         lossless=args.lossless,
         prune_hidden=args.prune_hidden,
+        drop_layers=args.drop_layers,
+        drop_unit=args.drop_unit,
         plan=args.plan,
         criterion=args.criterion,
         strategy=args.strategy,
@@ -426,8 +436,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _check_prune_mode(parser, args) -> None:
+    width = args.ratio is not None or args.target_flops is not None or args.target_params is not None
+    if args.drop_layers is None and not (width or args.lossless or args.plan is not None):
+        parser.error("prune: one of --ratio, --target-flops, --target-params, --lossless, --plan or --drop-layers "
+                     "is required")
+    if args.drop_layers is not None and (args.lossless or args.plan is not None):
+        parser.error("prune: --drop-layers combines with --ratio, --target-flops or --target-params, not with "
+                     "--lossless or --plan (a saved plan records its dropped layers)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "prune":
+        _check_prune_mode(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         commands = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,

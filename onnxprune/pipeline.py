@@ -37,6 +37,7 @@ from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
 from onnxprune.runtime.session import check_provider
 from onnxprune.runtime.validate import run_model, validate_model
 from onnxprune.strategy.allocate import Target, allocate
+from onnxprune.strategy.depth import apply_depth
 from onnxprune.strategy.estimate import CostEstimator
 from onnxprune.strategy.plan import Plan
 
@@ -103,6 +104,8 @@ def prune(
     exclude: list[str] | tuple[str, ...] = (),
     lossless: bool = False,
     prune_hidden: bool = False,
+    drop_layers: int | None = None,
+    drop_unit: str = "layer",
     plan: Plan | str | os.PathLike | None = None,
     save_plan: str | os.PathLike | None = None,
     input_shapes: dict[str, list[int]] | None = None,
@@ -126,6 +129,13 @@ def prune(
 
     Exactly one of: ratio / target_flops / target_params (fractions REMOVED),
     lossless=True, or plan (a Plan or the path of a saved plan).
+
+    Depth (onnxprune.strategy.depth): `drop_layers=N` removes the N residual
+    units with the lowest block influence (1 - cosine similarity of their input
+    and output on `calib`, or on random inputs without it, as the report's notes
+    say), alone or before a ratio/target; `drop_unit` is "layer" (a transformer
+    layer, a ResNet block), "block" (any residual sub-block), "attention" or
+    "mlp". The plan records the dropped units under "drop".
 
     prune_hidden: also prune the hidden (residual-stream) width of transformers
     through LayerNorm / RMSNorm (not lossless: their statistics then cover the
@@ -153,8 +163,12 @@ def prune(
     can be switched off, and each is undone if it makes held-out calibration
     fidelity worse.
     """
-    modes = [ratio is not None or target_flops is not None or target_params is not None, lossless, plan is not None]
-    if sum(modes) != 1:
+    width = ratio is not None or target_flops is not None or target_params is not None
+    modes = [width, lossless, plan is not None]
+    if drop_layers is not None and (lossless or plan is not None):
+        raise PlanError("drop_layers (--drop-layers) combines with a ratio or target, not with lossless (dropped "
+                        "layers change the outputs) or a plan (a saved plan records its dropped layers)")
+    if drop_layers is None and sum(modes) != 1:
         raise PlanError("choose one of: a target (ratio, target_flops, target_params), lossless, or a plan")
     if max_accuracy_drop is not None:
         if validate_data is None:
@@ -194,8 +208,14 @@ def prune(
         lap("evaluate dense")
 
     reference = run_model(working, random_inputs(working, fixed, seed), "dense model") if lossless else None
+    working, plan, depth = apply_depth(working, drop_layers, drop_unit, plan, calib=calib, calib_samples=calib_samples,
+                                       input_shapes=input_shapes, seed=seed, batch_size=batch_size)
+    if depth is not None:
+        lap("drop layers")
     if lossless:
         decision = _decide_lossless(working)
+    elif depth is not None and not width and plan is None:
+        decision = _decide_depth(working, prune_hidden)
     else:
         target = None
         if plan is None:
@@ -205,6 +225,8 @@ def prune(
         calibration = None if calib is None else Calibration(calib, calib_samples, least_squares,
                                                               bias_correction, bn_recalibration, seed)
         decision = _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration, prune_hidden)
+    if depth is not None:
+        _add_depth(decision, depth, width or plan is not None and bool(plan.groups))
     working = decision.pruned  # the dense model and its analysis are released here
     decision.pruned = None
     drop_unused_initializers(working)
@@ -239,6 +261,7 @@ def prune(
         timings=timings,
         quality=quality,
         latency=latency,
+        depth=depth.to_dict() if depth is not None else None,
     )
     if quality is not None and quality.passed is False:
         result.serialized = None
@@ -364,6 +387,19 @@ def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration
     mode = _describe(target.ratio, target.target_flops, target.target_params, criterion, target.strategy)
     return _apply(working, analysis, removed, Plan.from_keep(analysis, keep, meta), mode,
                   notes=getattr(stats, "notes", None), calibration=calibration)
+
+
+def _decide_depth(working: onnx.ModelProto, prune_hidden: bool = False) -> Decision:
+    """Depth only (drop_layers without a width target): no group changes."""
+    analysis = build_analysis(working, prune_hidden)
+    return Decision(working, Plan(meta={"mode": "drop layers"}), "", [], len(analysis.groups),
+                    len(analysis.prunable_groups()), [])
+
+
+def _add_depth(decision: Decision, depth, width: bool) -> None:
+    decision.plan.drop = list(depth.dropped)
+    decision.mode = depth.mode() + (f"; then {decision.mode}" if width and decision.mode else "")
+    decision.notes = depth.notes() + list(decision.notes)
 
 
 def _decide_lossless(working: onnx.ModelProto) -> Decision:

@@ -171,6 +171,7 @@ class PruneReport:
     timings: dict[str, float] = field(default_factory=dict)
     quality: QualityStats | None = None  # with validate_data
     latency: LatencyStats | None = None  # with measure_latency
+    depth: dict | None = None  # with drop_layers: strategy.depth.DepthReport.to_dict()
 
     @property
     def gate_passed(self) -> bool | None:
@@ -189,6 +190,7 @@ class PruneReport:
             "validation": {"checks": self.checks, "max_abs_diff_vs_dense": self.max_abs_diff},
             "quality": self.quality.to_dict() if self.quality is not None else None,
             "latency": self.latency.to_dict() if self.latency is not None else None,
+            "depth": self.depth,
             "notes": self.notes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }

@@ -13,6 +13,7 @@ import onnx
 
 from onnxprune.analysis import Analysis
 from onnxprune.analysis.zeros import ZeroState
+from onnxprune.passes.depth import reroute
 
 RESIDUAL_OPS = {"Add", "Sum"}
 
@@ -55,25 +56,8 @@ def zero_branches(analysis: Analysis, zeros: ZeroState) -> list[tuple[onnx.NodeP
 
 
 def bypass(model: onnx.ModelProto, residuals: list[tuple[onnx.NodeProto, str]]) -> None:
-    """Route each residual's consumers to its surviving input; the branch becomes dead code.
+    """Route each residual's readers to its surviving input; the branch becomes dead code.
 
-    A residual that is itself a graph output becomes an Identity (the output name must stay).
+    A residual that is itself a graph output keeps its name (an Identity of the survivor).
     """
-    outputs = {o.name for o in model.graph.output}
-    by_name = {node.name: other for node, other in residuals}
-    rename = {}
-    for node in model.graph.node:
-        if node.name not in by_name:
-            continue
-        if node.output[0] in outputs:
-            node.op_type = "Identity"
-            del node.input[:]
-            node.input.append(by_name[node.name])
-            del node.attribute[:]
-        else:
-            rename[node.output[0]] = by_name[node.name]
-    for node in model.graph.node:
-        for idx, name in enumerate(node.input):
-            while name in rename:
-                name = rename[name]
-            node.input[idx] = name
+    reroute(model, {node.output[0]: other for node, other in residuals})

@@ -3,6 +3,10 @@
 It is what `--save-plan` writes and `--plan` replays: review it, edit it, apply
 it again to the same model.  Groups are matched by name (the first source
 node) and checked by size, so a plan made for another model fails loudly.
+
+An optional "drop" list records the residual layers or blocks removed by
+depth pruning (`--drop-layers`; `onnxprune.strategy.depth`), applied before
+the groups (whose names then refer to the shallower model).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class GroupPlan:
 class Plan:
     groups: list[GroupPlan] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    drop: list[dict] = field(default_factory=list)  # dropped residual units (strategy.depth), if any
 
     # -- conversion -------------------------------------------------------------
     @classmethod
@@ -64,11 +69,14 @@ class Plan:
 
     # -- files ------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format": FORMAT,
             "meta": self.meta,
             "groups": [{"name": g.name, "size": g.size, "keep": g.keep} for g in self.groups],
         }
+        if self.drop:
+            out["drop"] = self.drop
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -85,4 +93,18 @@ class Plan:
             groups = [GroupPlan(str(g["name"]), int(g["size"]), [int(i) for i in g["keep"]]) for g in data["groups"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{path}: malformed group entry ({exc})") from exc
-        return cls(groups, data.get("meta", {}))
+        return cls(groups, data.get("meta", {}), _drop_entries(data.get("drop"), path))
+
+
+def _drop_entries(entries, path) -> list[dict]:
+    """The optional "drop" list: each entry names the dropped unit's residual nodes ("adds")."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise PlanError(f"{path}: 'drop' must be a list of dropped layers or blocks")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("adds"), list) or not e["adds"]:
+            raise PlanError(f"{path}: malformed drop entry {e!r} (needs 'adds', the residual node names)")
+        out.append(dict(e, adds=[str(a) for a in e["adds"]]))
+    return out
