@@ -1,5 +1,6 @@
 """Loading and saving: external data, corrupt files, never touching the input."""
 import hashlib
+from pathlib import Path
 
 import onnx
 import pytest
@@ -101,3 +102,9 @@ def test_constant_nodes_become_initializers_and_prune_like_weights():
     model.graph.initializer.remove(w1)
     _, report = onnxprune.prune(model, ratio=0.5)
     assert report.after.params < report.before.params
+
+
+def test_file_size_counts_the_external_data_file():
+    path = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "transformers" / "bert_encoder_dynamo.onnx"
+    _, info = load_model(path)
+    assert info.file_size == path.stat().st_size + Path(str(path) + ".data").stat().st_size

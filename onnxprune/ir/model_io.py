@@ -53,6 +53,7 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, SourceInfo]:
             "The file may be truncated or corrupt; re-export it."
         ) from exc
     used_external = _uses_external_data(header)
+    file_size = _file_size(path, header)  # before loading: that clears the external-data locations
     try:
         if used_external:
             onnx.load_external_data_for_model(header, str(path.parent))
@@ -63,7 +64,7 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, SourceInfo]:
         ) from exc
     if not header.graph.node:
         raise ModelLoadError(f"{path}: the graph has no nodes; is this an ONNX model?")
-    info = SourceInfo(path=path, used_external_data=used_external, file_size=_file_size(path, header))
+    info = SourceInfo(path=path, used_external_data=used_external, file_size=file_size)
     info.initializers_were_inputs = normalise(header)
     return header, info
 
