@@ -282,9 +282,9 @@ def _describe(ratio, target_flops, target_params, criterion, strategy) -> str:
     elif ratio is not None:
         what = f"ratio {ratio:g} of units removed"
     elif target_flops is not None:
-        what = f"{target_flops:.0%} of FLOPs removed"
+        what = f"target: {target_flops:.0%} of FLOPs removed"
     else:
-        what = f"{target_params:.0%} of parameters removed"
+        what = f"target: {target_params:.0%} of parameters removed"
     return f"{what} ({criterion}, {strategy})"
 
 
