@@ -109,3 +109,14 @@ def conv(name: str, x: str, y: str, cin: int, cout: int, k: int = 3):
 def group_of(analysis, source_node: str):
     """The group one of whose sources is `source_node`."""
     return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
+
+
+def relu_mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """x (N, 4) -> Gemm fc1 (w1, b1) -> Relu -> Gemm fc2 (w2, zero bias) -> y (N, 3):
+    the smallest model whose hidden units a criterion can rank."""
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(3, np.float32), "b2")]
+    return make_model(nodes, [("x", ["N", 4])], [("y", ["N", 3])], inits)

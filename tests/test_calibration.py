@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import make_model
+from helpers import make_model, relu_mlp
 from onnx import helper, numpy_helper
 
 from onnxprune.calibration import (
@@ -187,12 +187,7 @@ def dead_and_constant_model():
     w1[:, 1], b1[1] = 0.0, -1.0  # relu(-1) = 0 always
     w1[:, 4], b1[4] = 0.0, 2.0  # relu(2) = 2 always
     w2 = rng.standard_normal((6, 3)).astype(np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2")]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
-             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(3, np.float32), "b2")]
-    return make_model(nodes, [("x", ["N", 4])], [("y", ["N", 3])], inits)
+    return relu_mlp(w1, b1, w2)
 
 
 def test_data_aware_criteria_rank_dead_and_constant_units_lowest():

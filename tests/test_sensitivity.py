@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_model, run, weight
+from helpers import make_model, relu_mlp, run, weight
 from onnx import helper, numpy_helper
 
 import onnxprune
@@ -123,12 +123,7 @@ def planted_mlp():
     b1[3] = 2.0
     w2 = rng.standard_normal((6, 3)).astype(np.float32)
     w2[3] *= 20.0
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2")]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
-             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(3, np.float32), "b2")]
-    return make_model(nodes, [("x", ["N", 4])], [("y", ["N", 3])], inits)
+    return relu_mlp(w1, b1, w2)
 
 
 def test_the_unit_that_moves_the_output_most_scores_highest():
@@ -225,12 +220,7 @@ def redundant_mlp():
     w2[5] = -w2[2]
     w2[6] = 0.0
     w2[[2, 4, 5]] *= 4.0
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2")]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
-             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.zeros(3, np.float32), "b2")]
-    return make_model(nodes, [("x", ["N", 4])], [("y", ["N", 3])], inits)
+    return relu_mlp(w1, b1, w2)
 
 
 def test_thinet_removes_what_the_next_layer_does_not_miss_first():
