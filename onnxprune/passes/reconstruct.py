@@ -51,7 +51,7 @@ from onnxprune.calibration.features import (
     pick_positions,
 )
 from onnxprune.calibration.stats import GramRequest, collect_statistics
-from onnxprune.ir.graph_view import tensor_values
+from onnxprune.ir.graph_view import fresh_name, tensor_values
 from onnxprune.ir.shapes import infer_shapes, skeleton
 
 DEFAULT_RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -143,11 +143,7 @@ class Editor:
         return np.array(tensor_values(self.inits[name]))
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
+        return fresh_name(self.taken, base)
 
     def set_input(self, node: onnx.NodeProto, index: int, value: np.ndarray, base: str | None = None) -> None:
         """Give input `index` of `node` the constant `value` (a private copy when the initializer is shared)."""

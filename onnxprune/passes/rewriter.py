@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.graph_view import GraphView, fresh_name
 
 
 class Rewriter:
@@ -125,8 +125,4 @@ class Rewriter:
         self.model.graph.node.extend(nodes)
 
     def _fresh_name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._taken:
-            name, i = f"{base}_{i}", i + 1
-        self._taken.add(name)
-        return name
+        return fresh_name(self._taken, base)
