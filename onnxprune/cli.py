@@ -138,7 +138,8 @@ def _add_pruning_options(p) -> None:
     c.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                    help="skip bias compensation for removed inputs")
     c.add_argument("--no-bn-recalibration", dest="bn_recalibration", action="store_false",
-                   help="skip BatchNorm statistics recalibration")
+                   help="skip BatchNorm statistics recalibration (and, for BN folded into convs, "
+                   "per-channel output statistics matching)")
 
 
 def _add_measure_options(g) -> None:

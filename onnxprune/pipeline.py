@@ -159,7 +159,8 @@ def prune(
     ignored; at most `calib_samples` samples) feeds the data-aware criteria
     (apoz, mean_act, flap, wanda) and, after the rewrite, the reconstruction
     passes in graph order: least-squares refit of each consumer's kept weights,
-    bias compensation where no refit happened, BatchNorm recalibration; each
+    bias compensation where no refit happened, BatchNorm recalibration (output
+    statistics matching where BN was folded into the convs); each
     can be switched off, and each is undone if it makes held-out calibration
     fidelity worse.
     """

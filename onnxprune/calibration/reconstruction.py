@@ -10,7 +10,11 @@ with a switch:
 1. least-squares refit of every changed Conv/Gemm/MatMul (`least_squares`);
 2. bias compensation of consumers that lost inputs and were not refit
    (`bias_correction`);
-3. BatchNorm statistics recalibration where BN nodes remain (`bn_recalibration`).
+3. BatchNorm statistics recalibration (`bn_recalibration`): running
+   statistics re-estimated where BN nodes remain, and, where BN was folded
+   into the convolutions, per-channel output statistics matching of the
+   changed Conv/Gemm that were not refit (two passes in the report,
+   `bn_recalibration` and `output_matching`, under one switch).
 
 Held-out guard: after each pass the relative squared error of the model's
 outputs against the dense model's on the held-out split is measured, and,
@@ -144,6 +148,7 @@ def reconstruct(
         guarded("bias_compensation", lambda m: passes.bias_compensation(m, ctx, analysis, skip=refit))
     if bn_recalibration:
         guarded("bn_recalibration", lambda m: passes.bn_recalibration(m, ctx))
+        guarded("output_matching", lambda m: passes.output_matching(m, ctx, skip=refit))
     report.fidelity_after = score
     report.seconds = time.perf_counter() - clock
     return current, report

@@ -21,6 +21,10 @@ fit and held-out calibration splits, batch/memory settings).
 * `bn_recalibration` — re-estimate BatchNormalization running mean and
   variance on the pruned model's activations (downstream of any change),
   in graph order.
+* `output_matching` — the same for BN folded into convolutions: give each
+  changed Conv/Gemm (not refit, not followed by a BN) the dense model's
+  per-channel output mean and standard deviation by an affine map folded
+  into its weight rows and bias.
 
 Layers are processed in *levels*: a consumer's level is one more than the
 deepest refit consumer upstream of it, and every consumer of a level is fit
@@ -78,7 +82,7 @@ class ReconstructionContext:
 @dataclass
 class LayerRecord:
     node: str
-    action: str  # refit, kept, bias, recalibrated, skipped
+    action: str  # refit, kept, bias, recalibrated, matched, skipped
     detail: str = ""
     features: int | None = None
     rows: int | None = None
@@ -581,4 +585,81 @@ def bn_recalibration(model: onnx.ModelProto, ctx: ReconstructionContext, *,
             shift = float(np.abs(s.mean - old_mean).mean() / (np.sqrt(old_var).mean() + 1e-12))
             records.append(LayerRecord(bn.name, "recalibrated", f"mean shift {shift:.3g} std", features=s.size,
                                        rows=s.count))
+    return model, records
+
+
+# -- output statistics matching (BatchNorm recalibration for folded BN) --------------------------------
+MAX_MATCH_SCALE = 4.0
+
+
+def _fed_only_to_bn(model: onnx.ModelProto) -> set[str]:
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            if i:
+                readers.setdefault(i, []).append(n.op_type)
+    return {t for t, ops in readers.items() if ops and all(op == "BatchNormalization" for op in ops)}
+
+
+def output_matching(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip: set[str] = frozenset(),
+                    nodes: list[str] | None = None,
+                    max_scale: float = MAX_MATCH_SCALE) -> tuple[onnx.ModelProto, list[LayerRecord]]:
+    """Per output channel, give each changed Conv/Gemm the dense model's output mean and standard deviation.
+
+    This is BatchNorm recalibration for a model whose BN was folded into the
+    convolutions: a recalibrated BN maps its input's new statistics back to
+    the ones it was trained with, and so does the affine map
+    y -> a * y + (mean_dense - a * mean_pruned), a = std_dense / std_pruned,
+    folded into the consumer's weight rows and bias. Consumers whose output
+    only feeds BatchNormalization (left to `bn_recalibration`) and those in
+    `skip` (already refit) are left alone. Statistics come from the fit split;
+    levels run in graph order, so each layer sees its upstream layers matched.
+    The scale is clipped to [1/max_scale, max_scale]: a channel whose pruned
+    output barely varies is shifted, not blown up.
+    """
+    model = copy_model(model)
+    if nodes is None:
+        to_bn = _fed_only_to_bn(ctx.dense)
+        nodes = [n for n in changed_consumers(ctx.dense, ctx.masks) if n not in skip]
+        nodes = [n for n in nodes if Editor(ctx.dense).nodes[n].output[0] not in to_bn]
+    dense_edit = Editor(ctx.dense)
+    records: list[LayerRecord] = []
+    plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
+    for name in nodes:
+        cd = dense_edit.consumer(name)
+        if cd is None or cd.op_type not in ("Conv", "Gemm"):
+            records.append(LayerRecord(name, "skipped", "not a Conv/Gemm with a constant weight"))
+            continue
+        out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
+        plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
+    if not plan:
+        return model, records
+    dense_stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(cd.output, 1) for cd, _ in plan.values()}))
+    for level in levels(model, list(plan)):
+        edit = Editor(model)
+        specs = [edit.consumer(name) for name in level]
+        stats = ctx.collect(model, ctx.fit, tensors=[(cp.output, 1) for cp in specs])
+        for cp in specs:
+            cd, kept = plan[cp.node]
+            want = dense_stats.channel(cd.output, 1)
+            got = stats.channel(cp.output, 1)
+            mean_d, std_d = want.mean, np.sqrt(want.var)
+            if kept is not None:
+                mean_d, std_d = mean_d[kept], std_d[kept]
+            std_p = np.sqrt(got.var)
+            scale = np.where(std_p > 1e-12 * (std_d + 1e-30), std_d / np.maximum(std_p, 1e-30), 1.0)
+            scale = np.clip(scale, 1.0 / max_scale, max_scale)
+            shift = mean_d - scale * got.mean
+            w = edit.value(cp.weight)
+            axis = weight_out_axis(cp)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            edit.set_input(edit.nodes[cp.node], 1, (w * scale.reshape(shape)).astype(w.dtype))
+            edit.set_bias(cp, scale * edit.bias_of(cp) + shift)
+            drift = float(np.mean(np.abs(got.mean - mean_d) / (std_d + 1e-12)))
+            records.append(LayerRecord(cp.node, "matched", f"mean shift {drift:.3g} std, scale "
+                                       f"{float(scale.min()):.3g}..{float(scale.max()):.3g}",
+                                       features=len(scale), rows=got.count))
+    order = {n: i for i, n in enumerate(nodes)}
+    records.sort(key=lambda r: order.get(r.node, len(order)))
     return model, records
