@@ -135,6 +135,23 @@ def test_gram_and_cross_terms_equal_numpy():
         np.testing.assert_allclose(g.ysq, np.square(yr).sum(0), rtol=1e-5)
 
 
+def test_grouped_gram_holds_the_diagonal_blocks_of_the_full_gram():
+    from onnxprune.calibration.features import GramStats, GroupedGramStats
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((50, 3 * 4)), rng.standard_normal((50, 3 * 2))
+    grouped, full = GroupedGramStats(4, 6, 3), GramStats(12, 6)
+    for part in (slice(0, 20), slice(20, 50)):
+        grouped.update(x[part], y[part])
+        full.update(x[part], y[part])
+    for i, g in enumerate(grouped.parts):
+        cols, outs = slice(4 * i, 4 * i + 4), slice(2 * i, 2 * i + 2)
+        np.testing.assert_allclose(g.xtx, full.xtx[cols, cols], rtol=1e-5)
+        np.testing.assert_allclose(g.xty, full.xty[cols, outs], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g.ysq, full.ysq[outs], rtol=1e-6)
+    assert grouped.n == 50 and np.isclose(grouped.target_energy, full.target_energy)
+
+
 def test_sampled_positions_bound_the_rows():
     model, _ = prepare(small_cnn())
     cons = consumers_of(model)

@@ -73,8 +73,28 @@ def mlp_model():
     return make_model(nodes, [("x", ["N", 8])], [("y", ["N", 3])], inits), "mm1", list(range(0, 16, 2))
 
 
+def depthwise_model():
+    """Conv(3->8) -> Relu -> Conv 1x1 (8->8) -> Relu -> depthwise 3x3 (group 8) -> Relu -> Conv 1x1 (8->4),
+    the MobileNet pattern; pruning the first conv changes every later input, the depthwise one's too."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((3, 3, 3, 3))
+    w0 = np.stack([base[i % 3] * (1 + 0.2 * i) + 0.1 * rng.standard_normal((3, 3, 3)) for i in range(8)])
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wd", "bd"], ["cd"], name="dw", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["cd"], ["rd"], name="relud"),
+             helper.make_node("Conv", ["rd", "w2", "b2"], ["y"], name="conv2")]
+    inits = [arr(w0, "w0"), arr(0.1 * rng.standard_normal(8), "b0"),
+             arr(0.5 * rng.standard_normal((8, 8, 1, 1)), "w1"), arr(0.1 * rng.standard_normal(8), "b1"),
+             arr(0.5 * rng.standard_normal((8, 1, 3, 3)), "wd"), arr(0.1 * rng.standard_normal(8), "bd"),
+             arr(0.5 * rng.standard_normal((4, 8, 1, 1)), "w2"), arr(0.1 * rng.standard_normal(4), "b2")]
+    return make_model(nodes, [("x", ["N", 3, 10, 10])], [("y", ["N", 4, 10, 10])], inits), "conv0", [1, 3, 4, 6]
+
+
 @pytest.mark.parametrize("build, memory_cap", [(two_conv_model, 1 << 30), (two_conv_model, 20_000),
-                                               (mlp_model, 1 << 30)])
+                                               (mlp_model, 1 << 30), (depthwise_model, 1 << 30)])
 def test_least_squares_brings_the_pruned_model_back_to_the_dense_outputs(build, memory_cap):
     """memory_cap=20 kB: the dense targets no longer fit in the cache and batches shrink; each level
     then reads its targets from a dense pass of its own (same result up to the sampled positions)."""
@@ -97,6 +117,26 @@ def test_least_squares_brings_the_pruned_model_back_to_the_dense_outputs(build, 
     refit = [l.node for l in report.passes[0].layers if l.action == "refit"]
     assert refit  # the consumers downstream of the pruned group were refit
     assert len(pruned.graph.initializer) == len(apply_removal(dense, analysis, removed).graph.initializer)
+
+
+def test_a_depthwise_conv_is_refit_channel_by_channel():
+    model, group, indices = depthwise_model()
+    dense, _ = prepare(model)
+    analysis = build_analysis(dense)
+    removed = remove_units(analysis, group, indices)
+    pruned = apply_removal(dense, analysis, removed)
+    rng = np.random.default_rng(1)
+    data = CalibrationSet.open({"x": rng.standard_normal((60, 3, 10, 10)).astype(np.float32)}, dense)
+    fit, held = data.split(0.25, 0)
+    ctx = passes.ReconstructionContext(dense, analysis.keep_masks(removed), fit, held, batch_size=16)
+    repaired, [layer] = passes.least_squares_refit(pruned, ctx, nodes=["dw"])
+    assert layer.action == "refit" and layer.features == 9  # one 3x3 tap set (+ bias) per channel
+    assert layer.error_after < 0.8 * layer.error_before
+    test = {"x": rng.standard_normal((20, 3, 10, 10)).astype(np.float32)}
+    assert rel_error(repaired, dense, test) < rel_error(pruned, dense, test)
+    weights = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
+    dw = next(n for n in repaired.graph.node if n.name == "dw")
+    assert weights[dw.input[1]].shape == (8, 1, 3, 3)
 
 
 # -- bias compensation ----------------------------------------------------------------------------

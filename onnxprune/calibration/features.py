@@ -334,3 +334,58 @@ class GramStats:
     @property
     def target_energy(self) -> float:
         return float(self.ysq.sum()) if self.targets else 0.0
+
+
+@dataclass
+class GroupedGramStats:
+    """GramStats of a grouped Conv, one per group: group i's input channels feed only group i's outputs,
+    so each group is its own least-squares problem (a depthwise conv: one per channel)."""
+
+    features: int  # per group: (C_in / group) * kernel size
+    targets: int  # all groups
+    groups: int
+    parts: list[GramStats] = field(init=False)
+
+    def __post_init__(self):
+        if self.targets % self.groups:
+            raise ValueError(f"{self.targets} targets do not split into {self.groups} groups")
+        self.parts = [GramStats(self.features, self.targets // self.groups) for _ in range(self.groups)]
+
+    @property
+    def n(self) -> int:
+        return self.parts[0].n
+
+    def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        g, f = self.groups, self.features
+        xg = np.ascontiguousarray(np.asarray(x, np.float32).reshape(len(x), g, f).transpose(1, 0, 2))
+        xtx = np.matmul(xg.transpose(0, 2, 1), xg)  # (g, f, f)
+        xsum = xg.sum(axis=1, dtype=np.float64)
+        yg = xty = None
+        if self.targets:
+            o = self.targets // g
+            yg = np.ascontiguousarray(np.asarray(y, np.float32).reshape(len(y), g, o).transpose(1, 0, 2))
+            xty = np.matmul(xg.transpose(0, 2, 1), yg)  # (g, f, o)
+        for i, part in enumerate(self.parts):
+            part.xtx += xtx[i]
+            part.xsum += xsum[i]
+            part.n += len(x)
+            if yg is not None:
+                part.xty += xty[i]
+                part.ysum += yg[i].sum(axis=0, dtype=np.float64)
+                part.ysq += np.square(yg[i], dtype=np.float64).sum(axis=0)
+
+    def squared_error(self, w: np.ndarray, bias: np.ndarray) -> float:
+        o = self.targets // self.groups
+        return sum(p.squared_error(w[i * o:(i + 1) * o], bias[i * o:(i + 1) * o]) for i, p in enumerate(self.parts))
+
+    @property
+    def target_energy(self) -> float:
+        return sum(p.target_energy for p in self.parts)
+
+
+def gram_for(c: Consumer, targets: int = 0, features: int | None = None) -> GramStats | GroupedGramStats:
+    """The accumulator for consumer `c`'s rows: one Gram per group for a grouped Conv (unless
+    `features` asks for one over all its input columns)."""
+    if c.op_type == "Conv" and c.group > 1 and features is None:
+        return GroupedGramStats(c.in_features, targets, c.group)
+    return GramStats(features or c.in_features, targets)

@@ -18,7 +18,7 @@ import onnx
 
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP, Capture, plan_chunks, sample_bytes
 from onnxprune.calibration.data import CalibrationSet
-from onnxprune.calibration.features import Consumer, GramStats, rows
+from onnxprune.calibration.features import Consumer, GramStats, gram_for, rows
 
 
 @dataclass
@@ -169,11 +169,10 @@ def collect_statistics(
     gram_acc: dict[int, GramStats] = {}
     rngs: dict[int, np.random.Generator] = {}
     for i, r in enumerate(grams):
-        feats = r.features or r.consumer.in_features
         targets = 0
         if r.target:
             targets = len(r.target_channels) if r.target_channels is not None else r.consumer.out_channels
-        gram_acc[i] = GramStats(feats, targets)
+        gram_acc[i] = gram_for(r.consumer, targets, r.features)
         rngs[i] = np.random.default_rng([seed, i])
 
     for chunk in plan.chunks:

@@ -48,7 +48,9 @@ from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.features import (
     Consumer,
     GramStats,
+    GroupedGramStats,
     consumer_for,
+    gram_for,
     input_rows,
     output_positions,
     output_rows,
@@ -326,8 +328,15 @@ class Fidelity:
 
 
 # -- least squares -----------------------------------------------------------------------------------
-def solve_ridge(fit: GramStats, w0: np.ndarray, b0: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """argmin ||X W^T + b - Y||^2 + lam ||W - W0||^2, lam = alpha * mean(diag(X^T X)); bias unregularised."""
+def solve_ridge(fit: GramStats | GroupedGramStats, w0: np.ndarray, b0: np.ndarray,
+                alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """argmin ||X W^T + b - Y||^2 + lam ||W - W0||^2, lam = alpha * mean(diag(X^T X)); bias unregularised.
+    A grouped Conv is solved group by group (its rows of W0 and b0 in group order)."""
+    if isinstance(fit, GroupedGramStats):
+        o = len(b0) // fit.groups
+        parts = [solve_ridge(p, w0[i * o:(i + 1) * o], b0[i * o:(i + 1) * o], alpha)
+                 for i, p in enumerate(fit.parts)]
+        return np.concatenate([w for w, _ in parts]), np.concatenate([b for _, b in parts])
     a, c = fit.augmented()
     f = fit.features
     lam = alpha * max(float(np.trace(a[:f, :f])) / max(f, 1), 1e-12)
@@ -405,7 +414,7 @@ class DenseTargets:
             for split, data in enumerate((ctx.fit, ctx.holdout)):
                 for c in mine:
                     cached = self.rows.get((c.node, split))
-                    out[split][c.node] = GramStats(c.in_features, cached[1].shape[1] if cached else 0)
+                    out[split][c.node] = gram_for(c, cached[1].shape[1] if cached else 0)
                 start = 0
                 for feeds, n in data.batches(plan.batch_size):
                     got = capture.run(feeds, n)
@@ -430,8 +439,8 @@ def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
     output channels. Per layer, every ridge strength in `ridge` is tried and
     judged by the layer's squared error on the held-out split, against the
     current weights; the best wins (with no held-out data: ridge 1e-2).
-    Grouped convolutions and unsupported consumers are skipped (see
-    `bias_compensation`).
+    A grouped convolution is fit group by group (a depthwise one channel by
+    channel). Unsupported consumers are skipped (see `bias_compensation`).
     """
     model = copy_model(model)
     targets = nodes if nodes is not None else changed_consumers(ctx.dense, ctx.masks)
@@ -442,8 +451,6 @@ def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
         cp, cd = start_edit.consumer(name), dense_edit.consumer(name)
         if cp is None or cd is None:
             records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
-        elif cp.group != 1:
-            records.append(LayerRecord(name, "skipped", f"grouped convolution (group={cp.group})"))
         else:
             out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
             plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
@@ -469,7 +476,8 @@ def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
     return model, records
 
 
-def _refit_layer(edit: Editor, cp: Consumer, g_fit: GramStats, g_hold: GramStats | None,
+def _refit_layer(edit: Editor, cp: Consumer, g_fit: GramStats | GroupedGramStats,
+                 g_hold: GramStats | GroupedGramStats | None,
                  ridge: tuple[float, ...]) -> LayerRecord:
     if g_hold is not None and (g_hold.n == 0 or g_hold.target_energy <= 0):
         g_hold = None
