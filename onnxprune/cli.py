@@ -133,6 +133,9 @@ def _add_pruning_options(p) -> None:
     c.add_argument("--calib", metavar="DATA", help="calibration data (eval formats; labels ignored): enables the "
                    "data-aware criteria and reconstruction after pruning")
     c.add_argument("--calib-samples", type=int, default=512, help="at most this many calibration samples")
+    c.add_argument("--ablation-samples", type=int, metavar="N",
+                   help="samples per removed unit for --criterion ablation (default 64; lowered, with a note, "
+                   "when all ablations would exceed the FLOP budget)")
     c.add_argument("--no-least-squares", dest="least_squares", action="store_false",
                    help="skip the least-squares refit of consumers")
     c.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
@@ -334,6 +337,7 @@ def _prune(args, data):
         least_squares=args.least_squares,
         bias_correction=args.bias_correction,
         bn_recalibration=args.bn_recalibration,
+        ablation_samples=args.ablation_samples,
         max_accuracy_drop=args.max_accuracy_drop,
         measure_latency=args.latency,
         batch_size=args.batch_size,

@@ -124,6 +124,7 @@ def prune(
     least_squares: bool = True,
     bias_correction: bool = True,
     bn_recalibration: bool = True,
+    ablation_samples: int | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune `model`; returns the pruned ModelProto and a report.
 
@@ -162,7 +163,8 @@ def prune(
     bias compensation where no refit happened, BatchNorm recalibration (output
     statistics matching where BN was folded into the convs); each
     can be switched off, and each is undone if it makes held-out calibration
-    fidelity worse.
+    fidelity worse. `ablation_samples`: samples per unit for the ablation
+    criterion (default 64, lowered with a note when over its FLOP budget).
     """
     width = ratio is not None or target_flops is not None or target_params is not None
     modes = [width, lossless, plan is not None]
@@ -178,6 +180,8 @@ def prune(
         if not 0.0 <= max_accuracy_drop <= 1.0:
             raise OnnxPruneError(f"max_accuracy_drop is a fraction of top-1 accuracy in [0, 1] (0.02 = 2 points), "
                                  f"got {max_accuracy_drop}")
+    if ablation_samples is not None and ablation_samples < 1:
+        raise OnnxPruneError(f"ablation_samples (--ablation-samples) must be at least 1, got {ablation_samples}")
     if measure_latency is None:
         measure_latency = validate_data is not None
     if measure_latency and (latency_runs < 1 or latency_warmup < 0 or threads < 0):
@@ -224,7 +228,8 @@ def prune(
                             list(include), list(exclude))
             target.check()
         calibration = None if calib is None else Calibration(calib, calib_samples, least_squares,
-                                                              bias_correction, bn_recalibration, seed)
+                                                              bias_correction, bn_recalibration, seed,
+                                                              ablation_samples)
         decision = _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration, prune_hidden)
     if depth is not None:
         _add_depth(decision, depth, width or plan is not None and bool(plan.groups))
@@ -342,6 +347,7 @@ class Calibration:
     bias_correction: bool = True
     bn_recalibration: bool = True
     seed: int = 0
+    ablation_samples: int | None = None  # samples per unit for the ablation criterion (None: its default)
 
 
 def _apply(working, analysis, removed, plan, mode, notes=None, calibration: Calibration | None = None) -> Decision:
@@ -370,7 +376,8 @@ def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration
     stats = None
     if calibration is not None and needs_statistics(criterion):
         stats = criterion_statistics(criterion, working, analysis, calibration.data,
-                                     max_samples=calibration.max_samples, seed=seed)
+                                     max_samples=calibration.max_samples, seed=seed,
+                                     ablation_samples=calibration.ablation_samples)
         lap("calibrate")
     scores = score_groups(analysis, analysis.prunable_groups(), criterion, seed, stats=stats)
     lap("score")

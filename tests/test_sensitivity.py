@@ -16,6 +16,7 @@ import onnxprune
 from onnxprune.calibration import calibration_statistics, consumers_of, expose, rows
 from onnxprune.calibration.ablation import AblationBudgetError, ablation_sensitivity, gated_model
 from onnxprune.calibration.removal_error import removal_errors
+from onnxprune.errors import OnnxPruneError
 from onnxprune.importance import CRITERIA, score_groups
 from onnxprune.importance.data_aware import (
     CalibrationRequired,
@@ -166,6 +167,16 @@ def test_ablation_stays_within_its_budget_or_says_why_not():
     assert 8 <= fewer.samples <= 16 and "16 samples per unit" in fewer.notes[0]
     with pytest.raises(AblationBudgetError, match="thinet"):
         ablation_sensitivity(model, analysis, feeds, samples=64, budget_flops=full.flops / 100)
+
+
+def test_the_ablation_sample_count_is_the_callers_choice():
+    model, _ = prepare(conv_bn_classifier())
+    analysis = build_analysis(model)
+    sens = criterion_statistics("ablation", model, analysis, images(40), ablation_samples=8)
+    assert sens.samples == 8
+    with pytest.raises(OnnxPruneError, match="ablation-samples"):
+        onnxprune.prune(conv_bn_classifier(), ratio=0.5, criterion="ablation", calib=images(40),
+                        ablation_samples=0)
 
 
 def test_sensitivity_criteria_need_their_own_statistics():

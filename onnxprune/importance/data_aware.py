@@ -77,13 +77,15 @@ def data_criterion(name: str, collect=None):
 
 
 def criterion_statistics(name: str, model, analysis: Analysis, data, *, groups=None,
-                         max_samples: int | None = None, seed: int = 0):
+                         max_samples: int | None = None, seed: int = 0, ablation_samples: int | None = None):
     """What data-aware criterion `name` reads (pass it as score_groups(..., stats=...)), measured on `model`
-    (the model `analysis` was built on) with calibration `data`; None for a data-free criterion."""
+    (the model `analysis` was built on) with calibration `data`; None for a data-free criterion.
+    ablation_samples: samples per unit for `ablation` (default 64; the FLOP budget may lower it)."""
     fn = CRITERIA.get(name)
     if fn is None or not getattr(fn, "needs_stats", False):
         return None
-    return fn.collect(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
+    extra = {"samples": ablation_samples} if name == "ablation" and ablation_samples is not None else {}
+    return fn.collect(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed, **extra)
 
 
 def needs_statistics(name: str) -> bool:
@@ -206,10 +208,11 @@ def wanda(analysis, group, rng, stats=None):
     return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group, rng)
 
 
-def _collect_sensitivity(model, analysis, data, *, groups=None, max_samples=None, seed=0):
-    from onnxprune.calibration.ablation import ablation_sensitivity
+def _collect_sensitivity(model, analysis, data, *, groups=None, max_samples=None, seed=0, samples=None):
+    from onnxprune.calibration.ablation import DEFAULT_SAMPLES, ablation_sensitivity
 
-    return ablation_sensitivity(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
+    return ablation_sensitivity(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed,
+                                samples=samples or DEFAULT_SAMPLES)
 
 
 def _collect_removal_errors(model, analysis, data, *, groups=None, max_samples=None, seed=0):
