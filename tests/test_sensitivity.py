@@ -28,6 +28,7 @@ from onnxprune.importance.data_aware import (
 from onnxprune.passes.apply_plan import apply_removal
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.runtime.evaluate import evaluate
+from onnxprune.strategy.allocate import Target, allocate
 from onnxprune.testing import masked_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +137,23 @@ def test_the_unit_that_moves_the_output_most_scores_highest():
     scores = score_groups(analysis, [group], "ablation", stats=stats)[group.id]
     assert scores.argmax() == 3
     assert scores[1] == 0.0  # removing a dead unit changes nothing
+
+
+def test_ablation_scores_keep_one_scale_across_layers_for_the_global_strategy():
+    """Per-group normalisation would make each layer's mean unit equally important; ablation scores
+    measure the same output divergence everywhere, so the global ranking uses them as they are."""
+    model, _ = prepare(conv_bn_classifier())
+    analysis = build_analysis(model)
+    sens = criterion_statistics("ablation", model, analysis, images(40))
+    groups = analysis.prunable_groups()
+    scores = score_groups(analysis, groups, "ablation", stats=sens)
+    raw = np.concatenate([sens.scores[g.id] for g in groups])
+    for g in groups:
+        np.testing.assert_allclose(scores[g.id], sens.scores[g.id] / raw.mean(), rtol=1e-9)
+    keep = allocate(analysis, scores, Target(0.4, None, None, "global", 0.9, 1, [], []))
+    removed = np.concatenate([np.delete(sens.scores[g.id], keep[g.id]) for g in groups])
+    kept = np.concatenate([sens.scores[g.id][keep[g.id]] for g in groups])
+    assert len(removed) == 4 and removed.max() <= kept.min()
 
 
 def test_ablation_of_a_head_gates_all_its_channels():

@@ -236,6 +236,9 @@ def ablation(analysis, group, rng, stats=None):
     return _or_magnitude(stats.scores.get(group.id), analysis, group, rng)
 
 
+ablation.same_scale = True  # every score is a divergence of the same outputs: comparable across groups
+
+
 def unit_error_matrix(analysis: Analysis, group: Group, stats) -> np.ndarray | None:
     """Summed channel matrices of the group's measured sinks, per unit (size x size); None if none measured."""
     total = None
