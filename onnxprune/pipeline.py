@@ -30,6 +30,7 @@ from onnxprune.ir.shapes import infer_shapes
 from onnxprune.passes.apply_plan import apply_removal
 from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
 from onnxprune.passes.lossless import bypass, dead_units, zero_branches
+from onnxprune.passes.reconstruct import copy_model
 from onnxprune.report import GroupChange, ModelStats, PruneReport
 from onnxprune.runtime.gate import AccuracyDropError, compare_latency, compare_quality, pruned_outputs, \
     reference_pass
@@ -213,6 +214,12 @@ def prune(
         lap("evaluate dense")
 
     reference = run_model(working, random_inputs(working, fixed, seed), "dense model") if lossless else None
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    calibration = None if calib is None else Calibration(calib, calib_samples, least_squares, bias_correction,
+                                                          bn_recalibration, seed, ablation_samples)
+    if calibration is not None and (drop_layers is not None or (plan is not None and plan.drop)):
+        calibration.reference = copy_model(working)  # the repair restores the outputs from before the drop
     working, plan, depth = apply_depth(working, drop_layers, drop_unit, plan, calib=calib, calib_samples=calib_samples,
                                        input_shapes=input_shapes, seed=seed, batch_size=batch_size)
     if depth is not None:
@@ -220,16 +227,13 @@ def prune(
     if lossless:
         decision = _decide_lossless(working)
     elif depth is not None and not width and plan is None:
-        decision = _decide_depth(working, prune_hidden)
+        decision = _decide_depth(working, prune_hidden, calibration)
     else:
         target = None
         if plan is None:
             target = Target(ratio, target_flops, target_params, strategy, max_ratio, round_to,
                             list(include), list(exclude))
             target.check()
-        calibration = None if calib is None else Calibration(calib, calib_samples, least_squares,
-                                                              bias_correction, bn_recalibration, seed,
-                                                              ablation_samples)
         decision = _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration, prune_hidden)
     if depth is not None:
         _add_depth(decision, depth, width or plan is not None and bool(plan.groups))
@@ -348,17 +352,23 @@ class Calibration:
     bn_recalibration: bool = True
     seed: int = 0
     ablation_samples: int | None = None  # samples per unit for the ablation criterion (None: its default)
+    reference: onnx.ModelProto | None = None  # the model before layers were dropped (None: no drop)
+
+
+def _reconstruct(working, pruned, analysis, removed, calibration: Calibration):
+    """The reconstruction passes, restoring the outputs of the model before any drop (else `working`)."""
+    dense = calibration.reference if calibration.reference is not None else working
+    return reconstruct(dense, pruned, analysis, removed, calibration.data, max_samples=calibration.max_samples,
+                       least_squares=calibration.least_squares, bias_correction=calibration.bias_correction,
+                       bn_recalibration=calibration.bn_recalibration, seed=calibration.seed)
 
 
 def _apply(working, analysis, removed, plan, mode, notes=None, calibration: Calibration | None = None) -> Decision:
     changes = _changes(analysis, removed)
     pruned = apply_removal(working, analysis, removed)
     notes = list(notes or [])
-    if calibration is not None and removed:
-        pruned, recon = reconstruct(working, pruned, analysis, removed, calibration.data,
-                                    max_samples=calibration.max_samples, least_squares=calibration.least_squares,
-                                    bias_correction=calibration.bias_correction,
-                                    bn_recalibration=calibration.bn_recalibration, seed=calibration.seed)
+    if calibration is not None and (removed or calibration.reference is not None):
+        pruned, recon = _reconstruct(working, pruned, analysis, removed, calibration)
         notes += recon.summary().splitlines()
         mode += ", reconstructed"
     return Decision(pruned, plan, mode, changes, len(analysis.groups), len(analysis.prunable_groups()), notes)
@@ -397,11 +407,16 @@ def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration
                   notes=getattr(stats, "notes", None), calibration=calibration)
 
 
-def _decide_depth(working: onnx.ModelProto, prune_hidden: bool = False) -> Decision:
-    """Depth only (drop_layers without a width target): no group changes."""
+def _decide_depth(working: onnx.ModelProto, prune_hidden: bool = False,
+                  calibration: Calibration | None = None) -> Decision:
+    """Depth only (drop_layers without a width target): no group changes; repaired with calibration data."""
     analysis = build_analysis(working, prune_hidden)
+    notes = []
+    if calibration is not None:
+        working, recon = _reconstruct(working, working, analysis, set(), calibration)
+        notes = recon.summary().splitlines()
     return Decision(working, Plan(meta={"mode": "drop layers"}), "", [], len(analysis.groups),
-                    len(analysis.prunable_groups()), [])
+                    len(analysis.prunable_groups()), notes)
 
 
 def _add_depth(decision: Decision, depth, width: bool) -> None:

@@ -24,7 +24,9 @@ from onnxprune.cli import main
 from onnxprune.errors import PlanError
 from onnxprune.ir.graph_view import GraphView
 from onnxprune.passes.depth import drop
+from onnxprune.passes.reconstruct import changed_consumers, rewired_nodes
 from onnxprune.pipeline import prepare
+from onnxprune.runtime.evaluate import evaluate
 from onnxprune.testing import ZOO_DIR, materialize_zoo_model
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -208,6 +210,32 @@ def test_calibration_data_scores_the_resnet_block_and_a_projection_block_cannot_
     with pytest.raises(PlanError, match=r"cannot drop 2 layer\(s\): the model has 1 .*not the identity") as err:
         onnxprune.prune(MODELS / "digits_resnet.onnx", drop_layers=2)
     assert err.value.exit_code == 5
+
+
+def test_with_calibration_data_the_layers_after_a_drop_are_refit_to_the_outputs_from_before_it():
+    """Dropping digits' only identity block leaves 10% top-1 on digits_test.npz; least squares
+    against the model before the drop brings it back (measured 99.56%, dense 99.78%)."""
+    calib, test = MODELS / "digits_calib.npz", str(MODELS / "digits_test.npz")
+    repaired, report = onnxprune.prune(MODELS / "digits_resnet.onnx", drop_layers=1, calib=calib)
+    assert "least_squares: applied" in "\n".join(report.notes)
+    assert evaluate(repaired, test).accuracy["top1"] >= 0.95
+    unrepaired, _ = onnxprune.prune(MODELS / "digits_resnet.onnx", drop_layers=1, calib=calib, least_squares=False,
+                                    bias_correction=False, bn_recalibration=False)
+    assert evaluate(unrepaired, test).accuracy["top1"] < 0.5
+
+
+def test_the_readers_of_a_dropped_layer_count_as_changed():
+    dense, _ = prepare(str(FIXTURES / "gpt2_decoder_legacy.onnx"))
+    before = onnx.ModelProto()
+    before.CopyFrom(dense)
+    [unit] = [u for u in find_blocks(GraphView(dense)).units("layer") if u.name == "/transformer/h.0"]
+    dropped = drop(dense, [unit])
+    rewired = rewired_nodes(before, dropped)
+    readers = {n.name for n in dropped.graph.node if unit.input in n.input}
+    assert rewired and rewired <= readers
+    later = {n.name for n in dropped.graph.node if n.name.startswith("/transformer/h.1/") and n.op_type == "MatMul"
+             and n.input[1].startswith("onnx::MatMul")}  # the second layer's weight MatMuls
+    assert len(later) == 4 and set(changed_consumers(before, {}, rewired)) >= later
 
 
 def test_drop_layers_combines_with_a_width_ratio_and_the_plan_replays_both(tmp_path):

@@ -92,8 +92,10 @@ def reconstruct(
 ) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Repair `pruned` (= apply_removal(dense, analysis, removed_roots)) with calibration data.
 
-    dense: the model `analysis` was built on (node and tensor names must
-    match the pruned model's). calib_data: a path (.npz, .npy, image folder,
+    dense: the reference whose outputs the passes restore: the model
+    `analysis` was built on, or the model before layers were dropped from it
+    (node and tensor names must match the pruned model's; a node that reads
+    another activation than in `dense`, as after a drop, counts as changed). calib_data: a path (.npz, .npy, image folder,
     .jsonl), a dict of arrays, a Dataset or a CalibrationSet; labels are
     ignored. holdout: the fraction kept aside for the guard (0 turns the
     guard off). per_sample: Conv output positions sampled per image for the
@@ -103,7 +105,8 @@ def reconstruct(
     calib = CalibrationSet.open(calib_data, dense, max_samples=max_samples)
     fit, held = calib.split(holdout, seed)
     masks = analysis.keep_masks(removed_roots) if removed_roots else {}
-    ctx = ReconstructionContext(dense, masks, fit, held, batch_size, per_sample, memory_cap, threads, seed)
+    rewired = passes.rewired_nodes(dense, pruned)
+    ctx = ReconstructionContext(dense, masks, fit, held, batch_size, per_sample, memory_cap, threads, seed, rewired)
     fidelity = Fidelity(ctx)
     current = pruned
     score = fidelity(current)
@@ -111,7 +114,7 @@ def reconstruct(
     report = ReconstructionReport(len(fit), len(held), score, score, agreement, agreement)
     if len(held) == 0:
         report.notes.append("too few calibration samples for a held-out split: passes are not guarded")
-    if not masks:
+    if not masks and not rewired:
         report.notes.append("nothing was removed: no reconstruction needed")
         report.seconds = time.perf_counter() - clock
         return current, report

@@ -74,6 +74,7 @@ class ReconstructionContext:
     memory_cap: int = DEFAULT_MEMORY_CAP
     threads: int = 0
     seed: int = 0
+    rewired: frozenset[str] = frozenset()  # nodes reading another activation than in the dense model (a drop)
 
     def collect(self, model, data, tensors=(), grams=(), target_model=None):
         return collect_statistics(model, data, tensors, grams, target_model=target_model,
@@ -231,22 +232,35 @@ def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
 
 
 # -- what changed, and in which order ---------------------------------------------------------------
-def changed_tensors(model: onnx.ModelProto, masks: dict[tuple[str, int], np.ndarray]) -> set[str]:
+def rewired_nodes(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> frozenset[str]:
+    """Nodes of both models that read a different activation in the pruned one: the readers of a
+    dropped layer's output now read its input. (Initializers may be renamed by slicing: not counted.)"""
+    def activations(model):
+        inits = {t.name for t in model.graph.initializer}
+        return {n.name: [i for i in n.input if i and i not in inits] for n in model.graph.node}
+
+    before, after = activations(dense), activations(pruned)
+    return frozenset(name for name, inputs in after.items() if name in before and before[name] != inputs)
+
+
+def changed_tensors(model: onnx.ModelProto, masks: dict[tuple[str, int], np.ndarray],
+                    rewired: frozenset[str] = frozenset()) -> set[str]:
     """Tensors whose values differ between the dense and the pruned model (on the dense graph)."""
     changed = {t for t, _ in masks}
     for node in model.graph.node:
-        if any(i in changed for i in node.input if i):
+        if node.name in rewired or any(i in changed for i in node.input if i):
             changed.update(o for o in node.output if o)
     return changed
 
 
-def changed_consumers(model: onnx.ModelProto, masks: dict[tuple[str, int], np.ndarray]) -> list[str]:
+def changed_consumers(model: onnx.ModelProto, masks: dict[tuple[str, int], np.ndarray],
+                      rewired: frozenset[str] = frozenset()) -> list[str]:
     """Mixing nodes (by name, graph order) whose *input activation* differs after pruning."""
-    changed = changed_tensors(model, masks)
+    changed = changed_tensors(model, masks, rewired)
     inits = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node
-            if n.op_type in ("Conv", "Gemm", "MatMul") and n.input and n.input[0] in changed
-            and n.input[0] not in inits]
+            if n.op_type in ("Conv", "Gemm", "MatMul") and n.input and n.input[0] not in inits
+            and (n.input[0] in changed or n.name in rewired)]
 
 
 def levels(model: onnx.ModelProto, targets: list[str]) -> list[list[str]]:
@@ -443,8 +457,9 @@ def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
     channel). Unsupported consumers are skipped (see `bias_compensation`).
     """
     model = copy_model(model)
-    targets = nodes if nodes is not None else changed_consumers(ctx.dense, ctx.masks)
     dense_edit, start_edit = Editor(ctx.dense), Editor(model)
+    targets = nodes if nodes is not None else [n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
+                                               if n in start_edit.nodes]  # not those of dropped layers
     records: list[LayerRecord] = []
     plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
     for name in targets:
@@ -571,9 +586,9 @@ def bn_recalibration(model: onnx.ModelProto, ctx: ReconstructionContext, *,
     pruned model's own activations (fit split), in graph order (a BN sees its upstream BNs recalibrated)."""
     model = copy_model(model)
     if nodes is None:
-        changed = changed_tensors(ctx.dense, ctx.masks)
-        nodes = [n.name for n in model.graph.node
-                 if n.op_type == "BatchNormalization" and len(n.input) >= 5 and n.input[0] in changed]
+        changed = changed_tensors(ctx.dense, ctx.masks, ctx.rewired)
+        nodes = [n.name for n in model.graph.node if n.op_type == "BatchNormalization" and len(n.input) >= 5
+                 and (n.input[0] in changed or n.name in ctx.rewired)]
     records: list[LayerRecord] = []
     for level in levels(model, nodes):
         edit = Editor(model)
@@ -626,11 +641,11 @@ def output_matching(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip:
     output barely varies is shifted, not blown up.
     """
     model = copy_model(model)
+    dense_edit, present = Editor(ctx.dense), {n.name for n in model.graph.node}
     if nodes is None:
         to_bn = _fed_only_to_bn(ctx.dense)
-        nodes = [n for n in changed_consumers(ctx.dense, ctx.masks) if n not in skip]
-        nodes = [n for n in nodes if Editor(ctx.dense).nodes[n].output[0] not in to_bn]
-    dense_edit = Editor(ctx.dense)
+        nodes = [n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
+                 if n not in skip and n in present and dense_edit.nodes[n].output[0] not in to_bn]
     records: list[LayerRecord] = []
     plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
     for name in nodes:
