@@ -134,7 +134,7 @@ def _add_pruning_options(p) -> None:
                    "data-aware criteria and reconstruction after pruning")
     c.add_argument("--calib-samples", type=int, default=512, help="at most this many calibration samples")
     c.add_argument("--ablation-samples", type=int, metavar="N",
-                   help="samples per removed unit for --criterion ablation (default 64; lowered, with a note, "
+                   help="calibration samples per ablated unit for --criterion ablation (default 64; lowered, with a note, "
                    "when all ablations would exceed the FLOP budget)")
     c.add_argument("--no-least-squares", dest="least_squares", action="store_false",
                    help="skip the least-squares refit of consumers")
@@ -143,6 +143,13 @@ def _add_pruning_options(p) -> None:
     c.add_argument("--no-bn-recalibration", dest="bn_recalibration", action="store_false",
                    help="skip BatchNorm statistics recalibration (and, for BN folded into convs, "
                    "per-channel output statistics matching)")
+
+
+def _calibration_options(args) -> dict:
+    """prune()'s calibration keywords from the options `_add_pruning_options` defines."""
+    return {"calib": _open_data(args, args.calib) if args.calib else None, "calib_samples": args.calib_samples,
+            "least_squares": args.least_squares, "bias_correction": args.bias_correction,
+            "bn_recalibration": args.bn_recalibration, "ablation_samples": args.ablation_samples}
 
 
 def _add_measure_options(g) -> None:
@@ -332,12 +339,7 @@ def _prune(args, data):
         input_shapes=parse_input_shapes(args.input_shape),
         seed=args.seed,
         validate_data=data,
-        calib=_open_data(args, args.calib) if args.calib else None,
-        calib_samples=args.calib_samples,
-        least_squares=args.least_squares,
-        bias_correction=args.bias_correction,
-        bn_recalibration=args.bn_recalibration,
-        ablation_samples=args.ablation_samples,
+        **_calibration_options(args),
         max_accuracy_drop=args.max_accuracy_drop,
         measure_latency=args.latency,
         batch_size=args.batch_size,
@@ -427,7 +429,7 @@ def cmd_sweep(args) -> int:
                    max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency,
                    batch_size=args.batch_size, provider=args.provider, threads=args.threads,
                    latency_runs=args.runs, latency_warmup=args.warmup, output_dir=args.output_dir,
-                   plot=args.plot, progress=args.progress)
+                   plot=args.plot, progress=args.progress, **_calibration_options(args))
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

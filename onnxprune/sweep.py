@@ -194,6 +194,11 @@ def require_matplotlib():
     return Figure
 
 
+CALIBRATION_DEFAULTS = {"calib_samples": 512, "least_squares": True, "bias_correction": True,
+                        "bn_recalibration": True, "ablation_samples": None}
+CALIBRATION_OPTIONS = {"calib", *CALIBRATION_DEFAULTS}
+
+
 def sweep(
     model: ModelLike,
     ratios: Sequence[float] | str,
@@ -219,13 +224,20 @@ def sweep(
     output_dir: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
     progress: bool | None = None,
+    **calibration: Any,
 ) -> SweepResult:
     """Prune `model` at each of `ratios` (fractions REMOVED of `target`: "flops",
     "params" or "ratio" = units per group) and measure accuracy (or fidelity)
     on `data` and latency; see the module docstring. `max_accuracy_drop` marks
     which ratios stay within the budget (nothing is refused); `output_dir`
     writes each pruned model as <stem>.<target><ratio>.onnx; `plot` writes
-    accuracy vs FLOPs and vs latency as an image (needs matplotlib)."""
+    accuracy vs FLOPs and vs latency as an image (needs matplotlib).
+    `calibration`: prune()'s calibration keywords (calib=DATA, calib_samples,
+    least_squares, bias_correction, bn_recalibration, ablation_samples), used
+    at every ratio: data-aware criteria and the reconstruction passes."""
+    unknown = set(calibration) - CALIBRATION_OPTIONS
+    if unknown:
+        raise TypeError(f"sweep() got unexpected keyword(s) {', '.join(sorted(unknown))}")
     if target not in TARGETS:
         raise OnnxPruneError(f"target '{target}' is not one of {', '.join(TARGETS)}")
     ratios = parse_ratios(ratios) if isinstance(ratios, str) else check_ratios(ratios)
@@ -246,6 +258,12 @@ def sweep(
     dense_point = SweepPoint(None, cost.flops, cost.params, 1.0, 1.0,
                              compare_quality(reference, reference.outputs))
     options = {"criterion": criterion, "strategy": strategy, "round_to": round_to}
+    if calibration.get("calib") is not None:
+        calib = calibration["calib"]
+        options["calibration"] = str(calib) if isinstance(calib, (str, os.PathLike)) else \
+            getattr(calib, "source", "given arrays")
+        options.update({k: v for k, v in calibration.items() if k in CALIBRATION_DEFAULTS
+                        and v != CALIBRATION_DEFAULTS[k]})  # what differs from prune's defaults
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     stem = Path(name).stem if not isinstance(model, onnx.ModelProto) else (dense.graph.name or "model")
@@ -261,7 +279,7 @@ def sweep(
                                        max_ratio=max_ratio, round_to=round_to, include=list(include),
                                        exclude=list(exclude), prune_hidden=prune_hidden,
                                        input_shapes=input_shapes, seed=seed,
-                                       progress=False)
+                                       progress=False, **calibration)
             except (PlanError, ValidationError) as exc:  # e.g. an unreachable target: report it, go on
                 point.error = str(exc)
                 points.append(point)
