@@ -11,7 +11,8 @@ with a switch:
 2. bias compensation of consumers that lost inputs and were not refit
    (`bias_correction`);
 3. BatchNorm statistics recalibration (`bn_recalibration`): running
-   statistics re-estimated where BN nodes remain, and, where BN was folded
+   statistics re-estimated where BN nodes remain (except right after a
+   refit consumer, whose outputs already match the dense model's), and, where BN was folded
    into the convolutions, per-channel output statistics matching of the
    changed Conv/Gemm that were not refit (two passes in the report,
    `bn_recalibration` and `output_matching`, under one switch).
@@ -150,7 +151,7 @@ def reconstruct(
     if bias_correction:
         guarded("bias_compensation", lambda m: passes.bias_compensation(m, ctx, analysis, skip=refit))
     if bn_recalibration:
-        guarded("bn_recalibration", lambda m: passes.bn_recalibration(m, ctx))
+        guarded("bn_recalibration", lambda m: passes.bn_recalibration(m, ctx, skip=refit))
         guarded("output_matching", lambda m: passes.output_matching(m, ctx, skip=refit))
     report.fidelity_after = score
     report.seconds = time.perf_counter() - clock

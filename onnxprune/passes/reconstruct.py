@@ -580,15 +580,19 @@ def bias_compensation(model: onnx.ModelProto, ctx: ReconstructionContext, analys
 
 
 # -- BatchNorm recalibration ---------------------------------------------------------------------------
-def bn_recalibration(model: onnx.ModelProto, ctx: ReconstructionContext, *,
+def bn_recalibration(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip: set[str] = frozenset(),
                      nodes: list[str] | None = None) -> tuple[onnx.ModelProto, list[LayerRecord]]:
     """Re-estimate running mean/variance of BatchNormalization nodes downstream of a change, on the
-    pruned model's own activations (fit split), in graph order (a BN sees its upstream BNs recalibrated)."""
+    pruned model's own activations (fit split), in graph order (a BN sees its upstream BNs recalibrated).
+
+    A BN right after a consumer in `skip` (refit by least squares to the dense model's outputs, which
+    its training statistics already describe) is left alone."""
     model = copy_model(model)
     if nodes is None:
         changed = changed_tensors(ctx.dense, ctx.masks, ctx.rewired)
+        refit_outputs = {o for n in model.graph.node if n.name in skip for o in n.output}
         nodes = [n.name for n in model.graph.node if n.op_type == "BatchNormalization" and len(n.input) >= 5
-                 and (n.input[0] in changed or n.name in ctx.rewired)]
+                 and (n.input[0] in changed or n.name in ctx.rewired) and n.input[0] not in refit_outputs]
     records: list[LayerRecord] = []
     for level in levels(model, nodes):
         edit = Editor(model)
