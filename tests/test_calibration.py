@@ -251,3 +251,17 @@ def test_calibration_set_reads_scattered_samples_from_any_dataset():
     picked = CalibrationSet(calib.dataset, calib.specs, np.array([0, 1, 2, 5, 7, 8, 11]))
     got = np.concatenate([feeds["x"] for feeds, _ in picked.batches(4)])
     np.testing.assert_array_equal(got, values[[0, 1, 2, 5, 7, 8, 11]])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_sample_with_nan_or_inf_is_refused_by_name(bad, tmp_path):
+    """One poisoned sample would turn every Gram matrix and refit weight into NaN."""
+    import onnxprune
+    from onnxprune.errors import DataError
+
+    values = data(12)
+    values["x"][7, 1, 2, 3] = bad
+    path = tmp_path / "calib.npz"
+    np.savez(path, **values)
+    with pytest.raises(DataError, match=r"calibration sample 7 of .*calib\.npz, input 'x', holds NaN or infinite"):
+        onnxprune.prune(small_cnn(), ratio=0.5, round_to=1, calib=str(path))

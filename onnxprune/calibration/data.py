@@ -78,7 +78,8 @@ class CalibrationSet:
 
     def batches(self, batch_size: int = 32) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         """(feeds, n) per batch: feeds cast to the inputs' dtypes; only the first n rows are real
-        (a model with a static batch size gets its last batch padded by repetition)."""
+        (a model with a static batch size gets its last batch padded by repetition). A sample with
+        NaN or infinite values raises DataError naming it."""
         static = self.static_batch()
         chunk = static or max(1, int(batch_size))
         for start in range(0, len(self.indices), chunk):
@@ -87,6 +88,11 @@ class CalibrationSet:
             feeds = {}
             for s in self.specs:
                 a = np.ascontiguousarray(arrays[s.name], dtype=s.dtype)
+                if a.dtype.kind == "f" and not np.isfinite(a).all():
+                    bad = int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0])
+                    raise DataError(f"calibration sample {int(idx[bad])} of {self.source}, input '{s.name}', "
+                                    "holds NaN or infinite values: every statistic and refit would be "
+                                    "poisoned; fix or drop that sample")
                 if static and len(a) < chunk:
                     a = np.concatenate([a, np.repeat(a[-1:], chunk - len(a), axis=0)])
                 feeds[s.name] = a

@@ -132,7 +132,7 @@ def reconstruct(
             return
         new_score = fidelity(candidate)
         new_agreement = fidelity.last_agreement
-        worse_error = new_score is not None and score is not None and new_score > score
+        worse_error = new_score is not None and score is not None and not new_score <= score  # NaN is worse
         worse_top1 = new_agreement is not None and agreement is not None and new_agreement < agreement
         better = not (worse_error or worse_top1)
         note = "" if better else ("held-out top-1 agreement with the dense model dropped" if worse_top1 else
