@@ -20,6 +20,7 @@ from onnxprune.calibration import (
 )
 from onnxprune.calibration.capture import plan_chunks
 from onnxprune.calibration.features import conv_output_shape
+from onnxprune.errors import DataError
 from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import CalibrationRequired
 from onnxprune.pipeline import build_analysis, prepare
@@ -251,17 +252,19 @@ def test_calibration_set_reads_scattered_samples_from_any_dataset():
     picked = CalibrationSet(calib.dataset, calib.specs, np.array([0, 1, 2, 5, 7, 8, 11]))
     got = np.concatenate([feeds["x"] for feeds, _ in picked.batches(4)])
     np.testing.assert_array_equal(got, values[[0, 1, 2, 5, 7, 8, 11]])
+    values[8, 0, 0, 0] = np.inf  # a streamed dataset is checked batch by batch
+    with pytest.raises(DataError, match="calibration sample 8 of ranges, input 'x', holds NaN or infinite"):
+        list(picked.batches(4))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_sample_with_nan_or_inf_is_refused_by_name(bad, tmp_path):
     """One poisoned sample would turn every Gram matrix and refit weight into NaN."""
     import onnxprune
-    from onnxprune.errors import DataError
 
     values = data(12)
     values["x"][7, 1, 2, 3] = bad
     path = tmp_path / "calib.npz"
     np.savez(path, **values)
-    with pytest.raises(DataError, match=r"calibration sample 7 of .*calib\.npz, input 'x', holds NaN or infinite"):
+    with pytest.raises(DataError, match=r"input 'x': sample 7 of .*calib\.npz holds NaN or infinite values"):
         onnxprune.prune(small_cnn(), ratio=0.5, round_to=1, calib=str(path))

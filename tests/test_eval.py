@@ -148,6 +148,15 @@ def test_shape_mismatched_npz_raises_a_data_error_naming_the_input(tmp_path, cap
     assert "input 'input'" in capsys.readouterr().err
 
 
+def test_nan_in_the_data_is_a_data_error_naming_the_sample(tmp_path, capsys):
+    path = tmp_path / "nan.npz"
+    images = np.zeros((5, 1, 32, 32), np.float32)
+    images[3, 0, 4, 4] = np.nan
+    np.savez(path, input=images, labels=np.zeros(5, np.int64))
+    assert main(["eval", str(EXAMPLE), "--data", str(path)]) == DataError.exit_code == 7
+    assert "sample 3 of array 'input'" in capsys.readouterr().err
+
+
 def test_rank_dtype_and_name_mismatches_are_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"input 'input'.*4 dims.*\(5, 32, 32\)"):
         onnxprune.evaluate(EXAMPLE, {"input": np.zeros((5, 32, 32), np.float32), "labels": np.zeros(5, int)})

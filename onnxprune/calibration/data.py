@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import DataError
-from onnxprune.runtime.data import ArrayData, Dataset, InputSpec, model_inputs, open_data
+from onnxprune.runtime.data import ArrayData, Dataset, InputSpec, first_non_finite, model_inputs, open_data
 
 
 class CalibrationSet:
@@ -88,8 +88,8 @@ class CalibrationSet:
             feeds = {}
             for s in self.specs:
                 a = np.ascontiguousarray(arrays[s.name], dtype=s.dtype)
-                if a.dtype.kind == "f" and not np.isfinite(a).all():
-                    bad = int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0])
+                bad = first_non_finite(a)  # arrays are checked when bound; other datasets as they stream
+                if bad is not None:
                     raise DataError(f"calibration sample {int(idx[bad])} of {self.source}, input '{s.name}', "
                                     "holds NaN or infinite values: every statistic and refit would be "
                                     "poisoned; fix or drop that sample")

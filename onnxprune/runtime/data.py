@@ -24,7 +24,8 @@ mismatch raises DataError naming the input and what the model expects):
   a int64 one); other kinds are refused (float data for token ids, integer
   pixels for a float input: preprocessing is missing);
 * the data has the model input's rank, the first axis being the samples;
-  every static dimension after it must be equal, dynamic ones take any size.
+  every static dimension after it must be equal, dynamic ones take any size;
+* float data holds no NaN or infinity (the error names the first bad sample).
 """
 from __future__ import annotations
 
@@ -84,6 +85,13 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def first_non_finite(array: np.ndarray) -> int | None:
+    """The index (axis 0) of the first sample holding NaN or an infinity, or None (also for non-floats)."""
+    if array.dtype.kind not in "fc" or np.isfinite(array).all():
+        return None
+    return int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0])
+
+
 def check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
     """Raise DataError unless `array` (samples on axis 0) can feed `spec`."""
     want = spec.describe()
@@ -107,6 +115,9 @@ def check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
                 f"input '{spec.name}': the model expects {want}; {where} has shape {tuple(array.shape)} "
                 f"(axis {axis} is {array.shape[axis]}, the model needs {dim})"
             )
+    bad = first_non_finite(array)
+    if bad is not None:
+        raise DataError(f"input '{spec.name}': sample {bad} of {where} holds NaN or infinite values; fix or drop it")
 
 
 # -- datasets ------------------------------------------------------------------------------------
