@@ -1,22 +1,34 @@
 """Data-aware pruning and reconstruction: held-out accuracy, time and memory.
 
-    python benchmarks/bench_calibration.py [--targets 0.3,0.5] [--criteria l1,apoz,mean_act,flap,wanda,ablation,thinet]
-    python benchmarks/bench_calibration.py --memory 270,2160      # calibration peak RSS at two sample counts
+    python benchmarks/bench_calibration.py [--models digits,clutter] [--targets 0.3,0.5]
+                                           [--criteria l1,apoz,mean_act,flap,wanda,thinet,ablation]
+    python benchmarks/bench_calibration.py --memory 256,2048      # calibration peak RSS at two sample counts
     python benchmarks/bench_calibration.py --resnet50 512         # statistics on the zoo ResNet-50 (random weights)
 
-The accuracy table prunes the bundled digits model (`models/digits_resnet.onnx`)
-to each FLOPs target with each criterion (uniform allocation), then measures
-top-1 on `models/digits_test.npz` (never used for calibration) without
-reconstruction, with bias compensation + BN recalibration only, and with the
-full reconstruction (least squares first), all calibrated on
-`models/digits_calib.npz`. Each data-aware criterion's statistics (channel
-statistics; ablation sensitivities; next-layer Gram matrices for thinet) are
-collected once and timed. Memory figures are the peak RSS of a fresh process
-running only the calibration.
+The accuracy table prunes each trained model to each FLOPs target with each
+criterion (uniform allocation), then measures top-1 on its test split (never
+used for calibration) without reconstruction, with the statistics passes
+only (bias compensation, BatchNorm recalibration, output statistics
+matching: no least squares), and with the full reconstruction (least
+squares first), all calibrated on the model's calibration split:
+
+* digits: `models/digits_resnet.onnx` (BN folded), `digits_calib.npz` (270),
+  `digits_test.npz` (450);
+* clutter: `models/clutter_vgg.onnx` (BN nodes kept), `clutter_calib.npz`
+  (512), `clutter_test.npz` (1000).
+
+Each row runs in a fresh process: "prune s" is the criterion's calibration
+statistics + scoring + rewrite + full reconstruction, "peak RSS" the
+process's peak resident memory at that point (imports included). `--memory`
+runs, in a fresh process per sample count, the channel statistics of every
+sink and then the full reconstruction of a 50%-FLOPs l1 pruning on the same
+samples (the calibration split repeated to the count; "RSS before" includes
+the data), and reports the peak RSS after each.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -27,9 +39,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, markdown_table  # noqa: E402
 
-DIGITS = ROOT / "models" / "digits_resnet.onnx"
-CALIB = ROOT / "models" / "digits_calib.npz"
-TEST = ROOT / "models" / "digits_test.npz"
+MODELS = {
+    "digits": ("digits_resnet.onnx", "digits_calib.npz", "digits_test.npz"),
+    "clutter": ("clutter_vgg.onnx", "clutter_calib.npz", "clutter_test.npz"),
+}
+
+
+def model_paths(name: str) -> tuple[str, str, str]:
+    return tuple(str(ROOT / "models" / f) for f in MODELS[name])
 
 
 def removed_roots(analysis, keep) -> set[int]:
@@ -41,10 +58,13 @@ def removed_roots(analysis, keep) -> set[int]:
     return removed
 
 
-def accuracy_table(targets: list[float], criteria: list[str], round_to: int) -> str:
+def prune_row(name: str, criterion: str, target: float, round_to: int) -> dict:
+    """Runs in a fresh process: one (model, criterion, target) row."""
+    import resource
+
     from onnxprune.calibration import reconstruct
     from onnxprune.cost import model_cost
-    from onnxprune.importance import CRITERIA, score_groups
+    from onnxprune.importance import score_groups
     from onnxprune.importance.data_aware import criterion_statistics
     from onnxprune.passes.apply_plan import apply_removal
     from onnxprune.pipeline import build_analysis, prepare
@@ -53,42 +73,46 @@ def accuracy_table(targets: list[float], criteria: list[str], round_to: int) -> 
     from onnxprune.strategy.allocate import Target, allocate
     from onnxprune.strategy.estimate import CostEstimator
 
-    dense, _ = prepare(str(DIGITS))
+    path, calib, test = model_paths(name)
+    clock = time.perf_counter()
+    dense, _ = prepare(path)
     analysis = build_analysis(dense)
     fixed = concrete_input_shapes(dense, None)
     cost = model_cost(dense, fixed)
-    collected: dict = {}  # collector -> (statistics, seconds)
-    for criterion in criteria:
-        collect = getattr(CRITERIA[criterion], "collect", None)
-        if collect is not None and collect not in collected:
-            clock = time.perf_counter()
-            collected[collect] = (criterion_statistics(criterion, dense, analysis, str(CALIB)),
-                                  time.perf_counter() - clock)
-    dense_acc = evaluate(dense, str(TEST)).accuracy["top1"]
-    rows = []
+    stats = criterion_statistics(criterion, dense, analysis, calib)
+    stats_seconds = time.perf_counter() - clock
+    scores = score_groups(analysis, analysis.prunable_groups(), criterion, stats=stats)
+    keep = allocate(analysis, scores, Target(None, target, None, "uniform", 0.9, round_to, [], []),
+                    CostEstimator(analysis, cost))
+    removed = removed_roots(analysis, keep)
+    pruned = apply_removal(dense, analysis, removed)
+    full, _ = reconstruct(dense, pruned, analysis, removed, calib)
+    seconds = time.perf_counter() - clock
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    light, _ = reconstruct(dense, pruned, analysis, removed, calib, least_squares=False)
+    top1 = {k: evaluate(m, test).accuracy["top1"] for k, m in (("dense", dense), ("free", pruned),
+                                                               ("light", light), ("full", full))}
+    return {"removed": 1 - model_cost(pruned, fixed).flops / cost.flops, "top1": top1,
+            "stats_seconds": stats_seconds, "seconds": seconds, "peak": peak}
+
+
+def accuracy_table(name: str, targets: list[float], criteria: list[str], round_to: int) -> str:
+    rows, dense = [], None
     for target in targets:
         for criterion in criteria:
-            collect = getattr(CRITERIA[criterion], "collect", None)
-            stats, stats_seconds = collected.get(collect, (None, 0.0))
-            scores = score_groups(analysis, analysis.prunable_groups(), criterion, stats=stats)
-            keep = allocate(analysis, scores, Target(None, target, None, "uniform", 0.9, round_to, [], []),
-                            CostEstimator(analysis, cost))
-            removed = removed_roots(analysis, keep)
-            pruned = apply_removal(dense, analysis, removed)
-            gone = 1 - model_cost(pruned, fixed).flops / cost.flops
-            free = evaluate(pruned, str(TEST)).accuracy["top1"]
-            light, _ = reconstruct(dense, pruned, analysis, removed, str(CALIB), least_squares=False)
-            clock = time.perf_counter()
-            full, report = reconstruct(dense, pruned, analysis, removed, str(CALIB))
-            seconds = time.perf_counter() - clock
-            rows.append([f"{target:.0%}", f"{gone:.1%}", criterion, f"{free:.2%}",
-                         f"{evaluate(light, str(TEST)).accuracy['top1']:.2%}",
-                         f"{evaluate(full, str(TEST)).accuracy['top1']:.2%}", f"{stats_seconds:.1f}", f"{seconds:.1f}"])
+            out = subprocess.run([sys.executable, __file__, "--row", name, criterion, str(target), str(round_to)],
+                                 capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            dense = r["top1"]["dense"]
+            rows.append([f"{target:.0%}", f"{r['removed']:.1%}", criterion, f"{r['top1']['free']:.2%}",
+                         f"{r['top1']['light']:.2%}", f"{r['top1']['full']:.2%}", f"{r['stats_seconds']:.1f}",
+                         f"{r['seconds']:.1f}", f"{r['peak']:.0f}"])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    header = ["target", "FLOPs removed", "criterion", "no reconstruction", "bias comp. + BN",
-              "least squares + bias + BN", "criterion statistics s", "reconstruction s"]
-    return (f"digits_resnet, dense top-1 {dense_acc:.2%} on digits_test.npz (450 images); calibration on "
-            "270 images (ablation: 64 of them)\n\n" + markdown_table(header, rows))
+    _, calib, test = MODELS[name]
+    header = ["target", "FLOPs removed", "criterion", "no reconstruction", "statistics passes only",
+              "full reconstruction", "criterion statistics s", "prune s", "peak RSS MiB"]
+    return (f"{MODELS[name][0]}: dense top-1 {dense:.2%} on {test}; calibration on {calib}\n\n"
+            + markdown_table(header, rows))
 
 
 def child(kind: str, samples: int) -> None:
@@ -98,10 +122,11 @@ def child(kind: str, samples: int) -> None:
     from onnxprune.calibration import calibration_statistics
     from onnxprune.pipeline import build_analysis, prepare
 
-    if kind == "digits":
-        model, _ = prepare(str(DIGITS))
-        base = np.load(CALIB)["input"]
-        data = {"input": np.resize(base, (samples,) + base.shape[1:])}
+    if kind in MODELS:
+        path, calib, _ = model_paths(kind)
+        model, _ = prepare(path)
+        base = np.load(calib)["input"]
+        data = {"input": np.resize(base, (samples,) + base.shape[1:])}  # the split repeated to `samples`
     else:
         from onnxprune.testing import materialize_zoo_model, zoo_models
 
@@ -117,37 +142,67 @@ def child(kind: str, samples: int) -> None:
     seconds = time.perf_counter() - clock
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    print(seconds, after.ru_maxrss / 1024, base_rss, stats.passes, len(stats.channels), cpu)
+    recon_seconds = recon_peak = float("nan")
+    if kind in MODELS:  # then prune 50% of FLOPs (l1) and reconstruct on the same samples
+        from onnxprune.calibration import reconstruct
+        from onnxprune.cost import model_cost
+        from onnxprune.importance import score_groups
+        from onnxprune.passes.apply_plan import apply_removal
+        from onnxprune.runtime.inputs import concrete_input_shapes
+        from onnxprune.strategy.allocate import Target, allocate
+        from onnxprune.strategy.estimate import CostEstimator
+
+        cost = model_cost(model, concrete_input_shapes(model, None))
+        keep = allocate(analysis, score_groups(analysis, analysis.prunable_groups(), "l1"),
+                        Target(None, 0.5, None, "uniform", 0.9, 1, [], []), CostEstimator(analysis, cost))
+        removed = removed_roots(analysis, keep)
+        clock = time.perf_counter()
+        reconstruct(model, apply_removal(model, analysis, removed), analysis, removed, data, max_samples=None)
+        recon_seconds = time.perf_counter() - clock
+        recon_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(seconds, after.ru_maxrss / 1024, base_rss, stats.passes, len(stats.channels), cpu, recon_seconds,
+          recon_peak)
 
 
 def measure(kind: str, samples: int) -> list[str]:
     out = subprocess.run([sys.executable, __file__, "--child", kind, str(samples)], capture_output=True,
                          text=True, check=True).stdout.split()
-    seconds, peak, before, passes, tensors, cpu = out
-    return [kind, str(samples), tensors, passes, f"{float(seconds):.1f}", f"{float(cpu):.1f}", f"{float(peak):.0f}",
-            f"{float(before):.0f}"]
+    seconds, peak, before, passes, tensors, cpu, recon_seconds, recon_peak = (float(v) for v in out)
+    recon = ["-", "-"] if np.isnan(recon_seconds) else [f"{recon_seconds:.1f}", f"{recon_peak:.0f}"]
+    return [kind, str(samples), f"{tensors:.0f}", f"{passes:.0f}", f"{seconds:.1f}", f"{cpu:.1f}", f"{peak:.0f}",
+            f"{before:.0f}"] + recon
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits,clutter")
     parser.add_argument("--targets", default="0.3,0.5")
-    parser.add_argument("--criteria", default="l1,apoz,mean_act,flap,wanda")
+    parser.add_argument("--criteria", default="l1,apoz,mean_act,flap,wanda,thinet,ablation")
     parser.add_argument("--round-to", type=int, default=1)
-    parser.add_argument("--memory", help="sample counts for the digits calibration memory check, e.g. 270,2160")
+    parser.add_argument("--row", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", help="sample counts for the calibration memory check of --models, e.g. 270,2160")
     parser.add_argument("--resnet50", type=int, help="calibration samples for the zoo ResNet-50 timing")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
-    header = ["model", "samples", "tensors", "passes", "wall s", "CPU s", "peak RSS MiB", "RSS before MiB"]
+    if args.row:
+        name, criterion, target, round_to = args.row
+        print(json.dumps(prune_row(name, criterion, float(target), int(round_to))))
+        return
+    header = ["model", "samples", "tensors", "passes", "statistics wall s", "CPU s", "peak RSS MiB",
+              "RSS before MiB", "reconstruction s", "peak RSS after reconstruction MiB"]
     if args.memory or args.resnet50:
-        rows = [measure("digits", int(n)) for n in (args.memory or "").split(",") if n]
+        rows = [measure(name, int(n)) for name in args.models.split(",")
+                for n in (args.memory or "").split(",") if n]
         if args.resnet50:
             rows.append(measure("resnet50", args.resnet50))
         print(markdown_table(header, rows))
         return
-    print(accuracy_table([float(t) for t in args.targets.split(",")], args.criteria.split(","), args.round_to))
+    for name in args.models.split(","):
+        print(accuracy_table(name, [float(t) for t in args.targets.split(",")], args.criteria.split(","),
+                             args.round_to) + "\n")
 
 
 if __name__ == "__main__":
