@@ -61,6 +61,8 @@ class ReconstructionReport:
         lines = [f"reconstruction on {self.fit_samples} calibration samples "
                  f"({self.holdout_samples} held out) in {self.seconds:.1f} s"]
         for p in self.passes:
+            if p.skipped:
+                continue  # nothing to do (no BN left, everything refit...): in to_dict(), not worth a line
             state = p.status
             fid = "" if p.fidelity_before is None or p.skipped else \
                 f": held-out output error {p.fidelity_before:.4g} -> {p.fidelity_after:.4g}"
