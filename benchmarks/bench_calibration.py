@@ -2,6 +2,7 @@
 
     python benchmarks/bench_calibration.py [--models digits,clutter] [--targets 0.3,0.5]
                                            [--criteria l1,apoz,mean_act,flap,wanda,thinet,ablation]
+                                           [--strategy uniform|global]
     python benchmarks/bench_calibration.py --memory 256,2048      # calibration peak RSS at two sample counts
     python benchmarks/bench_calibration.py --resnet50 512         # statistics on the zoo ResNet-50 (random weights)
 
@@ -58,7 +59,7 @@ def removed_roots(analysis, keep) -> set[int]:
     return removed
 
 
-def prune_row(name: str, criterion: str, target: float, round_to: int) -> dict:
+def prune_row(name: str, criterion: str, target: float, round_to: int, strategy: str = "uniform") -> dict:
     """Runs in a fresh process: one (model, criterion, target) row."""
     import resource
 
@@ -82,7 +83,7 @@ def prune_row(name: str, criterion: str, target: float, round_to: int) -> dict:
     stats = criterion_statistics(criterion, dense, analysis, calib)
     stats_seconds = time.perf_counter() - clock
     scores = score_groups(analysis, analysis.prunable_groups(), criterion, stats=stats)
-    keep = allocate(analysis, scores, Target(None, target, None, "uniform", 0.9, round_to, [], []),
+    keep = allocate(analysis, scores, Target(None, target, None, strategy, 0.9, round_to, [], []),
                     CostEstimator(analysis, cost))
     removed = removed_roots(analysis, keep)
     pruned = apply_removal(dense, analysis, removed)
@@ -96,12 +97,13 @@ def prune_row(name: str, criterion: str, target: float, round_to: int) -> dict:
             "stats_seconds": stats_seconds, "seconds": seconds, "peak": peak}
 
 
-def accuracy_table(name: str, targets: list[float], criteria: list[str], round_to: int) -> str:
+def accuracy_table(name: str, targets: list[float], criteria: list[str], round_to: int,
+                   strategy: str = "uniform") -> str:
     rows, dense = [], None
     for target in targets:
         for criterion in criteria:
-            out = subprocess.run([sys.executable, __file__, "--row", name, criterion, str(target), str(round_to)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run([sys.executable, __file__, "--row", name, criterion, str(target), str(round_to),
+                                  strategy], capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             dense = r["top1"]["dense"]
             rows.append([f"{target:.0%}", f"{r['removed']:.1%}", criterion, f"{r['top1']['free']:.2%}",
@@ -111,7 +113,7 @@ def accuracy_table(name: str, targets: list[float], criteria: list[str], round_t
     _, calib, test = MODELS[name]
     header = ["target", "FLOPs removed", "criterion", "no reconstruction", "statistics passes only",
               "full reconstruction", "criterion statistics s", "prune s", "peak RSS MiB"]
-    return (f"{MODELS[name][0]}: dense top-1 {dense:.2%} on {test}; calibration on {calib}\n\n"
+    return (f"{MODELS[name][0]} ({strategy} allocation): dense top-1 {dense:.2%} on {test}; calibration on {calib}\n\n"
             + markdown_table(header, rows))
 
 
@@ -179,7 +181,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.3,0.5")
     parser.add_argument("--criteria", default="l1,apoz,mean_act,flap,wanda,thinet,ablation")
     parser.add_argument("--round-to", type=int, default=1)
-    parser.add_argument("--row", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="uniform", choices=["uniform", "global"])
+    parser.add_argument("--row", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--memory", help="sample counts for the calibration memory check of --models, e.g. 270,2160")
     parser.add_argument("--resnet50", type=int, help="calibration samples for the zoo ResNet-50 timing")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -188,8 +191,8 @@ def main() -> None:
         child(args.child[0], int(args.child[1]))
         return
     if args.row:
-        name, criterion, target, round_to = args.row
-        print(json.dumps(prune_row(name, criterion, float(target), int(round_to))))
+        name, criterion, target, round_to, strategy = args.row
+        print(json.dumps(prune_row(name, criterion, float(target), int(round_to), strategy)))
         return
     header = ["model", "samples", "tensors", "passes", "statistics wall s", "CPU s", "peak RSS MiB",
               "RSS before MiB", "reconstruction s", "peak RSS after reconstruction MiB"]
@@ -202,7 +205,7 @@ def main() -> None:
         return
     for name in args.models.split(","):
         print(accuracy_table(name, [float(t) for t in args.targets.split(",")], args.criteria.split(","),
-                             args.round_to) + "\n")
+                             args.round_to, args.strategy) + "\n")
 
 
 if __name__ == "__main__":
