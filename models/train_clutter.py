@@ -93,14 +93,15 @@ import onnx
 import onnxruntime as ort
 import torch
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
+
+# the same split as the example model (models/ is on sys.path when this runs as a script)
+from train_digits import accuracy, split_indices
 
 torch.set_num_threads(1)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SPLIT_SEED = 0      # the split of train_digits.py
 TRAIN_SEED = 0      # torch init/shuffling and the training renders
 TEST_SEED = 1
 CALIB_SEED = 2
@@ -141,11 +142,7 @@ def load_splits():
     exact split of train_digits.py."""
     d = load_digits()
     images, labels = d.images, d.target.astype(np.int64)
-    idx = np.arange(len(labels))
-    rest, test = train_test_split(idx, test_size=0.25, stratify=labels, random_state=SPLIT_SEED)
-    train, calib = train_test_split(
-        rest, test_size=0.15 / 0.75, stratify=labels[rest], random_state=SPLIT_SEED
-    )
+    train, calib, test = split_indices(labels)
     glyphs = (images / 16.0).astype(np.float32)
     return {k: (glyphs[v], labels[v]) for k, v in (("train", train), ("calib", calib), ("test", test))}
 
@@ -342,15 +339,6 @@ def conv_macs(model: nn.Module, shape=(1, 3, SIZE, SIZE)) -> int:
     for h in hs:
         h.remove()
     return total
-
-
-@torch.no_grad()
-def accuracy(model, x, y, batch=256):
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), batch):
-        correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    return correct / len(y)
 
 
 # --------------------------------------------------------------------------

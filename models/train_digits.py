@@ -90,14 +90,20 @@ def upsample(images_8x8: np.ndarray) -> torch.Tensor:
     return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
 
 
-def load_splits():
-    d = load_digits()
-    images, labels = d.images, d.target.astype(np.int64)
+def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, calib, test) sample indices: the fixed stratified split (also used by train_clutter.py)."""
     idx = np.arange(len(labels))
     rest, test = train_test_split(idx, test_size=0.25, stratify=labels, random_state=SPLIT_SEED)
     train, calib = train_test_split(
         rest, test_size=0.15 / 0.75, stratify=labels[rest], random_state=SPLIT_SEED
     )
+    return train, calib, test
+
+
+def load_splits():
+    d = load_digits()
+    images, labels = d.images, d.target.astype(np.int64)
+    train, calib, test = split_indices(labels)
     up = upsample(images)
     mean, std = float(up[train].mean()), float(up[train].std())
     if abs(mean - MEAN) > 5e-4 or abs(std - STD) > 5e-4:
