@@ -25,7 +25,7 @@ from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
 from onnxprune.ir.fold import fold_constants
 from onnxprune.ir.graph_view import GraphView, name_nodes
-from onnxprune.ir.model_io import SourceInfo, load_model, normalise, save_model, unshare_initializers
+from onnxprune.ir.model_io import SourceInfo, check_output_path, load_model, normalise, unshare_initializers
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.passes.apply_plan import apply_removal
 from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
@@ -35,6 +35,7 @@ from onnxprune.report import GroupChange, ModelStats, PruneReport
 from onnxprune.runtime.gate import AccuracyDropError, compare_latency, compare_quality, pruned_outputs, \
     reference_pass
 from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
+from onnxprune.runtime.output import save_verified
 from onnxprune.runtime.session import check_provider
 from onnxprune.runtime.validate import run_model, validate_model
 from onnxprune.strategy.allocate import Target, allocate
@@ -45,15 +46,25 @@ from onnxprune.strategy.plan import Plan
 ModelLike = str | os.PathLike | onnx.ModelProto
 
 
-def prepare(model: ModelLike) -> tuple[onnx.ModelProto, SourceInfo]:
-    """Our own normalised copy of the model: the caller's object or file is never touched."""
+def prepare(model: ModelLike, output: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, SourceInfo]:
+    """Our own normalised copy of the model: the caller's object or file is never touched.
+
+    With `output`, an unusable output path (missing folder, the input itself, no
+    room on disk) fails before the weights are read, not after the work is done.
+    """
+
+    def check_output(source: SourceInfo) -> None:
+        if output is not None:
+            check_output_path(output, source, estimated_bytes=source.file_size)
+
     if isinstance(model, onnx.ModelProto):
         working = onnx.ModelProto()
         working.CopyFrom(model)
         source = SourceInfo(file_size=working.ByteSize())
+        check_output(source)
         normalise(working)
     else:
-        working, source = load_model(model)
+        working, source = load_model(model, before_data=check_output)
     fold_constants(working)
     unshare_initializers(working)
     name_nodes(working)
@@ -198,7 +209,7 @@ def prune(
         timings[stage] = now - clock
         clock = now
 
-    working, source = prepare(model)
+    working, source = prepare(model, output)
     fixed = concrete_input_shapes(working, input_shapes)
     dense_cost = model_cost(working, fixed)
     before = ModelStats.from_cost(dense_cost, source.file_size)
@@ -280,7 +291,8 @@ def prune(
     if save_plan is not None:
         decision.plan.save(save_plan)
     if output is not None:
-        after.file_size = save_model(working, output, source=source, serialized=result.serialized)
+        after.file_size = save_verified(working, output, result, source=source)
+        result.checks.append("read back from disk")
     result.serialized = None
     lap("save")
     return working, report

@@ -108,3 +108,120 @@ def test_file_size_counts_the_external_data_file():
     path = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "transformers" / "bert_encoder_dynamo.onnx"
     _, info = load_model(path)
     assert info.file_size == path.stat().st_size + Path(str(path) + ".data").stat().st_size
+
+
+# -- what is written is what was validated -------------------------------------------------------------
+
+def run_in_new_process(path: Path) -> list:
+    """Load `path` from disk in a fresh interpreter (as a user would) and run it; returns output shapes."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys, numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1])\n"
+        "feeds = {i.name: np.ones([d if isinstance(d, int) else 1 for d in i.shape], np.float32) "
+        "for i in s.get_inputs()}\n"
+        "print(json.dumps([list(o.shape) for o in s.run(None, feeds)]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def wide_cnn():
+    """Weights large enough (>= 1 KiB after pruning) to go to an external data file."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    inits = [weight(64, 3, 3, 3, name="w1"), weight(64, name="b1"), weight(4, 64, 1, 1, name="w2")]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits)
+
+
+def test_per_tensor_external_data_prunes_to_one_data_file_named_after_the_output(tmp_path):
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src = src_dir / "model.onnx"
+    onnx.save(wide_cnn(), src, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(src_dir.iterdir())) > 2  # one file per tensor
+    out = tmp_path / "pruned.onnx"
+    _, report = onnxprune.prune(src, out, ratio=0.5)
+    header = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"pruned.onnx.data"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.onnx", "pruned.onnx.data", "src"]
+    assert run_in_new_process(out) == [[1, 4, 8, 8]]
+    assert "read back from disk" in report.checks
+    assert report.after.file_size == out.stat().st_size + (tmp_path / "pruned.onnx.data").stat().st_size
+
+
+def test_a_broken_write_is_caught_by_reading_it_back_and_leaves_nothing(tmp_path, monkeypatch):
+    from onnxprune.errors import ValidationError
+    from onnxprune.ir import model_io
+
+    src = tmp_path / "in.onnx"
+    onnx.save(wide_cnn(), src, save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    real_write = model_io.write_model
+
+    def write_then_lose_the_weights(model, path, **kwargs):
+        real_write(model, path, **kwargs)
+        Path(str(path) + ".data").write_bytes(b"")  # the data file ends up empty, as it once did
+
+    monkeypatch.setattr(model_io, "write_model", write_then_lose_the_weights)
+    with pytest.raises(ValidationError, match="out.onnx"):
+        onnxprune.prune(src, tmp_path / "out.onnx", ratio=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "in.onnx.data"]
+
+
+def test_models_over_the_protobuf_limit_keep_their_weights_and_the_callers_model(tmp_path, monkeypatch):
+    # the >2 GB code paths, on a small model: every "is it over the limit" check says yes
+    from onnxprune.ir import model_io
+    from onnxprune.runtime import session, validate
+
+    for module in (model_io, session, validate):
+        monkeypatch.setattr(module, "EXTERNAL_DATA_THRESHOLD", 1)
+    model = wide_cnn()
+    before = model.SerializeToString()
+    out = tmp_path / "big.onnx"
+    onnxprune.prune(model, out, ratio=0.5)
+    assert model.SerializeToString() == before
+    assert (tmp_path / "big.onnx.data").stat().st_size > 0
+    assert run_in_new_process(out) == [[1, 4, 8, 8]]
+
+
+def test_missing_output_folder_fails_before_the_weights_are_read(tmp_path, monkeypatch):
+    src = tmp_path / "in.onnx"
+    onnx.save(small_cnn(), src, save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    read = []
+    monkeypatch.setattr(onnx, "load_external_data_for_model", lambda *a, **k: read.append(a))
+    with pytest.raises(OutputError, match="does not exist"):
+        onnxprune.prune(src, tmp_path / "no" / "such" / "out.onnx", ratio=0.5)
+    assert not read
+
+
+def test_output_folder_without_room_is_refused(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    src = tmp_path / "in.onnx"
+    onnx.save(small_cnn(), src)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10, 10, 0))
+    with pytest.raises(OutputError, match="free"):
+        onnxprune.prune(src, tmp_path / "out.onnx", ratio=0.5)
+
+
+def test_an_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from onnxprune.ir import model_io
+
+    def interrupted(model, path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt  # what SIGINT, and SIGTERM in the CLI, raise
+
+    monkeypatch.setattr(model_io, "write_model", interrupted)
+    model, _ = load_model_from(small_cnn(), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.onnx"]

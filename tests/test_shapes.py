@@ -34,3 +34,30 @@ def test_symbolic_batch_stays_symbolic():
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
     model = make_model(nodes, [("x", ["batch", 3, 8, 8])], [("y", ["batch", 8, 8, 8])], [weight(8, 3, 1, 1, name="w")])
     assert infer_shapes(model)["y"][1] == ("batch", 8, 8, 8)
+
+
+def test_missing_sympy_is_said_not_swallowed(monkeypatch, caplog):
+    # onnxruntime >= 1.32 stopped installing sympy; without it heads and run-time shapes go unseen
+    import builtins
+
+    import onnxprune.ir.shapes as shapes_module
+
+    real_import = builtins.__import__
+
+    def no_symbolic(name, *args, **kwargs):
+        if name == "onnxruntime.tools.symbolic_shape_infer":
+            raise ImportError("No module named 'sympy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_symbolic)
+    monkeypatch.setattr(shapes_module, "_warned_no_symbolic", False)
+    with caplog.at_level("WARNING", logger="onnxprune.ir.shapes"):
+        infer_shapes(model_with_contrib_op())
+    message = caplog.text
+    assert "sympy" in message and "pip install sympy" in message and "heads" in message
+
+
+def test_sympy_is_a_declared_dependency():
+    from importlib.metadata import requires
+
+    assert any(r.split(">")[0].split("=")[0].strip() == "sympy" for r in requires("onnxprune"))

@@ -12,8 +12,6 @@ Nothing is kept across batches except the statistics being accumulated.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -24,7 +22,7 @@ from onnx import helper
 
 from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, copy_fields, model_byte_size
 from onnxprune.ir.shapes import infer_shapes, skeleton
-from onnxprune.runtime.session import check_provider
+from onnxprune.runtime.session import check_provider, session_through_file
 
 DEFAULT_MEMORY_CAP = 1 << 30  # bytes of captured activations per batch
 
@@ -152,10 +150,7 @@ def calibration_session(model: onnx.ModelProto, *, threads: int = 0,
     opts.add_session_config_entry("session.disable_prepacking", "1")
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
-    with tempfile.TemporaryDirectory() as tmp:  # >2 GB: through a file with external data
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, opts, providers=[provider])
+    return session_through_file(model, opts, provider)  # >2 GB
 
 
 class Capture:

@@ -11,14 +11,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.errors import ModelLoadError, OutputError
+from onnxprune.errors import ModelLoadError, OnnxPruneError, OutputError
 
 # protobuf cannot serialise messages of 2 GiB or more; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -32,6 +34,7 @@ class SourceInfo:
     used_external_data: bool = False
     initializers_were_inputs: bool = False
     file_size: int = 0
+    data_files: tuple[str, ...] = ()  # external data files, relative to the model's folder
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -40,8 +43,13 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, SourceInfo]:
-    """Read `path` (external data included) and normalise it for analysis."""
+def load_model(path: str | os.PathLike, before_data: Callable[[SourceInfo], None] | None = None
+               ) -> tuple[onnx.ModelProto, SourceInfo]:
+    """Read `path` (external data included) and normalise it for analysis.
+
+    `before_data` is called with what the header says of the file, before the
+    (possibly gigabytes of) weights are read: checks that can fail early go there.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file. Check the path to the ONNX model.")
@@ -54,6 +62,10 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, SourceInfo]:
         ) from exc
     used_external = _uses_external_data(header)
     file_size = _file_size(path, header)  # before loading: that clears the external-data locations
+    data_files = tuple(sorted(_data_locations(header)))
+    info = SourceInfo(path=path, used_external_data=used_external, file_size=file_size, data_files=data_files)
+    if before_data is not None:
+        before_data(info)
     try:
         if used_external:
             onnx.load_external_data_for_model(header, str(path.parent))
@@ -64,7 +76,6 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, SourceInfo]:
         ) from exc
     if not header.graph.node:
         raise ModelLoadError(f"{path}: the graph has no nodes; is this an ONNX model?")
-    info = SourceInfo(path=path, used_external_data=used_external, file_size=file_size)
     info.initializers_were_inputs = normalise(header)
     return header, info
 
@@ -115,21 +126,30 @@ EXTERNAL_MIN_BYTES = 1024
 
 
 def _externalise(model: onnx.ModelProto, data_path: Path, location: str) -> onnx.ModelProto:
-    """A copy of `model` whose large float initializers point into `data_path`.
+    """A header copy of `model` whose large float initializers point into `data_path`.
 
-    Written tensor by tensor, so no second in-memory copy of the weights is made.
+    Written tensor by tensor, so no second in-memory copy of the weights is
+    made, and `model` itself is never changed (onnx's own external-data writer
+    converts the model it is given in place, which once left a caller holding
+    tensors whose bytes had moved to a deleted temporary file).
     """
     header = onnx.ModelProto()
     copy_fields(model, header, skip="graph")
     graph = header.graph
     copy_fields(model.graph, graph, skip="initializer")
     offset = 0
-    with open(data_path, "wb") as data:
+    data = None  # opened at the first tensor that goes out: no empty data file beside a small model
+    try:
         for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                raise OutputError(f"tensor '{t.name}' still points at external data that was never read; "
+                                  "refusing to write a model that would reference a missing file")
             payload = t.raw_data if t.HasField("raw_data") else None
             if payload is None or len(payload) < EXTERNAL_MIN_BYTES or t.data_type not in _FLOAT_TYPES:
                 graph.initializer.append(t)
                 continue
+            if data is None:
+                data = open(data_path, "wb")
             pad = (-offset) % 4096  # page-aligned, as onnx's own writer does
             data.write(b"\0" * pad)
             offset += pad
@@ -143,17 +163,31 @@ def _externalise(model: onnx.ModelProto, data_path: Path, location: str) -> onnx
                 entry = ref.external_data.add()
                 entry.key, entry.value = key, value
             offset += len(payload)
+    finally:
+        if data is not None:
+            data.close()
     return header
 
 
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool,
+                serialized: bytes | None = None) -> None:
+    """Write `model` to `path` (and, with external data, `<path>.data` beside it,
+    the one data file, named after the model) without changing `model`."""
+    path = Path(path)
+    if external_data:
+        header = _externalise(model, path.parent / (path.name + ".data"), path.name + ".data")
+        onnx.save_model(header, str(path))
+    elif serialized is not None:  # validation already serialised it: no second copy
+        path.write_bytes(serialized)
+    else:
+        onnx.save_model(model, str(path))
+
+
 def _default_permissions(path: Path) -> None:
-    """mkstemp creates 0600 files; give the output the permissions a normal write would."""
+    """Temporary files are created 0600; give the output the permissions a normal write would."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
-    data = path.parent / (path.name + ".data")
-    if data.exists():
-        os.chmod(data, 0o666 & ~umask)
 
 
 def copy_fields(src, dst, skip: str) -> None:
@@ -172,15 +206,14 @@ def copy_fields(src, dst, skip: str) -> None:
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
+def _data_locations(model: onnx.ModelProto) -> set[str]:
+    """External data files named by the model (one, or one per tensor)."""
+    return {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+
+
 def _file_size(path: Path, model: onnx.ModelProto) -> int:
     size = path.stat().st_size
-    locations = {
-        entry.value
-        for t in model.graph.initializer
-        for entry in t.external_data
-        if entry.key == "location"
-    }
-    for loc in locations:
+    for loc in _data_locations(model):
         data = path.parent / loc
         if data.is_file():
             size += data.stat().st_size
@@ -243,6 +276,87 @@ def model_byte_size(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer) + 4096 * len(model.graph.node)
 
 
+def wants_external_data(model: onnx.ModelProto, source: SourceInfo | None) -> bool:
+    """External data when the source used it or the model would exceed protobuf's limit."""
+    return bool(source and source.used_external_data) or model_byte_size(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def check_output_path(path: str | os.PathLike, source: SourceInfo | None = None, estimated_bytes: int = 0) -> Path:
+    """Refuse an unusable output before any work is done: the input itself, a
+    missing or read-only folder, a folder, or a disk without room for it."""
+    path = Path(path)
+    if source is not None and source.path is not None:
+        if path.resolve() == source.path.resolve():
+            raise OutputError(f"{path}: refusing to overwrite the input model; choose another output path.")
+        data = (path.parent / (path.name + ".data")).resolve()
+        if any(data == (source.path.parent / f).resolve() for f in source.data_files):
+            raise OutputError(f"{path}: its data file {data.name} would overwrite the input's external data; "
+                              "choose another output name.")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give the output a file name, e.g. {path / 'pruned.onnx'}.")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: output folder does not exist; create it first (mkdir -p {folder}).")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: output folder is not writable; choose another output path.")
+    free = shutil.disk_usage(folder).free
+    if estimated_bytes and free < estimated_bytes:
+        raise OutputError(f"{folder}: {free / 2**20:.0f} MiB free, the output needs up to "
+                          f"{estimated_bytes / 2**20:.0f} MiB; free some space or write elsewhere.")
+    return path
+
+
+class StagedOutput:
+    """The output written into a hidden temporary folder beside its destination,
+    under its final file names (so the relative external-data location already
+    reads right), where it can be checked from disk before it is moved into place.
+
+    Use as a context manager: whatever was not committed is deleted on the way
+    out, errors and interrupts (SIGINT, SIGTERM raised as an exception) included.
+    """
+
+    def __init__(self, model: onnx.ModelProto, destination: str | os.PathLike, *, external_data: bool,
+                 serialized: bytes | None = None):
+        self.destination = Path(destination)
+        self.external_data = external_data
+        self._folder = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.", suffix=".tmp",
+                                             dir=self.destination.parent))
+        self.path = self._folder / self.destination.name
+        try:
+            write_model(model, self.path, external_data=external_data, serialized=serialized)
+        except OnnxPruneError:
+            self.discard()
+            raise
+        except BaseException as exc:
+            self.discard()
+            if isinstance(exc, Exception):
+                raise OutputError(f"{self.destination}: could not write the model ({exc}).") from exc
+            raise
+
+    @property
+    def files(self) -> list[Path]:
+        return [p for p in (self.path, self._folder / (self.path.name + ".data")) if p.exists()]
+
+    def commit(self) -> int:
+        """Move into place (data file first, the model last); returns the bytes written."""
+        size = 0
+        for staged in reversed(self.files):
+            _default_permissions(staged)
+            size += staged.stat().st_size
+            os.replace(staged, self.destination.parent / staged.name)
+        self.discard()
+        return size
+
+    def discard(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -251,46 +365,15 @@ def save_model(
     external_data: bool | None = None,
     serialized: bytes | None = None,
 ) -> int:
-    """Write `model` to `path` atomically; returns the bytes written.
+    """Write `model` to `path` atomically, unchecked; returns the bytes written.
 
     external_data=None chooses: external when the source used it or when the
-    model would exceed protobuf's limit.
+    model would exceed protobuf's limit.  (`prune` saves through
+    onnxprune.runtime.output.save_verified, which reads the staged file back
+    and runs it before moving it into place.)
     """
-    path = Path(path)
-    if source is not None and source.path is not None:
-        if path.resolve() == source.path.resolve():
-            raise OutputError(
-                f"{path}: refusing to overwrite the input model; choose another output path."
-            )
-    if not path.parent.exists():
-        raise OutputError(f"{path.parent}: output folder does not exist.")
+    path = check_output_path(path, source)
     if external_data is None:
-        external_data = bool(source and source.used_external_data) or (
-            model_byte_size(model) > EXTERNAL_DATA_THRESHOLD
-        )
-    to_write = model
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    data_name = path.name + ".data"
-    tmp_data = tmp.parent / (tmp.name + ".data")
-    try:
-        if external_data:
-            header = _externalise(to_write, tmp_data, data_name)
-            onnx.save_model(header, str(tmp))
-            os.replace(tmp_data, path.parent / data_name)
-        elif serialized is not None:  # validation already serialised it: no second copy
-            tmp.write_bytes(serialized)
-        else:
-            onnx.save_model(to_write, str(tmp))
-        _default_permissions(tmp)
-        os.replace(tmp, path)
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        tmp_data.unlink(missing_ok=True)
-        raise OutputError(f"{path}: could not write the model ({exc}).") from exc
-    size = path.stat().st_size
-    if external_data:
-        size += (path.parent / data_name).stat().st_size
-    return size
+        external_data = wants_external_data(model, source)
+    with StagedOutput(model, path, external_data=external_data, serialized=serialized) as staged:
+        return staged.commit()

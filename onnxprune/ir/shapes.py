@@ -133,7 +133,10 @@ def _symbolic(sk: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
     """
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+    except ImportError as exc:  # sympy missing: say so once, loudly; never degrade in silence
+        _warn_no_symbolic(exc)
+        return {}
+    try:
         inference = SymbolicShapeInference(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank, verbose
         inference._preprocess(sk)
         while inference.run_:
@@ -144,6 +147,21 @@ def _symbolic(sk: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
         log.debug("symbolic shape inference failed: %s", exc)
         return {}
     return _collect(out)
+
+
+_warned_no_symbolic = False
+
+
+def _warn_no_symbolic(exc: ImportError) -> None:
+    global _warned_no_symbolic
+    if _warned_no_symbolic:
+        return
+    _warned_no_symbolic = True
+    log.warning(
+        "onnxruntime's symbolic shape inference cannot run (%s). Shapes computed at run time stay unknown: "
+        "attention heads are not detected, groups behind run-time Reshapes are blocked and FLOPs are "
+        "undercounted. Fix: pip install sympy (onnxprune declares it; reinstall with `pip install onnxprune`).",
+        exc)
 
 
 def static_shape(shapes: dict[str, tuple[int, Shape]], name: str) -> Shape | None:

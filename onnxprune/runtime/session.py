@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import ProviderError
-from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, load_model, model_byte_size
+from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, load_model, model_byte_size, write_model
 
 
 def load_for_runtime(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -53,7 +53,13 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=[provider])
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
-    with tempfile.TemporaryDirectory() as tmp:  # >2 GB: go through a file with external data
+    return session_through_file(model, opts, provider)
+
+
+def session_through_file(model: onnx.ModelProto, opts: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    """>2 GB: protobuf cannot serialise it in memory, so go through a temporary
+    file with external data, written without changing `model`."""
+    with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        write_model(model, path, external_data=True)
         return ort.InferenceSession(path, opts, providers=[provider])

@@ -24,6 +24,8 @@ class ValidationResult:
     max_abs_diff: float | None = None
     output_shapes: dict[str, list[int]] = field(default_factory=dict)
     serialized: bytes | None = None  # the validated bytes, reused for saving (models < 2 GB)
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)  # the run's inputs and outputs: the saved
+    outputs: list[np.ndarray] = field(default_factory=list)     # file must reproduce them from disk
 
 
 def runtime_only_ops(model: onnx.ModelProto) -> list[str]:
@@ -72,6 +74,7 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
                          f"shape inference (lenient: onnxruntime-only ops {', '.join(runtime_only)})")
     feeds = random_inputs(model, input_shapes, seed)
     outputs = run_model(result.serialized or model, feeds, "pruned model")
+    result.feeds, result.outputs = feeds, outputs
     result.checks.append("onnxruntime run")
     names = [o.name for o in model.graph.output]
     result.output_shapes = {n: list(o.shape) for n, o in zip(names, outputs)}

@@ -1,0 +1,65 @@
+"""Writing the output: what is written is what was validated.
+
+The pruned model is staged beside its destination (onnxprune.ir.model_io.
+StagedOutput), read back from disk by a fresh onnxruntime session, run on the
+validation inputs and compared with the outputs the validated in-memory model
+gave. Only a file that reproduces them is moved into place; anything else is
+deleted and the command fails. This is what catches a graph pointing at an
+external data file that is not there, or a data file written empty.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import ValidationError
+from onnxprune.ir.model_io import SourceInfo, StagedOutput, check_output_path, wants_external_data
+from onnxprune.runtime.validate import ValidationResult, run_model
+
+# The staged file runs with the same session options as validation (no graph
+# optimisation, one thread): results agree to the last bit in practice; the
+# tolerance only absorbs a different summation order, never a wrong weight.
+READ_BACK_RTOL = 1e-5
+READ_BACK_ATOL = 1e-6
+
+
+def save_verified(model: onnx.ModelProto, path: str | os.PathLike, validation: ValidationResult, *,
+                  source: SourceInfo | None = None) -> int:
+    """Stage `model`, check it from disk against `validation`, move it into place; returns bytes written."""
+    path = check_output_path(path, source)
+    external = wants_external_data(model, source)
+    with StagedOutput(model, path, external_data=external, serialized=validation.serialized) as staged:
+        check_read_back(staged.path, validation, destination=path)
+        return staged.commit()
+
+
+def check_read_back(path: str | os.PathLike, validation: ValidationResult, destination: os.PathLike | None = None
+                    ) -> None:
+    """Run the file at `path` (with its data file) and compare with the validated outputs."""
+    shown = destination or path
+    try:
+        onnx.load(str(path), load_external_data=False)  # the header parses
+        outputs = run_model(str(path), validation.feeds, "model read back from disk")
+    except ValidationError as exc:
+        raise ValidationError(f"{shown}: the written file does not load and run ({exc}); nothing was written.") \
+            from exc
+    except Exception as exc:
+        raise ValidationError(f"{shown}: the written file cannot be read back ({exc}); nothing was written.") \
+            from exc
+    if len(outputs) != len(validation.outputs):
+        raise ValidationError(f"{shown}: the written file has {len(outputs)} outputs, the validated model "
+                              f"{len(validation.outputs)}; nothing was written.")
+    for index, (got, want) in enumerate(zip(outputs, validation.outputs)):
+        if not _same(np.asarray(got), np.asarray(want)):
+            raise ValidationError(f"{shown}: output #{index} of the written file differs from the validated "
+                                  "in-memory model; nothing was written (please report this model).")
+
+
+def _same(got: np.ndarray, want: np.ndarray) -> bool:
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    if got.dtype.kind in "fc":
+        return bool(np.allclose(got, want, rtol=READ_BACK_RTOL, atol=READ_BACK_ATOL, equal_nan=True))
+    return bool(np.array_equal(got, want))
