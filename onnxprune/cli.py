@@ -291,6 +291,8 @@ def cmd_analyze(args) -> int:
     kinds = Counter(g.kind for g in prunable)
     print(f"{len(prunable)} of {len(groups)} groups prunable ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}), "
           f"{sum(g.size for g in prunable)} units. Params {human(s.params)}, MACs {human(s.macs)}, FLOPs {human(s.flops)}.")
+    if report.input_note:
+        print(report.input_note)
     return 0
 
 

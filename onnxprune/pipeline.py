@@ -25,7 +25,8 @@ from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
 from onnxprune.ir.fold import fold_constants
 from onnxprune.ir.graph_view import GraphView, name_nodes
-from onnxprune.ir.model_io import SourceInfo, check_output_path, load_model, normalise, unshare_initializers
+from onnxprune.ir.model_io import SourceInfo, check_output_path, load_model, model_byte_size, normalise, \
+    unshare_initializers
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.passes.apply_plan import apply_removal
 from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
@@ -34,10 +35,10 @@ from onnxprune.passes.reconstruct import copy_model
 from onnxprune.report import GroupChange, ModelStats, PruneReport
 from onnxprune.runtime.gate import AccuracyDropError, compare_latency, compare_quality, pruned_outputs, \
     reference_pass
-from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
+from onnxprune.runtime.inputs import InputShapes, plan_input_shapes, probe_input_shapes
 from onnxprune.runtime.output import save_verified
-from onnxprune.runtime.session import check_provider
-from onnxprune.runtime.validate import run_model, validate_model
+from onnxprune.runtime.session import check_provider, make_session
+from onnxprune.runtime.validate import validate_model
 from onnxprune.strategy.allocate import Target, allocate
 from onnxprune.strategy.depth import apply_depth
 from onnxprune.strategy.estimate import CostEstimator
@@ -82,9 +83,11 @@ class AnalysisReport:
 
     analysis: Analysis
     stats: ModelStats
+    input_note: str | None = None  # which input shapes were assumed (FLOPs depend on them)
 
     def to_dict(self) -> dict:
         return {
+            "input_shapes_assumed": self.input_note,
             "params": self.stats.params,
             "macs": self.stats.macs,
             "flops": self.stats.flops,
@@ -96,9 +99,9 @@ class AnalysisReport:
 def analyze(model: ModelLike, input_shapes: dict[str, list[int]] | None = None,
             prune_hidden: bool = False) -> AnalysisReport:
     working, source = prepare(model)
-    fixed = concrete_input_shapes(working, input_shapes)
-    stats = ModelStats.from_cost(model_cost(working, fixed), source.file_size)
-    return AnalysisReport(build_analysis(working, prune_hidden), stats)
+    planned = plan_input_shapes(working, input_shapes)  # no run: analyze stays cheap on huge models
+    stats = ModelStats.from_cost(model_cost(working, planned.shapes), source.file_size)
+    return AnalysisReport(build_analysis(working, prune_hidden), stats, planned.note())
 
 
 def prune(
@@ -210,10 +213,12 @@ def prune(
         clock = now
 
     working, source = prepare(model, output)
-    fixed = concrete_input_shapes(working, input_shapes)
+    shapes = _dense_input_shapes(working, input_shapes, seed, need_outputs=lossless)
+    fixed = shapes.shapes
     dense_cost = model_cost(working, fixed)
     before = ModelStats.from_cost(dense_cost, source.file_size)
-    expected_shapes = _output_shapes(working, fixed)
+    expected_shapes = ([tuple(o.shape) for o in shapes.outputs] if shapes.outputs is not None
+                       else _output_shapes(working, fixed))
     lap("load")
     dense_ref = None
     if validate_data is not None:  # before any pruning work: data that does not fit fails fast
@@ -224,7 +229,7 @@ def prune(
                             f"{tuple(dense_ref.outputs.shape)} on {dense_ref.dataset.source}, with no class axis")
         lap("evaluate dense")
 
-    reference = run_model(working, random_inputs(working, fixed, seed), "dense model") if lossless else None
+    reference = shapes.outputs if lossless else None
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)
     calibration = None if calib is None else Calibration(calib, calib_samples, least_squares, bias_correction,
@@ -278,7 +283,7 @@ def prune(
         changes=decision.changes,
         checks=result.checks,
         max_abs_diff=result.max_abs_diff,
-        notes=decision.notes,
+        notes=[n for n in [shapes.note()] if n] + decision.notes,
         timings=timings,
         quality=quality,
         latency=latency,
@@ -310,14 +315,31 @@ def _describe(ratio, target_flops, target_params, criterion, strategy) -> str:
     return f"{what} ({criterion}, {strategy})"
 
 
+# Above this size the dense model is not run just to check the input sizes (its
+# session would double the memory of pruning); lossless mode still runs it.
+PROBE_MAX_BYTES = 1 << 30
+
+
+def _dense_input_shapes(model: onnx.ModelProto, given, seed: int, need_outputs: bool) -> InputShapes:
+    """Input sizes the dense model runs at (onnxprune.runtime.inputs.probe_input_shapes), with its outputs."""
+    if not need_outputs and model_byte_size(model) > PROBE_MAX_BYTES:
+        planned = plan_input_shapes(model, given)
+        if planned.assumed:
+            planned.assumed.append(f"not checked on the dense model (over {PROBE_MAX_BYTES >> 30} GiB)")
+        return planned
+    session = make_session(model, prepack=False, optimize=False)
+    return probe_input_shapes(model, given, lambda feeds: session.run(None, feeds), seed)
+
+
 def _output_shapes(model: onnx.ModelProto, fixed) -> list[tuple] | None:
+    """Output shapes by shape inference; None for a dim it cannot tell (symbolic, or declared -1)."""
     shapes = infer_shapes(model, fixed)
     out = []
     for o in model.graph.output:
         entry = shapes.get(o.name)
-        if entry is None or any(not isinstance(d, int) for d in entry[1]):
+        if entry is None:
             return None
-        out.append(tuple(entry[1]))
+        out.append(tuple(d if isinstance(d, int) and d >= 0 else None for d in entry[1]))
     del model.graph.value_info[:]
     return out
 

@@ -40,9 +40,12 @@ def skeleton(model: onnx.ModelProto, fixed_inputs: dict[str, list[int]] | None =
     g.name = model.graph.name
     g.node.extend(model.graph.node)
     g.output.extend(model.graph.output)
+    for vi in g.output:
+        _unknown_negative_dims(vi)
     for vi in model.graph.input:
         new = g.input.add()
         new.CopyFrom(vi)
+        _unknown_negative_dims(new)
         if fixed_inputs and vi.name in fixed_inputs:
             dims = new.type.tensor_type.shape.dim
             for d, value in zip(dims, fixed_inputs[vi.name]):
@@ -54,6 +57,13 @@ def skeleton(model: onnx.ModelProto, fixed_inputs: dict[str, list[int]] | None =
         else:
             g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return sk
+
+
+def _unknown_negative_dims(vi: onnx.ValueInfoProto) -> None:
+    """paddle2onnx declares dynamic dims as -1: to inference they are unknown, not a size to check."""
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value < 0:
+            d.Clear()
 
 
 def _shape_of(vi: onnx.ValueInfoProto) -> tuple[int, Shape] | None:

@@ -1,19 +1,51 @@
 """Concrete input shapes and random inputs for runs of a model.
 
-Dynamic dimensions get a documented default unless the user fixes them with
---input-shape: the first axis (batch) is 1, any other dynamic axis is 16.
-Dimensions that share a symbolic name get the same value.
+Dynamic dimensions get sizes the model can run at, in this order:
+--input-shape; the model's own static dims; its metadata (Ultralytics' `imgsz`);
+then a profile of common sizes: batch 1, 224 for the spatial axes of an image
+input, 128 for any other axis (sequences). Dimensions that share a symbolic name
+share the value; a dim declared as -1 (paddle2onnx) is dynamic like a named one.
+
+`probe_input_shapes` makes sure of it: it runs the dense model at the planned
+sizes and, when that fails, at the next profiles (320, 640, ... for images;
+16, 512, ... for sequences), so that nothing is ever validated at a size the
+dense model cannot run; if none works, the error says so and shows
+--input-shape.
 """
 from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, UnsupportedModelError
 
 DEFAULT_BATCH = 1
-DEFAULT_DYNAMIC_DIM = 16
+# (spatial, other) sizes tried in turn for dynamic dims; the first is the plan without a run
+SIZE_PROFILES = [(224, 128), (320, 16), (640, 512), (256, 64), (512, 2048), (1280, 16000)]
+DEFAULT_DYNAMIC_DIM = SIZE_PROFILES[0][1]
+
+
+@dataclass
+class InputShapes:
+    """Concrete shapes for every input, and what had to be assumed to get them."""
+
+    shapes: dict[str, list[int]]
+    assumed: list[str] = field(default_factory=list)  # one line per input whose dims were not all given
+    outputs: list[np.ndarray] | None = None  # the dense model's outputs on random inputs (after a probe)
+    feeds: dict[str, np.ndarray] | None = None
+
+    def note(self) -> str | None:
+        """One paragraph for analyze/prune output, or None when nothing was assumed."""
+        if not self.assumed:
+            return None
+        example = ",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in self.shapes.items())
+        return ("input shapes assumed for validation and FLOPs: " + "; ".join(self.assumed)
+                + f". Fix them with --input-shape {example}")
 
 
 def parse_input_shapes(spec: str | None) -> dict[str, list[int]]:
@@ -32,38 +64,148 @@ def parse_input_shapes(spec: str | None) -> dict[str, list[int]]:
     return out
 
 
-def concrete_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+def _is_static(d) -> bool:
+    return d.HasField("dim_value") and d.dim_value > 0  # -1 (paddle2onnx) and 0 are dynamic
+
+
+def _spatial_axes(vi: onnx.ValueInfoProto) -> set[int]:
+    """Axes of an image input (4-D float, NCHW or NHWC) that are height and width."""
+    tt = vi.type.tensor_type
+    dims = tt.shape.dim
+    if len(dims) != 4 or helper.tensor_dtype_to_np_dtype(tt.elem_type).kind != "f":
+        return set()
+    if _is_static(dims[3]) and dims[3].dim_value in (1, 3, 4) and not _is_static(dims[1]):
+        return {1, 2}  # NHWC with a small static channel count
+    return {2, 3}
+
+
+def _metadata_image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """Ultralytics writes the training size as metadata imgsz: '[640, 640]' (or '640')."""
+    for prop in model.metadata_props:
+        if prop.key != "imgsz":
+            continue
+        try:
+            value = ast.literal_eval(prop.value)
+        except (ValueError, SyntaxError):
+            return None
+        if isinstance(value, int):
+            return value, value
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+            return int(value[0]), int(value[1])
+    return None
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None = None,
+                      profile: int = 0) -> InputShapes:
+    """Shapes from --input-shape, static dims, metadata, then SIZE_PROFILES[profile]; nothing is run."""
     given = given or {}
-    names = [i.name for i in model.graph.input]
+    inputs = _real_inputs(model)
+    names = [i.name for i in inputs]
     unknown = set(given) - set(names)
     if unknown:
         raise OnnxPruneError(f"--input-shape names {sorted(unknown)}, but the model's inputs are {names}")
+    spatial_size, other_size = SIZE_PROFILES[profile]
+    image_size = _metadata_image_size(model) if profile == 0 else None
     symbols: dict[str, int] = {}
-    shapes = {}
-    for vi in model.graph.input:
+    for vi in inputs:  # given sizes fix their symbols first, wherever the symbol appears
+        for d, v in zip(vi.type.tensor_type.shape.dim, given.get(vi.name, [])):
+            if d.HasField("dim_param"):
+                symbols.setdefault(d.dim_param, v)
+    result = InputShapes({})
+    for vi in inputs:
         dims = vi.type.tensor_type.shape.dim
         if vi.name in given:
             if len(given[vi.name]) != len(dims):
                 raise OnnxPruneError(
                     f"--input-shape for '{vi.name}' has {len(given[vi.name])} dims, the model input has {len(dims)}"
                 )
-            shape = list(given[vi.name])
-            for d, v in zip(dims, shape):
-                if d.HasField("dim_param"):
-                    symbols.setdefault(d.dim_param, v)
-            shapes[vi.name] = shape
+            result.shapes[vi.name] = list(given[vi.name])
             continue
-        shape = []
+        spatial = _spatial_axes(vi)
+        shape, why = [], []
         for axis, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value > 0:
+            if _is_static(d):
                 shape.append(d.dim_value)
+                continue
+            key = d.dim_param if d.HasField("dim_param") else None
+            if key in symbols:
+                shape.append(symbols[key])
+                continue
+            if axis == 0:
+                value, reason = DEFAULT_BATCH, "batch"
+            elif axis in spatial and image_size is not None:
+                value = image_size[sorted(spatial).index(axis)]
+                reason = "imgsz metadata"
+            elif axis in spatial:
+                value, reason = spatial_size, "image size"
             else:
-                default = DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM
-                key = d.dim_param if d.HasField("dim_param") else None
-                value = symbols.setdefault(key, default) if key else default
-                shape.append(value)
-        shapes[vi.name] = shape
-    return shapes
+                value, reason = other_size, "length"
+            if key:
+                symbols[key] = value
+            shape.append(value)
+            why.append(f"{key or f'axis {axis}'}={value} ({reason})")
+        result.shapes[vi.name] = shape
+        if why:
+            result.assumed.append(f"{vi.name} {'x'.join(map(str, shape))} [{', '.join(why)}]")
+    return result
+
+
+def concrete_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """plan_input_shapes(...).shapes: the first plan, without running the model."""
+    return plan_input_shapes(model, given).shapes
+
+
+def probe_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None,
+                       run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], seed: int = 0) -> InputShapes:
+    """The first planned shapes the dense model runs at, with its outputs there.
+
+    `run` runs the dense model on feeds (one session, many shapes). With every
+    dim given or static there is one plan; a failure then is the model's own.
+    """
+    first = plan_input_shapes(model, given)
+    plans = [first]
+    if first.assumed:
+        plans += [plan_input_shapes(model, given, i) for i in range(1, len(SIZE_PROFILES))]
+    errors: list[str] = []
+    seen: list[dict] = []
+    for plan in plans:
+        if plan.shapes in seen:
+            continue
+        seen.append(plan.shapes)
+        feeds = random_inputs(model, plan.shapes, seed)
+        try:
+            plan.outputs = run(feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            errors.append(f"{_sizes(plan)}: {_first_line(exc)}")
+            continue
+        plan.feeds = feeds
+        if errors:
+            plan.assumed.append(f"the dense model failed at {'; '.join(e.split(':')[0] for e in errors)}")
+        return plan
+    tried = "\n  ".join(errors)
+    example = ",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in first.shapes.items())
+    if not first.assumed:
+        raise UnsupportedModelError(
+            f"the dense model itself does not run at the input shapes {_sizes(first)}:\n  {tried}\n"
+            "Check --input-shape (or the model's declared input shapes): they must be sizes the model runs at.")
+    raise UnsupportedModelError(
+        "the dense model itself does not run at any input size tried for its dynamic dims, so nothing can be "
+        f"validated:\n  {tried}\nGive sizes it runs at (e.g. the size it was trained at) with --input-shape, "
+        f"e.g. --input-shape {example} with your values.")
+
+
+def _sizes(plan: InputShapes) -> str:
+    return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in plan.shapes.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:

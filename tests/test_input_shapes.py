@@ -1,0 +1,85 @@
+"""Sizes for dynamic inputs: never validate at a size the dense model cannot run, and say what was assumed."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.errors import UnsupportedModelError
+from onnxprune.runtime.inputs import plan_input_shapes
+from helpers import const, make_model, weight
+
+
+def detector_like(metadata: dict | None = None) -> onnx.ModelProto:
+    """A two-scale head: the /64 map is upsampled and added to the /32 map, so the
+    model runs only where H and W are multiples of 64-ish (320 works, 16 and 224 do not)."""
+    nodes = [
+        helper.make_node("Conv", ["images", "w1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="act"),
+        helper.make_node("MaxPool", ["r1"], ["p32"], kernel_shape=[32, 32], strides=[32, 32], name="down32"),
+        helper.make_node("MaxPool", ["r1"], ["p64"], kernel_shape=[64, 64], strides=[64, 64], name="down64"),
+        helper.make_node("Resize", ["p64", "", "scales"], ["up"], mode="nearest", name="up2"),
+        helper.make_node("Add", ["up", "p32"], ["fused"], name="fuse"),
+        helper.make_node("Conv", ["fused", "w2"], ["maps"], name="head"),
+    ]
+    inits = [weight(16, 3, 3, 3, name="w1"), weight(4, 16, 1, 1, name="w2"),
+             const([1.0, 1.0, 2.0, 2.0], "scales", np.float32)]
+    model = make_model(nodes, [("images", ["batch", 3, "height", "width"])], [("maps", ["batch", 4, None, None])],
+                       inits)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def test_a_size_the_dense_model_runs_at_is_searched_and_named(tmp_path):
+    _, report = onnxprune.prune(detector_like(), tmp_path / "out.onnx", ratio=0.5)
+    note = next(n for n in report.notes if n.startswith("input shapes assumed"))
+    assert "1x3x320x320" in note and "failed at images 1x3x224x224" in note and "--input-shape" in note
+
+
+def test_the_training_size_in_metadata_comes_first():
+    plan = plan_input_shapes(detector_like({"imgsz": "[640, 640]"}))
+    assert plan.shapes == {"images": [1, 3, 640, 640]}
+    assert "imgsz metadata" in plan.note()
+
+
+def test_analyze_says_which_shapes_its_flops_are_counted_at(tmp_path, capsys):
+    path = tmp_path / "det.onnx"
+    onnx.save(detector_like(), path)
+    assert main(["analyze", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "input shapes assumed" in out and "images 1x3x224x224" in out
+
+
+def test_a_model_that_runs_at_no_size_tried_gets_one_paragraph_naming_input_shape():
+    nodes = [helper.make_node("Reshape", ["images", "fixed"], ["r"], name="needs_100x100"),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="conv")]
+    model = make_model(nodes, [("images", [1, 3, "h", "w"])], [("y", [1, 8, 100, 100])],
+                       [const([1, 3, 100, 100], "fixed"), weight(8, 3, 1, 1, name="w")])
+    with pytest.raises(UnsupportedModelError) as caught:
+        onnxprune.prune(model, ratio=0.5)
+    message = str(caught.value)
+    assert "dense model itself does not run" in message and "--input-shape images:" in message
+    assert len(message.splitlines()) < 12  # a paragraph, not a shape-inference dump
+
+
+def test_a_given_shape_is_used_as_is_and_not_reported_as_assumed():
+    _, report = onnxprune.prune(detector_like(), ratio=0.5, input_shapes={"images": [1, 3, 640, 640]})
+    assert not any(n.startswith("input shapes assumed") for n in report.notes)
+
+
+def test_an_output_declared_with_minus_one_is_dynamic_for_every_comparison():
+    # paddle2onnx declares dynamic dims as -1: "(-1, 2) -> (1, 2)" must not block even --lossless
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1, name="fc2")]
+    w1 = weight(8, 4, name="w1")
+    onnx.numpy_helper.to_array(w1)
+    dead = onnx.numpy_helper.to_array(w1).copy()
+    dead[[1, 5]] = 0.0  # two dead neurons for lossless elimination to remove
+    model = make_model(nodes, [("x", [-1, 4])], [("y", [-1, 2])],
+                       [onnx.numpy_helper.from_array(dead, "w1"), weight(2, 8, name="w2")])
+    pruned, report = onnxprune.prune(model, lossless=True)
+    assert "output shapes unchanged" in report.checks
+    assert report.after.params < report.before.params
