@@ -15,6 +15,7 @@ from onnxprune.errors import (
     PlanError,
     ProviderError,
     UnsupportedModelError,
+    UsageError,
     ValidationError,
 )
 from onnxprune.pipeline import AnalysisReport, analyze, prune
@@ -25,7 +26,12 @@ from onnxprune.runtime.gate import AccuracyDropError
 from onnxprune.strategy.plan import Plan
 from onnxprune.sweep import SweepResult, sweep
 
-__version__ = "0.1.0"
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("onnxprune")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AccuracyDropError",
@@ -42,6 +48,7 @@ __all__ = [
     "PruneReport",
     "SweepResult",
     "UnsupportedModelError",
+    "UsageError",
     "ValidationError",
     "analyze",
     "benchmark",

@@ -12,6 +12,13 @@ class OnnxPruneError(Exception):
     exit_code = 1
 
 
+class UsageError(OnnxPruneError):
+    """Options that cannot mean what the user wants (a ratio of 0, a filter matching
+    nothing): the same exit code as a command line argparse rejects."""
+
+    exit_code = 2
+
+
 class ModelLoadError(OnnxPruneError):
     """The input file is missing, corrupt, truncated or not an ONNX model."""
 

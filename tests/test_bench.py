@@ -130,7 +130,7 @@ def test_cli_bench_json_and_table(pruned, tmp_path, capsys):
 
 
 def test_cli_bench_bad_shapes_and_missing_models(capsys, tmp_path):
-    assert main(["bench", str(EXAMPLE), "--runs", "1", "--input-shape", "pixels:1x1x32x32"]) == 1
+    assert main(["bench", str(EXAMPLE), "--runs", "1", "--input-shape", "pixels:1x1x32x32"]) == 2
     assert "pixels" in capsys.readouterr().err
     assert main(["bench", str(tmp_path / "missing.onnx")]) == 3
 

@@ -98,7 +98,7 @@ def test_output_over_input_exits_6(tmp_path):
 
 
 def test_bad_input_shape_spec_is_explained(tmp_path, capsys):
-    assert main(["prune", str(EXAMPLE), str(tmp_path / "p.onnx"), "--ratio", "0.2", "--input-shape", "nope:1x2"]) == 1
+    assert main(["prune", str(EXAMPLE), str(tmp_path / "p.onnx"), "--ratio", "0.2", "--input-shape", "nope:1x2"]) == 2
     assert "model's inputs are" in capsys.readouterr().err
 
 
@@ -112,3 +112,47 @@ def test_ratio_per_unit_kind_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: "1.5 is not a fraction in [0, 1)"
         main(["prune", str(bert), str(tmp_path / "q.onnx"), "--ratio", "heads=1.5"])
     assert "1.5 is not a fraction" in capsys.readouterr().err
+
+
+def test_version_names_onnx_and_onnxruntime(capsys):
+    import pytest as _pytest
+
+    with _pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("onnxprune ") and "onnxruntime" in out
+
+
+def test_sigterm_while_writing_leaves_nothing_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    import onnx
+
+    from test_model_io import wide_cnn
+
+    src = tmp_path / "in.onnx"
+    onnx.save(wide_cnn(), src, save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    child = textwrap.dedent("""
+        import sys, time
+        from onnxprune.ir import model_io
+        from onnxprune.cli import main
+        real = model_io.write_model
+        def slow(model, path, **kwargs):
+            real(model, path, **kwargs)
+            print("written", flush=True)
+            time.sleep(60)
+        model_io.write_model = slow
+        sys.exit(main(sys.argv[1:]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child, "prune", str(src), str(tmp_path / "out.onnx"),
+                             "--ratio", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "in.onnx.data"]

@@ -21,7 +21,7 @@ from onnxprune.analysis.blocks import find_blocks
 from onnxprune.calibration.capture import expose
 from onnxprune.calibration.influence import feature_cosines
 from onnxprune.cli import main
-from onnxprune.errors import PlanError
+from onnxprune.errors import PlanError, UsageError
 from onnxprune.ir.graph_view import GraphView
 from onnxprune.passes.depth import drop
 from onnxprune.passes.reconstruct import changed_consumers, rewired_nodes
@@ -249,7 +249,7 @@ def test_drop_layers_combines_with_a_width_ratio_and_the_plan_replays_both(tmp_p
     assert again.mode.startswith("1 layer(s) dropped (plan)")
     feeds = token_feeds(pruned, 2, 0)
     np.testing.assert_allclose(run(replayed, feeds)[0], run(pruned, feeds)[0], atol=1e-6)
-    with pytest.raises(PlanError, match="not with lossless"):
+    with pytest.raises(UsageError, match="not with lossless"):
         onnxprune.prune(FIXTURES / "vit_dynamo.onnx", drop_layers=1, lossless=True)
 
 

@@ -199,7 +199,7 @@ def test_bench_dense_and_pruned_side_by_side(zoo, tmp_path, capsys):
 
 
 def test_bench_refuses_a_batch_the_static_graph_cannot_take(squeezenet, capsys):
-    assert main(["bench", str(squeezenet.dense), "--batch", "4", "--runs", "1"]) == 1
+    assert main(["bench", str(squeezenet.dense), "--batch", "4", "--runs", "1"]) == 2
     assert "static batch of 1" in capsys.readouterr().err
 
 

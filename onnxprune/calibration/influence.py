@@ -157,7 +157,7 @@ def random_batches(model: onnx.ModelProto, samples: int, shapes: dict[str, list[
             dims = vi.type.tensor_type.shape.dim
             shape = list(fixed[vi.name])
             static = bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
-            rows = shape[0] if static or vi.name in shapes else n
+            rows = shape[0] if static else n  # a dynamic batch takes the samples; other dims as given
             shape[0:1] = [rows] if shape else []
             dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             if dtype.kind == "f":

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP, Capture, plan_chunks, sample_bytes
+from onnxprune.runtime.progress import progress_iter
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.features import Consumer, GramStats, gram_for, rows
 
@@ -175,7 +176,7 @@ def collect_statistics(
         gram_acc[i] = gram_for(r.consumer, targets, r.features)
         rngs[i] = np.random.default_rng([seed, i])
 
-    for chunk in plan.chunks:
+    for chunk in progress_iter(plan.chunks, f"calibration statistics, passes over {len(calib)} samples"):
         kinds = [job_keys[j] for j in chunk]
         xs = [key[0] for kind, key in kinds if kind == "stat"] + \
              [grams[i].consumer.input for kind, i in kinds if kind == "gram"]

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.report import box_table
 from onnxprune.runtime.data import model_inputs
 from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
@@ -141,7 +141,7 @@ def _shapes(shapes: dict[str, list[int]]) -> str:
 def _names(models: Sequence[ModelLike], given: Sequence[str] | None) -> list[str]:
     if given is not None:
         if len(given) != len(models):
-            raise OnnxPruneError(f"{len(given)} names for {len(models)} models")
+            raise UsageError(f"{len(given)} names for {len(models)} models")
         return list(given)
     full = [str(m) if not isinstance(m, onnx.ModelProto) else (m.graph.name or f"model{i}")
             for i, m in enumerate(models)]
@@ -168,7 +168,7 @@ def input_shapes_for(model: onnx.ModelProto, batch: int | None = None,
             dim.Clear()
             dim.dim_value = batch
         elif spec.static_batch != batch:
-            raise OnnxPruneError(f"input '{spec.name}' has a static batch of {spec.static_batch} "
+            raise UsageError(f"input '{spec.name}' has a static batch of {spec.static_batch} "
                                  f"({spec.describe()}); --batch {batch} cannot change it")
     return concrete_input_shapes(stub, given)
 
@@ -197,9 +197,9 @@ def benchmark(
     if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
         models = [models]
     if not models:
-        raise OnnxPruneError("benchmark needs at least one model")
+        raise UsageError("benchmark needs at least one model")
     if runs < 1 or warmup < 0 or threads < 0 or (batch is not None and batch < 1):
-        raise OnnxPruneError("runs and batch must be at least 1, warm-up and threads at least 0")
+        raise UsageError("runs and batch must be at least 1, warm-up and threads at least 0")
     check_provider(provider)
     loaded = [load_for_runtime(m)[0] for m in models]
     labels = _names(models, names)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.errors import OnnxPruneError, UnsupportedModelError
+from onnxprune.errors import OnnxPruneError, UnsupportedModelError, UsageError
 
 DEFAULT_BATCH = 1
 # (spatial, other) sizes tried in turn for dynamic dims; the first is the plan without a run
@@ -56,11 +56,11 @@ def parse_input_shapes(spec: str | None) -> dict[str, list[int]]:
     for part in spec.split(","):
         name, sep, dims = part.strip().rpartition(":")
         if not sep or not name:
-            raise OnnxPruneError(f"--input-shape '{part}': expected NAME:D1xD2x..., e.g. input:1x3x224x224")
+            raise UsageError(f"--input-shape '{part}': expected NAME:D1xD2x..., e.g. input:1x3x224x224")
         try:
             out[name] = [int(d) for d in dims.lower().split("x")]
         except ValueError as exc:
-            raise OnnxPruneError(f"--input-shape '{part}': dimensions must be integers") from exc
+            raise UsageError(f"--input-shape '{part}': dimensions must be integers") from exc
     return out
 
 
@@ -108,7 +108,7 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
     names = [i.name for i in inputs]
     unknown = set(given) - set(names)
     if unknown:
-        raise OnnxPruneError(f"--input-shape names {sorted(unknown)}, but the model's inputs are {names}")
+        raise UsageError(f"--input-shape names {sorted(unknown)}, but the model's inputs are {names}")
     spatial_size, other_size = SIZE_PROFILES[profile]
     image_size = _metadata_image_size(model) if profile == 0 else None
     symbols: dict[str, int] = {}
@@ -121,7 +121,7 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
         dims = vi.type.tensor_type.shape.dim
         if vi.name in given:
             if len(given[vi.name]) != len(dims):
-                raise OnnxPruneError(
+                raise UsageError(
                     f"--input-shape for '{vi.name}' has {len(given[vi.name])} dims, the model input has {len(dims)}"
                 )
             result.shapes[vi.name] = list(given[vi.name])

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Iterator, Sequence, TextIO, TypeVar
+
+T = TypeVar("T")
 
 WIDTH = 24
 REDRAW_S = 0.1
@@ -89,3 +91,11 @@ class Progress:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
             self._width = 0
+
+
+def progress_iter(items: Sequence[T], label: str, *, enabled: bool | None = None) -> Iterator[T]:
+    """Iterate `items` with a bar labelled `label` (shown as `progress_enabled` decides)."""
+    with Progress(len(items), label, enabled=enabled) as bar:
+        for item in items:
+            yield item
+            bar.update()

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxprune.analysis import Analysis, Group
-from onnxprune.errors import PlanError
+from onnxprune.analysis.diagnose import explain
+from onnxprune.errors import PlanError, UsageError
 from onnxprune.strategy.estimate import CostEstimator
 
 
@@ -45,22 +46,26 @@ class Target:
     def check(self) -> None:
         given = [v for v in (self.ratio, self.target_flops, self.target_params) if v is not None]
         if len(given) != 1:
-            raise PlanError("give exactly one of ratio, target_flops, target_params")
+            raise UsageError("give exactly one of ratio, target_flops, target_params")
         if isinstance(self.ratio, dict):
             unknown = sorted(set(self.ratio) - set(KINDS))
             if unknown:
-                raise PlanError(f"unknown unit kind(s) {unknown} in the ratio; use {', '.join(KINDS)}")
+                raise UsageError(f"unknown unit kind(s) {unknown} in the ratio; use {', '.join(KINDS)}")
             if self.strategy != "uniform":
-                raise PlanError("ratios per unit kind need the uniform strategy")
-        for value in given[0].values() if isinstance(given[0], dict) else given:
+                raise UsageError("ratios per unit kind need the uniform strategy")
+        values = list(given[0].values()) if isinstance(given[0], dict) else given
+        for value in values:
             if not 0.0 <= value < 1.0:
-                raise PlanError(f"target {value} must be a fraction to remove, in [0, 1)")
+                raise UsageError(f"target {value} must be a fraction to remove, in [0, 1)")
+        if not any(values):
+            raise UsageError("a ratio or target of 0 removes nothing; give a fraction to REMOVE, e.g. --ratio 0.3 "
+                             "or --target-flops 0.3 (--lossless removes only exactly-dead structure)")
         if not 0.0 < self.max_ratio <= 1.0:
-            raise PlanError("max_ratio must be in (0, 1]")
+            raise UsageError("max_ratio must be in (0, 1]")
         if self.round_to < 1:
-            raise PlanError("round_to must be >= 1")
+            raise UsageError("round_to must be >= 1")
         if self.strategy not in ("uniform", "global"):
-            raise PlanError(f"unknown strategy '{self.strategy}' (uniform or global)")
+            raise UsageError(f"unknown strategy '{self.strategy}' (uniform or global)")
 
 
 def eligible_groups(analysis: Analysis, include: list[str], exclude: list[str]) -> list[Group]:
@@ -71,13 +76,14 @@ def eligible_groups(analysis: Analysis, include: list[str], exclude: list[str]) 
         kind = "kind:" + g.kind.replace(" ", "-")
         return any(p == kind or fnmatch.fnmatchcase(s.node, p) or s.op_type == p for s in g.sources for p in patterns)
 
-    out = []
-    for g in analysis.prunable_groups():
-        if include and not matches(g, include):
-            continue
-        if exclude and matches(g, exclude):
-            continue
-        out.append(g)
+    prunable = analysis.prunable_groups()
+    out = [g for g in prunable if not (include and not matches(g, include)) and not (exclude and matches(g, exclude))]
+    if prunable and not out and (include or exclude):
+        filters = " ".join([f"--include '{p}'" for p in include] + [f"--exclude '{p}'" for p in exclude])
+        names = ", ".join(g.name for g in prunable[:5]) + (", …" if len(prunable) > 5 else "")
+        raise UsageError(f"{filters} leaves none of the {len(prunable)} prunable groups ({names}); patterns match "
+                         "source node names (glob), op types, or kind:channels|neurons|heads|kv-groups|hidden. "
+                         "`onnxprune analyze MODEL` lists the groups.")
     return out
 
 
@@ -167,13 +173,15 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
         flops, params = estimator.estimate(removed_flags(analysis, plan_for(ratio)))
         return 1.0 - (flops if want_flops else params) / dense
 
+    what = "FLOPs" if want_flops else "parameters"
+    if not groups:
+        raise PlanError(f"cannot remove {goal:.1%} of {what}: no group of this model is prunable" + explain(analysis))
     best = removed_fraction(1.0)
     if best < goal:
-        what = "FLOPs" if want_flops else "parameters"
         raise PlanError(
             f"cannot remove {goal:.1%} of {what}: at most {best:.1%} is removable with "
             f"max_ratio={target.max_ratio} over {len(groups)} prunable groups "
-            "(raise --max-ratio, relax --include/--exclude, or lower the target)"
+            "(raise --max-ratio, relax --include/--exclude, or lower the target)" + explain(analysis)
         )
     lo, hi = 0.0, 1.0
     for _ in range(30):

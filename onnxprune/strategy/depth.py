@@ -23,7 +23,7 @@ import onnx
 
 from onnxprune.analysis.blocks import UNIT_KINDS, BlockScan, Unit, find_blocks
 from onnxprune.calibration.influence import block_influence
-from onnxprune.errors import PlanError
+from onnxprune.errors import PlanError, UsageError
 from onnxprune.ir.graph_view import GraphView
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.passes.depth import drop
@@ -79,9 +79,9 @@ def drop_layers(model: onnx.ModelProto, count: int, *, unit: str = "layer", cali
                 seed: int = 0, batch_size: int = 32) -> tuple[onnx.ModelProto, DepthReport]:
     """Drop the `count` units of kind `unit` with the lowest block influence; returns the new model."""
     if unit not in UNIT_KINDS:
-        raise PlanError(f"unknown depth unit '{unit}': choose one of {', '.join(UNIT_KINDS)}")
+        raise UsageError(f"unknown depth unit '{unit}': choose one of {', '.join(UNIT_KINDS)}")
     if count < 1:
-        raise PlanError(f"drop_layers must be at least 1, got {count}")
+        raise UsageError(f"drop_layers must be at least 1, got {count}")
     scan = scan_blocks(model)
     candidates = scan.candidates(unit)
     refused = [{"name": n, "reason": r} for n, r in scan.not_droppable(unit)]

@@ -1,0 +1,61 @@
+"""Why little or nothing is prunable, in words a user can act on.
+
+Two kinds of cause, most telling first: families of ops the pruner does not
+handle (int8 graphs, LSTM/GRU, spectrogram front ends), counted by op type with
+advice (onnxprune.ops); then the most frequent blocking reasons over the groups,
+with how many groups each blocks and one example.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import onnx
+
+from onnxprune.analysis import Analysis
+from onnxprune.ops import UNSUPPORTED_FAMILIES
+
+_QUOTED = re.compile(r"'[^']*'")
+
+
+def op_family_causes(model: onnx.ModelProto) -> list[str]:
+    """'quantized ops (DequantizeLinear x139, QuantizeLinear x100): prune the float model, then quantize it'."""
+    counts = Counter(n.op_type for n in model.graph.node)
+    lines = []
+    for family in UNSUPPORTED_FAMILIES:
+        found = sorted(((op, counts[op]) for op in family.op_types if counts[op]), key=lambda e: (-e[1], e[0]))
+        if found:
+            ops = ", ".join(f"{op} ×{n}" for op, n in found[:4]) + (", …" if len(found) > 4 else "")
+            lines.append(f"{family.name} ({ops}): {family.advice}")
+    return lines
+
+
+def top_blocking_reasons(analysis: Analysis, limit: int = 3) -> list[str]:
+    """The most frequent first blocking reason over blocked groups (names stripped to compare)."""
+    counts: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for group in analysis.groups:
+        if not group.blocked:
+            continue
+        key = " ".join(_QUOTED.sub("…", group.blocked[0]).split())
+        counts[key] += 1
+        example.setdefault(key, group.blocked[0])
+    return [f"{n} group{'s' if n > 1 else ''}: {example[key]}" for key, n in counts.most_common(limit)]
+
+
+def prunability_causes(analysis: Analysis) -> list[str]:
+    """Op families first, then the top blocking reasons; empty when nothing blocks."""
+    lines = op_family_causes(analysis.view.model)
+    blocked = sum(1 for g in analysis.groups if g.blocked)
+    if blocked:
+        lines.append(f"{blocked} of {len(analysis.groups)} groups blocked; most often: "
+                     + "; ".join(top_blocking_reasons(analysis)))
+    elif not analysis.groups:
+        lines.append("no layer opens a prunable group (no Conv, Gemm or MatMul with constant weights)")
+    return lines
+
+
+def explain(analysis: Analysis) -> str:
+    """Causes as an indented block, for the end of an error message."""
+    causes = prunability_causes(analysis)
+    return "" if not causes else "\nWhy:\n  - " + "\n  - ".join(causes)

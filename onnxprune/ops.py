@@ -1,0 +1,34 @@
+"""Op-type vocabularies that no single analysis rule owns: families of ops the
+pruner does not handle yet, named in refusals with what the user can do."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OpFamily:
+    name: str
+    op_types: frozenset[str]
+    advice: str  # what to do about it, for the refusal message
+
+
+QUANTIZED = OpFamily(
+    "quantized ops",
+    frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+               "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool",
+               "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm", "MatMulInteger", "ConvInteger",
+               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention", "QOrderedMatMul"}),
+    "quantized weights are not prunable yet: prune the float model, then quantize it",
+)
+RECURRENT = OpFamily(
+    "recurrent ops",
+    frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}),
+    "their hidden size is not prunable yet; the layers around them still are",
+)
+SPECTRAL = OpFamily(
+    "spectrogram front end",
+    frozenset({"STFT", "DFT", "MelWeightMatrix"}),
+    "its frequency bins are a fixed transform, not learned channels",
+)
+
+UNSUPPORTED_FAMILIES = (QUANTIZED, RECURRENT, SPECTRAL)

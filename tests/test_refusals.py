@@ -1,0 +1,93 @@
+"""Refusals name their cause: unsupported op families, the top blocking reasons, and usage errors."""
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.errors import PlanError, UsageError
+from helpers import conv, make_model, weight
+
+
+def int8_qdq_model() -> onnx.ModelProto:
+    """Conv weights stored as int8 and dequantized at run time, activations quantized in between (QDQ)."""
+    w = numpy_helper.from_array(np.ones((8, 3, 3, 3), np.int8), "w_q")
+    scale = numpy_helper.from_array(np.array(0.02, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "s", "z"], ["w"], name="dq_w"),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"], name="dq_x"),
+        helper.make_node("Conv", ["x_dq", "w"], ["y"], pads=[1, 1, 1, 1], name="conv"),
+    ]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 8, 8, 8])], [w, scale, zero], opset=19)
+
+
+def test_an_int8_qdq_model_is_refused_naming_quantization_and_what_to_do():
+    with pytest.raises(PlanError) as caught:
+        onnxprune.prune(int8_qdq_model(), target_flops=0.3)
+    message = str(caught.value)
+    assert re.search(r"quantized ops \(DequantizeLinear ×\d, QuantizeLinear ×1\)", message)
+    assert "prune the float model, then quantize" in message
+
+
+def lstm_tagger() -> onnx.ModelProto:
+    hidden, features = 8, 4
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["seq", "h"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["h", "axes0"], ["h2"], name="squeeze"),
+             helper.make_node("Gemm", ["h2", "fc"], ["y"], transB=1, name="fc")]
+    inits = [weight(1, 4 * hidden, features, name="W"), weight(1, 4 * hidden, hidden, name="R"),
+             weight(3, hidden, name="fc"), numpy_helper.from_array(np.array([0], np.int64), "axes0")]
+    return make_model(nodes, [("x", [5, 1, features])], [("y", [1, 3])], inits)
+
+
+def test_a_recurrent_model_names_the_recurrent_ops():
+    with pytest.raises(PlanError, match=r"recurrent ops \(LSTM ×1\): their hidden size is not prunable yet"):
+        onnxprune.prune(lstm_tagger(), ratio=0.5)
+
+
+def two_convs() -> onnx.ModelProto:
+    (c1, w1), (c2, w2) = conv("c1", "x", "a", 3, 16), conv("c2", "r", "y", 16, 4)
+    nodes = [c1, helper.make_node("Relu", ["a"], ["r"], name="act"), c2]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], w1 + w2)
+
+
+def test_a_ratio_of_zero_is_a_usage_error_not_a_copy():
+    with pytest.raises(UsageError, match="removes nothing"):
+        onnxprune.prune(two_convs(), ratio=0.0)
+
+
+def test_a_filter_matching_nothing_is_a_usage_error_listing_the_groups():
+    with pytest.raises(UsageError, match=r"--include 'nope\*' leaves none of the 1 prunable groups \(c1"):
+        onnxprune.prune(two_convs(), ratio=0.5, include=["nope*"])
+
+
+def test_a_ratio_that_rounds_to_nothing_says_so_instead_of_writing_a_copy():
+    with pytest.raises(PlanError, match="nothing to remove in 1 eligible group.*round-to"):
+        onnxprune.prune(two_convs(), ratio=0.1, round_to=8)
+
+
+def test_cli_exit_codes_for_usage_errors_and_refusals(tmp_path, capsys):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(two_convs(), src)
+    assert main(["prune", str(src), str(out), "--ratio", "0"]) == 2
+    assert main(["prune", str(src), str(out), "--ratio", "0.5", "--exclude", "Conv"]) == 2
+    onnx.save(int8_qdq_model(), src)
+    assert main(["prune", str(src), str(out), "--target-flops", "0.3"]) == 5
+    assert "quantized ops" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_analyze_prints_the_causes(tmp_path, capsys):
+    src = tmp_path / "lstm.onnx"
+    onnx.save(lstm_tagger(), src)
+    assert main(["analyze", str(src)]) == 0
+    assert "blocked: recurrent ops (LSTM ×1)" in capsys.readouterr().out
+
+
+def test_lossless_with_nothing_dead_says_so():
+    _, report = onnxprune.prune(two_convs(), lossless=True)
+    assert report.notes[0].startswith("nothing exactly dead was found")
