@@ -8,7 +8,10 @@ Conventions (used everywhere in reports):
   causal, as the decomposed MatMuls are counted).
 * FLOPs = 2 x MACs + one operation per output element of every other node
   (pooling counts its window size; LRN and Softmax their per-element work).
-* Parameters count every element of every initializer, once.
+* Parameters count every element of every distinct initializer once: copies
+  of one tensor (identical type, shape and bytes) count once, so a weight read
+  by several layers is one weight, and the count is what a de-duplicated file
+  stores.  `param_bytes` is their size in bytes.
 Dynamic dimensions are evaluated at the shapes given for validation
 (batch 1 by default).
 """
@@ -21,6 +24,7 @@ import numpy as np
 import onnx
 
 from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.model_io import unique_parameters
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.runtime.inputs import concrete_input_shapes
 
@@ -51,6 +55,7 @@ class NodeCost:
 class ModelCost:
     nodes: list[NodeCost] = field(default_factory=list)
     params: int = 0
+    param_bytes: int = 0
     op_counts: Counter = field(default_factory=Counter)
 
     @property
@@ -160,5 +165,5 @@ def model_cost(model: onnx.ModelProto, fixed_inputs: dict[str, list[int]] | None
         macs = node_macs(node, view)
         cost.nodes.append(NodeCost(node.name, node.op_type, macs, node_flops(node, view, macs)))
         cost.op_counts[node.op_type] += 1
-    cost.params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    cost.params, cost.param_bytes = unique_parameters(model)
     return cost

@@ -25,8 +25,8 @@ from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
 from onnxprune.ir.fold import fold_constants
 from onnxprune.ir.graph_view import GraphView, name_nodes
-from onnxprune.ir.model_io import SourceInfo, check_output_path, load_model, model_byte_size, normalise, \
-    unshare_initializers
+from onnxprune.ir.model_io import SourceInfo, check_no_growth, check_output_path, load_model, model_byte_size, \
+    normalise, reshare_initializers, unshare_initializers
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.passes.apply_plan import apply_removal
 from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
@@ -255,7 +255,9 @@ def prune(
         _add_depth(decision, depth, width or plan is not None and bool(plan.groups))
     working = decision.pruned  # the dense model and its analysis are released here
     decision.pruned = None
+    reshare_initializers(working)  # copies of a shared vector that kept the same units are one again
     drop_unused_initializers(working)
+    check_no_growth(working, dense_cost.param_bytes)  # a shared weight sliced per reader: refuse, write nothing
     infer_shapes(working)
     lap("rewrite")
 

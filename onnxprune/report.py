@@ -9,19 +9,23 @@ from onnxprune.cost import ModelCost
 
 @dataclass
 class ModelStats:
+    """One side of the before/after table.  `params` and `param_bytes` count distinct tensors
+    (a weight read by several layers once, as the file stores it; see onnxprune.cost)."""
+
     params: int
     macs: int
     flops: int
     file_size: int
     op_counts: Counter
+    param_bytes: int = 0
 
     @classmethod
     def from_cost(cls, cost: ModelCost, file_size: int) -> "ModelStats":
-        return cls(cost.params, cost.macs, cost.flops, file_size, Counter(cost.op_counts))
+        return cls(cost.params, cost.macs, cost.flops, file_size, Counter(cost.op_counts), cost.param_bytes)
 
     def to_dict(self) -> dict:
-        return {"params": self.params, "macs": self.macs, "flops": self.flops, "file_size": self.file_size,
-                "op_counts": dict(sorted(self.op_counts.items()))}
+        return {"params": self.params, "param_bytes": self.param_bytes, "macs": self.macs, "flops": self.flops,
+                "file_size": self.file_size, "op_counts": dict(sorted(self.op_counts.items()))}
 
 
 @dataclass

@@ -9,6 +9,7 @@ import numpy as np
 from onnxprune.analysis.context import AnalysisState, ParamSlice, SinkUse, Source
 from onnxprune.analysis.groups import Group, build_groups
 from onnxprune.analysis.rules import rule_for
+from onnxprune.analysis.shared import block_divergent_readers, watch_shared_constants
 from onnxprune.analysis.units import NO_UNIT
 from onnxprune.ir.graph_view import GraphView
 
@@ -69,10 +70,12 @@ def analyze_graph(view: GraphView, hidden_width: bool = False) -> Analysis:
     stream's width becomes a prunable group; not lossless (the statistics change).
     """
     state = AnalysisState(view, hidden_width=hidden_width)
+    watch_shared_constants(state)
     for node in view.nodes:
         rule = rule_for(node)
         if not rule.reads_folded_axes:
             _block_folded_inputs(node, state)
+        state.reader = node.name  # which axes of shared weights this rule takes up
         try:
             rule.propagate(node, state)
         except Exception as exc:  # a rule bug must not take down the other groups
@@ -80,6 +83,8 @@ def analyze_graph(view: GraphView, hidden_width: bool = False) -> Analysis:
             for name in list(node.input) + list(node.output):
                 if name:
                     state.block_tensor(name, f"{node.op_type} '{node.name}': rule failed ({exc})")
+        state.reader = None
+    block_divergent_readers(state)
     for name in view.graph_outputs:
         state.block_tensor(name, f"reaches graph output '{name}'")
     groups, root_of = build_groups(state)

@@ -60,12 +60,29 @@ class AnalysisState:
     hidden_width: bool = False
     hidden_units: set[int] = field(default_factory=set)
 
+    #: initializers several nodes read (analysis/shared.py), and while a rule runs (`reader`),
+    #: (tensor, axis) -> the nodes whose rule read or sliced that axis of one of them
+    shared_constants: set[str] = field(default_factory=set)
+    shared_uses: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    reader: str | None = None
+
     # -- reading -------------------------------------------------------------
     def layouts_of(self, tensor: str) -> dict[int, np.ndarray]:
-        return self.layouts.get(tensor, {})
+        axes = self.layouts.get(tensor, {})
+        if tensor in self.shared_constants:
+            for axis in axes:
+                self._took(tensor, axis)
+        return axes
 
     def layout(self, tensor: str, axis: int) -> np.ndarray | None:
-        return self.layouts.get(tensor, {}).get(axis)
+        found = self.layouts.get(tensor, {}).get(axis)
+        if found is not None and tensor in self.shared_constants:
+            self._took(tensor, axis)
+        return found
+
+    def _took(self, tensor: str, axis: int) -> None:
+        if self.reader is not None:
+            self.shared_uses.setdefault((tensor, axis), set()).add(self.reader)
 
     # -- writing -------------------------------------------------------------
     def fresh(self, node: onnx.NodeProto, tensor: str, axis: int, count: int) -> np.ndarray:
@@ -77,6 +94,8 @@ class AnalysisState:
 
     def set_layout(self, tensor: str, axis: int, layout: np.ndarray) -> None:
         """Attach a layout; a second layout on the same axis couples position-wise."""
+        if tensor in self.shared_constants:
+            self._took(tensor, axis)
         axes = self.layouts.setdefault(tensor, {})
         if axis in axes:
             layout = self.couple([axes[axis], layout], f"tensor '{tensor}'")

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxprune.errors import ModelLoadError, OnnxPruneError, OutputError
 
@@ -80,18 +82,29 @@ def load_model(path: str | os.PathLike, before_data: Callable[[SourceInfo], None
     return header, info
 
 
-# Initializers above this size that feed several nodes are treated as truly
-# tied weights (shared embeddings); smaller ones are exporter de-duplication.
-TIED_WEIGHT_ELEMENTS = 1 << 20
+# Which shared initializers get one copy per reader.  The legacy TorchScript
+# exporter merges every pair of identical tensors, so unrelated layers end up
+# reading one zero bias, one unit BN variance, one shape constant; slicing it
+# for one layer must not slice it for the other, and coupling the two layers'
+# channel groups through it would be wrong.  Those are vectors: a copy costs
+# O(width), nothing next to the weights.  Matrices (ALBERT's shared layers, a
+# recurrence's Gemm weight, a tied embedding table) cost O(width^2) per copy:
+# they stay ONE tensor, and the analysis couples their readers so that every
+# reader takes the same slice (analysis/shared.py).  Copies that still agree
+# after pruning are merged back (`reshare_initializers`), and the pipeline
+# refuses a model whose distinct parameter bytes grew (`check_no_growth`).
+SHARED_COPY_MAX_ELEMENTS = 1 << 16
+
+
+def small_vector(dims) -> bool:
+    """At most one axis longer than 1, and at most SHARED_COPY_MAX_ELEMENTS elements."""
+    dims = [int(d) for d in dims]
+    return sum(1 for d in dims if d > 1) <= 1 and int(np.prod(dims, dtype=np.int64)) <= SHARED_COPY_MAX_ELEMENTS
 
 
 def unshare_initializers(model: onnx.ModelProto) -> int:
-    """Give each consumer its own copy of a shared small initializer.
-
-    The legacy TorchScript exporter merges identical tensors (zero biases, unit
-    BN variances) across unrelated layers; slicing one for a layer must not
-    slice it for the others.
-    """
+    """Give each reader of a shared small vector its own copy (see SHARED_COPY_MAX_ELEMENTS);
+    shared matrices stay shared.  Copies are named `<tensor>__<reader>_<k>`."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     seen: dict[str, int] = {}
@@ -101,7 +114,7 @@ def unshare_initializers(model: onnx.ModelProto) -> int:
             if name not in inits:
                 continue
             seen[name] = seen.get(name, 0) + 1
-            if seen[name] == 1 or _numel(inits[name]) > TIED_WEIGHT_ELEMENTS:
+            if seen[name] == 1 or not small_vector(inits[name].dims):
                 continue
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[name])
@@ -110,6 +123,151 @@ def unshare_initializers(model: onnx.ModelProto) -> int:
             node.input[idx] = copy.name
             copies += 1
     return copies
+
+
+def _family(name: str) -> str:
+    """The tensor a name was derived from: our passes name copies `<tensor>__<suffix>`."""
+    return name.split("__", 1)[0]
+
+
+def _payload(t: onnx.TensorProto) -> bytes | tuple:
+    """What identifies the values: the bytes, or for data not loaded, where they lie in which file."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return tuple((e.key, e.value) for e in t.external_data)
+    if t.HasField("raw_data"):
+        return t.raw_data
+    bare = onnx.TensorProto()
+    bare.CopyFrom(t)
+    bare.name = ""
+    bare.doc_string = ""
+    return bare.SerializeToString()
+
+
+def group_by_value(tensors: list[onnx.TensorProto]) -> list[list[onnx.TensorProto]]:
+    """`tensors` grouped by value: each inner list holds tensors with identical type, shape and bytes
+    (one stored tensor, or copies of it).  Only tensors whose type and shape collide are read, and
+    a strided sample sorts them before any full hash: distinct weights cost one pass over a
+    sample, copies one hash of their bytes."""
+    by_shape: dict[tuple, list[onnx.TensorProto]] = {}
+    for t in tensors:
+        by_shape.setdefault((t.data_type, tuple(t.dims)), []).append(t)
+    groups: list[list[onnx.TensorProto]] = []
+    for same_shape in by_shape.values():
+        if len(same_shape) == 1:
+            groups.append(same_shape)
+            continue
+        by_sample: dict[object, list[onnx.TensorProto]] = {}
+        for t in same_shape:  # one tensor's bytes in memory at a time
+            by_sample.setdefault(_digest(_payload(t), sample=True), []).append(t)
+        for candidates in by_sample.values():
+            if len(candidates) == 1:
+                groups.append(candidates)
+                continue
+            by_value: dict[object, list[onnx.TensorProto]] = {}
+            for t in candidates:
+                by_value.setdefault(_digest(_payload(t), sample=False), []).append(t)
+            groups.extend(by_value.values())
+    return groups
+
+
+def _digest(payload: bytes | tuple, sample: bool) -> object:
+    if isinstance(payload, tuple):
+        return payload
+    if sample:  # only sorts candidates
+        return hashlib.sha1(payload[::997]).digest()
+    return hashlib.blake2b(payload, digest_size=32).digest()  # equal digests are taken for equal values
+
+
+def distinct_initializers(model: onnx.ModelProto) -> list[list[onnx.TensorProto]]:
+    """The model's initializers grouped by value (`group_by_value`)."""
+    return group_by_value(list(model.graph.initializer))
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of the values (sub-byte types rounded up per element; strings: their length)."""
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    try:
+        size = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        size = 4
+    return _numel(t) * max(1, size)
+
+
+def unique_parameters(model: onnx.ModelProto) -> tuple[int, int]:
+    """(elements, bytes) over distinct initializers: copies of one tensor count once."""
+    groups = distinct_initializers(model)
+    return sum(_numel(g[0]) for g in groups), sum(tensor_bytes(g[0]) for g in groups)
+
+
+def subgraph_names(graph: onnx.GraphProto) -> set[str]:
+    """Every name a subgraph of `graph` mentions (a superset of what it reads from outside)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names.update(i for n in sub.node for i in n.input)
+                names.update(o.name for o in sub.output)
+                names |= subgraph_names(sub)
+    return names
+
+
+def reshare_initializers(model: onnx.ModelProto) -> int:
+    """Merge initializers derived from one tensor (`<tensor>__...` copies) that hold equal values:
+    readers of a copy read the original again.  Returns how many were merged away.
+
+    Copies of a shared vector whose readers all kept the same units (ALBERT's shared biases)
+    become one tensor again.  Tensors a subgraph mentions or a graph output names are left alone.
+    """
+    graph = model.graph
+    families: dict[str, list[onnx.TensorProto]] = {}
+    for t in graph.initializer:
+        families.setdefault(_family(t.name), []).append(t)
+    if all(len(f) == 1 for f in families.values()):
+        return 0
+    pinned = subgraph_names(graph) | {o.name for o in graph.output}
+    renames: dict[str, str] = {}
+    for base, members in families.items():
+        if len(members) < 2:
+            continue
+        for same in group_by_value(members):
+            keep = next((t for t in same if t.name == base), same[0])  # the original name, when present
+            renames.update((t.name, keep.name) for t in same if t is not keep and t.name not in pinned)
+    if not renames:
+        return 0
+    for node in graph.node:
+        for idx, name in enumerate(node.input):
+            if name in renames:
+                node.input[idx] = renames[name]
+    live = [t for t in graph.initializer if t.name not in renames]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return len(renames)
+
+
+def check_no_growth(model: onnx.ModelProto, limit: int) -> None:
+    """Raise OnnxPruneError when `model`'s distinct parameter bytes exceed `limit` (the input's),
+    naming the tensors that now exist in several versions."""
+    _, size = unique_parameters(model)
+    if size <= limit:
+        return
+    families: dict[str, list[onnx.TensorProto]] = {}
+    for t in model.graph.initializer:
+        families.setdefault(_family(t.name), []).append(t)
+    copied = sorted((f for f in families.values() if len(f) > 1),
+                    key=lambda f: -sum(tensor_bytes(t) for t in f))
+    if copied:
+        what = "; ".join(f"'{_family(f[0].name)}' ({len(f)} versions: {', '.join(t.name for t in f[:4])}"
+                         f"{', ...' if len(f) > 4 else ''}; {sum(tensor_bytes(t) for t in f):,} bytes)"
+                         for f in copied[:5])
+        cause = f"tensors were duplicated: {what}"
+    else:
+        largest = sorted(model.graph.initializer, key=lambda t: -tensor_bytes(t))[:5]
+        cause = "no tensor has several versions; the largest are " + ", ".join(f"'{t.name}'" for t in largest)
+    raise OnnxPruneError(
+        f"the pruned model would hold {size:,} bytes of distinct parameters, more than the input's "
+        f"{limit:,}: {cause}. Nothing was written. A shared tensor must take one slice for all its "
+        "readers; exclude the layers that read it (--exclude) and report this model as a bug.")
 
 
 def _numel(t: onnx.TensorProto) -> int:

@@ -224,6 +224,12 @@ class Editor:
         self.set_input(node, 1, new)
 
 
+def shared_weight(weight: str, edit: Editor) -> str:
+    """Why a consumer is not refit: its weight is one tensor several nodes read (ALBERT's shared
+    layers, a recurrence), and a refit per reader would store a copy per reader."""
+    return f"weight '{weight}' is shared by {edit.uses[weight]} nodes; refitting it for one would copy it"
+
+
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
     keep = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
@@ -466,6 +472,8 @@ def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
         cp, cd = start_edit.consumer(name), dense_edit.consumer(name)
         if cp is None or cd is None:
             records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
+        elif start_edit.uses.get(cp.weight, 0) > 1:
+            records.append(LayerRecord(name, "skipped", shared_weight(cp.weight, start_edit)))
         else:
             out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
             plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
@@ -656,6 +664,9 @@ def output_matching(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip:
         cd = dense_edit.consumer(name)
         if cd is None or cd.op_type not in ("Conv", "Gemm"):
             records.append(LayerRecord(name, "skipped", "not a Conv/Gemm with a constant weight"))
+            continue
+        if dense_edit.uses.get(cd.weight, 0) > 1:
+            records.append(LayerRecord(name, "skipped", shared_weight(cd.weight, dense_edit)))
             continue
         out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
         plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
