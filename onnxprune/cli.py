@@ -84,13 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     gate = p.add_argument_group(
         "validation gate",
         "With --validate-data, the dense and the pruned model run over DATA and the table adds top-1/top-5 accuracy "
-        "(data with labels) or top-1 agreement with the dense model (no labels), and latency (interleaved "
-        "onnxruntime runs). With --max-accuracy-drop X, a drop of more than X (absolute: 0.02 = 2 points of top-1 "
-        "accuracy, or of top-1 agreement without labels) writes nothing and exits with code 9.")
+        "(data with labels), the fidelity of every output to the dense model (cosine similarity, relative L2 error; "
+        "top-1 agreement for outputs of class scores), a custom --metric if given, and latency (interleaved "
+        "onnxruntime runs). With --max-accuracy-drop X, a drop of the gated number by more than X writes nothing and "
+        "exits with code 9. The gated number: the custom --metric if given; else top-1 accuracy (labels); else, "
+        "worst output first, 1 - top-1 agreement for class scores and 1 - mean cosine similarity for other outputs "
+        "(maps, sequences, embeddings). X is absolute: 0.02 = 2 points of accuracy or agreement, a mean cosine of "
+        "0.98, or 0.02 of the custom metric.")
     gate.add_argument("--validate-data", metavar="DATA",
                       help="data as `eval` reads it: .npz/.npy arrays, an image folder (ROOT/<class>/<image>) or .jsonl")
     gate.add_argument("--max-accuracy-drop", type=_budget, metavar="X",
-                      help="refuse to write the model if top-1 drops by more than X (0.02 = 2 points)")
+                      help="refuse to write the model if the gated number drops by more than X (0.02 = 2 points of "
+                           "top-1, a mean cosine of 0.98, or the custom --metric's own unit)")
     gate.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
                       help="measure dense vs pruned latency (default: on with --validate-data)")
     _add_measure_options(gate)
@@ -101,13 +106,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _budget(text: str) -> float:
+    """At least 0; in [0, 1] unless a custom --metric sets the unit (checked by prune and sweep)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is not a fraction in [0, 1] (0.02 = 2 points of top-1)")
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a budget: a drop of at least 0 (0.02 = 2 points of top-1)")
     return value
+
+
+def _class_axis(text: str) -> int | str:
+    """An axis number, or "none": no output holds class scores."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an axis number or 'none'") from None
+
+
+def _axis(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
+BATCH_AXIS_HELP = ("the axis of the model's inputs that holds the samples (default 0; 1 for a time-major "
+                   "[time, batch, ...] input). The data still holds samples first; outputs hold them on the axis "
+                   "named like the inputs' batch dimension, else on this axis")
+CLASS_AXIS_HELP = ("the class axis of outputs that hold class scores, in the model's layout (default: from the "
+                   "labels, else only a [batch, classes] float output has one); 'none': no output holds class scores")
 
 
 PRUNE_HIDDEN_HELP = ("also prune the hidden (residual-stream) width of transformers through LayerNorm/RMSNorm: "
@@ -155,7 +188,14 @@ def _calibration_options(args) -> dict:
 def _add_measure_options(g) -> None:
     """Reading the data and timing the models: shared by prune's gate and sweep."""
     g.add_argument("--batch-size", type=_positive, default=32,
-                   help="samples per data pass run when the batch axis is dynamic (default 32)")
+                   help="samples per data pass run when the batch axis is dynamic (default 32; a model that refuses "
+                        "a batch is fed one sample at a time)")
+    g.add_argument("--batch-axis", type=_axis, default=0, metavar="N", help=BATCH_AXIS_HELP)
+    g.add_argument("--class-axis", type=_class_axis, metavar="N|none", help=CLASS_AXIS_HELP)
+    g.add_argument("--metric", metavar="FILE.py:FUNCTION",
+                   help="a custom metric(outputs, labels) -> one number, higher is better, from a .py file or a "
+                        "module (outputs: the first output, samples first; labels: the data's, or None). It becomes "
+                        "the gated number: the drop is dense - pruned, and --max-accuracy-drop is in its unit")
     g.add_argument("--preprocess", help="image folders: a preset (imagenet, none), a JSON file or inline JSON "
                                         "(see `onnxprune eval --help`)")
     g.add_argument("--tokenizer", help="JSONL text: a tokenizers tokenizer.json")
@@ -204,9 +244,11 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--data", required=True, help=".npz/.npy arrays, an image folder (ROOT/<class>/<image>) or .jsonl")
     e.add_argument("--reference", help="the model to compare against (e.g. the dense model)")
     e.add_argument("--batch-size", type=_positive, default=32,
-                   help="samples per run when the batch axis is dynamic (default 32); a static batch is used as is")
+                   help="samples per run when the batch axis is dynamic (default 32); a static batch is used as is, "
+                        "and a model that refuses a batch is fed one sample at a time")
+    e.add_argument("--batch-axis", type=_axis, default=0, metavar="N", help=BATCH_AXIS_HELP)
     e.add_argument("--output", help="which model output to evaluate (default the first)")
-    e.add_argument("--class-axis", type=int, help="class axis of the output (default: from the labels, else 1)")
+    e.add_argument("--class-axis", type=_class_axis, metavar="N|none", help=CLASS_AXIS_HELP)
     e.add_argument("--preprocess", help="image folders: a preset (imagenet, none), a JSON file or inline JSON with "
                                         "resize, crop, crop_ratio, mean, std, scale, layout, mode, interpolation")
     e.add_argument("--tokenizer", help="JSONL text: a tokenizers tokenizer.json")
@@ -247,8 +289,9 @@ def _add_sweep_parser(sub) -> None:
     w = sub.add_parser(
         "sweep", help="prune at several ratios: accuracy, FLOPs, params and latency of each",
         description="Prunes MODEL at each ratio (as `prune` would, nothing written unless --output-dir), runs "
-                    "every model over DATA (top-1 accuracy with labels, top-1 agreement with the dense model "
-                    "without) and times them together (interleaved onnxruntime runs); prints a table of ratio, "
+                    "every model over DATA and measures the gated number as prune's gate does (a custom --metric; "
+                    "else top-1 accuracy with labels; else the worst output's fidelity to the dense model: top-1 "
+                    "agreement for class scores, mean cosine similarity for other outputs) and times them together (interleaved onnxruntime runs); prints a table of ratio, "
                     "FLOPs kept, params kept, accuracy, latency and speed-up. --plot draws accuracy vs FLOPs and "
                     "vs latency (needs onnxprune[plot], i.e. matplotlib).")
     w.add_argument("model")
@@ -259,7 +302,8 @@ def _add_sweep_parser(sub) -> None:
     w.add_argument("--data", required=True,
                    help=".npz/.npy arrays, an image folder (ROOT/<class>/<image>) or .jsonl, as `eval` reads it")
     w.add_argument("--max-accuracy-drop", type=_budget, metavar="X",
-                   help="mark the ratios whose top-1 drop is at most X (0.02 = 2 points) and name the largest")
+                   help="mark the ratios whose drop of the gated number is at most X (0.02 = 2 points of top-1, "
+                        "a mean cosine of 0.98, or the custom --metric's unit) and name the largest")
     w.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                    help="measure latency (default on)")
     w.add_argument("--plot", metavar="FILE.png", help="plot accuracy vs FLOPs and vs latency (needs matplotlib)")
@@ -350,6 +394,9 @@ def _prune(args, data):
         latency_runs=args.runs,
         latency_warmup=args.warmup,
         progress=args.progress,
+        metric=_load_metric(args.metric) if args.metric else None,
+        batch_axis=args.batch_axis,
+        class_axis=args.class_axis,
     )
 
 
@@ -388,8 +435,8 @@ def cmd_eval(args) -> int:
                      text_key=args.text_key, label_key=args.label_key)
     metrics = {spec.rpartition(":")[2]: _load_metric(spec) for spec in args.metric} or None
     result = evaluate(args.model, data, reference=args.reference, metric=metrics, batch_size=args.batch_size,
-                      output=args.output, axis=args.class_axis, provider=args.provider, threads=args.threads,
-                      progress=args.progress)
+                      batch_axis=args.batch_axis, output=args.output, axis=args.class_axis, provider=args.provider,
+                      threads=args.threads, progress=args.progress)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -431,7 +478,8 @@ def cmd_sweep(args) -> int:
                    max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency,
                    batch_size=args.batch_size, provider=args.provider, threads=args.threads,
                    latency_runs=args.runs, latency_warmup=args.warmup, output_dir=args.output_dir,
-                   plot=args.plot, progress=args.progress, **_calibration_options(args))
+                   plot=args.plot, progress=args.progress, metric=_load_metric(args.metric) if args.metric else None,
+                   batch_axis=args.batch_axis, class_axis=args.class_axis, **_calibration_options(args))
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

@@ -33,8 +33,8 @@ from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
 from onnxprune.passes.lossless import bypass, dead_units, zero_branches
 from onnxprune.passes.reconstruct import copy_model
 from onnxprune.report import GroupChange, ModelStats, PruneReport
-from onnxprune.runtime.gate import AccuracyDropError, compare_latency, compare_quality, pruned_outputs, \
-    reference_pass
+from onnxprune.runtime.gate import AccuracyDropError, check_budget, compare_latency, compare_quality, \
+    pruned_outputs, reference_pass
 from onnxprune.runtime.inputs import InputShapes, plan_input_shapes, probe_input_shapes
 from onnxprune.runtime.output import save_verified
 from onnxprune.runtime.session import check_provider, make_session
@@ -134,6 +134,9 @@ def prune(
     latency_runs: int = 50,
     latency_warmup: int = 5,
     progress: bool | None = None,
+    metric: Any = None,
+    batch_axis: int = 0,
+    class_axis: int | str | None = None,
     calib: Any = None,
     calib_samples: int | None = 512,
     least_squares: bool = True,
@@ -160,12 +163,17 @@ def prune(
     Validation gate (onnxprune.runtime.gate): `validate_data` (a path in any
     format `eval` reads, a dict of arrays, or a Dataset from
     onnxprune.runtime.data.open_data) is run through the dense and the pruned
-    model, `batch_size` samples at a time; the report gets top-1/top-5
-    accuracy (data with labels) or fidelity to the dense model (no labels).
-    `max_accuracy_drop` (absolute, 0.02 = 2 points of top-1 accuracy, or of
-    top-1 agreement with the dense model without labels) raises
+    model, `batch_size` samples at a time (one at a time for a model that
+    refuses a batch; `batch_axis`: the inputs' axis holding the samples); the
+    report gets top-1/top-5 accuracy (data with labels), the fidelity of every
+    output to the dense model, and a custom `metric(outputs, labels)` if given.
+    `max_accuracy_drop` bounds the drop of the gated number: the custom metric
+    (its own unit, higher is better), else top-1 accuracy with labels, else
+    the worst output's fidelity (1 - top-1 agreement for class scores,
+    `class_axis` declaring their axis or "none"; 1 - mean cosine similarity
+    for other outputs); absolute, 0.02 = 2 points. Past it, prune raises
     AccuracyDropError, carrying the report, and writes nothing (neither the
-    model nor the plan) when the drop is larger. `measure_latency` (default:
+    model nor the plan). `measure_latency` (default:
     on with validate_data) adds dense vs pruned latency from one interleaved
     onnxruntime benchmark on `provider` with `threads` intra-op threads,
     `latency_warmup` + `latency_runs` runs each. `progress`: bars on stderr
@@ -192,9 +200,7 @@ def prune(
         if validate_data is None:
             raise OnnxPruneError("max_accuracy_drop (--max-accuracy-drop) needs validation data "
                                  "(validate_data / --validate-data)")
-        if not 0.0 <= max_accuracy_drop <= 1.0:
-            raise OnnxPruneError(f"max_accuracy_drop is a fraction of top-1 accuracy in [0, 1] (0.02 = 2 points), "
-                                 f"got {max_accuracy_drop}")
+        check_budget(max_accuracy_drop, metric is not None)
     if ablation_samples is not None and ablation_samples < 1:
         raise OnnxPruneError(f"ablation_samples (--ablation-samples) must be at least 1, got {ablation_samples}")
     if measure_latency is None:
@@ -223,10 +229,7 @@ def prune(
     dense_ref = None
     if validate_data is not None:  # before any pruning work: data that does not fit fails fast
         dense_ref = reference_pass(working, validate_data, batch_size=batch_size, provider=provider,
-                                   progress=progress)
-        if max_accuracy_drop is not None and dense_ref.metric is None:
-            raise DataError(f"the accuracy gate needs a classifier output: '{dense_ref.output}' has shape "
-                            f"{tuple(dense_ref.outputs.shape)} on {dense_ref.dataset.source}, with no class axis")
+                                   progress=progress, metric=metric, batch_axis=batch_axis, class_axis=class_axis)
         lap("evaluate dense")
 
     reference = shapes.outputs if lossless else None

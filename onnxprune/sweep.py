@@ -9,8 +9,10 @@
 Method: the dense model runs over the data once; each ratio is pruned with
 `onnxprune.prune` (same options, `target` saying what the ratio removes:
 FLOPs, parameters, or units per group) and its outputs compared with the
-dense ones as the prune gate does (onnxprune.runtime.gate: top-1 accuracy
-with labels, top-1 agreement with the dense model without). Latency: one
+dense ones as the prune gate does (onnxprune.runtime.gate: a custom metric
+if given, else top-1 accuracy with labels, else the worst output's fidelity
+to the dense model: top-1 agreement for class scores, mean cosine similarity
+for other outputs). Latency: one
 interleaved onnxruntime benchmark of the dense model and every pruned one
 (onnxprune.runtime.bench), so drift hits all alike; speed-up = dense median /
 pruned median. A ratio that cannot be pruned (an unreachable target) is
@@ -29,8 +31,8 @@ import onnx
 from onnxprune.cost import model_cost
 from onnxprune.errors import OnnxPruneError, PlanError, ValidationError
 from onnxprune.pipeline import prepare, prune
-from onnxprune.report import QualityStats, box_table, threads_text
-from onnxprune.runtime.gate import compare_quality, pruned_outputs, reference_pass
+from onnxprune.report import POINT_METRICS, QualityStats, box_table, metric_label, threads_text
+from onnxprune.runtime.gate import check_budget, compare_quality, pruned_outputs, reference_pass
 from onnxprune.runtime.inputs import concrete_input_shapes
 from onnxprune.runtime.progress import Progress
 from onnxprune.runtime.session import check_provider, load_for_runtime
@@ -61,7 +63,7 @@ class SweepPoint:
 
     @property
     def value(self) -> float | None:
-        """The gated number (top-1 accuracy or agreement), dense included."""
+        """The gated number (QualityStats.metric), dense included."""
         return None if self.quality is None else self.quality.after
 
     def to_dict(self) -> dict:
@@ -87,7 +89,18 @@ class SweepResult:
 
     @property
     def metric_label(self) -> str:
-        return {"top1": "top-1 accuracy", "top1_agreement": "top-1 agreement"}.get(self.metric or "", "top-1")
+        return metric_label(self.metric).replace(" with the dense model", "").replace(" to the dense model", "")
+
+    @property
+    def in_points(self) -> bool:
+        """Whether the gated number is a share: shown in %, changes and budget in points."""
+        return self.metric in POINT_METRICS
+
+    def _value(self, value: float | None) -> str:
+        return _pct(value) if self.in_points else "" if value is None else f"{value:.4g}"
+
+    def budget_text(self) -> str:
+        return f"{self.max_drop * 100:g} pt" if self.in_points else f"{self.max_drop:g}"
 
     def best(self) -> SweepPoint | None:
         """The ratio removing the most FLOPs within the budget (None without a budget or if none is)."""
@@ -105,7 +118,7 @@ class SweepResult:
         if self.latency is not None:
             header += ["latency ms", "speed-up"]
         if self.max_drop is not None:
-            header.append(f"drop <= {self.max_drop * 100:g} pt")
+            header.append(f"drop <= {self.budget_text()}")
         rows = []
         for p in [self.dense, *self.points]:
             label = "dense" if p.ratio is None else f"{p.ratio:g}"
@@ -113,8 +126,9 @@ class SweepResult:
                 rows.append((label, f"failed: {p.error}", *[""] * (len(header) - 2)))
                 continue
             q = p.quality
-            cells = [label, _pct(p.flops_kept), _pct(p.params_kept), _pct(p.value),
-                     "" if q is None or q.drop is None or p.ratio is None else f"{(0.0 - q.drop) * 100:+.2f} pt"]
+            change = "" if q is None or q.drop is None or p.ratio is None else \
+                f"{-q.drop * 100:+.2f} pt" if self.in_points else f"{-q.drop:+.4g}"
+            cells = [label, _pct(p.flops_kept), _pct(p.params_kept), self._value(p.value), change]
             if self.latency is not None:
                 cells += ["" if p.latency_ms is None else f"{p.latency_ms['median_ms']:.3f}",
                           "" if p.speedup is None else f"{p.speedup:.2f}x"]
@@ -139,9 +153,10 @@ class SweepResult:
             return None
         best = self.best()
         if best is None:
-            return f"No ratio keeps the {self.metric_label} drop within {self.max_drop * 100:g} points."
-        return (f"Largest reduction within a {self.max_drop * 100:g}-point budget: {best.ratio:g} "
-                f"({_pct(best.flops_kept)} of FLOPs kept, {self.metric_label} {_pct(best.value)}).")
+            return f"No ratio keeps the {self.metric_label} drop within {self.budget_text()}."
+        budget = f"a {self.max_drop * 100:g}-point budget" if self.in_points else f"a budget of {self.max_drop:g}"
+        return (f"Largest reduction within {budget}: {best.ratio:g} "
+                f"({_pct(best.flops_kept)} of FLOPs kept, {self.metric_label} {self._value(best.value)}).")
 
     def render_table(self) -> str:
         header, rows = self.rows()
@@ -224,6 +239,9 @@ def sweep(
     output_dir: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
     progress: bool | None = None,
+    metric: Any = None,
+    batch_axis: int = 0,
+    class_axis: int | str | None = None,
     **calibration: Any,
 ) -> SweepResult:
     """Prune `model` at each of `ratios` (fractions REMOVED of `target`: "flops",
@@ -232,6 +250,10 @@ def sweep(
     which ratios stay within the budget (nothing is refused); `output_dir`
     writes each pruned model as <stem>.<target><ratio>.onnx; `plot` writes
     accuracy vs FLOPs and vs latency as an image (needs matplotlib).
+    `metric`, `batch_axis`, `class_axis`: as prune's gate (a custom
+    metric(outputs, labels) -> number to measure instead, higher is better;
+    the inputs' axis holding the samples; the class axis of outputs that hold
+    class scores, or "none").
     `calibration`: prune()'s calibration keywords (calib=DATA, calib_samples,
     least_squares, bias_correction, bn_recalibration, ablation_samples), used
     at every ratio: data-aware criteria and the reconstruction passes."""
@@ -241,8 +263,7 @@ def sweep(
     if target not in TARGETS:
         raise OnnxPruneError(f"target '{target}' is not one of {', '.join(TARGETS)}")
     ratios = parse_ratios(ratios) if isinstance(ratios, str) else check_ratios(ratios)
-    if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 1.0:
-        raise OnnxPruneError(f"max_accuracy_drop is a fraction in [0, 1] (0.02 = 2 points), got {max_accuracy_drop}")
+    check_budget(max_accuracy_drop, metric is not None)
     if plot is not None:
         require_matplotlib()  # before the long work
     check_provider(provider)
@@ -250,11 +271,9 @@ def sweep(
     working, _ = prepare(dense)
     fixed = concrete_input_shapes(working, input_shapes)
     cost = model_cost(working, fixed)
-    reference = reference_pass(working, data, batch_size=batch_size, provider=provider, progress=progress)
+    reference = reference_pass(working, data, batch_size=batch_size, provider=provider, progress=progress,
+                               metric=metric, batch_axis=batch_axis, class_axis=class_axis)
     del working
-    if max_accuracy_drop is not None and reference.metric is None:
-        raise OnnxPruneError(f"a budget needs a classifier output: '{reference.output}' has shape "
-                             f"{tuple(reference.outputs.shape)}, with no class axis")
     dense_point = SweepPoint(None, cost.flops, cost.params, 1.0, 1.0,
                              compare_quality(reference, reference.outputs))
     options = {"criterion": criterion, "strategy": strategy, "round_to": round_to}
@@ -324,23 +343,23 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> None:
     panels = 2 if result.latency is not None else 1
     fig = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    ylabel = f"{result.metric_label} (%)"
+    scale = 100.0 if result.in_points else 1.0  # shares in %, other numbers as they are
+    ylabel = f"{result.metric_label} (%)" if result.in_points else result.metric_label
     xs = [("FLOPs kept (% of dense)", lambda p: p.flops_kept * 100)]
     if result.latency is not None:
         xs.append((f"median latency (ms, {threads_text(result.latency['threads'])})", lambda p: p.latency_ms["median_ms"]))
     for ax, (xlabel, fx) in zip(axes, xs):
         pts = sorted((p for p in done if fx(p) is not None), key=fx)
-        ax.plot([fx(p) for p in pts], [p.value * 100 for p in pts], "o-", color="tab:blue")
+        ax.plot([fx(p) for p in pts], [p.value * scale for p in pts], "o-", color="tab:blue")
         labels: dict[tuple, list[str]] = {}  # ratios that gave the same model share one label
         for p in pts:
-            where = (round(fx(p), 6), round(p.value * 100, 6))
+            where = (round(fx(p), 6), round(p.value * scale, 6))
             labels.setdefault(where, []).append("dense" if p.ratio is None else f"{p.ratio:g}")
         for (x, y), names in labels.items():
             ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if result.max_drop is not None and result.dense.value is not None:
-            floor = (result.dense.value - result.max_drop) * 100
-            ax.axhline(floor, linestyle="--", color="tab:red", linewidth=1,
-                       label=f"budget: -{result.max_drop * 100:g} pt")
+            floor = (result.dense.value - result.max_drop) * scale
+            ax.axhline(floor, linestyle="--", color="tab:red", linewidth=1, label=f"budget: -{result.budget_text()}")
             ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import DataError
-from onnxprune.runtime.data import ImageFolder, ImageSpec, InputSpec, JsonlText, open_data
-from onnxprune.runtime.metrics import class_axis, fidelity, topk_accuracy
+from onnxprune.runtime.data import Dataset, ImageFolder, ImageSpec, InputSpec, JsonlText, open_data
+from onnxprune.runtime.metrics import class_axis, fidelity, score_axis, topk_accuracy
 from onnxprune.runtime.session import make_session
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -204,7 +204,7 @@ def test_topk_accuracy_on_known_scores():
 def test_fidelity_on_known_values():
     ref = np.array([[0.4, 0.6], [0.2, 0.8]])
     out = np.array([[0.9, 0.1], [0.2, 0.8]])
-    f = fidelity(out, ref)
+    f = fidelity(out, ref, axis=1)
     assert f["softmax_applied"] is False  # probabilities are compared as they are
     kl_first = 0.4 * np.log(0.4 / 0.9) + 0.6 * np.log(0.6 / 0.1)
     assert f["kl_divergence"] == pytest.approx(kl_first / 2)
@@ -212,8 +212,33 @@ def test_fidelity_on_known_values():
     assert f["top1_agreement"] == 0.5
     cos_first = (0.36 + 0.06) / (np.hypot(0.4, 0.6) * np.hypot(0.9, 0.1))
     assert f["cosine_similarity"] == pytest.approx((cos_first + 1) / 2)
-    logits = fidelity(np.array([[0.0, 3.0]]), np.array([[3.0, 0.0]]))
+    assert f["relative_l2_error"] == pytest.approx(np.hypot(0.5, 0.5) / np.linalg.norm(ref))
+    logits = fidelity(np.array([[0.0, 3.0]]), np.array([[3.0, 0.0]]), axis=1)
     assert logits["softmax_applied"] is True and logits["kl_divergence"] > 1
+    no_classes = fidelity(out, ref)  # no class axis given: no agreement, no KL
+    assert set(no_classes) == {"cosine_similarity", "relative_l2_error", "max_abs_error", "mean_abs_error"}
+
+
+def test_fidelity_of_outputs_held_in_blocks_of_different_shapes():
+    rng = np.random.default_rng(0)
+    ref = [rng.standard_normal((2, 3, 4)), rng.standard_normal((1, 5, 4))]  # sequences padded per batch
+    out = [ref[0][:1], ref[0][1:] * 2, -ref[1]]  # blocked another way: compared sample by sample
+    f = fidelity(out, ref, axis=2)
+    assert f["cosine_similarity"] == pytest.approx((1 + 1 - 1) / 3)
+    assert f["top1_agreement"] == pytest.approx(6 / 11)  # 3 + 3 positions agree, 5 flipped ones do not
+    with pytest.raises(DataError, match=r"shape \(1, 5, 4\) but the reference's has \(1, 3, 4\)"):
+        fidelity([ref[1]], [ref[0][:1]])
+
+
+def test_only_class_scores_have_a_class_axis_without_labels():
+    assert score_axis(np.zeros((8, 10), np.float32)) == 1  # [batch, classes]
+    assert score_axis(np.zeros((8, 1000, 1, 1), np.float32)) == 1
+    assert score_axis(np.zeros((8, 1, 64, 64), np.float32)) is None  # a score map
+    assert score_axis(np.zeros((8, 16, 32), np.float32)) is None  # a sequence of features
+    assert score_axis(np.zeros((8, 1), np.float32)) is None  # one value per sample
+    assert score_axis(np.zeros((8, 10), np.int64)) is None  # ids, compared by equality
+    assert score_axis(np.zeros((8, 16, 32), np.float32), 2) == 2  # declared
+    assert score_axis(np.zeros((8, 10), np.float32), "none") is None
 
 
 def test_class_axis_from_labels():
@@ -397,8 +422,8 @@ def test_cli_eval_json_with_reference_and_a_metric_file(tmp_path, pruned, small,
     data = json.loads(capsys.readouterr().out)
     assert data["samples"] == 90 and data["reference_accuracy"]["top1"] > 0.97
     assert data["custom"]["wrong"] == pytest.approx(90 * (1 - data["accuracy"]["top1"]))
-    assert set(data["fidelity"]) == {"top1_agreement", "cosine_similarity", "max_abs_error", "mean_abs_error",
-                                     "kl_divergence"}
+    assert set(data["fidelity"]) == {"top1_agreement", "cosine_similarity", "relative_l2_error", "max_abs_error",
+                                     "mean_abs_error", "kl_divergence"}
     assert "| top-1 accuracy |" in md.read_text()
 
 
@@ -410,3 +435,97 @@ def test_cli_eval_table_and_reference_with_other_inputs(capsys, tmp_path, small)
     onnx.save(sentiment_model(), str(other))
     assert main(["eval", str(EXAMPLE), "--data", str(small), "--reference", str(other)]) == 7
     assert "fidelity needs the same inputs" in capsys.readouterr().err
+
+
+# -- models that refuse a batch, data that does not stack, time-major inputs -----------------------------
+def _mlp(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def batch_one_only() -> onnx.ModelProto:
+    """x[N, 4] -> MatMul -> Reshape to the constant [1, 3]: onnxruntime refuses any batch but 1."""
+    w = numpy_helper.from_array(np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 3], np.int64), "shape")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    return _mlp(nodes, [("x", ["N", 4])], [("y", [1, 3])], [w, shape])
+
+
+def test_a_model_that_refuses_a_batch_is_fed_one_sample_at_a_time():
+    model = batch_one_only()
+    x = np.random.default_rng(6).standard_normal((9, 4)).astype(np.float32)
+    labels = np.argmax(x @ numpy_helper.to_array(model.graph.initializer[0]), axis=1)
+    result = onnxprune.evaluate(model, {"x": x, "labels": labels}, reference=model, batch_size=4)
+    assert result.accuracy["top1"] == 1.0 and result.fidelity["cosine_similarity"] == 1.0
+    assert result.batch_size == 1
+    assert any("a batch of 4 samples failed (onnxruntime: node" in n and "one at a time" in n for n in result.notes)
+
+
+class Sequences(Dataset):
+    """Sequences of different lengths: a batch of more than one does not stack."""
+
+    def __init__(self, lengths):
+        rng = np.random.default_rng(8)
+        self.samples = [rng.standard_normal((n, 4)).astype(np.float32) for n in lengths]
+        self.source = "sequences"
+
+    def bind(self, inputs):
+        pass
+
+    def __len__(self):
+        return len(self.samples)
+
+    def arrays(self, start, stop):
+        return {"x": np.stack(self.samples[start:stop])}
+
+
+def test_samples_that_do_not_stack_are_fed_one_at_a_time_and_compared_per_sample():
+    w = numpy_helper.from_array(np.random.default_rng(9).standard_normal((4, 3)).astype(np.float32), "w")
+    model = _mlp([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["N", "L", 4])], [("y", ["N", "L", 3])], [w])
+    flipped = onnx.ModelProto()
+    flipped.CopyFrom(model)
+    flipped.graph.initializer[0].CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(w), "w"))
+    seen = []
+
+    def lengths(outputs, labels):
+        seen.append(outputs)
+        return float(sum(len(block) for block in outputs))
+
+    data = Sequences([3, 5, 5, 2])
+    result = onnxprune.evaluate(flipped, data, reference=model, metric=lengths)
+    assert result.custom["lengths"] == 4.0 and [b.shape for b in seen[0]] == [(1, 3, 3), (1, 5, 3), (1, 5, 3), (1, 2, 3)]
+    assert result.fidelity["cosine_similarity"] == pytest.approx(-1.0) and result.fidelity["relative_l2_error"] == pytest.approx(2.0)
+    assert "top1_agreement" not in result.fidelity  # a sequence of features holds no class scores
+    assert any("its samples do not stack" in n for n in result.notes)
+
+
+def time_major() -> onnx.ModelProto:
+    """x[T, N, 4] -> MatMul -> y[T, N, 3]: the samples on axis 1."""
+    w = numpy_helper.from_array(np.random.default_rng(10).standard_normal((4, 3)).astype(np.float32), "w")
+    return _mlp([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["T", "N", 4])], [("y", ["T", "N", 3])], [w])
+
+
+def test_batch_axis_moves_samples_in_and_out(tmp_path, capsys):
+    model = time_major()
+    x = np.random.default_rng(11).standard_normal((6, 5, 4)).astype(np.float32)  # samples first
+    seen = []
+
+    def keep(outputs, labels):
+        seen.append(outputs)
+        return 0.0
+
+    onnxprune.evaluate(model, {"x": x}, metric=keep, batch_size=4, batch_axis=1)
+    direct = make_session(model).run(None, {"x": np.moveaxis(x, 0, 1)})[0]  # [T, N, 3], all at once
+    np.testing.assert_allclose(seen[0], np.moveaxis(direct, 1, 0), rtol=1e-6)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    np.save(tmp_path / "x.npy", x)
+    argv = ["eval", str(path), "--data", str(tmp_path / "x.npy"), "--reference", str(path), "--json"]
+    assert main([*argv, "--batch-axis", "1", "--class-axis", "2"]) == 0
+    fid = json.loads(capsys.readouterr().out)["fidelity"]
+    assert fid["top1_agreement"] == 1.0 and fid["cosine_similarity"] == 1.0  # axis 2 declared: class scores
+    assert main([*argv, "--batch-axis", "3"]) == 7
+    assert "input 'x'" in capsys.readouterr().err

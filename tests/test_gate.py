@@ -17,7 +17,7 @@ import pytest
 from onnx import helper
 
 import onnxprune
-from helpers import make_model, weight
+from helpers import make_model, run, weight
 from onnxprune.cli import main
 from onnxprune.errors import DataError, OnnxPruneError, ValidationError
 from onnxprune.runtime.gate import AccuracyDropError
@@ -155,12 +155,15 @@ def test_cli_gate_passes_and_writes_the_model_and_reports(tmp_path, capsys, smal
 
 def test_cli_gate_usage_errors(tmp_path, capsys):
     out = tmp_path / "x.onnx"
-    assert main(["prune", str(EXAMPLE), str(out), "--ratio", "0.1", "--max-accuracy-drop", "0.02"]) == 1
-    assert "needs validation data" in capsys.readouterr().err
+    with pytest.raises(OnnxPruneError, match="needs validation data"):
+        onnxprune.prune(EXAMPLE, out, ratio=0.1, max_accuracy_drop=0.02)
     with pytest.raises(SystemExit) as exit_:
         main(["prune", str(EXAMPLE), str(out), "--ratio", "0.1", "--validate-data", str(TEST_DATA),
-              "--max-accuracy-drop", "2"])
+              "--max-accuracy-drop", "-0.1"])
     assert exit_.value.code == 2
+    assert main(["prune", str(EXAMPLE), str(out), "--ratio", "0.1", "--validate-data", str(TEST_DATA),
+                 "--max-accuracy-drop", "2"]) == 2  # over 1 only in a custom metric's own unit
+    assert "fraction in [0, 1]" in capsys.readouterr().err
     bad = tmp_path / "bad.npz"
     np.savez(bad, input=np.zeros((4, 3, 32, 32), np.float32), labels=np.zeros(4, np.int64))
     assert main(["prune", str(EXAMPLE), str(out), "--ratio", "0.1", "--validate-data", str(bad)]) == 7
@@ -171,7 +174,7 @@ def test_cli_gate_usage_errors(tmp_path, capsys):
 
 
 def _regressor() -> onnx.ModelProto:
-    """x[N, 4] -> MatMul(4x8) -> Relu -> MatMul(8x1) -> Reshape[-1] -> y[N]: no class axis."""
+    """x[N, 4] -> MatMul(4x8) -> Relu -> MatMul(8x1) -> Reshape[-1] -> y[N]: one value per sample."""
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w2"], ["o"], name="fc2"),
@@ -181,15 +184,21 @@ def _regressor() -> onnx.ModelProto:
                       [weight(4, 8, name="w1"), weight(8, 1, name="w2"), flat])
 
 
-def test_an_output_without_class_axis_reports_fidelity_but_cannot_be_gated():
+def test_a_regressor_is_gated_on_the_cosine_over_all_its_samples():
+    """One value per sample has no direction of its own: the cosine is taken over the whole output."""
     model = _regressor()
     data = {"x": np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)}
-    with pytest.raises(DataError, match="needs a classifier output"):
-        onnxprune.prune(model, None, ratio=0.5, round_to=1, validate_data=data, max_accuracy_drop=0.1, **FAST)
-    _, report = onnxprune.prune(model, None, ratio=0.5, round_to=1, validate_data=data, **FAST)
+    pruned, report = onnxprune.prune(model, None, ratio=0.5, round_to=1, validate_data=data, **FAST)
     q = report.quality
-    assert q.metric is None and q.drop is None and q.passed is None
-    assert "cosine_similarity" in q.fidelity and "Cosine similarity to dense" in report.render_table()
+    assert q.metric == "cosine_similarity" and q.before == 1.0
+    assert set(q.fidelity) == {"cosine_similarity", "relative_l2_error", "max_abs_error", "mean_abs_error"}
+    dense, small = run(model, data)[0].astype(np.float64), run(pruned, data)[0].astype(np.float64)
+    assert q.fidelity["cosine_similarity"] == pytest.approx(dense @ small / np.linalg.norm(dense) / np.linalg.norm(small))
+    assert q.fidelity["relative_l2_error"] == pytest.approx(np.linalg.norm(small - dense) / np.linalg.norm(dense))
+    assert q.drop == pytest.approx(1.0 - q.fidelity["cosine_similarity"]) and q.drop > 0
+    table = report.render_table()
+    assert "Cosine similarity to dense" in table and "Relative L2 error to dense" in table
+    assert "Gated drop: 1 - cosine" in table and "Top-1 agreement" not in table
 
 
 def test_progress_bar_only_on_a_terminal_and_erased_when_done(monkeypatch):
@@ -225,3 +234,196 @@ def test_no_progress_when_not_asked(capsys, monkeypatch, small):
     onnxprune.prune(EXAMPLE, None, ratio=0.02, round_to=1, validate_data=small, latency_runs=1,
                     latency_warmup=0, progress=False)
     assert capsys.readouterr().err == ""
+
+
+# -- outputs that are not class scores --------------------------------------------------------------
+def _detector() -> onnx.ModelProto:
+    """x[N, 3, 8, 8] -> conv1 (16 channels) -> Relu -> head (1x1, 16 -> 1) -> score map y[N, 1, 8, 8].
+
+    Like a text detector's probability map, y has one channel: an arg-max over axis 1 always agrees.
+    Channels 0..7 come in pairs with the same filter and opposite head weights, so they cancel in y;
+    channels 8..15 make y, and channel 15's head weight is tiny. Keeping only channels 0..7 leaves
+    y = 0 everywhere (cosine 0 to the dense map); removing channel 15 changes y very little."""
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    w1[1:8:2] = w1[0:8:2]
+    head = rng.standard_normal((1, 16, 1, 1)).astype(np.float32)
+    head[0, 1:8:2] = -head[0, 0:8:2]
+    head[0, 15] = 1e-3
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "head"], ["y"], name="head", kernel_shape=[1, 1])]
+    inits = [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+             onnx.numpy_helper.from_array(head, "head")]
+    return make_model(nodes, [("x", ["N", 3, 8, 8])], [("y", ["N", 1, 8, 8])], inits)
+
+
+@pytest.fixture
+def detector(tmp_path):
+    model, data = tmp_path / "detector.onnx", tmp_path / "images.npz"
+    onnx.save(_detector(), str(model))
+    np.savez(data, x=np.random.default_rng(1).standard_normal((12, 3, 8, 8)).astype(np.float32))
+    return model, data
+
+
+def _plan(path: Path, keep: list[int]) -> str:
+    path.write_text(json.dumps({"format": "onnxprune-plan/1", "groups": [{"name": "conv1", "size": 16, "keep": keep}]}))
+    return str(path)
+
+
+def test_a_destroyed_score_map_fails_the_gate_and_writes_nothing(tmp_path, capsys, detector):
+    model, data = detector
+    out, rep, md = tmp_path / "out" / "small.onnx", tmp_path / "out" / "r.json", tmp_path / "out" / "r.md"
+    out.parent.mkdir()
+    argv = ["prune", str(model), str(out), "--plan", _plan(tmp_path / "plan.json", list(range(8))),
+            "--validate-data", str(data), "--max-accuracy-drop", "0.01", "--no-latency",
+            "--report", str(rep), "--markdown", str(md)]
+    assert main(argv) == 9
+    captured = capsys.readouterr()
+    assert "cosine similarity to the dense model 1 -> " in captured.err and "over the budget of 0.01" in captured.err
+    assert "Gated drop: 1 - cosine" in captured.out and "Top-1 agreement" not in captured.out
+    assert list(out.parent.iterdir()) == []
+    with pytest.raises(AccuracyDropError) as err:
+        onnxprune.prune(model, None, plan=tmp_path / "plan.json", validate_data=data, max_accuracy_drop=0.01, **FAST)
+    q = err.value.report.quality
+    assert abs(q.fidelity["cosine_similarity"]) < 0.05 and q.fidelity["relative_l2_error"] == pytest.approx(1, abs=1e-3)
+    assert q.drop > 0.95 and q.passed is False
+
+
+def test_a_lightly_pruned_score_map_passes_the_gate(tmp_path, capsys, detector):
+    model, data = detector
+    out, rep = tmp_path / "small.onnx", tmp_path / "r.json"
+    argv = ["prune", str(model), str(out), "--plan", _plan(tmp_path / "plan.json", list(range(15))),
+            "--validate-data", str(data), "--max-accuracy-drop", "0.01", "--no-latency", "--report", str(rep)]
+    assert main(argv) == 0
+    assert "within the budget of 0.01" in capsys.readouterr().out
+    q = json.loads(rep.read_text())["quality"]
+    assert q["metric"] == "cosine_similarity" and q["passed"] is True and q["gated"] == {"y": "cosine_similarity"}
+    fid = q["fidelity_vs_dense"]["y"]
+    assert 0.999 < fid["cosine_similarity"] < 1.0 and 0 < fid["relative_l2_error"] < 0.05
+    assert "top1_agreement" not in fid  # one channel: no class axis to agree on
+
+
+def _two_heads() -> onnx.ModelProto:
+    """x[N, 6] -> fc1 (16) -> Relu -> cls (5 class scores) and proj -> Reshape -> feat[N, 2, 4]."""
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="cls"),
+             helper.make_node("MatMul", ["r", "w3"], ["p"], name="proj"),
+             helper.make_node("Reshape", ["p", "shape"], ["feat"], name="to_map")]
+    inits = [weight(6, 16, name="w1"), weight(16, name="b1"), weight(16, 5, name="w2"), weight(5, name="b2"),
+             weight(16, 8, name="w3"), onnx.numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "shape")]
+    return make_model(nodes, [("x", ["N", 6])], [("logits", ["N", 5]), ("feat", ["N", 2, 4])], inits)
+
+
+def test_every_output_gets_its_fidelity_and_the_worst_is_gated():
+    model = _two_heads()
+    data = {"x": np.random.default_rng(2).standard_normal((40, 6)).astype(np.float32)}
+    pruned, report = onnxprune.prune(model, None, ratio=0.5, round_to=1, validate_data=data, **FAST)
+    q = report.quality
+    assert set(q.outputs) == {"logits", "feat"}
+    assert q.gated == {"logits": "top1_agreement", "feat": "cosine_similarity"} and q.metric == "fidelity"
+    assert "top1_agreement" in q.outputs["logits"] and "top1_agreement" not in q.outputs["feat"]
+    feeds = {"x": data["x"]}
+    dense, small = run(model, feeds)[1].reshape(40, -1), run(pruned, feeds)[1].reshape(40, -1)
+    cos = np.sum(dense * small, axis=1) / np.linalg.norm(dense, axis=1) / np.linalg.norm(small, axis=1)
+    assert q.outputs["feat"]["cosine_similarity"] == pytest.approx(cos.mean(), rel=1e-5)
+    drops = {"logits": 1 - q.outputs["logits"]["top1_agreement"], "feat": 1 - q.outputs["feat"]["cosine_similarity"]}
+    assert q.drop == pytest.approx(max(drops.values())) and q.output == max(drops, key=drops.get)
+    table = report.render_table()
+    for row in ("Top-1 agreement with dense ('logits')", "Cosine similarity to dense ('feat')",
+                "Relative L2 error to dense ('logits')", f"worst output '{q.output}'"):
+        assert row in table
+
+
+def test_a_declared_class_axis_or_none_decides_what_is_agreement():
+    model = _two_heads()
+    data = {"x": np.random.default_rng(2).standard_normal((40, 6)).astype(np.float32)}
+    _, report = onnxprune.prune(model, None, lossless=True, validate_data=data, class_axis="none", **FAST)
+    assert report.quality.gated == {"logits": "cosine_similarity", "feat": "cosine_similarity"}
+    _, report = onnxprune.prune(model, None, lossless=True, validate_data=data, class_axis=2, **FAST)
+    assert report.quality.gated == {"logits": "cosine_similarity", "feat": "top1_agreement"}  # logits has no axis 2
+
+
+def test_a_custom_metric_is_the_gated_number(tmp_path, capsys, detector):
+    model, data = detector
+    metric = tmp_path / "peaks.py"
+    metric.write_text("import numpy as np\n\n"
+                      "def peak(outputs, labels):\n    return float(outputs.max(axis=(1, 2, 3)).mean())\n\n"
+                      "def two(outputs, labels):\n    return {'a': 1.0, 'b': 2.0}\n")
+    dense_peak = float(run(_detector(), {"x": np.load(data)["x"]})[0].max(axis=(1, 2, 3)).mean())
+    out, rep = tmp_path / "small.onnx", tmp_path / "r.json"
+    base = ["prune", str(model), str(out), "--validate-data", str(data), "--no-latency", "--report", str(rep)]
+    destroyed = _plan(tmp_path / "destroyed.json", list(range(8)))
+    # a budget above 1 is in the metric's own unit; the destroyed map's peaks fall from dense_peak to 0
+    assert main([*base, "--plan", destroyed, "--metric", f"{metric}:peak",
+                 "--max-accuracy-drop", f"{dense_peak * 0.9:.4f}"]) == 9
+    err = capsys.readouterr().err
+    assert "peak (custom metric)" in err and not out.exists() and not rep.exists()
+    light = _plan(tmp_path / "light.json", list(range(15)))
+    assert main([*base, "--plan", light, "--metric", f"{metric}:peak", "--max-accuracy-drop", "0.05"]) == 0
+    assert "peak (custom metric)" in capsys.readouterr().out
+    q = json.loads(rep.read_text())["quality"]
+    assert q["metric"] == "custom:peak" and q["before"] == pytest.approx(dense_peak, rel=1e-5)
+    assert q["custom_before"]["peak"] == q["before"] and q["drop"] == pytest.approx(q["before"] - q["after"])
+    assert "y" in q["fidelity_vs_dense"]  # fidelity is still reported
+    assert main([*base, "--plan", light, "--metric", f"{metric}:two"]) == 1
+    assert "the gate needs one" in capsys.readouterr().err
+
+
+def _time_major() -> onnx.ModelProto:
+    """x[T, N, 4] (time first) -> fc1 (8) -> Relu -> fc2 (3) -> y[T, N, 3], and its mean over time pooled[N, 3]."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+             helper.make_node("ReduceMean", ["y"], ["pooled"], name="pool", axes=[0], keepdims=0)]
+    return make_model(nodes, [("x", ["T", "N", 4])], [("y", ["T", "N", 3]), ("pooled", ["N", 3])],
+                      [weight(4, 8, name="w1"), weight(8, 3, name="w2")])
+
+
+def test_batch_axis_1_feeds_a_time_major_model(tmp_path, capsys):
+    model, data = tmp_path / "rnn.onnx", tmp_path / "seq.npz"
+    onnx.save(_time_major(), str(model))
+    samples = np.random.default_rng(3).standard_normal((7, 5, 4)).astype(np.float32)  # samples first
+    np.savez(data, x=samples)
+    rep = tmp_path / "r.json"
+    argv = ["prune", str(model), str(tmp_path / "small.onnx"), "--ratio", "0.25", "--round-to", "1",
+            "--validate-data", str(data), "--no-latency", "--batch-size", "3", "--report", str(rep)]
+    assert main(argv) == 7  # fed as [batch, time, 4], 'pooled' does not hold the samples on its first axis
+    err = capsys.readouterr().err
+    assert "output 'pooled' has shape (5, 3) for a batch of 1" in err and "--batch-axis" in err
+    assert main([*argv, "--batch-axis", "1"]) == 0
+    q = json.loads(rep.read_text())["quality"]
+    assert q["samples"] == 7 and q["gated"] == {"y": "cosine_similarity", "pooled": "top1_agreement"}
+    time_major = {"x": np.moveaxis(samples, 0, 1)}  # what the model is fed, all samples at once
+    dense = run(onnx.load(str(model)), time_major)[0]
+    small = run(onnx.load(str(tmp_path / "small.onnx")), time_major)[0]
+    d, s = np.moveaxis(dense, 1, 0).reshape(7, -1), np.moveaxis(small, 1, 0).reshape(7, -1)
+    cos = np.sum(d * s, axis=1) / np.linalg.norm(d, axis=1) / np.linalg.norm(s, axis=1)
+    assert q["fidelity_vs_dense"]["y"]["cosine_similarity"] == pytest.approx(cos.mean(), rel=1e-5)
+
+
+def _batch_one_only() -> onnx.ModelProto:
+    """x[N, 4] -> fc1 (8) -> Relu -> fc2 (8) -> Reshape to the constant [1, 8] -> fc3 -> y[1, 3]: the batch
+    of 1 is built into the Reshape, so onnxruntime refuses any other; fc1's units can be pruned."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Reshape", ["h2", "shape"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "w3"], ["y"], name="fc3")]
+    shape = onnx.numpy_helper.from_array(np.array([1, 8], np.int64), "shape")
+    inits = [weight(4, 8, name="w1"), weight(8, 8, name="w2"), weight(8, 3, name="w3"), shape]
+    return make_model(nodes, [("x", ["N", 4])], [("y", [1, 3])], inits)
+
+
+def test_a_model_that_runs_one_sample_at_a_time_passes_through_the_gate(tmp_path, capsys):
+    model, data, out = tmp_path / "one.onnx", tmp_path / "x.npz", tmp_path / "small.onnx"
+    onnx.save(_batch_one_only(), str(model))
+    rng = np.random.default_rng(4)
+    np.savez(data, x=rng.standard_normal((10, 4)).astype(np.float32), labels=rng.integers(0, 3, 10))
+    argv = ["prune", str(model), str(out), "--ratio", "0.25", "--round-to", "1", "--validate-data", str(data),
+            "--max-accuracy-drop", "1", "--no-latency"]
+    assert main(argv) == 0 and out.exists()
+    text = capsys.readouterr().out
+    assert "a batch of 10 samples failed (onnxruntime: node 'flatten' (Reshape) failed)" in text
+    assert "fed one at a time" in text and "Top-1 accuracy" in text and "within the budget" in text

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune.cli import main
@@ -147,3 +149,61 @@ def test_plot_accuracy_vs_flops_and_latency(tmp_path, small_npz, capsys):
     assert main(argv) == 0
     assert f"wrote {png}" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def _score_map() -> onnx.ModelProto:
+    """x[N, 3, 8, 8] -> conv1 (16) -> Relu -> head (1x1) -> y[N, 1, 8, 8]: a detector-like score map."""
+    rng = np.random.default_rng(12)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((1, 16, 1, 1)).astype(np.float32), "head")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "head"], ["y"], name="head", kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "map", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_score_map_is_swept_on_its_cosine_to_the_dense_map():
+    x = np.random.default_rng(13).standard_normal((10, 3, 8, 8)).astype(np.float32)
+    result = onnxprune.sweep(_score_map(), [0.25, 0.75], data={"x": x}, target="ratio", round_to=1,
+                             max_accuracy_drop=0.05, measure_latency=False)
+    assert result.metric == "cosine_similarity" and result.dense.value == 1.0
+    light, heavy = result.points
+    assert 1.0 > light.value > heavy.value  # a quarter of the channels costs less than three quarters
+    assert light.quality.drop == pytest.approx(1 - light.quality.fidelity["cosine_similarity"])
+    table = result.render_table()
+    assert "cosine similarity" in table and "drop <= 0.05" in table
+    light_row = next(line for line in table.splitlines() if line.startswith("│ 0.25 "))
+    cells = [c.strip() for c in light_row.split("│")[1:-1]]
+    assert cells[3:] == [f"{light.value:.4g}", f"{-light.quality.drop:+.4g}", "yes"]  # numbers, not percent
+    assert "Largest reduction within a budget of 0.05: 0.25" in table
+
+
+def test_cli_sweep_with_a_custom_metric_and_a_time_major_input(tmp_path, capsys):
+    rng = np.random.default_rng(14)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 3)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", "N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path, data, metric = tmp_path / "rnn.onnx", tmp_path / "seq.npz", tmp_path / "m.py"
+    onnx.save(model, str(path))
+    np.savez(data, x=rng.standard_normal((6, 5, 4)).astype(np.float32))  # samples first
+    metric.write_text("def energy(outputs, labels):\n    assert outputs.shape[1:] == (5, 3)  # samples first\n"
+                      "    return float((outputs ** 2).mean())\n")
+    argv = ["sweep", str(path), "--ratios", "0.5", "--target", "ratio", "--round-to", "1", "--data", str(data),
+            "--batch-axis", "1", "--metric", f"{metric}:energy", "--max-accuracy-drop", "100", "--no-latency",
+            "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "custom:energy" and out["samples"] == 6
+    [point] = out["points"]
+    assert point["quality"]["before"] == out["dense"]["quality"]["after"] > 0
+    assert point["quality"]["passed"] is True  # a budget of 100 is in the metric's own unit

@@ -5,7 +5,10 @@ Formats (`open_data` picks one from the path):
 * ``.npz``: one array per model input, named after the input, plus an optional
   ``labels`` array (integer class ids, one per sample, or one per output
   position for dense outputs). A model with a single input may name its one
-  array anything. The first axis of every array is the sample axis.
+  array anything. The first axis of every array is the sample axis, also
+  for a model whose batch axis is another one (a time-major [time, batch,
+  features] input, `--batch-axis 1`): the data holds samples first and the
+  evaluation moves them to the model's batch axis (`InputSpec.samples_first`).
 * ``.npy``: the inputs of a single-input model, without labels (measure
   fidelity with a reference model, or save an .npz with ``labels``).
 * a folder of images, ``ROOT/<class>/<image>``: class ids are the subfolder
@@ -63,6 +66,16 @@ class InputSpec:
     def describe(self) -> str:
         dims = ", ".join(str(d) if d is not None else "?" for d in self.shape)
         return f"{self.dtype} [{dims}]"
+
+    def samples_first(self, batch_axis: int) -> "InputSpec":
+        """This input as the data holds it: the model's batch axis moved to the front."""
+        if batch_axis == 0:
+            return self
+        if not 0 < batch_axis < len(self.shape):
+            raise DataError(f"input '{self.name}' ({self.describe()}) has no axis {batch_axis} to hold the samples; "
+                            f"--batch-axis must be in 0..{len(self.shape) - 1}")
+        shape = list(self.shape)
+        return InputSpec(self.name, self.dtype, (shape.pop(batch_axis), *shape))
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:

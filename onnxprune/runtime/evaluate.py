@@ -13,25 +13,33 @@ the data's labels or None); pass one, or a dict name -> callable:
         return float(abs(outputs[:, 0] - labels).mean())
     onnxprune.evaluate(model, data, metric=mae).custom["mae"]
 
-Batching: a dynamic first axis is fed `batch_size` samples at a time; a
-static first axis B is fed exactly B samples (B = 1 loops over samples; a
-short last batch is padded by repeating its last sample, and the padding's
-outputs are dropped).
+Batching (`predict`, shared with the prune gate): a dynamic batch axis is
+fed `batch_size` samples at a time; a static one of size B is fed exactly B
+samples (B = 1 loops over samples; a short last batch is padded by repeating
+its last sample, and the padding's outputs are dropped). A model that
+computes shapes at run time and refuses a batch (onnxruntime fails, the
+samples do not stack, an output loses the batch axis) is fed one sample at a
+time, with a note. `batch_axis` says where the model's inputs hold the
+samples (1 for a time-major [time, batch, ...] input); the data holds them
+first either way, and outputs are compared samples first.
 """
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxprune.errors import DataError, OnnxPruneError
 from onnxprune.report import box_table
 from onnxprune.runtime.data import Dataset, ImageSpec, InputSpec, model_inputs, open_data
-from onnxprune.runtime.metrics import Metric, class_axis, custom_metrics, fidelity, topk_accuracy
+from onnxprune.runtime.metrics import NO_CLASS_AXIS, Blocks, Metric, blocks_of, class_ids, custom_metrics, \
+    fidelity, is_id_output, labelled_accuracy, score_axis
 from onnxprune.runtime.progress import Progress
 from onnxprune.runtime.session import load_for_runtime, make_session
 
@@ -39,7 +47,9 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 
 FIDELITY_LABELS = {  # rendering order
     "top1_agreement": "top-1 agreement",
+    "exact_agreement": "exact agreement",
     "cosine_similarity": "cosine similarity (mean)",
+    "relative_l2_error": "relative L2 error",
     "max_abs_error": "max |error|",
     "mean_abs_error": "mean |error|",
     "kl_divergence": "KL divergence (ref || model)",
@@ -93,7 +103,7 @@ class EvalResult:
             if key not in self.fidelity:
                 continue
             value = self.fidelity[key]
-            text = _pct(value) if key == "top1_agreement" else f"{value:.4g}"
+            text = _pct(value) if key.endswith("_agreement") else f"{value:.4g}"
             rows.append((f"fidelity: {label}", text, *[""] * (len(header) - 2)))
         return header, rows
 
@@ -128,8 +138,9 @@ def evaluate(
     reference: ModelLike | None = None,
     metric: Metric | Mapping[str, Metric] | None = None,
     batch_size: int = 32,
+    batch_axis: int = 0,
     output: str | None = None,
-    axis: int | None = None,
+    axis: int | str | None = None,
     provider: str = "CPUExecutionProvider",
     threads: int = 0,
     preprocess: ImageSpec | str | Mapping | None = None,
@@ -143,16 +154,17 @@ def evaluate(
 
     data: a path (.npz, .npy, image folder, .jsonl: see onnxprune.runtime.data),
     a dict of arrays (labels under "labels"), or a Dataset. output: the output
-    to evaluate (default the first); axis: its class axis (default from the
-    labels, else 1). threads=0 lets onnxruntime choose. progress: a bar on
+    to evaluate (default the first); axis: its class axis in the model's
+    layout (default: from the labels, else only a [batch, classes] output has
+    one; "none": it holds no class scores). batch_axis: the inputs' axis
+    holding the samples. threads=0 lets onnxruntime choose. progress: a bar on
     stderr per data pass (None: only when stderr is a terminal).
     """
     if batch_size < 1:
         raise OnnxPruneError(f"batch size must be at least 1, got {batch_size}")
     proto, name = load_for_runtime(model)
     dataset = open_data(data, preprocess=preprocess, tokenizer=tokenizer, max_length=max_length)
-    specs = model_inputs(proto)
-    dataset.bind(specs)
+    specs = bind_data(dataset, model_inputs(proto), batch_axis)
     out_name = _output_name(proto, output, name)
     labels = dataset.labels
     if labels is None and reference is None and metric is None:
@@ -160,47 +172,53 @@ def evaluate(
                         "Add labels (or a class-per-subfolder layout), or compare with --reference")
     if reference is not None:  # read and check the reference before the long runs
         ref_proto, ref_name = load_for_runtime(reference)
-        ref_specs = model_inputs(ref_proto)
+        ref_specs = [s.samples_first(batch_axis) for s in model_inputs(ref_proto)]
         _check_same_inputs(specs, ref_specs, ref_name)
         ref_out = out_name if out_name in [o.name for o in ref_proto.graph.output] else \
             _output_name(ref_proto, None, ref_name, index=[o.name for o in proto.graph.output].index(out_name))
     clock = time.perf_counter()
     session = make_session(proto, threads=threads, provider=provider)
-    outputs = predict(session, specs, dataset, out_name, batch_size, progress=progress, label=f"{name} on data")
+    out_axis = output_batch_axes(proto, [out_name], batch_axis)
+    run = predict(session, specs, dataset, out_name, batch_size, batch_axis=batch_axis, output_axes=out_axis,
+                  progress=progress, label=f"{name} on data")
+    outputs = run.outputs[out_name]
     seconds = time.perf_counter() - clock
     del session
-    result = EvalResult(name, dataset.source, len(dataset), out_name, _effective_batch(specs, batch_size),
-                        seconds=seconds)
-    if labels is not None and labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):
-        labels = labels.astype(np.int64)  # class ids saved as floats
-    ids_output = labels is not None and outputs.dtype.kind in "iu" and outputs.shape == labels.shape
-    if labels is not None and labels.dtype.kind in "iu":
-        if ids_output:  # the model outputs class ids
-            result.accuracy = {"top1": float(np.mean(outputs == labels))}
-        else:
-            try:
-                if axis is None:
-                    axis = class_axis(outputs.shape, labels.shape, f"output '{out_name}'")
-                result.accuracy = topk_accuracy(outputs, labels, axis, top_k, f"output '{out_name}'")
-            except DataError as exc:
-                if metric is None:
-                    raise
-                axis = None  # labels meant for the custom metric only
-                result.notes.append(f"No top-k accuracy: {exc}.")
+    result = EvalResult(name, dataset.source, len(dataset), out_name, run.batch_size, seconds=seconds)
+    result.notes += [run.note] if run.note else []
+    rank = blocks_of(outputs)[0].ndim
+    axis = declared_class_axis(axis, out_axis[out_name], rank, f"output '{out_name}'")
+    labels = class_ids(labels)
+    ids_output = False
+    if labels is not None and labels.dtype.kind not in "iu":
+        result.notes.append(f"No top-k accuracy: the labels ({labels.dtype}) are not class ids.")
+    elif labels is not None:
+        try:
+            if axis == NO_CLASS_AXIS:
+                raise DataError(f"--class-axis {NO_CLASS_AXIS}: output '{out_name}' holds no class scores to "
+                                "score the labels with")
+            label_axis, result.accuracy = labelled_accuracy(outputs, labels, axis, top_k, f"output '{out_name}'")
+            ids_output = is_id_output(outputs, labels)
+            axis = axis if ids_output else label_axis
+        except DataError as exc:
+            if metric is None:
+                raise
+            result.notes.append(f"No top-k accuracy: {exc}.")  # labels meant for the custom metric only
     result.custom = custom_metrics(metric, outputs, labels)
     if reference is not None:
         ref_session = make_session(ref_proto, threads=threads, provider=provider)
-        ref_outputs = predict(ref_session, ref_specs, dataset, ref_out, batch_size, progress=progress,
-                              label=f"{ref_name} on data")
+        ref_run = predict(ref_session, ref_specs, dataset, ref_out, run.batch_size, batch_axis=batch_axis,
+                          output_axes=output_batch_axes(ref_proto, [ref_out], batch_axis), progress=progress,
+                          label=f"{ref_name} on data")
+        ref_outputs = ref_run.outputs[ref_out]
         del ref_session
         result.reference = ref_name
-        if result.accuracy and ids_output:
-            result.reference_accuracy = {"top1": float(np.mean(ref_outputs == labels))}
-        elif result.accuracy:
-            result.reference_accuracy = topk_accuracy(ref_outputs, labels, axis, top_k, f"reference '{ref_out}'")
+        if result.accuracy:
+            _, result.reference_accuracy = labelled_accuracy(ref_outputs, labels, None if ids_output else axis,
+                                                             top_k, f"reference '{ref_out}'")
         result.reference_custom = custom_metrics(metric, ref_outputs, labels)
-        fid = fidelity(outputs, ref_outputs, axis if axis is not None else class_axis(outputs.shape),
-                       f"output '{out_name}'")
+        fid_axis = axis if result.accuracy and not ids_output else score_axis(outputs, axis)
+        fid = fidelity(outputs, ref_outputs, fid_axis, f"output '{out_name}'")
         applied = fid.pop("softmax_applied", None)
         if applied is not None:
             result.notes.append("KL divergence on softmax of the outputs (they are not probabilities)."
@@ -242,39 +260,159 @@ def _effective_batch(specs: list[InputSpec], batch_size: int) -> int:
     return static.pop() if static else batch_size
 
 
-def predict(session, specs: list[InputSpec], dataset: Dataset, output: str, batch_size: int, *,
-            progress: bool | None = None, label: str = "data pass") -> np.ndarray:
-    """`output` for every sample of a bound dataset, samples on axis 0; `progress`
-    shows a bar of samples done on stderr (None: only when stderr is a terminal)."""
+@dataclass
+class Predictions:
+    """A model's outputs over a dataset, samples first: per output one array, or a list of blocks of
+    consecutive samples when the shape differs between blocks (onnxprune.runtime.metrics.Blocks)."""
+
+    outputs: dict[str, Blocks]
+    batch_size: int  # samples per run as run: 1 once batching failed
+    note: str | None = None  # why the samples were fed one at a time
+
+
+def bind_data(dataset: Dataset, specs: list[InputSpec], batch_axis: int = 0) -> list[InputSpec]:
+    """Check `dataset` (samples first) against the model's inputs whose samples lie on `batch_axis`;
+    returns the samples-first specs that `predict` takes."""
+    data_specs = [s.samples_first(batch_axis) for s in specs]
+    dataset.bind(data_specs)
+    return data_specs
+
+
+def output_batch_axes(model: onnx.ModelProto, names: list[str], batch_axis: int = 0) -> dict[str, int]:
+    """The axis holding the samples in each output: 0 when the inputs hold them on axis 0; otherwise the
+    axis named like the inputs' batch dimension, else `batch_axis` (0 for an output with fewer axes)."""
+    if batch_axis == 0:
+        return dict.fromkeys(names, 0)
+    symbols = {s.shape[batch_axis] for s in model_inputs(model)
+               if len(s.shape) > batch_axis and isinstance(s.shape[batch_axis], str)}
+    declared = {o.name: o.type.tensor_type for o in model.graph.output}
+    axes = {}
+    for name in names:
+        tensor = declared.get(name)
+        dims = [d.dim_param or None for d in tensor.shape.dim] if tensor is not None and tensor.HasField("shape") \
+            else None
+        named = [i for i, d in enumerate(dims or []) if d in symbols]
+        axes[name] = named[0] if named else batch_axis if dims is None or len(dims) > batch_axis else 0
+    return axes
+
+
+def declared_class_axis(axis: int | str | None, batch_axis: int, rank: int, name: str) -> int | str | None:
+    """A class axis given in the model's layout (`--class-axis`), numbered as the samples-first outputs
+    are; "none" and None pass through."""
+    if axis is None or axis == NO_CLASS_AXIS:
+        return axis
+    axis = int(axis)
+    if not -rank <= axis < rank:
+        return NO_CLASS_AXIS  # the output has no such axis: not class scores
+    axis %= rank
+    if axis == batch_axis:
+        raise DataError(f"--class-axis {axis} is the axis holding the samples of {name}; give the class axis")
+    return axis + 1 if axis < batch_axis else axis
+
+
+class _BatchFailed(Exception):
+    """A batch that did not run as a batch; `error` is what to raise if one sample fails too."""
+
+    def __init__(self, reason: str, error: DataError):
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4  # a failing batch is retried sample by sample: no error log on stderr
+
+
+def predict(session, specs: list[InputSpec], dataset: Dataset, outputs: str | list[str], batch_size: int, *,
+            batch_axis: int = 0, output_axes: dict[str, int] | None = None, progress: bool | None = None,
+            label: str = "data pass") -> Predictions:
+    """`outputs` (a name or a list) for every sample of a dataset bound with `bind_data` (`specs`: the
+    samples-first specs it returned), samples first.
+
+    A dynamic batch axis is fed `batch_size` samples at a time, a static one exactly its size (a short
+    last batch padded by repeating its last sample, the padding's outputs dropped). Models whose shapes
+    are computed at run time may refuse a batch: when onnxruntime fails on it, its samples do not stack,
+    or an output does not hold the batch on its batch axis (`output_axes`, default 0), the samples are fed
+    one at a time from there on and `Predictions.note` says why (an output that lacks the samples even
+    then is a DataError). `progress` shows a bar of samples done
+    on stderr (None: only when stderr is a terminal)."""
+    names = [outputs] if isinstance(outputs, str) else list(outputs)
+    axes = output_axes or dict.fromkeys(names, 0)
     chunk = _effective_batch(specs, batch_size)
     fixed = any(s.static_batch is not None for s in specs)
     n = len(dataset)
     if n == 0:
         raise DataError(f"{dataset.source} holds no samples")
-    parts = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    note = None
     with Progress(n, label, enabled=progress) as bar:
-        for start in range(0, n, chunk):
+        start = 0
+        while start < n:
             stop = min(n, start + chunk)
-            parts.append(_predict_batch(session, specs, dataset, output, chunk, fixed, start, stop))
+            try:
+                got = _predict_batch(session, specs, dataset, names, axes, batch_axis, chunk, fixed, start, stop)
+            except _BatchFailed as failed:
+                if fixed or stop - start == 1:
+                    raise failed.error from failed.__cause__
+                note = (f"{label}: a batch of {stop - start} samples failed ({failed.reason}), so the samples "
+                        "were fed one at a time.")
+                chunk = 1
+                continue
+            for name in names:
+                parts[name].append(got[name])
             bar.update(stop - start)
-    return np.concatenate(parts)
+            start = stop
+    return Predictions({name: _join(blocks) for name, blocks in parts.items()}, chunk, note)
 
 
-def _predict_batch(session, specs, dataset, output, chunk, fixed, start, stop) -> np.ndarray:
+def _predict_batch(session, specs, dataset, names, axes, batch_axis, chunk, fixed, start, stop) -> dict:
     """One batch: samples start..stop-1, a static batch padded to `chunk` and the padding dropped."""
-    arrays = dataset.arrays(start, stop)
+    try:
+        arrays = dataset.arrays(start, stop)
+    except DataError:
+        raise
+    except Exception as exc:  # e.g. samples of different shapes that do not stack
+        raise _BatchFailed(f"its samples do not stack: {_first_line(exc)}",
+                           DataError(f"cannot read samples {start}..{stop - 1} of {dataset.source}: {exc}")) from exc
     feeds = {}
     for s in specs:
         a = np.ascontiguousarray(arrays[s.name], dtype=s.dtype)
         if fixed and len(a) < chunk:
             a = np.concatenate([a, np.repeat(a[-1:], chunk - len(a), axis=0)])
-        feeds[s.name] = a
+        feeds[s.name] = a if batch_axis == 0 else np.ascontiguousarray(np.moveaxis(a, 0, batch_axis))
+    fed = chunk if fixed else stop - start
     try:
-        (out,) = session.run([output], feeds)
+        results = session.run(names, feeds, _QUIET)
     except Exception as exc:
-        raise DataError(f"onnxruntime failed on samples {start}..{stop - 1} of {dataset.source}: {exc}") from exc
-    fed = len(next(iter(feeds.values())))
-    if out.ndim == 0 or out.shape[0] != fed:
-        raise DataError(f"output '{output}' has shape {tuple(out.shape)} for a batch of {fed}: its first axis "
-                        "is not the batch axis; evaluate another output with --output")
-    return out[:stop - start]
+        raise _BatchFailed(
+            f"onnxruntime: {_first_line(exc)}",
+            DataError(f"onnxruntime failed on samples {start}..{stop - 1} of {dataset.source}: {exc}")) from exc
+    out = {}
+    for name, value in zip(names, results):
+        axis = axes[name]
+        if value.ndim <= axis or value.shape[axis] != fed:
+            where = "first axis" if axis == 0 else f"axis {axis}"
+            raise _BatchFailed(
+                f"output '{name}' has shape {tuple(value.shape)}, without the {fed} samples on its {where}",
+                DataError(f"output '{name}' has shape {tuple(value.shape)} for a batch of {fed}: its {where} is not "
+                          "the batch axis. Give the inputs' batch axis with --batch-axis (the data holds samples "
+                          "first), or evaluate another output with --output"))
+        value = np.moveaxis(value, axis, 0)
+        out[name] = value[:stop - start]
+    return out
+
+
+def _join(blocks: list[np.ndarray]) -> Blocks:
+    """One array when every block has the same shape after the samples, else the blocks."""
+    if len({(b.shape[1:], b.dtype) for b in blocks}) == 1:
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    return blocks
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """A short reason: the failing node of an onnxruntime error, else the message's first line."""
+    text = str(exc).strip()
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    if node:
+        return f"node '{node.group(2)}' ({node.group(1)}) failed"
+    text = (text.splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
