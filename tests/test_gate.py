@@ -19,7 +19,7 @@ from onnx import helper
 import onnxprune
 from helpers import make_model, run, weight
 from onnxprune.cli import main
-from onnxprune.errors import DataError, OnnxPruneError, ValidationError
+from onnxprune.errors import OnnxPruneError, ValidationError
 from onnxprune.runtime.gate import AccuracyDropError
 from onnxprune.runtime.progress import Progress, progress_enabled
 

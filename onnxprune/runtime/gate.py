@@ -58,7 +58,6 @@ from onnxprune.runtime.session import make_session
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 TOP_K = (1, 5)
-FIDELITY_GATED = ("top1_agreement", "exact_agreement", "cosine_similarity")  # what an output can be gated on
 
 
 class AccuracyDropError(ValidationError):
@@ -142,15 +141,15 @@ def reference_pass(model: onnx.ModelProto, data: Any, *, batch_size: int = 32,
     custom = _custom(metric, outputs[first], labels, "the dense model") if metric is not None else {}
     accuracy: dict[str, float] = {}
     class_axes = {name: score_axis(outputs[name], declared[name]) for name in names}
+    notes = [run.note] if run.note else []
     if labels is not None:
         try:
             axis, accuracy = _accuracy(outputs[first], labels, declared[first], f"output '{first}'")
             class_axes[first] = axis if axis is not None else class_axes[first]
-        except DataError:
+        except DataError as exc:
             if metric is None:
                 raise
-            # the labels are the custom metric's: no top-k accuracy
-    notes = [run.note] if run.note else []
+            notes.append(f"No top-k accuracy (the labels are the custom metric's): {exc}.")
     return DenseReference(dataset, specs, batch_axis, axes, outputs, class_axes, labels, accuracy, metric, custom,
                           run.batch_size, provider, threads, notes)
 
