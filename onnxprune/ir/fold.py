@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.ir.graph_view import reads
 from onnxprune.ir.model_io import small_vector, subgraph_names
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
     if folded:
         del graph.node[:]
         graph.node.extend(kept)
-        used = {i for n in graph.node for i in n.input} | outputs
+        used = {i for n in graph.node for i in reads(n)} | outputs  # subgraphs' outer reads too
         live = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(live)

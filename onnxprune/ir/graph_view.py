@@ -2,6 +2,12 @@
 
 Analysis and cost passes read the graph through this view; they never copy
 weights.  Constant values are decoded lazily and cached.
+
+Control flow (If, Loop, Scan): a subgraph may read any tensor of the enclosing
+graphs by name without listing it as an input.  `reads(node)` is what a node
+reads, explicitly or from inside its subgraphs; every def-use index (the
+consumers here, dead-node removal, topological order, unused initializers,
+renaming, copy-on-write of constants) goes through it.
 """
 from __future__ import annotations
 
@@ -35,6 +41,73 @@ def fresh_name(taken: set[str], base: str) -> str:
     return name
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held in `node`'s attributes (If branches, Loop and Scan bodies)."""
+    graphs: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            graphs.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(a.graphs)
+    return graphs
+
+
+def _defined_in(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph defines itself: ONNX forbids a subgraph to shadow an outer name, so the rest is outer."""
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    names |= {o for n in graph.node for o in n.output if o}
+    return names
+
+
+def outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors of the enclosing scope that `node`'s subgraphs read by name (implicit inputs), first read first."""
+    found: dict[str, None] = {}
+    for graph in subgraphs(node):
+        local = _defined_in(graph)
+        for inner in graph.node:
+            for name in list(inner.input) + outer_reads(inner):
+                if name and name not in local:
+                    found[name] = None
+        for out in graph.output:  # a branch may return an outer tensor as it is
+            if out.name not in local:
+                found[out.name] = None
+    return list(found)
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor `node` reads: its inputs, then what its subgraphs read from outside."""
+    names = [i for i in node.input if i]
+    return names + [n for n in outer_reads(node) if n not in names]
+
+
+def rename_reads(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    """`node` reads renames[t] wherever it read t, inside its subgraphs included."""
+    for idx, name in enumerate(node.input):
+        if name in renames:
+            node.input[idx] = renames[name]
+    for graph in subgraphs(node):
+        local = _defined_in(graph)
+        outer = {k: v for k, v in renames.items() if k not in local}
+        if not outer:
+            continue
+        for inner in graph.node:
+            rename_reads(inner, outer)
+        for out in graph.output:
+            if out.name in outer:
+                out.name = outer[out.name]
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name in `graph` and its subgraphs: a new name must clash with none of them."""
+    names = _defined_in(graph) | {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for sub in subgraphs(node):
+            names |= all_names(sub)
+    return names
+
+
 CACHED_ELEMENTS = 4096
 
 
@@ -57,6 +130,7 @@ class GraphView:
         self.graph_inputs = [i.name for i in graph.input]
         self.graph_outputs = [o.name for o in graph.output]
         self.producer: dict[str, onnx.NodeProto] = {}
+        #: tensor -> [(reader, input index)]; index -1: read inside the reader's subgraphs
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
         for node in self.nodes:
             for o in node.output:
@@ -65,6 +139,8 @@ class GraphView:
             for idx, i in enumerate(node.input):
                 if i:
                     self.consumers[i].append((node, idx))
+            for i in outer_reads(node):
+                self.consumers[i].append((node, -1))
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13
         )

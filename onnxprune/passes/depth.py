@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import onnx
 from onnx import helper
 
+from onnxprune.ir.graph_view import rename_reads
 from onnxprune.passes.cleanup import remove_dead_nodes
 
 
@@ -29,10 +30,9 @@ def reroute(model: onnx.ModelProto, routes: dict[str, str]) -> None:
             name = routes[name]
         return name
 
+    resolved = {name: resolve(name) for name in routes}
     for node in model.graph.node:
-        for idx, name in enumerate(node.input):
-            if name in routes:
-                node.input[idx] = resolve(name)
+        rename_reads(node, resolved)  # subgraphs read outer tensors by name: they follow too
     for out in model.graph.output:
         if out.name not in routes:
             continue

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.ir.graph_view import GraphView, fresh_name
+from onnxprune.ir.graph_view import GraphView, all_names, fresh_name, reads
 
 
 class Rewriter:
@@ -23,12 +23,11 @@ class Rewriter:
         self.view = view
         self.masks = masks
         self._changed_tensors = {t for t, _ in masks}
-        self._taken = {t.name for t in model.graph.initializer} | {
-            o for n in model.graph.node for o in n.output
-        }
+        self._taken = all_names(model.graph)  # subgraph names too: a new name must not shadow one
         self._nodes = {n.name: n for n in model.graph.node}
         self._created: dict[str, np.ndarray] = {}
-        self._readers = Counter(i for n in model.graph.node for i in n.input)
+        # a subgraph reading a shape constant by name is a reader too: that constant is copied, not patched
+        self._readers = Counter(i for n in model.graph.node for i in reads(n))
         self._copies: dict[tuple[str, str], onnx.NodeProto] = {}  # (shape node, reader) -> its own copy
 
     # -- questions ------------------------------------------------------------
