@@ -59,6 +59,8 @@ class AnalysisState:
     #: opt-in: prune the hidden (residual-stream) width through norms and reductions (not lossless)
     hidden_width: bool = False
     hidden_units: set[int] = field(default_factory=set)
+    #: tensor -> why its channels cannot change (read inside a subgraph); later layouts on it block too
+    frozen: dict[str, str] = field(default_factory=dict)
 
     #: initializers several nodes read (analysis/shared.py), and while a rule runs (`reader`),
     #: (tensor, axis) -> the nodes whose rule read or sliced that axis of one of them
@@ -94,6 +96,8 @@ class AnalysisState:
 
     def set_layout(self, tensor: str, axis: int, layout: np.ndarray) -> None:
         """Attach a layout; a second layout on the same axis couples position-wise."""
+        if tensor in self.frozen:  # e.g. a weight sliced by a node after the If whose branch reads it
+            self.block(layout, self.frozen[tensor])
         if tensor in self.shared_constants:
             self._took(tensor, axis)
         axes = self.layouts.setdefault(tensor, {})
@@ -182,6 +186,11 @@ class AnalysisState:
     def block_tensor(self, tensor: str, reason: str) -> None:
         for layout in self.layouts_of(tensor).values():
             self.block(layout, reason)
+
+    def freeze(self, tensor: str, reason: str) -> None:
+        """No channel of `tensor` may go, whenever its layouts are attached (now or later in the walk)."""
+        self.frozen.setdefault(tensor, reason)
+        self.block_tensor(tensor, reason)
 
     def _block_unit(self, unit: int, reason: str) -> None:
         reasons = self.block_reasons.setdefault(unit, [])

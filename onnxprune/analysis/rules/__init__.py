@@ -3,6 +3,7 @@ from onnxprune.analysis.rules import (  # noqa: F401
     broadcast,
     concat,
     contrib,
+    control_flow,
     conv,
     elementwise,
     expand,

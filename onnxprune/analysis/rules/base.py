@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from onnxprune.ir.graph_view import outer_reads
+
 if TYPE_CHECKING:
     from onnxprune.analysis.context import AnalysisState
     from onnxprune.analysis.zeros import ZeroState
@@ -66,12 +68,19 @@ class Unsupported(Rule):
                     f"{node.op_type} '{node.name}' has no pruning rule; channels reaching it are kept "
                     "(add a rule in onnxprune/analysis/rules/ to prune through it)",
                 )
+        for name in outer_reads(node):  # a custom op with a graph attribute
+            s.freeze(name, subgraph_reason(node, name))
 
 
 UNSUPPORTED = Unsupported()
 
 
 # -- helpers shared by several rules ----------------------------------------------
+
+def subgraph_reason(node: onnx.NodeProto, tensor: str) -> str:
+    return (f"'{tensor}' is read inside the subgraph of {node.op_type} '{node.name}': channels cannot change "
+            "there (subgraphs are never rewritten)")
+
 
 def norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
