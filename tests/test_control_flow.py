@@ -270,3 +270,19 @@ def test_cli_prunes_an_if_model_end_to_end(tmp_path, extra):
     assert initializer_dims(pruned)["conv0.w"][0] == expected_conv0
     for flag in (True, False):
         assert run(pruned, feeds(model, flag))[0].shape == (1, 3, H, W)
+
+
+# -- calibration -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build", [loop_model, scan_model])
+def test_calibrated_repair_refits_around_a_loop_or_scan_and_leaves_the_body_alone(build):
+    model = build()
+    calib = {"x": np.random.default_rng(0).standard_normal((48, 4, H, W)).astype(np.float32)}
+    pruned, report = onnxprune.prune(model, ratio=0.5, calib=calib)
+    assert "reconstructed" in report.mode and {c.name for c in report.changes} == {"convA", "convB"}
+    assert_subgraphs_intact(model, pruned)
+    body_weights = {"loop.w", "loop.b"} if build is loop_model else {"scan.scale"}
+    dense = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    for name in body_weights:  # the least-squares refit changed other weights, not these
+        np.testing.assert_array_equal(after[name], dense[name])

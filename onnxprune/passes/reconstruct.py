@@ -57,7 +57,7 @@ from onnxprune.calibration.features import (
     pick_positions,
 )
 from onnxprune.calibration.stats import GramRequest, collect_statistics
-from onnxprune.ir.graph_view import fresh_name, tensor_values
+from onnxprune.ir.graph_view import all_names, fresh_name, reads, tensor_values
 from onnxprune.ir.shapes import infer_shapes, skeleton
 
 DEFAULT_RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -138,13 +138,11 @@ class Editor:
         self.model = model
         self.nodes = {n.name: n for n in model.graph.node}
         self.inits = {t.name: t for t in model.graph.initializer}
-        self.uses: dict[str, int] = {}
+        self.uses: dict[str, int] = {}  # reads inside subgraphs count: a weight they read is copied, not refit in place
         for n in model.graph.node:
-            for i in n.input:
-                if i:
-                    self.uses[i] = self.uses.get(i, 0) + 1
-        self.taken = set(self.inits) | {o for n in model.graph.node for o in n.output} | {
-            i.name for i in model.graph.input}
+            for i in reads(n):
+                self.uses[i] = self.uses.get(i, 0) + 1
+        self.taken = all_names(model.graph)
 
     def value(self, name: str) -> np.ndarray:
         return np.array(tensor_values(self.inits[name]))
@@ -254,7 +252,7 @@ def changed_tensors(model: onnx.ModelProto, masks: dict[tuple[str, int], np.ndar
     """Tensors whose values differ between the dense and the pruned model (on the dense graph)."""
     changed = {t for t, _ in masks}
     for node in model.graph.node:
-        if node.name in rewired or any(i in changed for i in node.input if i):
+        if node.name in rewired or any(i in changed for i in reads(node)):
             changed.update(o for o in node.output if o)
     return changed
 
@@ -275,7 +273,7 @@ def levels(model: onnx.ModelProto, targets: list[str]) -> list[list[str]]:
     depth: dict[str, int] = {}
     out: dict[int, list[str]] = {}
     for node in model.graph.node:
-        d = max((depth.get(i, -1) for i in node.input if i), default=-1)
+        d = max((depth.get(i, -1) for i in reads(node)), default=-1)
         if node.name in wanted:
             d += 1
             out.setdefault(d, []).append(node.name)
@@ -630,9 +628,8 @@ MAX_MATCH_SCALE = 4.0
 def _fed_only_to_bn(model: onnx.ModelProto) -> set[str]:
     readers: dict[str, list[str]] = {}
     for n in model.graph.node:
-        for i in n.input:
-            if i:
-                readers.setdefault(i, []).append(n.op_type)
+        for i in reads(n):
+            readers.setdefault(i, []).append(n.op_type)
     return {t for t, ops in readers.items() if ops and all(op == "BatchNormalization" for op in ops)}
 
 
