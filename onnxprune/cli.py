@@ -7,22 +7,42 @@ unsupported model, 4 validation failed (nothing written), 5 impossible plan or
 target, 6 output cannot be written, 7 evaluation data unreadable or not
 matching the model's inputs (DataError), 8 execution provider not available
 (ProviderError), 9 accuracy gate: the drop on --validate-data exceeds
---max-accuracy-drop (AccuracyDropError; nothing written).
+--max-accuracy-drop (AccuracyDropError; nothing written), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM); an interrupted run leaves no file behind.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.importance import CRITERIA
 from onnxprune.pipeline import analyze, prune
 from onnxprune.report import box_table, human
 from onnxprune.runtime.inputs import parse_input_shapes
+
+
+def _version() -> str:
+    import onnx
+    import onnxruntime
+
+    from onnxprune import __version__
+
+    return f"onnxprune {__version__} (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` and staged output cleans up on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def _fraction(text: str) -> float:
@@ -49,6 +69,7 @@ def _ratio(text: str) -> float | dict[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxprune", description="Structural pruning of ONNX models after training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("analyze", help="list pruning groups, what blocks them, FLOPs and params")
@@ -335,6 +356,8 @@ def cmd_analyze(args) -> int:
     kinds = Counter(g.kind for g in prunable)
     print(f"{len(prunable)} of {len(groups)} groups prunable ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))}), "
           f"{sum(g.size for g in prunable)} units. Params {human(s.params)}, MACs {human(s.macs)}, FLOPs {human(s.flops)}.")
+    for cause in report.causes:
+        print("blocked: " + cause)
     if report.input_note:
         print(report.input_note)
     return 0
@@ -407,12 +430,12 @@ def _load_metric(spec: str):
 
     where, sep, attr = spec.rpartition(":")
     if not sep or not where or not attr:
-        raise OnnxPruneError(f"--metric '{spec}': expected MODULE:FUNCTION or FILE.py:FUNCTION")
+        raise UsageError(f"--metric '{spec}': expected MODULE:FUNCTION or FILE.py:FUNCTION")
     try:
         if where.endswith(".py"):
             loader = importlib.util.spec_from_file_location(Path(where).stem, where)
             if loader is None or not Path(where).is_file():
-                raise OnnxPruneError(f"--metric '{spec}': no such file {where}")
+                raise UsageError(f"--metric '{spec}': no such file {where}")
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
@@ -420,10 +443,10 @@ def _load_metric(spec: str):
     except OnnxPruneError:
         raise
     except Exception as exc:
-        raise OnnxPruneError(f"--metric '{spec}': cannot import {where} ({type(exc).__name__}: {exc})") from exc
+        raise UsageError(f"--metric '{spec}': cannot import {where} ({type(exc).__name__}: {exc})") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise OnnxPruneError(f"--metric '{spec}': {where} has no function '{attr}'")
+        raise UsageError(f"--metric '{spec}': {where} has no function '{attr}'")
     return fn
 
 
@@ -509,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prune":
         _check_prune_mode(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "progress", None) is not None:  # --progress/--no-progress reach every bar, inner ones too
+        os.environ["ONNXPRUNE_PROGRESS"] = "1" if args.progress else "0"
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         commands = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,
                     "sweep": cmd_sweep}
@@ -516,8 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxPruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("onnxprune: terminated; nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
+        print("onnxprune: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

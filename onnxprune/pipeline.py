@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxprune.analysis import Analysis, analyze_graph
+from onnxprune.analysis.diagnose import explain, prunability_causes
 from onnxprune.analysis.zeros import ZeroState
 from onnxprune.calibration import reconstruct
 from onnxprune.cost import model_cost
-from onnxprune.errors import DataError, OnnxPruneError, PlanError
+from onnxprune.errors import OnnxPruneError, PlanError, UsageError
 from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
 from onnxprune.ir.fold import fold_constants
@@ -36,7 +38,7 @@ from onnxprune.report import GroupChange, ModelStats, PruneReport
 from onnxprune.runtime.gate import AccuracyDropError, check_budget, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
 from onnxprune.runtime.inputs import InputShapes, plan_input_shapes, probe_input_shapes
-from onnxprune.runtime.output import save_verified
+from onnxprune.runtime.output import save_verified, stage_if_on_disk
 from onnxprune.runtime.session import check_provider, make_session
 from onnxprune.runtime.validate import validate_model
 from onnxprune.strategy.allocate import Target, allocate
@@ -85,9 +87,15 @@ class AnalysisReport:
     stats: ModelStats
     input_note: str | None = None  # which input shapes were assumed (FLOPs depend on them)
 
+    @property
+    def causes(self) -> list[str]:
+        """Why groups are blocked (op families, top reasons): see onnxprune.analysis.diagnose."""
+        return prunability_causes(self.analysis)
+
     def to_dict(self) -> dict:
         return {
             "input_shapes_assumed": self.input_note,
+            "blocking_causes": self.causes,
             "params": self.stats.params,
             "macs": self.stats.macs,
             "flops": self.stats.flops,
@@ -192,21 +200,21 @@ def prune(
     width = ratio is not None or target_flops is not None or target_params is not None
     modes = [width, lossless, plan is not None]
     if drop_layers is not None and (lossless or plan is not None):
-        raise PlanError("drop_layers (--drop-layers) combines with a ratio or target, not with lossless (dropped "
+        raise UsageError("drop_layers (--drop-layers) combines with a ratio or target, not with lossless (dropped "
                         "layers change the outputs) or a plan (a saved plan records its dropped layers)")
     if drop_layers is None and sum(modes) != 1:
-        raise PlanError("choose one of: a target (ratio, target_flops, target_params), lossless, or a plan")
+        raise UsageError("choose one of: a target (ratio, target_flops, target_params), lossless, or a plan")
     if max_accuracy_drop is not None:
         if validate_data is None:
-            raise OnnxPruneError("max_accuracy_drop (--max-accuracy-drop) needs validation data "
+            raise UsageError("max_accuracy_drop (--max-accuracy-drop) needs validation data "
                                  "(validate_data / --validate-data)")
         check_budget(max_accuracy_drop, metric is not None)
     if ablation_samples is not None and ablation_samples < 1:
-        raise OnnxPruneError(f"ablation_samples (--ablation-samples) must be at least 1, got {ablation_samples}")
+        raise UsageError(f"ablation_samples (--ablation-samples) must be at least 1, got {ablation_samples}")
     if measure_latency is None:
         measure_latency = validate_data is not None
     if measure_latency and (latency_runs < 1 or latency_warmup < 0 or threads < 0):
-        raise OnnxPruneError("latency runs must be at least 1, warm-up and threads at least 0")
+        raise UsageError("latency runs must be at least 1, warm-up and threads at least 0")
     if validate_data is not None or measure_latency:
         check_provider(provider)
     timings: dict[str, float] = {}
@@ -223,8 +231,7 @@ def prune(
     fixed = shapes.shapes
     dense_cost = model_cost(working, fixed)
     before = ModelStats.from_cost(dense_cost, source.file_size)
-    expected_shapes = ([tuple(o.shape) for o in shapes.outputs] if shapes.outputs is not None
-                       else _output_shapes(working, fixed))
+    expected_shapes = _output_shapes(working, fixed)  # only dims inference can tell: some depend on the data
     lap("load")
     dense_ref = None
     if validate_data is not None:  # before any pruning work: data that does not fit fails fast
@@ -240,7 +247,7 @@ def prune(
     if calibration is not None and (drop_layers is not None or (plan is not None and plan.drop)):
         calibration.reference = copy_model(working)  # the repair restores the outputs from before the drop
     working, plan, depth = apply_depth(working, drop_layers, drop_unit, plan, calib=calib, calib_samples=calib_samples,
-                                       input_shapes=input_shapes, seed=seed, batch_size=batch_size)
+                                       input_shapes=fixed, seed=seed, batch_size=batch_size)
     if depth is not None:
         lap("drop layers")
     if lossless:
@@ -264,18 +271,62 @@ def prune(
     infer_shapes(working)
     lap("rewrite")
 
-    result = validate_model(working, fixed, reference_outputs=reference, expected_shapes=expected_shapes, seed=seed)
+    staged = stage_if_on_disk(working, output, source)  # a large model is written once, then run from there
+    try:
+        return _validate_measure_write(working, fixed, staged, output, source, decision, before, lap, timings,
+                                       GateRequest(dense_ref, max_accuracy_drop, measure_latency, model, provider,
+                                                   threads, latency_runs, latency_warmup, progress),
+                                       ValidationInputs(reference, expected_shapes, seed),
+                                       notes=decision.notes + [n for n in [shapes.note()] if n],
+                                       depth=depth, save_plan=save_plan)
+    finally:
+        if staged is not None:
+            staged.discard()
+
+
+@dataclass
+class GateRequest:
+    """What the gate and the latency measurement need (prune's options, passed on as data)."""
+
+    dense_ref: Any
+    max_accuracy_drop: float | None
+    measure_latency: bool
+    dense_model: Any
+    provider: str
+    threads: int
+    latency_runs: int
+    latency_warmup: int
+    progress: bool | None
+
+
+@dataclass
+class ValidationInputs:
+    reference: list | None  # the dense outputs a lossless result must reproduce
+    expected_shapes: list | None
+    seed: int
+
+
+def _validate_measure_write(working, fixed, staged, output, source, decision, before, lap, timings,
+                            gate: GateRequest, checks: ValidationInputs, *, notes, depth, save_plan
+                            ) -> tuple[onnx.ModelProto, PruneReport]:
+    """prune()'s last stages: validate (from the staged file for a large model), measure, gate, write."""
+    result = validate_model(working, fixed, reference_outputs=checks.reference,
+                            expected_shapes=checks.expected_shapes, seed=checks.seed,
+                            run_from=staged.path if staged is not None else None)
     lap("validate")
-    after = ModelStats.from_cost(model_cost(working, fixed), len(result.serialized or b"") or working.ByteSize())
+    runnable = result.serialized or (str(staged.path) if staged is not None else working)
+    after = ModelStats.from_cost(model_cost(working, fixed), len(result.serialized or b"") or model_byte_size(working))
     quality = latency = None
-    if dense_ref is not None:
-        outputs = pruned_outputs(dense_ref, result.serialized or working, progress=progress)
-        quality = compare_quality(dense_ref, outputs, max_accuracy_drop)
-        dense_ref = outputs = None
+    if gate.dense_ref is not None:
+        outputs = pruned_outputs(gate.dense_ref, runnable, progress=gate.progress)
+        quality = compare_quality(gate.dense_ref, outputs, gate.max_accuracy_drop)
+        gate.dense_ref = outputs = None
         lap("evaluate pruned")
-    if measure_latency:
-        latency = compare_latency(model, working, provider=provider, threads=threads, runs=latency_runs,
-                                  warmup=latency_warmup, input_shapes=input_shapes, progress=progress, seed=seed)
+    if gate.measure_latency:
+        on_disk = str(staged.path) if staged is not None else working
+        latency = compare_latency(gate.dense_model, on_disk, provider=gate.provider, threads=gate.threads,
+                                  runs=gate.latency_runs, warmup=gate.latency_warmup, input_shapes=fixed,
+                                  progress=gate.progress, seed=checks.seed)
         lap("latency")
     report = PruneReport(
         input=str(source.path) if source.path else "<ModelProto>",
@@ -288,7 +339,7 @@ def prune(
         changes=decision.changes,
         checks=result.checks,
         max_abs_diff=result.max_abs_diff,
-        notes=[n for n in [shapes.note()] if n] + decision.notes,
+        notes=notes,
         timings=timings,
         quality=quality,
         latency=latency,
@@ -300,7 +351,9 @@ def prune(
                                 "ratio or target), exclude sensitive layers, or raise the budget.", report)
     if save_plan is not None:
         decision.plan.save(save_plan)
-    if output is not None:
+    if staged is not None:  # validation already ran the staged file from disk
+        after.file_size = staged.commit()
+    elif output is not None:
         after.file_size = save_verified(working, output, result, source=source)
         result.checks.append("read back from disk")
     result.serialized = None
@@ -333,7 +386,9 @@ def _dense_input_shapes(model: onnx.ModelProto, given, seed: int, need_outputs: 
             planned.assumed.append(f"not checked on the dense model (over {PROBE_MAX_BYTES >> 30} GiB)")
         return planned
     session = make_session(model, prepack=False, optimize=False)
-    return probe_input_shapes(model, given, lambda feeds: session.run(None, feeds), seed)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a size the model cannot run is an expected answer, not an error to print
+    return probe_input_shapes(model, given, lambda feeds: session.run(None, feeds, quiet), seed)
 
 
 def _output_shapes(model: onnx.ModelProto, fixed) -> list[tuple] | None:
@@ -438,10 +493,15 @@ def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration
         flags = np.ones(analysis.groups[gid].size, dtype=bool)
         flags[kept] = False
         removed.update(int(r) for r in analysis.groups[gid].roots[flags])
+    mode = _describe(target.ratio, target.target_flops, target.target_params, criterion, target.strategy)
+    if not removed:  # never hand back an unchanged copy as if it were pruned
+        eligible = len(keep)
+        hint = (f" after rounding kept counts up to multiples of {target.round_to} (--round-to): raise the ratio or "
+                "lower --round-to" if eligible else "")
+        raise PlanError(f"{mode}: nothing to remove in {eligible} eligible group(s){hint}." + explain(analysis))
     meta = {"criterion": criterion, "strategy": target.strategy, "ratio": target.ratio,
             "target_flops": target.target_flops, "target_params": target.target_params,
             "round_to": target.round_to, "prune_hidden": prune_hidden}
-    mode = _describe(target.ratio, target.target_flops, target.target_params, criterion, target.strategy)
     return _apply(working, analysis, removed, Plan.from_keep(analysis, keep, meta), mode,
                   notes=getattr(stats, "notes", None), calibration=calibration)
 
@@ -480,6 +540,10 @@ def _decide_lossless(working: onnx.ModelProto) -> Decision:
     keep = _keep_from_removed(analysis, removed)
     plan = Plan.from_keep(analysis, keep, {"mode": "lossless"})
     notes = [f"removed {branches} all-zero residual branch(es) and {len(removed)} dead unit(s)"]
+    if not branches and not removed:
+        notes[0] = ("nothing exactly dead was found: the output computes the same as the input"
+                    + explain(analysis).replace("\nWhy:\n  - ", "; only prunable groups were searched. ")
+                    .replace("\n  - ", "; "))
     return _apply(working, analysis, removed, plan, "lossless elimination", notes)
 
 

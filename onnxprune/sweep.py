@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import onnx
 
 from onnxprune.cost import model_cost
-from onnxprune.errors import OnnxPruneError, PlanError, ValidationError
+from onnxprune.errors import OnnxPruneError, PlanError, UsageError, ValidationError
 from onnxprune.pipeline import prepare, prune
 from onnxprune.report import POINT_METRICS, QualityStats, box_table, metric_label, threads_text
 from onnxprune.runtime.gate import check_budget, compare_quality, pruned_outputs, reference_pass
@@ -127,7 +127,7 @@ class SweepResult:
                 continue
             q = p.quality
             change = "" if q is None or q.drop is None or p.ratio is None else \
-                f"{-q.drop * 100:+.2f} pt" if self.in_points else f"{-q.drop:+.4g}"
+                f"{0.0 - q.drop * 100:+.2f} pt" if self.in_points else f"{0.0 - q.drop:+.4g}"  # never "-0.00"
             cells = [label, _pct(p.flops_kept), _pct(p.params_kept), self._value(p.value), change]
             if self.latency is not None:
                 cells += ["" if p.latency_ms is None else f"{p.latency_ms['median_ms']:.3f}",
@@ -186,17 +186,17 @@ def parse_ratios(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise OnnxPruneError(f"--ratios '{text}': expected numbers separated by commas, e.g. 0.1,0.2,0.3") from None
+        raise UsageError(f"--ratios '{text}': expected numbers separated by commas, e.g. 0.1,0.2,0.3") from None
     return check_ratios(values)
 
 
 def check_ratios(ratios: Sequence[float]) -> list[float]:
     values = sorted(set(float(r) for r in ratios))
     if not values:
-        raise OnnxPruneError("sweep needs at least one ratio")
+        raise UsageError("sweep needs at least one ratio")
     bad = [v for v in values if not 0.0 <= v < 1.0]
     if bad:
-        raise OnnxPruneError(f"ratios are fractions REMOVED in [0, 1); got {bad}")
+        raise UsageError(f"ratios are fractions REMOVED in [0, 1); got {bad}")
     return values
 
 
@@ -261,7 +261,7 @@ def sweep(
     if unknown:
         raise TypeError(f"sweep() got unexpected keyword(s) {', '.join(sorted(unknown))}")
     if target not in TARGETS:
-        raise OnnxPruneError(f"target '{target}' is not one of {', '.join(TARGETS)}")
+        raise UsageError(f"target '{target}' is not one of {', '.join(TARGETS)}")
     ratios = parse_ratios(ratios) if isinstance(ratios, str) else check_ratios(ratios)
     check_budget(max_accuracy_drop, metric is not None)
     if plot is not None:

@@ -8,7 +8,7 @@ import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.runtime.inputs import plan_input_shapes
-from helpers import const, make_model, weight
+from helpers import const, conv, make_model, weight
 
 
 def detector_like(metadata: dict | None = None) -> onnx.ModelProto:
@@ -75,7 +75,6 @@ def test_an_output_declared_with_minus_one_is_dynamic_for_every_comparison():
              helper.make_node("Relu", ["h"], ["r"], name="act"),
              helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1, name="fc2")]
     w1 = weight(8, 4, name="w1")
-    onnx.numpy_helper.to_array(w1)
     dead = onnx.numpy_helper.to_array(w1).copy()
     dead[[1, 5]] = 0.0  # two dead neurons for lossless elimination to remove
     model = make_model(nodes, [("x", [-1, 4])], [("y", [-1, 2])],
@@ -83,3 +82,17 @@ def test_an_output_declared_with_minus_one_is_dynamic_for_every_comparison():
     pruned, report = onnxprune.prune(model, lossless=True)
     assert "output shapes unchanged" in report.checks
     assert report.after.params < report.before.params
+
+
+def test_an_output_whose_length_depends_on_the_data_is_not_compared():
+    # like a TTS model whose audio length follows predicted durations: pruning may change it
+    (c1, w1), (c2, w2) = conv("c1", "x", "a", 3, 16), conv("c2", "r", "y", 16, 4)
+    nodes = [c1, helper.make_node("Relu", ["a"], ["r"], name="act"), c2,
+             helper.make_node("Greater", ["y", "zero"], ["positive"], name="gt"),
+             helper.make_node("NonZero", ["positive"], ["where"], name="nonzero")]
+    graph = helper.make_graph(nodes, "data_dependent", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("where", onnx.TensorProto.INT64, [4, None])],
+                              w1 + w2 + [const(0.0, "zero", np.float32)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = onnxprune.prune(model, ratio=0.5)
+    assert "output shapes unchanged" in report.checks

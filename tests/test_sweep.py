@@ -119,9 +119,9 @@ def test_an_unreachable_ratio_is_reported_and_the_others_go_on(small):
 
 
 def test_bad_ratios_and_targets(capsys):
-    assert main(["sweep", str(EXAMPLE), "--ratios", "0.1,abc", "--data", str(TEST_DATA)]) == 1
+    assert main(["sweep", str(EXAMPLE), "--ratios", "0.1,abc", "--data", str(TEST_DATA)]) == 2
     assert "--ratios '0.1,abc'" in capsys.readouterr().err
-    assert main(["sweep", str(EXAMPLE), "--ratios", "0.1,1.5", "--data", str(TEST_DATA)]) == 1
+    assert main(["sweep", str(EXAMPLE), "--ratios", "0.1,1.5", "--data", str(TEST_DATA)]) == 2
     assert "[0, 1)" in capsys.readouterr().err
     with pytest.raises(OnnxPruneError, match="not one of"):
         onnxprune.sweep(EXAMPLE, [0.1], data=TEST_DATA, target="latency")

@@ -55,6 +55,20 @@ def prunability_causes(analysis: Analysis) -> list[str]:
     return lines
 
 
+def headline(analysis: Analysis) -> str:
+    """The first cause, short, for the first line of a refusal: an op family with its counts, else
+    the most frequent blocking reason with its names left out ("ReduceSum … reduces over axis 1 …")."""
+    families = op_family_causes(analysis.view.model)
+    if families:
+        return families[0].split(":")[0]
+    reasons = Counter(" ".join(_QUOTED.sub("…", g.blocked[0]).split()) for g in analysis.groups if g.blocked)
+    if not reasons:
+        return ""
+    reason, count = reasons.most_common(1)[0]
+    reason = reason.split(" (")[0]
+    return f"{count} group{'s' if count > 1 else ''}: {reason[:120]}"
+
+
 def explain(analysis: Analysis) -> str:
     """Causes as an indented block, for the end of an error message."""
     causes = prunability_causes(analysis)

@@ -11,9 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import numpy_helper
 
-from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.graph_view import GraphView, tensor_values
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def _constant_of_shape(view: GraphView, node, depth: int) -> list[Element] | Non
     if isinstance(length, DimOf) and length.num == length.den == 1:
         length = view.dim(length.tensor, length.axis)
     value = view.attr(node, "value")
-    fill = 0 if value is None else numpy_helper.to_array(value).ravel()[0]
+    fill = 0 if value is None else tensor_values(value).ravel()[0]
     if not isinstance(length, int) or fill != int(fill):
         return None
     return [int(fill)] * length

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, copy_fields, model_byte_size
+from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, copy_fields, has_external_data, model_byte_size
 from onnxprune.ir.shapes import infer_shapes, skeleton
 from onnxprune.runtime.session import check_provider, session_through_file
 
@@ -148,7 +148,7 @@ def calibration_session(model: onnx.ModelProto, *, threads: int = 0,
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.add_session_config_entry("session.disable_prepacking", "1")
-    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
+    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
     return session_through_file(model, opts, provider)  # >2 GB
 

@@ -33,12 +33,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.analysis.units import NO_UNIT
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.features import Consumer, GramStats, consumers_of
 from onnxprune.calibration.stats import GramRequest, collect_statistics
+from onnxprune.ir.graph_view import tensor_values
 
 DEFAULT_GRAM_CAP = 1 << 28  # bytes of Gram matrices held at once (256 MiB)
 
@@ -145,7 +145,7 @@ def removal_errors(model: onnx.ModelProto, analysis, data: Any, *, groups: Seque
         result.passes += stats.passes
         for n in chunk:
             c, _, sinks = wanted[n]
-            m = channel_matrix(c, numpy_helper.to_array(inits[c.weight]), stats.grams[n], centred)
+            m = channel_matrix(c, tensor_values(inits[c.weight]), stats.grams[n], centred)
             for s in sinks:
                 result.matrices[(s.tensor, s.axis, s.node)] = m
         chunk, used = [], 0

@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.ir.graph_view import reads
-from onnxprune.ir.model_io import small_vector, subgraph_names
+from onnxprune.ir.model_io import small_vector, subgraph_names, with_values
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _evaluate(node, values, opsets):
         "fold",
         [],
         [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o],
-        initializer=[values[i] for i in inputs],
+        initializer=[with_values(values[i]) for i in inputs],  # weights still on disk are read here
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     try:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.ir.model_io import external_values
 from onnxprune.ir.shapes import Shape, infer_shapes
 
 
@@ -112,7 +113,10 @@ CACHED_ELEMENTS = 4096
 
 
 def tensor_values(t: onnx.TensorProto) -> np.ndarray:
-    """Decode an initializer; raw little-endian data is viewed, not copied."""
+    """Decode an initializer; raw little-endian data is viewed, not copied, and
+    data still on disk is memory-mapped, not read."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return external_values(t)
     if t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL and sys.byteorder == "little":
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
         if dtype.kind in "fiub" and t.data_type != onnx.TensorProto.BFLOAT16:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import atexit
 import os
 import shutil
 import tempfile
@@ -47,10 +48,14 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
 
 def load_model(path: str | os.PathLike, before_data: Callable[[SourceInfo], None] | None = None
                ) -> tuple[onnx.ModelProto, SourceInfo]:
-    """Read `path` (external data included) and normalise it for analysis.
+    """Read `path` and normalise it for analysis.
 
-    `before_data` is called with what the header says of the file, before the
-    (possibly gigabytes of) weights are read: checks that can fail early go there.
+    External data is NOT read: each external tensor keeps its reference, with
+    the location made absolute, and its values are memory-mapped when a pass
+    asks for them (`external_values`), so analysing a 4 GB model reads only
+    the graph. Writers copy external tensors file to file (`_externalise`).
+    `before_data` is called with what the header says of the file, before any
+    work on the weights: checks that can fail early go there.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,14 +73,8 @@ def load_model(path: str | os.PathLike, before_data: Callable[[SourceInfo], None
     info = SourceInfo(path=path, used_external_data=used_external, file_size=file_size, data_files=data_files)
     if before_data is not None:
         before_data(info)
-    try:
-        if used_external:
-            onnx.load_external_data_for_model(header, str(path.parent))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{path}: cannot read its external data ({exc}). Keep the .data file "
-            "next to the model under the name recorded in the model."
-        ) from exc
+    if used_external:  # the weights stay on disk: read (memory-mapped) when a pass needs them
+        resolve_external_data(header, path)
     if not header.graph.node:
         raise ModelLoadError(f"{path}: the graph has no nodes; is this an ONNX model?")
     info.initializers_were_inputs = normalise(header)
@@ -299,28 +298,33 @@ def _externalise(model: onnx.ModelProto, data_path: Path, location: str) -> onnx
     data = None  # opened at the first tensor that goes out: no empty data file beside a small model
     try:
         for t in model.graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                raise OutputError(f"tensor '{t.name}' still points at external data that was never read; "
-                                  "refusing to write a model that would reference a missing file")
-            payload = t.raw_data if t.HasField("raw_data") else None
-            if payload is None or len(payload) < EXTERNAL_MIN_BYTES or t.data_type not in _FLOAT_TYPES:
+            external = is_external(t)
+            payload = t.raw_data if not external and t.HasField("raw_data") else None
+            size = _external_ref(t)[2] if external else len(payload or b"")
+            if not external and (payload is None or size < EXTERNAL_MIN_BYTES or t.data_type not in _FLOAT_TYPES):
                 graph.initializer.append(t)
+                continue
+            if external and (size < EXTERNAL_MIN_BYTES or t.data_type not in _FLOAT_TYPES):
+                graph.initializer.append(with_values(t))  # small or integer: inline, where onnxruntime reads it
                 continue
             if data is None:
                 data = open(data_path, "wb")
             pad = (-offset) % 4096  # page-aligned, as onnx's own writer does
             data.write(b"\0" * pad)
             offset += pad
-            data.write(payload)
+            if external:
+                _copy_external(t, data)  # file to file: the weights never sit in memory
+            else:
+                data.write(payload)
             ref = graph.initializer.add()
             ref.name = t.name
             ref.data_type = t.data_type
             ref.dims.extend(t.dims)
             ref.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
                 entry = ref.external_data.add()
                 entry.key, entry.value = key, value
-            offset += len(payload)
+            offset += size
     finally:
         if data is not None:
             data.close()
@@ -332,6 +336,7 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_dat
     """Write `model` to `path` (and, with external data, `<path>.data` beside it,
     the one data file, named after the model) without changing `model`."""
     path = Path(path)
+    external_data = external_data or has_external_data(model)  # weights still on disk go to the data file
     if external_data:
         header = _externalise(model, path.parent / (path.name + ".data"), path.name + ".data")
         onnx.save_model(header, str(path))
@@ -362,6 +367,132 @@ def copy_fields(src, dst, skip: str) -> None:
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+# -- external data that stays on disk --------------------------------------------------------------------
+
+def resolve_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Make every external location absolute and check that its bytes are there."""
+    sizes: dict[Path, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = Path(info.get("location", ""))
+        file = location if location.is_absolute() else (path.parent / location)
+        if file not in sizes:
+            if not file.is_file():
+                raise ModelLoadError(f"{path}: cannot read its external data: tensor '{t.name}' lies in "
+                                     f"{location}, which is not there. Keep the data file(s) next to the model "
+                                     "under the name(s) recorded in the model.")
+            sizes[file] = file.stat().st_size
+        offset, length = int(info.get("offset", 0)), int(info.get("length", 0) or _nbytes_of(t))
+        if offset + length > sizes[file]:
+            raise ModelLoadError(f"{path}: external data file {location} is too short for tensor '{t.name}' "
+                                 f"(needs bytes {offset}..{offset + length}, has {sizes[file]}); it is truncated "
+                                 "or belongs to another export.")
+        del t.external_data[:]
+        for key, value in (("location", str(file.resolve())), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=key, value=value)
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Tensors whose values are still on disk: such a model cannot be serialised in memory as a whole."""
+    return any(is_external(t) for t in model.graph.initializer)
+
+
+def _external_ref(t: onnx.TensorProto) -> tuple[str, int, int]:
+    info = {e.key: e.value for e in t.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info.get("length", 0) or _nbytes_of(t))
+
+
+def _nbytes_of(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def external_values(t: onnx.TensorProto) -> np.ndarray:
+    """A read-only memory map of an external tensor (pages are read as they are touched)."""
+    location, offset, _ = _external_ref(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    shape = tuple(t.dims)
+    if _nbytes_of(t) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def with_values(t: onnx.TensorProto) -> onnx.TensorProto:
+    """`t` itself, or for an external tensor an in-memory copy holding its bytes."""
+    if not is_external(t):
+        return t
+    loaded = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))
+    loaded.raw_data = np.ascontiguousarray(external_values(t)).tobytes()
+    return loaded
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every tensor still on disk read into memory (for
+    onnx.checker, onnx.save and other tools that expect self-contained models)."""
+    if not has_external_data(model):
+        return model
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip="graph")
+    copy_fields(model.graph, out.graph, skip="initializer")
+    out.graph.initializer.extend(with_values(t) for t in model.graph.initializer)
+    return out
+
+
+def _copy_external(t: onnx.TensorProto, out) -> int:
+    """Copy an external tensor's bytes into `out`, a chunk at a time; returns the length."""
+    location, offset, length = _external_ref(t)
+    with open(location, "rb") as src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(left, 64 << 20))
+            if not chunk:
+                raise OutputError(f"external data of tensor '{t.name}' ends early in {location}")
+            out.write(chunk)
+            left -= len(chunk)
+    return length
+
+
+class Spill:
+    """A scratch data file for tensors computed from weights that were on disk
+    (the slices of a large model's weights): written there as they are made and
+    referenced as external data, so the pruned weights never all sit in memory.
+    The file lives in a temporary folder removed when the process exits; the
+    output's writer copies from it like from any other external data."""
+
+    _folder: Path | None = None
+
+    def __init__(self) -> None:
+        if Spill._folder is None:
+            Spill._folder = Path(tempfile.mkdtemp(prefix="onnxprune-spill-"))
+            atexit.register(shutil.rmtree, Spill._folder, ignore_errors=True)
+        fd, name = tempfile.mkstemp(suffix=".data", dir=Spill._folder)
+        os.close(fd)
+        self.path = Path(name)
+        self._offset = 0
+
+    def add(self, values: np.ndarray, name: str) -> onnx.TensorProto:
+        values = np.ascontiguousarray(values)
+        ref = onnx.TensorProto(name=name, dims=list(values.shape),
+                               data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+        ref.data_location = onnx.TensorProto.EXTERNAL
+        with open(self.path, "ab") as out:
+            out.write(memoryview(values).cast("B") if values.size else b"")
+        for key, value in (("location", str(self.path)), ("offset", str(self._offset)),
+                           ("length", str(values.nbytes))):
+            ref.external_data.add(key=key, value=value)
+        self._offset += values.nbytes
+        return ref
 
 
 def _data_locations(model: onnx.ModelProto) -> set[str]:
@@ -413,8 +544,6 @@ def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     attr = node.attribute[0] if len(node.attribute) == 1 else None
     if attr is None:
         return None
-    import numpy as np
-
     if attr.name == "value":
         return onnx.TensorProto.FromString(attr.t.SerializeToString())
     if attr.name == "value_float":
@@ -431,7 +560,8 @@ def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
 def model_byte_size(model: onnx.ModelProto) -> int:
     """Serialized size without materialising a >2 GB protobuf."""
     # ByteSize() counts without serialising (reading t.raw_data would copy the bytes)
-    return sum(t.ByteSize() for t in model.graph.initializer) + 4096 * len(model.graph.node)
+    return sum(tensor_bytes(t) if is_external(t) else t.ByteSize() for t in model.graph.initializer) \
+        + 4096 * len(model.graph.node)
 
 
 def wants_external_data(model: onnx.ModelProto, source: SourceInfo | None) -> bool:

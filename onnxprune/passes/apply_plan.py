@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from onnxprune.analysis import Analysis
 from onnxprune.analysis.rules import rule_for
 from onnxprune.errors import PlanError
-from onnxprune.ir.model_io import copy_fields
+from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external
 from onnxprune.passes.rewriter import Rewriter
 
 
@@ -52,6 +52,7 @@ def _slice_initializers(model, pruned, analysis, masks) -> None:
     for (tensor, axis), mask in masks.items():
         if analysis.view.is_const(tensor):
             by_tensor.setdefault(tensor, []).append((axis, mask))
+    spill = None
     for t in model.graph.initializer:
         cuts = by_tensor.get(t.name)
         if not cuts:
@@ -62,4 +63,9 @@ def _slice_initializers(model, pruned, analysis, masks) -> None:
         for axis, mask in cuts:
             index[axis] = np.flatnonzero(mask)
         arr = arr[np.ix_(*index)]
-        pruned.graph.initializer.append(numpy_helper.from_array(arr, t.name))
+        if is_external(t) and arr.nbytes >= EXTERNAL_MIN_BYTES:  # read from disk, written back to disk
+            spill = spill or Spill()
+            pruned.graph.initializer.append(spill.add(arr, t.name))
+        else:
+            pruned.graph.initializer.append(numpy_helper.from_array(arr, t.name))
+        del arr

@@ -59,6 +59,7 @@ from onnxprune.calibration.features import (
 from onnxprune.calibration.stats import GramRequest, collect_statistics
 from onnxprune.ir.graph_view import all_names, fresh_name, reads, tensor_values
 from onnxprune.ir.shapes import infer_shapes, skeleton
+from onnxprune.runtime.progress import progress_iter
 
 DEFAULT_RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -480,7 +481,7 @@ def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
     cached = size is not None and size <= ctx.memory_cap // 2
     if cached:
         cache.collect()
-    for level in levels(model, [n for n in targets if n in plan]):
+    for level in progress_iter(levels(model, [n for n in targets if n in plan]), "least squares, level"):
         edit = Editor(model)
         specs = [edit.consumer(name) for name in level]
         if cached:
@@ -600,7 +601,7 @@ def bn_recalibration(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip
         nodes = [n.name for n in model.graph.node if n.op_type == "BatchNormalization" and len(n.input) >= 5
                  and (n.input[0] in changed or n.name in ctx.rewired) and n.input[0] not in refit_outputs]
     records: list[LayerRecord] = []
-    for level in levels(model, nodes):
+    for level in progress_iter(levels(model, nodes), "BatchNorm recalibration, level"):
         edit = Editor(model)
         bns = [edit.nodes[n] for n in level]
         usable = [bn for bn in bns if bn.input[3] in edit.inits and bn.input[4] in edit.inits]
@@ -670,7 +671,7 @@ def output_matching(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip:
     if not plan:
         return model, records
     dense_stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(cd.output, 1) for cd, _ in plan.values()}))
-    for level in levels(model, list(plan)):
+    for level in progress_iter(levels(model, list(plan)), "output statistics matching, level"):
         edit = Editor(model)
         specs = [edit.consumer(name) for name in level]
         stats = ctx.collect(model, ctx.fit, tensors=[(cp.output, 1) for cp in specs])

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ValidationError
-from onnxprune.ir.model_io import SourceInfo, StagedOutput, check_output_path, wants_external_data
+from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, SourceInfo, StagedOutput, check_output_path, \
+    has_external_data, model_byte_size, wants_external_data
 from onnxprune.runtime.validate import ValidationResult, run_model
 
 # The staged file runs with the same session options as validation (no graph
@@ -33,6 +34,17 @@ def save_verified(model: onnx.ModelProto, path: str | os.PathLike, validation: V
     with StagedOutput(model, path, external_data=external, serialized=validation.serialized) as staged:
         check_read_back(staged.path, validation, destination=path)
         return staged.commit()
+
+
+def stage_if_on_disk(model: onnx.ModelProto, path: str | os.PathLike | None, source: SourceInfo | None
+                     ) -> StagedOutput | None:
+    """A model whose weights are (partly) on disk, or over protobuf's limit, cannot be run from memory
+    anyway: write it once, to its staging folder, and let validation run that file. Its outputs then
+    come from disk by construction, and committing moves the very bytes that were checked."""
+    if path is None or not (has_external_data(model) or model_byte_size(model) > EXTERNAL_DATA_THRESHOLD):
+        return None
+    path = check_output_path(path, source)
+    return StagedOutput(model, path, external_data=True)
 
 
 def check_read_back(path: str | os.PathLike, validation: ValidationResult, destination: os.PathLike | None = None

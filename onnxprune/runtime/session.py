@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import ProviderError
-from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, load_model, model_byte_size, write_model
+from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, has_external_data, load_model, model_byte_size, write_model
 
 
 def load_for_runtime(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -51,7 +51,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
         opts.profile_file_prefix = profile_prefix
     if isinstance(model, (bytes, str, os.PathLike)):  # serialized, or a file (its external data beside it)
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=[provider])
-    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD:
+    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
     return session_through_file(model, opts, provider)
 

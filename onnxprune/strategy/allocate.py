@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxprune.analysis import Analysis, Group
-from onnxprune.analysis.diagnose import explain
+from onnxprune.analysis.diagnose import explain, headline
 from onnxprune.errors import PlanError, UsageError
 from onnxprune.strategy.estimate import CostEstimator
 
@@ -175,7 +175,9 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
 
     what = "FLOPs" if want_flops else "parameters"
     if not groups:
-        raise PlanError(f"cannot remove {goal:.1%} of {what}: no group of this model is prunable" + explain(analysis))
+        cause = headline(analysis)
+        raise PlanError(f"cannot remove {goal:.1%} of {what}: no group of this model is prunable"
+                        + (f" ({cause})" if cause else "") + explain(analysis))
     best = removed_fraction(1.0)
     if best < goal:
         raise PlanError(
