@@ -63,7 +63,7 @@ def prepare(model: ModelLike, output: str | os.PathLike | None = None) -> tuple[
     if isinstance(model, onnx.ModelProto):
         working = onnx.ModelProto()
         working.CopyFrom(model)
-        source = SourceInfo(file_size=working.ByteSize())
+        source = SourceInfo(file_size=working.ByteSize(), value_info=len(working.graph.value_info) > 0)
         check_output(source)
         normalise(working)
     else:
@@ -268,7 +268,10 @@ def prune(
     reshare_initializers(working)  # copies of a shared vector that kept the same units are one again
     drop_unused_initializers(working)
     check_no_growth(working, dense_cost.param_bytes)  # a shared weight sliced per reader: refuse, write nothing
-    infer_shapes(working)
+    if source.value_info:  # shapes of intermediate tensors, for a model that listed them
+        infer_shapes(working)
+    else:  # analysis filled them in; written out, they would make a small model's file grow
+        del working.graph.value_info[:]
     lap("rewrite")
 
     staged = stage_if_on_disk(working, output, source)  # a large model is written once, then run from there

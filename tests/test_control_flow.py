@@ -252,7 +252,8 @@ def test_lossless_removes_dead_channels_and_a_zero_branch_the_if_reads_through()
     assert "r1_main" in reads and "r1" not in reads  # the branches read the bypass's survivor
     for flag in (True, False):
         for got, want in zip(run(pruned, feeds(model, flag)), run(model, feeds(model, flag))):
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # only summation order differs
+            # only summation order differs; activations reach ~500 here, so the tolerance scales with them
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
 
 # -- command line ------------------------------------------------------------------------------------------

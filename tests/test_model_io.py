@@ -257,3 +257,10 @@ def test_a_decoder_with_one_file_per_tensor_prunes_heads_and_neurons_to_a_file_t
               "print(s.run(None, {'input_ids': np.arange(6, dtype=np.int64).reshape(1, 6)})[0].shape)\n")
     done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "(1, 6, 256)"
+
+
+def test_a_lossless_run_that_finds_nothing_does_not_grow_the_file(tmp_path):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(small_cnn(), src)
+    _, report = onnxprune.prune(src, out, lossless=True)
+    assert out.stat().st_size <= src.stat().st_size

@@ -38,6 +38,7 @@ class SourceInfo:
     initializers_were_inputs: bool = False
     file_size: int = 0
     data_files: tuple[str, ...] = ()  # external data files, relative to the model's folder
+    value_info: bool = True  # whether it listed intermediate shapes (the output then lists them again)
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -78,6 +79,7 @@ def load_model(path: str | os.PathLike, before_data: Callable[[SourceInfo], None
     if not header.graph.node:
         raise ModelLoadError(f"{path}: the graph has no nodes; is this an ONNX model?")
     info.initializers_were_inputs = normalise(header)
+    info.value_info = len(header.graph.value_info) > 0
     return header, info
 
 
