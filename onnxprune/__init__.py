@@ -26,14 +26,10 @@ from onnxprune.runtime.gate import AccuracyDropError
 from onnxprune.strategy.plan import Plan
 from onnxprune.sweep import SweepResult, sweep
 
-try:
-    from importlib.metadata import PackageNotFoundError, version
-
-    __version__ = version("onnxprune")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from onnxprune.version import __version__
 
 __all__ = [
+    "__version__",
     "AccuracyDropError",
     "AnalysisReport",
     "BenchResult",

@@ -32,7 +32,7 @@ def _version() -> str:
     import onnx
     import onnxruntime
 
-    from onnxprune import __version__
+    from onnxprune.version import __version__
 
     return f"onnxprune {__version__} (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
 

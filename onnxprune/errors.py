@@ -60,3 +60,22 @@ class ProviderError(OnnxPruneError):
     """The requested onnxruntime execution provider is not available here."""
 
     exit_code = 8
+
+
+class AccuracyDropError(ValidationError):
+    """The pruned model lost more accuracy (or fidelity) than the budget allows;
+    nothing was written. `report` holds the full before/after measurements."""
+
+    exit_code = 9
+
+    def __init__(self, message: str, report: object = None):
+        super().__init__(message)
+        self.report = report
+
+
+class CalibrationRequired(DataError):
+    """A data-aware criterion was asked for without calibration statistics."""
+
+
+class AblationBudgetError(DataError):
+    """Ablating every unit would cost more than the budget, even with the fewest samples allowed."""

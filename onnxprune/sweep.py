@@ -259,7 +259,7 @@ def sweep(
     at every ratio: data-aware criteria and the reconstruction passes."""
     unknown = set(calibration) - CALIBRATION_OPTIONS
     if unknown:
-        raise TypeError(f"sweep() got unexpected keyword(s) {', '.join(sorted(unknown))}")
+        raise UsageError(f"sweep() got unexpected keyword(s) {', '.join(sorted(unknown))}")
     if target not in TARGETS:
         raise UsageError(f"target '{target}' is not one of {', '.join(TARGETS)}")
     ratios = parse_ratios(ratios) if isinstance(ratios, str) else check_ratios(ratios)

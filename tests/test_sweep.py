@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune.cli import main
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "models" / "digits_resnet.onnx"
@@ -99,7 +99,7 @@ def test_cli_sweep_with_calibration_data_repairs_every_ratio(capsys, small_npz):
     assert "least_squares" not in data["options"]  # only what differs from prune's defaults
     [point] = data["points"]
     assert point["quality"]["after"] >= point["quality"]["before"] - 0.03
-    with pytest.raises(TypeError, match="calibraton"):
+    with pytest.raises(UsageError, match="calibraton"):
         onnxprune.sweep(EXAMPLE, [0.5], data=small_npz, calibraton="typo.npz")
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxprune.errors import UsageError
 from onnxprune.ir.graph_view import GraphView
 
 RESIDUAL_OPS = {"Add", "Sum"}
@@ -132,7 +133,7 @@ class BlockScan:
             return list(self.block_units)
         if unit in ("attention", "mlp"):
             return [u for u in self.block_units if u.kind == unit]
-        raise ValueError(f"unknown unit '{unit}': choose one of {', '.join(UNIT_KINDS)}")
+        raise UsageError(f"unknown unit '{unit}': choose one of {', '.join(UNIT_KINDS)}")
 
     def candidates(self, unit: str = "layer") -> list[Unit]:
         return [u for u in self.units(unit) if u.droppable]

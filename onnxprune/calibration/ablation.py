@@ -48,7 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.analysis.units import NO_UNIT
 from onnxprune.calibration.capture import Capture, _subgraph_names, calibration_session
 from onnxprune.calibration.data import CalibrationSet
-from onnxprune.errors import DataError, OnnxPruneError
+from onnxprune.errors import AblationBudgetError, OnnxPruneError
 from onnxprune.ir.model_io import copy_fields
 from onnxprune.runtime.metrics import looks_like_probabilities
 from onnxprune.runtime.progress import Progress
@@ -61,10 +61,6 @@ DEFAULT_MIN_SAMPLES = 8
 # 3e13 FLOPs: 6 to 12 minutes at the 40-80 GFLOP/s onnxruntime reached on 2 CPU cores here
 # (digits_resnet: 0.83 TFLOPs of ablations, 12-24 s)
 DEFAULT_BUDGET_FLOPS = 3e13
-
-
-class AblationBudgetError(DataError):
-    """Ablating every unit would cost more than the budget, even with the fewest samples allowed."""
 
 
 @dataclass

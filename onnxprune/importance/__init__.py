@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxprune.errors import UsageError
 from onnxprune.analysis import Analysis, Group
 from onnxprune.importance import criteria, data_aware  # noqa: F401  (registers the criteria)
 from onnxprune.importance.base import CRITERIA
@@ -20,7 +21,7 @@ def score_groups(analysis: Analysis, groups: list[Group], name: str, seed: int =
     analysis, data); ignored by the others.
     """
     if name not in CRITERIA:
-        raise ValueError(f"unknown criterion '{name}'; choose one of {sorted(CRITERIA)}")
+        raise UsageError(f"unknown criterion '{name}'; choose one of {sorted(CRITERIA)}")
     rng = np.random.default_rng(seed)
     fn = CRITERIA[name]
     raw = {}

@@ -19,7 +19,11 @@ CRITERIA: dict[str, Criterion] = {}
 
 
 def criterion(name: str):
+    """Function decorator: registers a criterion under `name`; a name is taken once."""
+
     def wrap(fn: Criterion) -> Criterion:
+        if name in CRITERIA:
+            raise RuntimeError(f"criterion '{name}' is already registered ({CRITERIA[name].__name__})")
         CRITERIA[name] = fn
         return fn
 

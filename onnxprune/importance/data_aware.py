@@ -46,13 +46,9 @@ from typing import Callable
 import numpy as np
 
 from onnxprune.analysis import Analysis, Group
-from onnxprune.errors import DataError
+from onnxprune.errors import CalibrationRequired
 from onnxprune.importance.base import CRITERIA, combine, criterion, unit_index
 from onnxprune.importance.criteria import l1
-
-
-class CalibrationRequired(DataError):
-    """A data-aware criterion was asked for without calibration statistics."""
 
 
 def _channel_statistics(model, analysis, data, **kwargs):

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.errors import DataError, OnnxPruneError, UsageError, ValidationError
+from onnxprune.errors import AccuracyDropError, DataError, OnnxPruneError, UsageError, ValidationError  # noqa: F401 (AccuracyDropError: re-exported)
 from onnxprune.report import LatencyStats, QualityStats
 from onnxprune.runtime.data import Dataset, InputSpec, model_inputs, open_data
 from onnxprune.runtime.evaluate import bind_data, declared_class_axis, output_batch_axes, predict
@@ -58,17 +58,6 @@ from onnxprune.runtime.session import make_session
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 TOP_K = (1, 5)
-
-
-class AccuracyDropError(ValidationError):
-    """The pruned model lost more accuracy (or fidelity) than the budget allows;
-    nothing was written. `report` holds the full before/after measurements."""
-
-    exit_code = 9
-
-    def __init__(self, message: str, report: Any = None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass

@@ -142,3 +142,24 @@ def test_model_without_any_source_analyses_to_no_groups():
     analysis = analysis_of(model)
     assert analysis.groups == []
     assert blocked_reasons(model) == []
+
+
+def test_an_op_type_has_one_rule_and_a_second_registration_fails_loudly():
+    import pytest as _pytest
+
+    from onnxprune.analysis.rules.base import RULES, Rule, register
+
+    assert "Conv" in RULES
+    with _pytest.raises(RuntimeError, match="'Conv' already has a rule"):
+        @register("Conv")
+        class AnotherConvRule(Rule):
+            pass
+
+
+def test_a_criterion_name_is_taken_once():
+    import pytest as _pytest
+
+    from onnxprune.importance.base import criterion
+
+    with _pytest.raises(RuntimeError, match="'l1' is already registered"):
+        criterion("l1")(lambda analysis, group, rng: None)

@@ -25,9 +25,15 @@ RULES: dict[str, "Rule"] = {}
 
 
 def register(*op_types: str):
+    """Class decorator: the rule for these op types ("Conv", "com.microsoft.Attention").
+    An op type has one rule: a second registration is a bug to fix, not an import order to rely on."""
+
     def wrap(cls):
         instance = cls()
         for op in op_types:
+            if op in RULES:
+                raise RuntimeError(f"op type '{op}' already has a rule ({type(RULES[op]).__name__}); "
+                                   f"{cls.__name__} cannot register it too")
             RULES[op] = instance
         return cls
 

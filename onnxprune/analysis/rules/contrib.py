@@ -16,9 +16,10 @@ activations into contrib ops.  Their rules:
   a unit is a whole KV group, the KV head with the num_heads / kv_num_heads
   query heads that read it (query head i reads KV head i // group), so the
   ratio never changes; `num_heads` and `kv_num_heads` are rewritten.
-* SkipLayerNormalization, SkipSimplifiedLayerNormalization,
-  SimplifiedLayerNormalization, EmbedLayerNormalization normalise over the
-  hidden (residual) axis: units reaching it are blocked with a reason.
+* SkipLayerNormalization, SkipSimplifiedLayerNormalization and
+  EmbedLayerNormalization normalise over the hidden (residual) axis: units
+  reaching it are blocked with a reason. (SimplifiedLayerNormalization, which
+  onnxruntime writes in the default domain, is LayerNormalization's rule.)
 * BiasGelu, FastGelu, BiasAdd (x + bias [+ skip]) and Gelu, QuickGelu are
   elementwise: units pass, a constant bias is sliced with them.
 
@@ -333,8 +334,7 @@ class GroupQueryAttentionRule(Rule):
 
 # -- norms over the hidden axis ----------------------------------------------------
 
-@register(MS + "SkipLayerNormalization", MS + "SkipSimplifiedLayerNormalization",
-          "SimplifiedLayerNormalization")
+@register(MS + "SkipLayerNormalization", MS + "SkipSimplifiedLayerNormalization")
 class HiddenNormRule(Rule):
     """(input + skip + bias), normalised over the last (hidden) axis: statistics couple every
     hidden channel, so removing one changes the others.  Hidden-width pruning is opt-in
