@@ -20,9 +20,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, copy_fields, has_external_data, model_byte_size
+from onnxprune.ir.model_io import copy_fields
 from onnxprune.ir.shapes import infer_shapes, skeleton
-from onnxprune.runtime.session import check_provider, session_through_file
+from onnxprune.runtime.session import make_session
 
 DEFAULT_MEMORY_CAP = 1 << 30  # bytes of captured activations per batch
 
@@ -140,17 +140,7 @@ def calibration_session(model: onnx.ModelProto, *, threads: int = 0,
     """A session for calibration runs. Its threads do not spin-wait between runs: the numpy
     work done between batches (Gram matrices, solves) would otherwise compete with idle
     spinning onnxruntime threads for the same cores."""
-    check_provider(provider)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
-    return session_through_file(model, opts, provider)  # >2 GB
+    return make_session(model, threads=threads, provider=provider, prepack=False, spinning=False)
 
 
 class Capture:

@@ -33,15 +33,24 @@ def check_provider(provider: str) -> None:
 
 
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads: int = 1, provider: str = "CPUExecutionProvider",
-                 optimize: bool = True, prepack: bool = True,
+                 optimize: bool = True, prepack: bool = True, spinning: bool = True,
                  profile_prefix: str | None = None) -> ort.InferenceSession:
-    """threads=0 lets onnxruntime choose; profile_prefix turns on onnxruntime's
-    profiler, writing its JSON trace to files starting with that prefix."""
+    """The one way onnxprune opens an onnxruntime session (bytes, a file, or a
+    ModelProto, whose weights may still be on disk).
+
+    threads=0 lets onnxruntime choose; prepack=False skips the packed second
+    copy of every weight (a session run once or twice); spinning=False keeps
+    idle threads from spin-waiting (calibration does numpy work between runs on
+    the same cores); profile_prefix turns on onnxruntime's profiler, writing its
+    JSON trace to files starting with that prefix."""
     check_provider(provider)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if not prepack:  # validation runs once: skip the packed second copy of every weight
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
