@@ -2,11 +2,13 @@
 
 Conventions (used everywhere in reports):
 * MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul,
-  and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
+  of LSTM, GRU and RNN (X by W and the previous state by R, at every step
+  and in every direction), and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
   QKV projection, scores and context; MultiHeadAttention and
   GroupQueryAttention: scores and context, the full S x L square even when
   causal, as the decomposed MatMuls are counted).
-* FLOPs = 2 x MACs + one operation per output element of every other node
+* FLOPs = 2 x MACs (recurrent ops: their gates' element-wise work left out)
+  + one operation per output element of every other node
   (pooling counts its window size; LRN and Softmax their per-element work).
 * Parameters count every element of every distinct initializer once: copies
   of one tensor (identical type, shape and bytes) count once, so a weight read
@@ -29,6 +31,7 @@ from onnxprune.ir.shapes import infer_shapes
 from onnxprune.runtime.inputs import concrete_input_shapes
 
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
 CONTRIB_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}  # domain com.microsoft
 FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Transpose", "Concat",
             "Split", "Slice", "Gather", "Constant", "ConstantOfShape", "Cast", "Dropout", "Expand"}
@@ -78,6 +81,8 @@ def _numel(shape) -> int | None:
 
 def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
     op = node.op_type
+    if op in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+        return _recurrent_macs(node, view)
     y = view.shape(node.output[0])
     out = _numel(y)
     if out is None:
@@ -107,6 +112,16 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
     return 0
 
 
+def _recurrent_macs(node: onnx.NodeProto, view: GraphView) -> int:
+    """seq x batch x (|W| + |R|): every step multiplies X by W [directions, gates*hidden, input]
+    and the previous state by R [directions, gates*hidden, hidden]; Y may be absent, X is not."""
+    steps = _numel((view.shape(node.input[0]) or [None])[:2])  # seq x batch in either layout
+    weights = [_numel(view.shape(node.input[i])) for i in (1, 2)]
+    if steps is None or None in weights:
+        return 0
+    return steps * sum(weights)
+
+
 def _contrib_attention_macs(node: onnx.NodeProto, view: GraphView, y) -> int:
     """[B, S, D] in, [B, S, Dv] out: B*S*L*(D_qk + Dv) for scores and context (L: key length),
     plus the packed QKV projection of Attention."""
@@ -134,6 +149,8 @@ def _contrib_attention_macs(node: onnx.NodeProto, view: GraphView, y) -> int:
 
 def node_flops(node: onnx.NodeProto, view: GraphView, macs: int) -> int:
     if node.op_type in LINEAR_OPS or (node.domain == "com.microsoft" and node.op_type in CONTRIB_ATTENTION):
+        return 2 * macs
+    if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
         return 2 * macs
     if node.op_type in FREE_OPS:
         return 0

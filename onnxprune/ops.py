@@ -20,10 +20,11 @@ QUANTIZED = OpFamily(
                "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention", "QOrderedMatMul"}),
     "quantized weights are not prunable yet: prune the float model, then quantize it",
 )
-RECURRENT = OpFamily(
-    "recurrent ops",
-    frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}),
-    "their hidden size is not prunable yet; the layers around them still are",
+RECURRENT = OpFamily(  # LSTM, GRU and RNN prune (analysis/rules/recurrent.py); int8 ones do not
+    "quantized recurrent ops",
+    frozenset({"DynamicQuantizeLSTM"}),
+    "their int8 weights are not prunable: prune the float model (LSTM hidden units are), then quantize it; "
+    "the layers around them still prune",
 )
 SPECTRAL = OpFamily(
     "spectrogram front end",

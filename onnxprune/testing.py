@@ -4,7 +4,8 @@
   onnx package (weights produced by ConstantOfShape) into models with seeded
   random weights and plausible BatchNorm statistics.
 * `masked_reference` builds the oracle for a pruning plan: the dense model with
-  a Mul-by-mask inserted wherever removed units would have been consumed.  A
+  a Mul-by-mask inserted wherever removed units would have been consumed (and,
+  inside LSTM/GRU/RNN, the recurrent weight columns that read them zeroed).  A
   pruned model must produce the same outputs as this masked dense model.
 """
 from __future__ import annotations
@@ -101,7 +102,26 @@ def masked_reference(model: onnx.ModelProto, analysis, removed_roots) -> onnx.Mo
         new_nodes.append(node)
     del ref.graph.node[:]
     ref.graph.node.extend(new_nodes)
+    _mask_recurrent_weights(ref, analysis, masks)
     return ref
+
+
+def _mask_recurrent_weights(ref: onnx.ModelProto, analysis, masks) -> None:
+    """A recurrent op consumes its own hidden units at every step, inside the op: zero the
+    columns of R that read the removed ones (role 'recurrent_in'), where no Mul can go."""
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for p in analysis.state.params:
+        if p.role == "recurrent_in" and (p.tensor, p.axis) in masks:
+            cuts.setdefault(p.tensor, []).append((p.axis, masks[(p.tensor, p.axis)]))
+    for t in ref.graph.initializer:
+        if t.name not in cuts:
+            continue
+        values = np.array(analysis.view.const(t.name), copy=True)
+        for axis, keep in cuts[t.name]:
+            index = [slice(None)] * values.ndim
+            index[axis] = np.flatnonzero(~keep)
+            values[tuple(index)] = 0
+        t.CopyFrom(numpy_helper.from_array(values, t.name))
 
 
 def plant_dead_units(model: onnx.ModelProto, analysis, group, unit_indices) -> None:

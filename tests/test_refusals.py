@@ -44,9 +44,36 @@ def lstm_tagger() -> onnx.ModelProto:
     return make_model(nodes, [("x", [5, 1, features])], [("y", [1, 3])], inits)
 
 
-def test_a_recurrent_model_names_the_recurrent_ops():
-    with pytest.raises(PlanError, match=r"recurrent ops \(LSTM ×1\): their hidden size is not prunable yet"):
-        onnxprune.prune(lstm_tagger(), ratio=0.5)
+def int8_lstm_tagger() -> onnx.ModelProto:
+    """lstm_tagger after onnxruntime's dynamic quantization: int8 W and R, transposed, with scales."""
+    hidden, features = 8, 4
+    quantized = [numpy_helper.from_array(np.ones((1, features, 4 * hidden), np.int8), "W_q"),
+                 numpy_helper.from_array(np.ones((1, hidden, 4 * hidden), np.int8), "R_q"),
+                 numpy_helper.from_array(np.array([0.01], np.float32), "s"),
+                 numpy_helper.from_array(np.array([0], np.int8), "z")]
+    nodes = [helper.make_node("DynamicQuantizeLSTM", ["x", "W_q", "R_q", "", "", "", "", "", "s", "z", "s", "z"],
+                              ["seq", "h"], hidden_size=hidden, name="lstm", domain="com.microsoft"),
+             helper.make_node("Squeeze", ["h", "axes0"], ["h2"], name="squeeze"),
+             helper.make_node("Gemm", ["h2", "fc"], ["y"], transB=1, name="fc")]
+    inits = quantized + [weight(3, hidden, name="fc"), numpy_helper.from_array(np.array([0], np.int64), "axes0")]
+    graph = helper.make_graph(nodes, "int8_lstm", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                 [5, 1, features])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_int8_recurrent_model_names_the_quantized_recurrent_ops_and_what_to_do():
+    with pytest.raises(PlanError, match=r"quantized recurrent ops \(DynamicQuantizeLSTM ×1\): their int8 weights"):
+        onnxprune.prune(int8_lstm_tagger(), ratio=0.5)
+
+
+def test_a_float_lstm_is_not_refused_as_recurrent():
+    pruned, report = onnxprune.prune(lstm_tagger(), ratio=0.5, round_to=1)
+    lstm = next(n for n in pruned.graph.node if n.op_type == "LSTM")
+    assert helper.get_attribute_value(next(a for a in lstm.attribute if a.name == "hidden_size")) == 4
+    assert not any("recurrent" in note for note in report.notes)
 
 
 def two_convs() -> onnx.ModelProto:
@@ -83,9 +110,12 @@ def test_cli_exit_codes_for_usage_errors_and_refusals(tmp_path, capsys):
 
 def test_analyze_prints_the_causes(tmp_path, capsys):
     src = tmp_path / "lstm.onnx"
+    onnx.save(int8_lstm_tagger(), src)
+    assert main(["analyze", str(src)]) == 0
+    assert "blocked: quantized recurrent ops (DynamicQuantizeLSTM ×1)" in capsys.readouterr().out
     onnx.save(lstm_tagger(), src)
     assert main(["analyze", str(src)]) == 0
-    assert "blocked: recurrent ops (LSTM ×1)" in capsys.readouterr().out
+    assert "recurrent ops" not in capsys.readouterr().out
 
 
 def test_lossless_with_nothing_dead_says_so():

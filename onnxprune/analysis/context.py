@@ -31,7 +31,7 @@ class ParamSlice:
     tensor: str
     axis: int
     node: str
-    role: str  # weight_out, weight_in, bias, bn_scale, bn_bias, bn_stats, constant
+    role: str  # weight_out, weight_in, recurrent_in, bias, bn_scale, bn_bias, bn_stats, constant
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class Rewriter:
         # a subgraph reading a shape constant by name is a reader too: that constant is copied, not patched
         self._readers = Counter(i for n in model.graph.node for i in reads(n))
         self._copies: dict[tuple[str, str], onnx.NodeProto] = {}  # (shape node, reader) -> its own copy
+        self._before: dict[str, list[onnx.NodeProto]] = {}  # node -> new nodes that feed it
 
     # -- questions ------------------------------------------------------------
     def mask(self, tensor: str, axis: int) -> np.ndarray | None:
@@ -96,6 +97,17 @@ class Rewriter:
         node.input[index] = "placeholder"
         self.replace_const_input(node, index, value)
 
+    def gather_input(self, node: onnx.NodeProto, index: int, axis: int, keep: np.ndarray) -> None:
+        """Feed input `index` of `node` through a new Gather of the kept positions of `axis`
+        (a run-time tensor that cannot shrink where it is made, such as a recurrent initial state)."""
+        source = node.input[index]
+        indices = self._fresh_name(f"{source}__kept_indices_{node.name}")
+        self.model.graph.initializer.append(numpy_helper.from_array(np.flatnonzero(keep).astype(np.int64), indices))
+        out = self._fresh_name(f"{source}__kept_{node.name}")
+        gather = helper.make_node("Gather", [source, indices], [out], name=out, axis=axis)
+        self._before.setdefault(node.name, []).append(gather)
+        node.input[index] = out
+
     def _own_copy(self, node: onnx.NodeProto, reader: onnx.NodeProto, input_index: int) -> onnx.NodeProto:
         key = (node.name, reader.name)
         if key not in self._copies:
@@ -110,14 +122,16 @@ class Rewriter:
         return self._copies[key]
 
     def finish(self) -> None:
-        """Place the shape-node copies right after their originals (topological order holds)."""
-        if not self._copies:
+        """Place the shape-node copies right after their originals and inserted nodes right
+        before their readers (topological order holds)."""
+        if not self._copies and not self._before:
             return
         after: dict[str, list[onnx.NodeProto]] = {}
         for (original, _), copy in self._copies.items():
             after.setdefault(original, []).append(copy)
         nodes = []
         for n in self.model.graph.node:
+            nodes.extend(self._before.get(n.name, []))
             nodes.append(n)
             nodes.extend(after.get(n.name, []))
         del self.model.graph.node[:]

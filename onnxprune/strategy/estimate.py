@@ -4,7 +4,7 @@ Targets such as "remove 50% of FLOPs" need many candidate plans evaluated.
 Re-running shape inference for each would be slow; instead every node's dense
 cost is scaled by the kept fraction of the unit-carrying axes that drive it
 (the weight's axes for linear ops, the output's axes otherwise), which is exact
-for Conv/Gemm/MatMul and for elementwise ops.
+for Conv/Gemm/MatMul, LSTM/GRU/RNN (W's and R's shares apart) and elementwise ops.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxprune.analysis import Analysis
 from onnxprune.analysis.units import NO_UNIT
-from onnxprune.cost import LINEAR_OPS, ModelCost
+from onnxprune.cost import LINEAR_OPS, RECURRENT_OPS, ModelCost
 
 
 class CostEstimator:
@@ -27,6 +27,9 @@ class CostEstimator:
         for node in view.nodes:
             c = by_node.get(node.name)
             if c is None or c.flops == 0:
+                continue
+            if node.op_type in RECURRENT_OPS:
+                self.node_terms.extend(self._recurrent_terms(node, float(c.flops)))
                 continue
             self.node_terms.append((float(c.flops), self._node_slots(node)))
         self.param_terms: list[tuple[float, list[int]]] = []
@@ -44,6 +47,16 @@ class CostEstimator:
             self._slots[key] = len(self._slot_roots)
             self._slot_roots.append(roots)
         return self._slots[key]
+
+    def _recurrent_terms(self, node, flops: float) -> list[tuple[float, list[int]]]:
+        """W's and R's shares of an LSTM/GRU/RNN, each scaled by its own axes: W by hidden x input,
+        R by hidden x hidden (it shrinks on both)."""
+        view, layouts = self.analysis.view, self.analysis.layouts
+        weights = [n for n in node.input[1:3] if view.is_const(n)]
+        sizes = [float(np.prod(view.initializers[n].dims, dtype=np.float64)) for n in weights]
+        total = sum(sizes)
+        return [(flops * size / total, [self._slot(n, a) for a in layouts.get(n, {})])
+                for n, size in zip(weights, sizes) if total]
 
     def _node_slots(self, node) -> list[int]:
         layouts = self.analysis.layouts

@@ -11,6 +11,7 @@ from onnxprune.analysis.rules import (  # noqa: F401
     linear,
     normalization,
     pooling,
+    recurrent,
     reduce,
     reshape,
     shape_ops,

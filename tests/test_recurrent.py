@@ -1,0 +1,244 @@
+"""LSTM, GRU and RNN: the hidden size is one group. W, R (rows of every gate, and R's columns), B,
+peepholes and initial states are sliced together; Y, Y_h and Y_c carry the units to their consumers;
+both directions of a bidirectional op lose the same units, so hidden_size stays one number."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import onnxprune
+from helpers import (analysis_of, const, feeds_for, group_of, make_model, prune_matches_oracle, random_removal,
+                     weight)
+from onnxprune.cost import model_cost
+from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.pipeline import build_analysis, prepare
+from onnxprune.strategy.estimate import CostEstimator
+from onnxprune.testing import masked_reference
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+SEQ, BATCH, FEATURES, WIDTH, HIDDEN, CLASSES = 5, 2, 6, 16, 16, 3
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def recurrent_node(model: onnx.ModelProto) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.op_type in GATES)
+
+
+def hidden_size(model: onnx.ModelProto) -> int:
+    return helper.get_attribute_value(next(a for a in recurrent_node(model).attribute if a.name == "hidden_size"))
+
+
+def kept_in(analysis, removed: set[int], source: str) -> int:
+    group = group_of(analysis, source)
+    return group.size - sum(int(r) in removed for r in group.roots.tolist())
+
+
+def recurrent_model(op: str, directions: int = 1, *, head: str = "y_h", initial: str = "none",
+                    peepholes: bool = False, layout: int = 0, **attrs) -> onnx.ModelProto:
+    """x -> MatMul proj (WIDTH units) -> Relu -> op (HIDDEN) -> head.
+
+    head "y_h": the final state, directions side by side, into a Gemm classifier: [batch, CLASSES].
+    head "y": the sequence output, directions side by side, into a MatMul per step: [.., CLASSES].
+    initial: "none", "const" (initializers) or "input" (graph inputs, run time).
+    """
+    gates = GATES[op]
+    time_major = layout == 0
+    x_shape = [SEQ, BATCH, FEATURES] if time_major else [BATCH, SEQ, FEATURES]
+    inputs = [("x", x_shape)]
+    inits = [weight(FEATURES, WIDTH, name="proj_w"),
+             weight(directions, gates * HIDDEN, WIDTH, name="W"), weight(directions, gates * HIDDEN, HIDDEN, name="R"),
+             weight(directions, 2 * gates * HIDDEN, name="B")]
+    state_shape = [directions, BATCH, HIDDEN] if time_major else [BATCH, directions, HIDDEN]
+    states = ["h0", "c0"] if op == "LSTM" else ["h0"]
+    op_inputs = ["proj", "W", "R", "B", ""]
+    if initial == "const":
+        inits += [weight(*state_shape, name=s) for s in states]
+        op_inputs += states
+    elif initial == "input":
+        inputs += [(s, state_shape) for s in states]
+        op_inputs += states
+    if peepholes:
+        op_inputs += [""] * (7 - len(op_inputs)) + ["P"]
+        inits.append(weight(directions, 3 * HIDDEN, name="P"))
+    direction = "bidirectional" if directions == 2 else "forward"
+    if layout:
+        attrs["layout"] = layout
+    outputs = ["seq", "last", "cell"] if op == "LSTM" else ["seq", "last"]
+    nodes = [helper.make_node("MatMul", ["x", "proj_w"], ["proj_mm"], name="proj"),
+             helper.make_node("Relu", ["proj_mm"], ["proj"], name="proj_relu"),
+             helper.make_node(op, op_inputs, outputs, name="rnn", hidden_size=HIDDEN, direction=direction, **attrs)]
+    width = directions * HIDDEN
+    if head == "y_h":  # [directions, batch, H] -> [batch, directions * H]
+        perm = [1, 0, 2] if time_major else [0, 1, 2]
+        nodes += [helper.make_node("Transpose", ["last"], ["last_t"], name="last_t", perm=perm),
+                  helper.make_node("Reshape", ["last_t", "flat"], ["features"], name="flatten"),
+                  helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["y"], name="classifier", transB=1)]
+        inits += [const([BATCH, width], "flat"), weight(CLASSES, width, name="fc_w"), weight(CLASSES, name="fc_b")]
+        out_shape = [BATCH, CLASSES]
+    else:  # [seq, directions, batch, H] -> [seq, batch, directions * H]
+        perm = [0, 2, 1, 3] if time_major else [0, 1, 2, 3]
+        steps = [SEQ, BATCH] if time_major else [BATCH, SEQ]
+        nodes += [helper.make_node("Transpose", ["seq"], ["seq_t"], name="seq_t", perm=perm),
+                  helper.make_node("Reshape", ["seq_t", "flat"], ["features"], name="merge_directions"),
+                  helper.make_node("MatMul", ["features", "out_w"], ["y"], name="tagger")]
+        inits += [const([0, 0, width], "flat"), weight(width, CLASSES, name="out_w")]
+        out_shape = steps + [CLASSES]
+    return make_model(nodes, inputs, [("y", out_shape)], inits, opset=14 if layout else 17)
+
+
+CASES = [(op, directions, head) for op in GATES for directions in (1, 2) for head in ("y_h", "y")]
+
+
+@pytest.mark.parametrize("op,directions,head", CASES,
+                         ids=[f"{op}-{'bi' if d == 2 else 'uni'}-{head}" for op, d, head in CASES])
+def test_hidden_units_are_cut_from_every_gate_and_match_the_masked_dense_model(op, directions, head):
+    model = recurrent_model(op, directions, head=head, initial="const")
+    analysis, pruned, removed = prune_matches_oracle(model)
+    group = group_of(analysis, "rnn")
+    assert group.prunable and group.size == HIDDEN
+    kept = kept_in(analysis, removed, "rnn")
+    gates = GATES[op]
+    assert hidden_size(pruned) == kept
+    assert initializer(pruned, "W").shape == (directions, gates * kept, kept_in(analysis, removed, "proj"))
+    assert initializer(pruned, "R").shape == (directions, gates * kept, kept)
+    assert initializer(pruned, "B").shape == (directions, 2 * gates * kept)
+    assert initializer(pruned, "h0").shape == (directions, BATCH, kept)
+    if op == "LSTM":
+        assert initializer(pruned, "c0").shape == (directions, BATCH, kept)
+    consumer_w, axis = ("fc_w", 1) if head == "y_h" else ("out_w", 0)
+    assert initializer(pruned, consumer_w).shape[axis] == directions * kept
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_the_input_features_are_sliced_out_of_w_like_a_matmul_sink(op):
+    analysis, pruned, removed = prune_matches_oracle(recurrent_model(op, 2))
+    proj = group_of(analysis, "proj")
+    assert proj.prunable and "rnn" not in {s.node for s in proj.sources}
+    kept = kept_in(analysis, removed, "proj")
+    assert initializer(pruned, "proj_w").shape == (FEATURES, kept)
+    assert initializer(pruned, "W").shape[2] == kept
+
+
+def test_the_same_rows_of_every_gate_go_for_both_directions():
+    model = recurrent_model("LSTM", 2, initial="const")
+    analysis, pruned, removed = prune_matches_oracle(model)
+    roots = group_of(analysis, "rnn").roots.tolist()
+    kept = [j for j, r in enumerate(roots) if int(r) not in removed]
+    rows = [g * HIDDEN + j for g in range(4) for j in kept]
+    roots = group_of(analysis, "proj").roots.tolist()
+    features = [j for j, r in enumerate(roots) if int(r) not in removed]
+    dense_w, dense_r = initializer(model, "W"), initializer(model, "R")
+    for d in range(2):
+        np.testing.assert_array_equal(initializer(pruned, "W")[d], dense_w[d][rows][:, features])
+        np.testing.assert_array_equal(initializer(pruned, "R")[d], dense_r[d][rows][:, kept])
+
+
+def test_lstm_peepholes_are_sliced_per_gate():
+    analysis, pruned, removed = prune_matches_oracle(recurrent_model("LSTM", 2, peepholes=True))
+    kept = hidden_size(pruned)
+    assert kept < HIDDEN and initializer(pruned, "P").shape == (2, 3 * kept)
+
+
+def test_gru_with_the_reset_gate_applied_after_the_recurrent_product_prunes_the_same_way():
+    _, pruned, _ = prune_matches_oracle(recurrent_model("GRU", 2, head="y", linear_before_reset=1))
+    assert hidden_size(pruned) < HIDDEN
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_batch_first_layout_keeps_the_hidden_axis_last(op):
+    """layout=1 ([batch, seq, ..]): onnxruntime's CPU kernels refuse it, onnx's reference runs it."""
+    model = recurrent_model(op, 2, head="y", initial="const", layout=1)
+    working, _ = prepare(model)
+    analysis = build_analysis(working)
+    removed = random_removal(analysis, 0.5)
+    pruned = apply_removal(working, analysis, removed)
+    kept = kept_in(analysis, removed, "rnn")
+    assert hidden_size(pruned) == kept and initializer(pruned, "h0").shape == (BATCH, 2, kept)
+    feeds = feeds_for(working)
+    got = ReferenceEvaluator(pruned).run(None, feeds)[0]
+    want = ReferenceEvaluator(masked_reference(working, analysis, removed)).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_initial_states_given_at_run_time_are_read_through_a_gather_of_the_kept_units(op):
+    model = recurrent_model(op, 2, initial="input")
+    analysis, pruned, _ = prune_matches_oracle(model)
+    assert group_of(analysis, "rnn").prunable
+    assert [i.name for i in pruned.graph.input] == [i.name for i in model.graph.input]  # inputs unchanged
+    node = recurrent_node(pruned)
+    gathers = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Gather"}
+    for index, state in zip((5, 6), ["h0", "c0"] if op == "LSTM" else ["h0"]):
+        gather = gathers[node.input[index]]
+        assert gather.input[0] == state
+        assert len(initializer(pruned, gather.input[1])) == hidden_size(pruned)
+
+
+def test_a_decoder_started_from_the_encoder_state_is_one_group_with_it():
+    """encoder LSTM -> Y_h, Y_c -> initial state of the decoder LSTM -> its Y_h -> classifier."""
+    inits = [weight(1, 4 * HIDDEN, FEATURES, name="enc_W"), weight(1, 4 * HIDDEN, HIDDEN, name="enc_R"),
+             weight(1, 4 * HIDDEN, FEATURES, name="dec_W"), weight(1, 4 * HIDDEN, HIDDEN, name="dec_R"),
+             const([BATCH, HIDDEN], "flat"), weight(CLASSES, HIDDEN, name="fc_w")]
+    nodes = [helper.make_node("LSTM", ["x", "enc_W", "enc_R"], ["", "enc_h", "enc_c"], name="encoder",
+                              hidden_size=HIDDEN),
+             helper.make_node("LSTM", ["x", "dec_W", "dec_R", "", "", "enc_h", "enc_c"], ["", "dec_h"],
+                              name="decoder", hidden_size=HIDDEN),
+             helper.make_node("Reshape", ["dec_h", "flat"], ["features"], name="flatten"),
+             helper.make_node("Gemm", ["features", "fc_w"], ["y"], name="classifier", transB=1)]
+    model = make_model(nodes, [("x", [SEQ, BATCH, FEATURES])], [("y", [BATCH, CLASSES])], inits)
+    analysis, pruned, removed = prune_matches_oracle(model)
+    group = group_of(analysis, "encoder")
+    assert {s.node for s in group.sources} == {"encoder", "decoder"} and group.prunable
+    sizes = {helper.get_attribute_value(a) for n in pruned.graph.node for a in n.attribute if a.name == "hidden_size"}
+    assert sizes == {kept_in(analysis, removed, "encoder")}
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_prune_at_half_ratio_validates_and_rewrites_hidden_size(op):
+    pruned, report = onnxprune.prune(recurrent_model(op, 2, initial="input", head="y"), ratio=0.5)
+    assert hidden_size(pruned) == HIDDEN // 2
+    assert report is not None
+
+
+def test_a_hidden_state_that_is_a_graph_output_is_blocked_with_the_reason():
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["seq"], name="rnn", hidden_size=HIDDEN)]
+    inits = [weight(1, 4 * HIDDEN, FEATURES, name="W"), weight(1, 4 * HIDDEN, HIDDEN, name="R")]
+    model = make_model(nodes, [("x", [SEQ, BATCH, FEATURES])], [("seq", [SEQ, 1, BATCH, HIDDEN])], inits)
+    group = group_of(analysis_of(model), "rnn")
+    assert not group.prunable
+    assert any("reaches graph output 'seq'" in r for r in group.blocked)
+
+
+def test_units_on_the_time_axis_of_x_are_kept_with_a_reason():
+    """A Transpose moved the projection's units onto the time axis: the op steps over it, they stay."""
+    inits = [weight(FEATURES, 4, name="proj_w"), weight(1, 4 * HIDDEN, SEQ, name="W"),
+             weight(1, 4 * HIDDEN, HIDDEN, name="R"), const([BATCH, HIDDEN], "flat"),
+             weight(CLASSES, HIDDEN, name="fc_w")]
+    nodes = [helper.make_node("MatMul", ["x", "proj_w"], ["proj"], name="proj"),  # [SEQ, BATCH, 4]
+             helper.make_node("Transpose", ["proj"], ["steps"], name="swap", perm=[2, 1, 0]),  # [4, BATCH, SEQ]
+             helper.make_node("LSTM", ["steps", "W", "R"], ["", "last"], name="rnn", hidden_size=HIDDEN),
+             helper.make_node("Reshape", ["last", "flat"], ["features"], name="flatten"),
+             helper.make_node("Gemm", ["features", "fc_w"], ["y"], name="classifier", transB=1)]
+    model = make_model(nodes, [("x", [SEQ, BATCH, FEATURES])], [("y", [BATCH, CLASSES])], inits)
+    analysis = analysis_of(model)
+    assert any("LSTM 'rnn' steps over axis 0 of 'steps'" in r for r in group_of(analysis, "proj").blocked)
+    assert group_of(analysis, "rnn").prunable
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_flops_count_w_and_r_at_every_step_and_the_estimate_of_a_removal_is_exact(op):
+    """Targets are searched with the estimator: R shrinks on both axes, W on hidden and input."""
+    working, _ = prepare(recurrent_model(op, 2, head="y"))
+    dense = model_cost(working)
+    gates = GATES[op]
+    assert dense.by_node()["rnn"].macs == SEQ * BATCH * 2 * gates * HIDDEN * (WIDTH + HIDDEN)
+    analysis = build_analysis(working)
+    removed = random_removal(analysis, 0.5)
+    flags = np.zeros(len(analysis.root_of), dtype=bool)
+    flags[list(removed)] = True
+    estimated, _ = CostEstimator(analysis, dense).estimate(flags)
+    assert estimated == pytest.approx(model_cost(apply_removal(working, analysis, removed)).flops)
