@@ -1,7 +1,8 @@
 """Cost model: parameters, MACs and FLOPs per node and in total.
 
 Conventions (used everywhere in reports):
-* MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul,
+* MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul
+  (and of their integer versions ConvInteger and MatMulInteger),
   of LSTM, GRU and RNN (X by W and the previous state by R, at every step
   and in every direction), and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
   QKV projection, scores and context; MultiHeadAttention and
@@ -30,7 +31,8 @@ from onnxprune.ir.model_io import unique_parameters
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.runtime.inputs import concrete_input_shapes
 
-LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+INTEGER_LINEAR = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # counted as their float op
+LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | set(INTEGER_LINEAR)
 RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
 CONTRIB_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}  # domain com.microsoft
 FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Transpose", "Concat",
@@ -80,7 +82,7 @@ def _numel(shape) -> int | None:
 
 
 def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
-    op = node.op_type
+    op = INTEGER_LINEAR.get(node.op_type, node.op_type)
     if op in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
         return _recurrent_macs(node, view)
     y = view.shape(node.output[0])

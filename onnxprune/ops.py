@@ -12,13 +12,16 @@ class OpFamily:
     advice: str  # what to do about it, for the refusal message
 
 
+# QDQ (QuantizeLinear/DequantizeLinear) and dynamic quantization (DynamicQuantizeLinear, MatMulInteger,
+# ConvInteger) prune (analysis/rules/quantized.py); these do not yet (onnxruntime's offline fusions
+# MatMulIntegerToFloat and DynamicQuantizeMatMul also have no shape inference)
 QUANTIZED = OpFamily(
-    "quantized ops",
-    frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-               "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool",
-               "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm", "MatMulInteger", "ConvInteger",
+    "quantized operator ops",
+    frozenset({"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+               "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm",
                "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention", "QOrderedMatMul"}),
-    "quantized weights are not prunable yet: prune the float model, then quantize it",
+    "their integer weights are not prunable yet: prune the float model, then quantize it "
+    "(QDQ format, or dynamic quantization: those prune as they are)",
 )
 RECURRENT = OpFamily(  # LSTM, GRU and RNN prune (analysis/rules/recurrent.py); int8 ones do not
     "quantized recurrent ops",

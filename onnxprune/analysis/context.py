@@ -12,6 +12,7 @@ import onnx
 
 from onnxprune.analysis.units import NO_UNIT, UnitTable
 from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.quant import Quantization
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class ParamSlice:
     tensor: str
     axis: int
     node: str
-    role: str  # weight_out, weight_in, recurrent_in, bias, bn_scale, bn_bias, bn_stats, constant
+    role: str  # weight_out, weight_in, recurrent_in, bias, bn_scale, bn_bias, bn_stats, constant, quant_scale,
+    #            quant_zero_point (of a weight or activation quantized per channel)
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,34 @@ class AnalysisState:
         if not self.view.is_const(name):
             self.block(layout, f"{node.op_type} '{node.name}': input '{name}' is computed at run time, not a constant weight")
             return False
+        quantized = self.view.dequantized.get(name)
+        if quantized is not None:
+            return self._param_quantized(node, name, quantized, axis, layout, role)
         self.set_layout(name, axis, layout)
         self.params.append(ParamSlice(name, axis, node.name, role))
+        return True
+
+    def _param_quantized(self, node: onnx.NodeProto, name: str, q: Quantization, axis: int,
+                         layout: np.ndarray, role: str) -> bool:
+        """A weight stored as integers behind a DequantizeLinear (QDQ): the integers are sliced in
+        its place (they keep the role: criteria read them dequantized), and so are the scale and
+        zero point when they run along `axis` (per-channel); a per-tensor scale stays."""
+        extra, why = q.sliced_with(self.view, axis)
+        if why is not None:
+            self.block(layout, f"{node.op_type} '{node.name}' reads its weight through DequantizeLinear "
+                               f"'{q.node.name}': {why}")
+            return False
+        self.set_layout(name, axis, layout)
+        reader, self.reader = self.reader, q.node.name  # the DequantizeLinear is what reads the integers
+        try:
+            self.set_layout(q.data, axis, layout)
+            for tensor, tensor_axis in extra:
+                self.set_layout(tensor, tensor_axis, layout)
+        finally:
+            self.reader = reader
+        self.params.append(ParamSlice(q.data, axis, node.name, role))
+        self.params.extend(ParamSlice(t, a, q.node.name, "quant_scale" if t == q.scale else "quant_zero_point")
+                           for t, a in extra)
         return True
 
     def sink(self, node: onnx.NodeProto, tensor: str, axis: int) -> None:

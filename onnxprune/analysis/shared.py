@@ -25,7 +25,7 @@ def watch_shared_constants(state: AnalysisState) -> None:
     """Mark the initializers that several nodes read as explicit inputs (subgraph reads have
     their own rule: a tensor read inside a subgraph is frozen)."""
     view = state.view
-    for name in view.initializers:
+    for name in list(view.initializers) + list(view.dequantized):  # a dequantized weight is one tensor too
         readers = {node.name for node, index in view.consumers.get(name, ()) if index >= 0}
         if len(readers) > 1:
             state.shared_constants.add(name)

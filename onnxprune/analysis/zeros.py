@@ -157,7 +157,7 @@ class ZeroState:
         """
         key = (tensor, axis, None if live is None else (live[0], live[1].tobytes()))
         if key not in self._zero_rows:
-            values = self.view.const(tensor)
+            values = self.view.weight(tensor)  # integers are zero where they equal the zero point
             if live is not None:
                 values = np.compress(live[1], values, axis=live[0])
             nonzero = np.moveaxis(values != 0, axis, 0).reshape(values.shape[axis], -1).any(axis=1)

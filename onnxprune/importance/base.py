@@ -84,7 +84,7 @@ def aggregate(analysis: Analysis, group: Group, slices: list[ParamSlice], positi
     """Sum position scores into units per slice, normalise each slice, average."""
     def members():
         for p in slices:
-            values = analysis.view.const(p.tensor)
+            values = analysis.view.weight(p.tensor)  # a quantized weight's real values
             if values is not None:
                 yield unit_index(analysis, group, p), position_scores(values, p.axis)
 

@@ -25,8 +25,10 @@ from onnxprune.ir.model_io import small_vector, subgraph_names, with_values
 
 log = logging.getLogger(__name__)
 
+# DequantizeLinear stays: folding it would store its int8 weight as float (4x the bytes) and lose the
+# quantization; analysis reads through it instead (GraphView.dequantized, AnalysisState.param)
 NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-              "Bernoulli", "If", "Loop", "Scan", "Dropout"}
+              "Bernoulli", "If", "Loop", "Scan", "Dropout", "DequantizeLinear"}
 MAX_FOLDED_ELEMENTS = 1 << 26  # 256 MB of float32 at most
 
 

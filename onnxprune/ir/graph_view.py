@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.ir.model_io import external_values
+from onnxprune.ir.quant import Quantization, dequantize, quantized_weight, reads_quantized_weight
 from onnxprune.ir.shapes import Shape, infer_shapes
 
 
@@ -149,14 +150,24 @@ class GraphView:
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13
         )
         self._values: dict[str, np.ndarray] = {}
+        #: output of a DequantizeLinear of constants -> how it reads them: a weight stored quantized (QDQ).
+        #: It counts as a constant (rules slice it like a float weight; AnalysisState.param slices its integers)
+        self.dequantized: dict[str, Quantization] = {}
+        for node in self.nodes:
+            if node.op_type == "DequantizeLinear" and node.output and node.output[0]:
+                q = quantized_weight(self, node)
+                if q is not None and all(not n or n in self.initializers for n in (q.scale, q.zero_point)):
+                    self.dequantized[node.output[0]] = q
 
     # -- constants -----------------------------------------------------------
     def is_const(self, name: str) -> bool:
-        return name in self.initializers
+        return name in self.initializers or name in self.dequantized
 
     def const(self, name: str) -> np.ndarray | None:
-        """The initializer's values.  Small ones are cached; weights are decoded on
-        each call so that a full second copy of the model never sits in memory."""
+        """The initializer's values (a dequantized weight's real values).  Small ones are cached;
+        weights are decoded on each call so that a full second copy of the model never sits in memory."""
+        if name in self.dequantized:
+            return self._dequantize(self.dequantized[name])
         t = self.initializers.get(name)
         if t is None:
             return None
@@ -166,6 +177,21 @@ class GraphView:
         if values.size <= CACHED_ELEMENTS:
             self._values[name] = values
         return values
+
+    def weight(self, name: str) -> np.ndarray | None:
+        """The real values of a weight: an integer initializer that a node reads as a quantized
+        weight (DequantizeLinear, ConvInteger, QLinearMatMul...) is dequantized with that node's
+        scale and zero point; anything else is returned as stored."""
+        for reader, index in self.consumers.get(name, ()):
+            if index >= 0 and index == reads_quantized_weight(reader):
+                q = quantized_weight(self, reader)
+                if q is not None and all(not n or n in self.initializers for n in (q.scale, q.zero_point)):
+                    return self._dequantize(q)
+        return self.const(name)
+
+    def _dequantize(self, q: Quantization) -> np.ndarray:
+        return dequantize(q, self.const(q.data), self.const(q.scale) if q.scale else None,
+                          self.const(q.zero_point) if q.zero_point else None)
 
     def const_input(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
         if index >= len(node.input) or not node.input[index]:

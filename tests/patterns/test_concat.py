@@ -157,6 +157,21 @@ def test_concat_along_a_spatial_axis_with_the_network_input_blocks_the_conv():
     assert any("Concat 'cat_rows'" in r for r in group.blocked)
 
 
+def test_concat_along_an_axis_of_unknown_size_still_couples_the_channels():
+    # a key-cache Concat along the sequence: its length is only known at run time, the heads are not
+    model = build([
+        ("convA", "x", "a", 4, 6),
+        ("convB", "x", "b", 4, 6),
+        concat("cat_rows", ["a", "b"], "c", axis=2),
+        ("head", "c", "y", 6, 3),
+    ], inputs=(("x", [1, 4, "rows", 8]),), outputs=(("y", [1, 3, None, 8]),))
+    analysis = analysis_of(model)
+    group = group_of(analysis, "convA")
+    assert group.id == group_of(analysis, "convB").id and group.prunable
+    _, pruned, removed = prune_matches_oracle(model, 0.5)
+    assert init(pruned, "head.w").dims[1] == 6 - len(removed)
+
+
 def init(model, prefix):
     """The (possibly renamed) initializer whose name starts with `prefix`."""
     return next(t for t in model.graph.initializer if t.name.startswith(prefix))

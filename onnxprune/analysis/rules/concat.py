@@ -26,20 +26,22 @@ class ConcatRule(Rule):
             return
         axis = norm_axis(int(s.view.attr(node, "axis", 1)), rank)
         inputs = [n for n in node.input if n]
-        pieces, any_units = [], False
+        pieces, any_units, unknown = [], False, None
         for name in inputs:
             layout = s.layout(name, axis)
             if layout is None:
                 size = s.view.dim(name, axis)
                 if size is None:
-                    for other in inputs:
-                        s.block(s.layout(other, axis), f"{where}: size of '{name}' along axis {axis} unknown")
-                    return
+                    unknown = name
+                    continue
                 layout = np.full(size, NO_UNIT, dtype=np.int64)
             else:
                 any_units = True
             pieces.append(layout)
-        if any_units:
+        if unknown is not None:  # no offsets along the axis; the other axes still pass (a KV-cache Concat)
+            for other in inputs:
+                s.block(s.layout(other, axis), f"{where}: size of '{unknown}' along axis {axis} unknown")
+        elif any_units:
             s.set_layout(y, axis, np.concatenate(pieces))
         for other_axis in range(rank):
             if other_axis == axis:

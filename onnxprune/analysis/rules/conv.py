@@ -37,6 +37,11 @@ def _conv_kind(s, node, in_channels: int | None, transposed: bool):
 
 class ConvLike(Rule):
     transposed = False
+    bias_index: int | None = 2  # ConvInteger has none (its inputs 2 and 3 are zero points)
+
+    def consume(self, s, node, tensor: str, axis: int) -> None:
+        """Record where input channels are consumed (ConvInteger: the float tensor before quantization)."""
+        s.sink(node, tensor, axis)
 
     def propagate(self, node, s):
         x, y = node.input[0], node.output[0]
@@ -57,7 +62,7 @@ class ConvLike(Rule):
         if kind == "dense":
             if in_layout is not None:
                 s.param(node, 1, w_in_axis, in_layout, "weight_in")
-                s.sink(node, x, 1)
+                self.consume(s, node, x, 1)
             out_layout = s.fresh(node, y, 1, out_channels)
             s.param(node, 1, w_out_axis, out_layout, "weight_out")
         elif kind == "depthwise":
@@ -76,12 +81,12 @@ class ConvLike(Rule):
                     s.param(node, 1, 0, in_layout, "weight_in")
                 else:
                     s.param(node, 1, 1, in_layout[:per_group_in], "weight_in")
-                s.sink(node, x, 1)
+                self.consume(s, node, x, 1)
             fresh = s.fresh(node, y, 1, per_group_out)
             out_layout = np.tile(fresh, group)
             s.param(node, 1, 1 if self.transposed else 0, fresh if self.transposed else out_layout, "weight_out")
-        if s.view.has_input(node, 2):
-            s.param(node, 2, 0, out_layout, "bias")
+        if self.bias_index is not None and s.view.has_input(node, self.bias_index):
+            s.param(node, self.bias_index, 0, out_layout, "bias")
         s.set_layout(y, 1, out_layout)
 
     def rewrite(self, node, rw):

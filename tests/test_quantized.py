@@ -1,0 +1,218 @@
+"""Quantized models prune as they are (issue 12): QDQ (static, per-tensor and per-channel) and
+dynamic quantization (DynamicQuantizeLinear + MatMulInteger/ConvInteger).  Weights stay integers;
+a channel goes with its per-channel scale and zero point; criteria read the dequantized weights.
+Models are made in the tests by onnxruntime's quantization tools from float models built here, and
+compared with the masking oracle unfused (see helpers.prune_matches_oracle)."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+import onnxprune
+from onnxprune.importance import score_groups
+from onnxprune.pipeline import prepare
+from helpers import analysis_of, conv, group_of, make_model, prune_matches_oracle, weight
+
+
+class RandomReader(CalibrationDataReader):
+    """A few seeded random samples for the calibration of activation ranges."""
+
+    def __init__(self, name: str, shape: list[int], count: int = 8):
+        rng = np.random.default_rng(0)
+        self.samples = iter([{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)])
+
+    def get_next(self):
+        return next(self.samples, None)
+
+
+def quantized(model: onnx.ModelProto, tmp_path, *, static: bool = True, per_channel: bool = False,
+              input_shape: list[int] | None = None) -> onnx.ModelProto:
+    """onnxruntime's quantize_static (QDQ format) or quantize_dynamic of `model`."""
+    src, dst = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, src)
+    if static:
+        name = model.graph.input[0].name
+        quantize_static(str(src), str(dst), RandomReader(name, input_shape), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel)
+    else:
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel)
+    return onnx.load(dst)
+
+
+def cnn() -> onnx.ModelProto:
+    """x -> conv c1 (16) -> Relu -> conv c2 (8) -> GlobalAveragePool -> Flatten -> Gemm fc (4)."""
+    (c1, w1), (c2, w2) = conv("c1", "x", "a", 3, 16), conv("c2", "r", "b", 16, 8)
+    nodes = [c1, helper.make_node("Relu", ["a"], ["r"], name="act"), c2,
+             helper.make_node("GlobalAveragePool", ["b"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1, name="fc")]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4])],
+                      w1 + w2 + [weight(4, 8, name="fc.w"), weight(4, name="fc.b")], opset=13)
+
+
+def mlp() -> onnx.ModelProto:
+    """x [N, 3, 16] -> MatMul fc1 (32) + bias -> Relu -> MatMul fc2 (8)."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", ["N", 3, 16])], [("y", ["N", 3, 8])],
+                      [weight(16, 32, name="w1"), weight(32, name="b1"), weight(32, 8, name="w2")], opset=13)
+
+
+def initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def dequantizer_inputs(model: onnx.ModelProto, weight_name: str) -> list[str]:
+    """data, scale, zero point of the DequantizeLinear that reads `weight_name`."""
+    return list(next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == weight_name).input)
+
+
+# -- QDQ -------------------------------------------------------------------------------------------------
+
+def test_preparing_a_qdq_model_keeps_its_weights_int8_behind_their_dequantize_nodes(tmp_path):
+    # folding DequantizeLinear of a constant would store the weight as float: 4x the bytes, no int8 kernels
+    working, _ = prepare(quantized(cnn(), tmp_path, input_shape=[1, 3, 8, 8]))
+    assert sum(n.op_type == "DequantizeLinear" for n in working.graph.node) >= 6
+    assert initializer(working, "c1.w_quantized").data_type == TensorProto.INT8
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_a_static_qdq_cnn_prunes_like_the_masked_oracle_and_its_weights_stay_int8(tmp_path, per_channel):
+    model = quantized(cnn(), tmp_path, per_channel=per_channel, input_shape=[1, 3, 8, 8])
+    analysis, pruned, removed = prune_matches_oracle(model, 0.5, optimize=False)
+    c1, c2 = group_of(analysis, "c1"), group_of(analysis, "c2")
+    assert c1.prunable and c2.prunable and c1.size == 16 and c2.size == 8
+    kept1 = 16 - sum(int(r) in removed for r in c1.roots)
+    kept2 = 8 - sum(int(r) in removed for r in c2.roots)
+    w1 = initializer(pruned, "c1.w_quantized")
+    assert w1.data_type == TensorProto.INT8 and list(w1.dims) == [kept1, 3, 3, 3]
+    assert list(initializer(pruned, "c2.w_quantized").dims) == [kept2, kept1, 3, 3]
+    assert list(initializer(pruned, "fc.w_quantized").dims) == [4, kept2]
+    bias = initializer(pruned, "c1.b_quantized")
+    assert bias.data_type == TensorProto.INT32 and list(bias.dims) == [kept1]
+    _, scale, zero = dequantizer_inputs(pruned, "c1.w_quantized")
+    # per channel: one scale and zero point per kept filter; per tensor: the one scale stays
+    assert np.prod(initializer(pruned, scale).dims) == (kept1 if per_channel else 1)
+    assert np.prod(initializer(pruned, zero).dims) == (kept1 if per_channel else 1)
+    assert not group_of(analysis, "fc").prunable  # its output is the graph output
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_a_static_qdq_mlp_prunes_its_hidden_neurons_with_their_column_scales(tmp_path, per_channel):
+    model = quantized(mlp(), tmp_path, per_channel=per_channel, input_shape=[2, 3, 16])
+    analysis, pruned, removed = prune_matches_oracle(model, 0.25, optimize=False)
+    kept = 32 - len(removed)
+    w1, scale, _ = dequantizer_inputs(pruned, "w1_quantized")
+    assert list(initializer(pruned, w1).dims) == [16, kept]
+    assert list(initializer(pruned, "w2_quantized").dims) == [kept, 8]
+    assert np.prod(initializer(pruned, scale).dims) == (kept if per_channel else 1)
+
+
+def qdq_gemm(w_q: np.ndarray, scales: np.ndarray, opset: int = 13, **dq_attrs) -> onnx.ModelProto:
+    """x [2, 3] -> Gemm fc0 (K) -> Gemm fc1 (weight [K, N] dequantized from int8 `w_q` with `scales`)
+    -> Relu -> Gemm fc2 (2, rows of equal magnitude: fc1's own columns decide its ranking)."""
+    k, n = w_q.shape
+    inits = [numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(scales.astype(np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(scales.shape, np.int8), "w_z"), weight(3, k, name="w0"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, 2 * n, dtype=np.float32).reshape(2, n).T, "w2")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="dq_w", **dq_attrs),
+             helper.make_node("Gemm", ["x", "w0"], ["h0"], name="fc0"),
+             helper.make_node("Gemm", ["h0", "w"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", [2, 3])], [("y", [2, 2])], inits, opset=opset)
+
+
+def test_criteria_rank_a_quantized_weight_by_its_dequantized_values():
+    # column 0 holds large integers at a tiny scale, column 1 small integers at a large scale:
+    # the stored integers say column 0 matters most, the real weights say column 1 does
+    w_q = np.array([[120, 10, 60, 60]] * 4, np.int8)
+    model = qdq_gemm(w_q, np.array([0.001, 0.5, 0.01, 0.01]), axis=1)
+    analysis = analysis_of(model)
+    group = group_of(analysis, "fc1")
+    scores = score_groups(analysis, [group], "l1")[group.id]
+    assert scores[1] > scores[0] and scores[1] == scores.max()
+    assert scores[0] == scores.min()
+
+
+def test_a_weight_quantized_in_blocks_prunes_across_the_blocks_and_keeps_the_blocked_axis():
+    # blocks of 4 input rows share a scale: output columns may go (each has its own scales), rows may not
+    rng = np.random.default_rng(0)
+    w_q = rng.integers(-100, 100, (8, 6)).astype(np.int8)
+    model = qdq_gemm(w_q, rng.uniform(0.01, 0.1, (2, 6)), opset=21, axis=0, block_size=4)
+    analysis, pruned, removed = prune_matches_oracle(model, 0.5, optimize=False)
+    fc0, fc1 = group_of(analysis, "fc0"), group_of(analysis, "fc1")
+    assert not fc0.prunable
+    assert any("DequantizeLinear 'dq_w'" in r and "blocks of 4 along axis 0" in r for r in fc0.blocked)
+    assert fc1.prunable
+    assert list(initializer(pruned, "w_s").dims) == [2, 6 - len(removed)]  # the scales of the kept columns
+
+
+def test_a_per_channel_activation_quantization_slices_its_scale_and_zero_point():
+    (c1, w1), (c2, w2) = conv("c1", "x", "a", 3, 8), conv("c2", "a_dq", "y", 8, 4)
+    scale = numpy_helper.from_array(np.linspace(0.01, 0.08, 8).astype(np.float32), "a_s")
+    zero = numpy_helper.from_array(np.arange(8, dtype=np.int8), "a_z")
+    nodes = [c1, helper.make_node("QuantizeLinear", ["a", "a_s", "a_z"], ["a_q"], axis=1, name="q_a"),
+             helper.make_node("DequantizeLinear", ["a_q", "a_s", "a_z"], ["a_dq"], axis=1, name="dq_a"), c2]
+    model = make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], w1 + w2 + [scale, zero], opset=13)
+    analysis, pruned, removed = prune_matches_oracle(model, 0.5, optimize=False)
+    kept = 8 - len(removed)
+    scales = [t for t in pruned.graph.initializer if t.name.startswith("a_s")]
+    assert scales and all(list(t.dims) == [kept] for t in scales)
+    assert {p.role for p in group_of(analysis, "c1").params} >= {"quant_scale", "quant_zero_point"}
+
+
+def test_lossless_removes_the_dead_channels_of_a_qdq_model_and_keeps_its_outputs(tmp_path):
+    model = cnn()
+    weights = {t.name: t for t in model.graph.initializer}
+    for name in ("c1.w", "c1.b"):  # channels 2 and 5 of c1 trained to zero
+        values = numpy_helper.to_array(weights[name]).copy()
+        values[[2, 5]] = 0
+        weights[name].CopyFrom(numpy_helper.from_array(values, name))
+    int8 = quantized(model, tmp_path, per_channel=True, input_shape=[1, 3, 8, 8])
+    pruned, report = onnxprune.prune(int8, lossless=True)  # lossless validation: outputs must stay equal
+    assert list(initializer(pruned, "c1.w_quantized").dims) == [14, 3, 3, 3]
+    assert list(initializer(pruned, "c2.w_quantized").dims) == [8, 14, 3, 3]
+
+
+def test_prune_to_a_flops_target_writes_a_smaller_int8_model(tmp_path):
+    model = quantized(cnn(), tmp_path, per_channel=True, input_shape=[1, 3, 8, 8])
+    pruned, report = onnxprune.prune(model, tmp_path / "small.onnx", target_flops=0.3, round_to=1)
+    assert report.after.flops <= 0.72 * report.before.flops
+    written = onnx.load(tmp_path / "small.onnx")
+    assert all(initializer(written, n).data_type == TensorProto.INT8
+               for n in ("c1.w_quantized", "c2.w_quantized", "fc.w_quantized"))
+    assert not any(t.data_type == TensorProto.FLOAT and len(t.dims) == 4 for t in written.graph.initializer)
+
+
+# -- dynamic quantization ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_a_dynamic_matmul_integer_mlp_prunes_like_the_masked_oracle(tmp_path, per_channel):
+    model = quantized(mlp(), tmp_path, static=False, per_channel=per_channel)
+    assert [n.op_type for n in model.graph.node].count("MatMulInteger") == 2
+    analysis, pruned, removed = prune_matches_oracle(model, 0.25, optimize=False)
+    group = group_of(analysis, "fc1_quant")
+    assert group.prunable and group.size == 32
+    kept = 32 - len(removed)
+    w1 = initializer(pruned, "w1_quantized")
+    assert w1.data_type == TensorProto.INT8 and list(w1.dims) == [16, kept]
+    assert list(initializer(pruned, "w2_quantized").dims) == [kept, 8]
+    # the removed neurons are masked where DynamicQuantizeLinear reads them, not on the int8 tensor
+    assert any(s.node == "r_QuantizeLinear" and s.tensor == "r" for s in analysis.state.sinks)
+    if per_channel:  # the per-column weight scales (applied after the op) and zero points go too
+        assert list(initializer(pruned, "w1_scale").dims) == [kept]
+        assert list(initializer(pruned, "w1_zero_point").dims) == [kept]
+
+
+def test_a_dynamic_conv_integer_net_prunes_like_the_masked_oracle(tmp_path):
+    model = quantized(cnn(), tmp_path, static=False)
+    assert [n.op_type for n in model.graph.node].count("ConvInteger") == 2
+    analysis, pruned, removed = prune_matches_oracle(model, 0.5, optimize=False)
+    c1 = group_of(analysis, "c1_quant")
+    kept1 = 16 - sum(int(r) in removed for r in c1.roots)
+    assert list(initializer(pruned, "c1.w_quantized").dims) == [kept1, 3, 3, 3]
+    assert list(initializer(pruned, "a_bias_reshape_output").dims) == [1, kept1, 1, 1]  # bias added after
