@@ -242,3 +242,68 @@ def test_flops_count_w_and_r_at_every_step_and_the_estimate_of_a_removal_is_exac
     flags[list(removed)] = True
     estimated, _ = CostEstimator(analysis, dense).estimate(flags)
     assert estimated == pytest.approx(model_cost(apply_removal(working, analysis, removed)).flops)
+
+
+def unrolled_lstm(steps: int = 3) -> onnx.ModelProto:
+    """An LSTM unrolled into Gemm/Split/Sigmoid/Tanh as torch exports an LSTMCell loop (crnn-captcha):
+    W_ih, W_hh and their biases are one tensor read at every step, and the zero state h0 = c0 is
+    ConstantOfShape([batch, HIDDEN]) with the batch read from x at run time."""
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"], name="shape"),
+             helper.make_node("Gather", ["x_shape", "one"], ["batch"], name="batch", axis=0),
+             helper.make_node("Unsqueeze", ["batch", "zero_axis"], ["batch1"], name="batch1"),
+             helper.make_node("Concat", ["batch1", "hidden"], ["state_shape"], name="state_shape", axis=0),
+             helper.make_node("ConstantOfShape", ["state_shape"], ["zeros"], name="zeros",
+                              value=numpy_helper.from_array(np.zeros(1, np.float32)))]
+    h = c = "zeros"
+    for t in range(steps):
+        p = f"step{t}/"
+        nodes += [helper.make_node("Gather", ["x", f"t{t}"], [p + "x"], name=p + "x", axis=0),
+                  helper.make_node("Gemm", [h, "w_hh", "b_hh"], [p + "rec"], name=p + "recurrent", transB=1),
+                  helper.make_node("Gemm", [p + "x", "w_ih", "b_ih"], [p + "in"], name=p + "input", transB=1),
+                  helper.make_node("Add", [p + "rec", p + "in"], [p + "gates"], name=p + "gates"),
+                  helper.make_node("Split", [p + "gates", "quarters"], [p + g for g in "ifgo"], name=p + "split",
+                                   axis=1),
+                  helper.make_node("Sigmoid", [p + "i"], [p + "si"], name=p + "si"),
+                  helper.make_node("Sigmoid", [p + "f"], [p + "sf"], name=p + "sf"),
+                  helper.make_node("Tanh", [p + "g"], [p + "tg"], name=p + "tg"),
+                  helper.make_node("Sigmoid", [p + "o"], [p + "so"], name=p + "so"),
+                  helper.make_node("Mul", [p + "sf", c], [p + "keep"], name=p + "forget"),
+                  helper.make_node("Mul", [p + "si", p + "tg"], [p + "write"], name=p + "write"),
+                  helper.make_node("Add", [p + "keep", p + "write"], [p + "c"], name=p + "cell"),
+                  helper.make_node("Tanh", [p + "c"], [p + "tc"], name=p + "tc"),
+                  helper.make_node("Mul", [p + "so", p + "tc"], [p + "h"], name=p + "h"),
+                  helper.make_node("Unsqueeze", [p + "h", "zero_axis"], [p + "h1"], name=p + "h1")]
+        h, c = p + "h", p + "c"
+    nodes += [helper.make_node("Concat", [f"step{t}/h1" for t in range(steps)], ["seq"], name="seq", axis=0),
+              helper.make_node("MatMul", ["seq", "out_w"], ["y"], name="readout")]
+    inits = [const(1, "one"), const([0], "zero_axis"), const([HIDDEN], "hidden"), const([HIDDEN] * 4, "quarters"),
+             weight(4 * HIDDEN, HIDDEN, name="w_hh"), weight(4 * HIDDEN, name="b_hh"),
+             weight(4 * HIDDEN, FEATURES, name="w_ih"), weight(4 * HIDDEN, name="b_ih"),
+             weight(HIDDEN, CLASSES, name="out_w")] + [const(t, f"t{t}") for t in range(steps)]
+    return make_model(nodes, [("x", [steps, "batch", FEATURES])], [("y", [steps, "batch", CLASSES])], inits)
+
+
+def test_an_unrolled_lstm_with_shared_weights_and_a_zero_state_prunes_as_one_group():
+    analysis, pruned, removed = prune_matches_oracle(unrolled_lstm())
+    group = group_of(analysis, "step0/recurrent")
+    assert group.prunable and group.size == HIDDEN
+    assert {s.node for s in group.sources} == {f"step{t}/{g}" for t in range(3) for g in ("recurrent", "input")}
+    kept = kept_in(analysis, removed, "step0/recurrent")
+    assert initializer(pruned, "w_hh").shape == (4 * kept, kept)  # still one tensor for every step
+    assert initializer(pruned, "w_ih").shape == (4 * kept, FEATURES)
+    fill = next(n for n in pruned.graph.node if n.op_type == "ConstantOfShape")
+    shape = next(n for n in pruned.graph.node if n.output[0] == fill.input[0])
+    assert initializer(pruned, shape.input[1]).tolist() == [kept]  # the zero state's width follows
+
+
+def test_a_zero_fill_opens_no_group_of_its_own():
+    """Its units only follow what they meet: here a graph output, which keeps them."""
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"], name="shape"),
+             helper.make_node("Gather", ["x_shape", "one"], ["batch"], name="batch", axis=0),
+             helper.make_node("Unsqueeze", ["batch", "zero_axis"], ["batch1"], name="batch1"),
+             helper.make_node("Concat", ["batch1", "hidden"], ["state_shape"], name="state_shape", axis=0),
+             helper.make_node("ConstantOfShape", ["state_shape"], ["zeros"], name="zeros"),
+             helper.make_node("Add", ["zeros", "x"], ["y"], name="add")]
+    inits = [const(1, "one"), const([0], "zero_axis"), const([HIDDEN], "hidden")]
+    model = make_model(nodes, [("x", [2, HIDDEN])], [("y", [2, HIDDEN])], inits)
+    assert analysis_of(model).groups == []

@@ -23,6 +23,8 @@ class Source:
     op_type: str
     tensor: str
     axis: int
+    #: a fill (ConstantOfShape) whose units only follow what they meet: never a group, never a group's name
+    passive: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,9 @@ class AnalysisState:
             self.shared_uses.setdefault((tensor, axis), set()).add(self.reader)
 
     # -- writing -------------------------------------------------------------
-    def fresh(self, node: onnx.NodeProto, tensor: str, axis: int, count: int) -> np.ndarray:
-        """Open `count` new units for (tensor, axis), created by `node`."""
-        self.sources.append(Source(node.name, node.op_type, tensor, axis))
+    def fresh(self, node: onnx.NodeProto, tensor: str, axis: int, count: int, passive: bool = False) -> np.ndarray:
+        """Open `count` new units for (tensor, axis), created by `node` (passive: see Source)."""
+        self.sources.append(Source(node.name, node.op_type, tensor, axis, passive))
         units = self.units.new(count, len(self.sources) - 1)
         self.source_units.append(units)
         return units

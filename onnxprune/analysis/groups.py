@@ -105,6 +105,10 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
     groups: list[Group] = []
     group_of_root: dict[int, int] = {}
     for source_ids in members.values():
+        # fills (passive sources) prune only with a real source: they neither name nor number a group
+        source_ids = [i for i in source_ids if not state.sources[i].passive]
+        if not source_ids:
+            continue
         roots: list[int] = []
         seen: set[int] = set()
         for sid in source_ids:
@@ -119,12 +123,17 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         for r in roots:
             group_of_root[r] = gid
 
+    def group_of(unit: int) -> Group | None:
+        """None for a fill's unit that met no real source's (it is never removed)."""
+        gid = group_of_root.get(int(root_of[unit]))
+        return None if gid is None else groups[gid]
+
     for unit, reasons in state.block_reasons.items():
-        g = groups[group_of_root[int(root_of[unit])]]
-        g.blocked.extend(r for r in reasons if r not in g.blocked)
+        if (g := group_of(unit)) is not None:
+            g.blocked.extend(r for r in reasons if r not in g.blocked)
     for unit, reasons in state.inexact_reasons.items():
-        g = groups[group_of_root[int(root_of[unit])]]
-        g.inexact.extend(r for r in reasons if r not in g.inexact)
+        if (g := group_of(unit)) is not None:
+            g.inexact.extend(r for r in reasons if r not in g.inexact)
 
     seen_params: set[tuple] = set()
     for p in state.params:
@@ -133,13 +142,15 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
             continue
         seen_params.add(key)
         layout = state.layout(p.tensor, p.axis)
-        gids = {group_of_root[int(root_of[u])] for u in set(layout.tolist()) if u != NO_UNIT}
+        gids = {g.id for u in set(layout.tolist()) if u != NO_UNIT and (g := group_of(u)) is not None}
         for gid in sorted(gids):
             groups[gid].params.append(p)
     for unit in state.hidden_units:
-        groups[group_of_root[int(root_of[unit])]].hidden = True
+        if (g := group_of(unit)) is not None:
+            g.hidden = True
     for unit, width in state.splits:
-        g = groups[group_of_root[int(root_of[unit])]]
+        if (g := group_of(unit)) is None:
+            continue
         g.head_dim = width if g.head_dim is None else min(g.head_dim, width)
     for g in groups:
         first = g.sources[0]

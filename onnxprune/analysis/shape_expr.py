@@ -171,14 +171,15 @@ def match_dim(state, e: Element, layout: np.ndarray, where: str) -> bool:
     return False
 
 
-def rewrite_const_elements(rw, elements: list[Element], tensor: str, consumer, shift: int = 0) -> None:
+def rewrite_const_elements(rw, elements: list[Element], tensor: str, consumer, shift: int = 0,
+                           shape_input: int = 1) -> None:
     """Set each rewritable constant element on a pruned axis of `tensor` to the kept size.
 
-    `consumer` is the node reading the shape from its input 1: a shape Concat
+    `consumer` is the node reading the shape from its input `shape_input`: a shape Concat
     it shares with other nodes (exporters reuse one per model) gets a copy of its own.
     """
     new_shape = None
     for k, e in enumerate(elements):
         if is_rewritable(e) and rw.mask(tensor, k + shift) is not None:
             new_shape = new_shape or rw.new_shape(tensor)
-            rw.set_const_element(e.node, e.index, e.offset, int(new_shape[k + shift]), reader=(consumer, 1))
+            rw.set_const_element(e.node, e.index, e.offset, int(new_shape[k + shift]), reader=(consumer, shape_input))
