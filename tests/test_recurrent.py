@@ -307,3 +307,18 @@ def test_a_zero_fill_opens_no_group_of_its_own():
     inits = [const(1, "one"), const([0], "zero_axis"), const([HIDDEN], "hidden")]
     model = make_model(nodes, [("x", [2, HIDDEN])], [("y", [2, HIDDEN])], inits)
     assert analysis_of(model).groups == []
+
+
+def test_lossless_removes_dead_features_feeding_the_op_and_keeps_its_hidden_units():
+    """Exact zeros are not followed through the recurrence: hidden units stay, even all-zero ones."""
+    model = recurrent_model("LSTM", 2, head="y")
+    for t in model.graph.initializer:
+        values = numpy_helper.to_array(t).copy()
+        if t.name == "proj_w":
+            values[:, :8] = 0  # 8 dead projection features
+        elif t.name in ("W", "R"):
+            values[:, [g * HIDDEN + 3 for g in range(4)]] = 0  # hidden unit 3 reads nothing
+        t.CopyFrom(numpy_helper.from_array(values, t.name))
+    pruned, _ = onnxprune.prune(model, lossless=True)
+    assert initializer(pruned, "W").shape == (2, 4 * HIDDEN, WIDTH - 8)
+    assert hidden_size(pruned) == HIDDEN
