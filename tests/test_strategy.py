@@ -121,3 +121,25 @@ def test_params_target_is_met():
 def test_an_impossible_target_says_what_is_achievable():
     with pytest.raises(PlanError, match="at most"):
         onnxprune.prune(EXAMPLE, target_flops=0.999)
+
+
+def narrow_convs():
+    """Four 16-channel convs: kept in multiples of 8, a uniform ratio removes none or half of each."""
+    nodes, inits, x = [], [], "x"
+    widths = [3, 16, 16, 16, 16]
+    for i in range(4):
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits.append(weight(widths[i + 1], widths[i], 3, 3, name=f"w{i}"))
+        x = f"r{i}"
+    nodes.append(helper.make_node("Conv", [x, "head"], ["y"], name="head"))
+    inits.append(weight(4, 16, 1, 1, name="head"))
+    return make_model(nodes, [("x", [1, 3, 16, 16])], [("y", [1, 4, 16, 16])], inits)
+
+
+def test_a_flops_target_on_narrow_layers_is_not_overshot_by_a_whole_rounding_step():
+    _, report = onnxprune.prune(narrow_convs(), target_flops=0.3, round_to=8)
+    removed = 1 - report.after.flops / report.before.flops
+    assert 0.3 <= removed <= 0.4  # a uniform half of every group would remove about 70%
+    kept = sorted(c.after for c in report.changes)
+    assert set(kept) <= {8, 16}  # still multiples of the rounding

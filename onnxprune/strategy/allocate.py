@@ -9,7 +9,12 @@ Every number is a fraction REMOVED:
 * target_params  - of the whole model's parameters.
 FLOP and parameter targets search the ratio that reaches them with the fast
 estimator.  Kept channel counts are rounded up to multiples of `round_to`, and no
-group loses more than `max_ratio` of its units.
+group loses more than `max_ratio` of its units.  Where that rounding makes the
+searched ratio overshoot the target by more than 2 points of the model (narrow
+layers move in steps of a quarter or a half), the plan starts just below the
+target instead and adds single rounding steps, each to the group whose next
+units cost the least score per FLOP (or parameter) they remove; groups then
+differ by a step or so from the uniform ratio.
 """
 from __future__ import annotations
 
@@ -169,9 +174,12 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
         raise PlanError("the model's FLOPs could not be computed (shapes unknown); "
                         "fix the dynamic input dimensions with --input-shape")
 
-    def removed_fraction(ratio: float) -> float:
-        flops, params = estimator.estimate(removed_flags(analysis, plan_for(ratio)))
+    def removed_by(keep: dict[int, np.ndarray]) -> float:
+        flops, params = estimator.estimate(removed_flags(analysis, keep))
         return 1.0 - (flops if want_flops else params) / dense
+
+    def removed_fraction(ratio: float) -> float:
+        return removed_by(plan_for(ratio))
 
     what = "FLOPs" if want_flops else "parameters"
     if not groups:
@@ -192,4 +200,51 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
             hi = mid
         else:
             lo = mid
-    return plan_for(hi)
+    if removed_fraction(hi) <= goal + OVERSHOOT_TOLERANCE:
+        return plan_for(hi)
+    # rounding makes the ratio move in coarse steps (a 16-channel layer kept in multiples of 8 loses 0 or
+    # half): start just below the target and add single rounding steps where they cost least
+    start = {g.id: len(kept) for g, kept in zip(groups, plan_for(lo).values())}
+    counts = _top_up(groups, scores, start, goal, lambda c: removed_by(_keep_indices(groups, scores, c)), target)
+    refined = _keep_indices(groups, scores, counts)
+    return refined if goal <= removed_by(refined) < removed_fraction(hi) else plan_for(hi)
+
+
+# a target may be exceeded by this much (a fraction of the model) before single steps refine the plan
+OVERSHOOT_TOLERANCE = 0.02
+
+
+def _top_up(groups: list[Group], scores: dict[int, np.ndarray], kept: dict[int, int], goal: float,
+            removed_by, target: Target) -> dict[int, int]:
+    """Kept counts that reach `goal`, from `kept` (below it), one rounding step at a time: each step goes
+    to the group whose next units have the least score per fraction of the model they remove (scores
+    are comparable across groups: criteria normalise them per group); the last step is the one that
+    reaches the goal removing the least."""
+    counts = dict(kept)
+    current = removed_by(counts)
+    while current < goal:
+        best = finishing = None
+        for g in groups:
+            step = unit_rounding(g, target.round_to)
+            now = counts[g.id]
+            new = (now - 1) // step * step if step > 1 else now - 1  # the next multiple of the rounding below
+            if new < max(1, g.size - int(np.floor(g.size * target.max_ratio))):
+                continue
+            trial = dict(counts)
+            trial[g.id] = new
+            gained = removed_by(trial) - current
+            if gained <= 0:
+                continue
+            if current + gained >= goal and (finishing is None or gained < finishing[3]):
+                finishing = (0.0, g.id, new, gained)
+            ranked = np.sort(scores[g.id])  # ascending: the units removed next are the weakest kept
+            loss = float(ranked[g.size - now:g.size - new].sum())
+            cost = loss / gained
+            if best is None or cost < best[0]:
+                best = (cost, g.id, new, gained)
+        step = finishing or best
+        if step is None:
+            break
+        counts[step[1]] = step[2]
+        current += step[3]
+    return counts
