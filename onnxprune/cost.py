@@ -35,8 +35,11 @@ INTEGER_LINEAR = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # counted a
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | set(INTEGER_LINEAR)
 RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
 CONTRIB_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}  # domain com.microsoft
+# QuantizeLinear/DequantizeLinear count nothing: onnxruntime fuses them into the integer kernel they
+# surround, and a QDQ model then costs what its float original does (the same --target-flops, the same plan)
 FREE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Transpose", "Concat",
-            "Split", "Slice", "Gather", "Constant", "ConstantOfShape", "Cast", "Dropout", "Expand"}
+            "Split", "Slice", "Gather", "Constant", "ConstantOfShape", "Cast", "Dropout", "Expand",
+            "QuantizeLinear", "DequantizeLinear"}
 
 
 # Ops that do much more than one operation per output element.

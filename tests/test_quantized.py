@@ -10,8 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
 
 import onnxprune
+from onnxprune.calibration.removal_error import removal_errors
 from onnxprune.importance import score_groups
-from onnxprune.pipeline import prepare
+from onnxprune.pipeline import build_analysis, prepare
 from helpers import analysis_of, conv, group_of, make_model, prune_matches_oracle, weight
 
 
@@ -136,6 +137,18 @@ def test_criteria_rank_a_quantized_weight_by_its_dequantized_values():
     scores = score_groups(analysis, [group], "l1")[group.id]
     assert scores[1] > scores[0] and scores[1] == scores.max()
     assert scores[0] == scores.min()
+
+
+def test_thinet_measures_a_qdq_consumer_through_its_dequantized_weight(tmp_path):
+    # the next layer's reconstruction error needs its weight: read behind the DequantizeLinear
+    working, _ = prepare(quantized(cnn(), tmp_path, per_channel=True, input_shape=[1, 3, 8, 8]))
+    analysis = build_analysis(working)
+    feeds = {"x": np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)}
+    errors = removal_errors(working, analysis, feeds, per_sample=None)
+    assert not errors.skipped
+    assert {node for _, _, node in errors.matrices} == {"c2", "fc"}  # the consumers of c1's and c2's units
+    m = next(m for key, m in errors.matrices.items() if key[2] == "c2")
+    assert m.shape == (16, 16) and np.isfinite(m).all() and np.trace(m) > 0
 
 
 def test_a_weight_quantized_in_blocks_prunes_across_the_blocks_and_keeps_the_blocked_axis():

@@ -140,9 +140,18 @@ def consumer_for(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
     return Consumer(node.name, "MatMul", node.input[0], node.output[0], node.input[1], shape, None, -1)
 
 
-def consumers_of(model: onnx.ModelProto) -> dict[str, Consumer]:
-    """Every supported consumer of `model`, by node name."""
+def consumers_of(model: onnx.ModelProto, through_dequantize: bool = False) -> dict[str, Consumer]:
+    """Every supported consumer of `model`, by node name.
+
+    through_dequantize: a weight (or bias) that a DequantizeLinear of constants makes counts too,
+    named by that node's output (read its values with GraphView.const); for readers only: a pass
+    that writes weights would turn the int8 weight float."""
     inits = {t.name: t for t in model.graph.initializer}
+    if through_dequantize:
+        for node in model.graph.node:
+            if node.op_type == "DequantizeLinear" and all(not i or i in inits for i in node.input):
+                data = inits[node.input[0]]  # a header with the weight's shape: its values are dequantized
+                inits.setdefault(node.output[0], onnx.TensorProto(name=node.output[0], dims=data.dims))
     out = {}
     for node in model.graph.node:
         c = consumer_for(node, inits)

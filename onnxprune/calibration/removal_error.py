@@ -38,7 +38,6 @@ from onnxprune.analysis.units import NO_UNIT
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.features import Consumer, GramStats, consumers_of
 from onnxprune.calibration.stats import GramRequest, collect_statistics
-from onnxprune.ir.graph_view import tensor_values
 
 DEFAULT_GRAM_CAP = 1 << 28  # bytes of Gram matrices held at once (256 MiB)
 
@@ -106,8 +105,7 @@ def removal_errors(model: onnx.ModelProto, analysis, data: Any, *, groups: Seque
     clock = time.perf_counter()
     groups = list(analysis.prunable_groups() if groups is None else groups)
     roots = {int(r) for g in groups for r in g.roots.tolist()}
-    consumers = consumers_of(model)
-    inits = {t.name: t for t in model.graph.initializer}
+    consumers = consumers_of(model, through_dequantize=True)  # a QDQ weight is read dequantized
     result = RemovalErrors()
     wanted: dict[str, tuple[Consumer, int, list]] = {}  # node -> consumer, features, sinks
     for s in analysis.state.sinks:
@@ -145,7 +143,7 @@ def removal_errors(model: onnx.ModelProto, analysis, data: Any, *, groups: Seque
         result.passes += stats.passes
         for n in chunk:
             c, _, sinks = wanted[n]
-            m = channel_matrix(c, tensor_values(inits[c.weight]), stats.grams[n], centred)
+            m = channel_matrix(c, analysis.view.const(c.weight), stats.grams[n], centred)
             for s in sinks:
                 result.matrices[(s.tensor, s.axis, s.node)] = m
         chunk, used = [], 0
