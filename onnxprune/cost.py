@@ -2,7 +2,7 @@
 
 Conventions (used everywhere in reports):
 * MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul
-  (and of their integer versions ConvInteger and MatMulInteger),
+  (and of their integer versions ConvInteger, MatMulInteger and MatMulNBits),
   of LSTM, GRU and RNN (X by W and the previous state by R, at every step
   and in every direction), and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
   QKV projection, scores and context; MultiHeadAttention and
@@ -31,7 +31,8 @@ from onnxprune.ir.model_io import unique_parameters
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.runtime.inputs import concrete_input_shapes
 
-INTEGER_LINEAR = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # counted as their float op
+# counted as their float op (MatMulNBits: com.microsoft, weight-only low-bit)
+INTEGER_LINEAR = {"ConvInteger": "Conv", "MatMulInteger": "MatMul", "MatMulNBits": "MatMul"}
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | set(INTEGER_LINEAR)
 RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
 CONTRIB_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}  # domain com.microsoft
@@ -92,7 +93,7 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
     out = _numel(y)
     if out is None:
         return 0
-    if node.domain == "com.microsoft":
+    if node.domain == "com.microsoft" and node.op_type not in INTEGER_LINEAR:
         return _contrib_attention_macs(node, view, y) if op in CONTRIB_ATTENTION else 0
     if op == "Conv":
         w = view.shape(node.input[1])

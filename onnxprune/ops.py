@@ -12,14 +12,14 @@ class OpFamily:
     advice: str  # what to do about it, for the refusal message
 
 
-# QDQ (QuantizeLinear/DequantizeLinear) and dynamic quantization (DynamicQuantizeLinear, MatMulInteger,
-# ConvInteger) prune (analysis/rules/quantized.py); these do not yet (onnxruntime's offline fusions
-# MatMulIntegerToFloat and DynamicQuantizeMatMul also have no shape inference)
+# QDQ (QuantizeLinear/DequantizeLinear), dynamic quantization (DynamicQuantizeLinear, MatMulInteger,
+# ConvInteger) and MatMulNBits prune (analysis/rules/quantized.py); these do not yet (onnxruntime's
+# offline fusions MatMulIntegerToFloat and DynamicQuantizeMatMul also have no shape inference)
 QUANTIZED = OpFamily(
     "quantized operator ops",
     frozenset({"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
                "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm",
-               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention", "QOrderedMatMul"}),
+               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QOrderedMatMul"}),
     "their integer weights are not prunable yet: prune the float model, then quantize it "
     "(QDQ format, or dynamic quantization: those prune as they are)",
 )

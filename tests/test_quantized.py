@@ -230,3 +230,112 @@ def test_a_dynamic_conv_integer_net_prunes_like_the_masked_oracle(tmp_path):
     kept1 = 16 - sum(int(r) in removed for r in c1.roots)
     assert list(initializer(pruned, "c1.w_quantized").dims) == [kept1, 3, 3, 3]
     assert list(initializer(pruned, "a_bias_reshape_output").dims) == [1, kept1, 1, 1]  # bias added after
+
+
+# -- weight-only MatMulNBits (com.microsoft) ------------------------------------------------------------
+
+def nbits(w: np.ndarray, block: int, zero_points: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """w [K, N] quantized to 4 bits in blocks of `block` rows, as MatMulNBits stores it: B [N, blocks,
+    block // 2] (two values a byte, low nibble first), scales [N * blocks], zero points two a byte
+    (or none: symmetric around 8); and the dequantized [K, N]."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    padded = np.zeros((n, blocks * block), np.float32)
+    padded[:, :k] = w.T
+    grouped = padded.reshape(n, blocks, block)
+    if zero_points:
+        lo, hi = grouped.min(axis=2), grouped.max(axis=2)
+        scale = np.maximum(hi - lo, 1e-6) / 15
+        zero = np.clip(np.round(-lo / scale), 0, 15)
+    else:
+        scale = np.maximum(np.abs(grouped).max(axis=2), 1e-6) / 7
+        zero = np.full(scale.shape, 8.0)
+    q = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    zp = None
+    if zero_points:
+        z = np.zeros((n, 2 * (-(-blocks // 2))), np.uint8)
+        z[:, :blocks] = zero
+        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
+    real = ((q - zero[..., None]) * scale[..., None]).reshape(n, -1)[:, :k].T
+    return packed, scale.reshape(-1).astype(np.float32), zp, real.astype(np.float32)
+
+
+def nbits_mlp(zero_points: bool, g_idx: bool = False, dead: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x [N, 40] -> MatMulNBits fc1 (96, blocks of 16, a bias) -> Relu -> MatMulNBits fc2 (8, `g_idx`:
+    act-order); fc1's first `dead` neurons all zero; and fc1's real weight."""
+    rng = np.random.default_rng(3)
+    inits, nodes, real1 = [], [], None
+    for name, x, y, k, n in (("fc1", "x", "h", 40, 96), ("fc2", "r", "y", 96, 8)):
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        if name == "fc1":
+            w[:, :dead] = 0
+        packed, scales, zp, real = nbits(w, 16, zero_points)
+        real1 = real if real1 is None else real1
+        inits += [numpy_helper.from_array(packed, f"{name}.B"), numpy_helper.from_array(scales, f"{name}.scales")]
+        inputs = [x, f"{name}.B", f"{name}.scales", f"{name}.zp" if zp is not None else ""]
+        if zp is not None:
+            inits.append(numpy_helper.from_array(zp, f"{name}.zp"))
+        if name == "fc1":
+            inputs += ["", f"{name}.bias"]
+            bias = rng.standard_normal(n).astype(np.float32)
+            bias[:dead] = 0
+            inits.append(numpy_helper.from_array(bias, f"{name}.bias"))
+        elif g_idx:  # act-order: the block of each input feature
+            inputs.append(f"{name}.g_idx")
+            inits.append(numpy_helper.from_array((np.arange(k) // 16).astype(np.int32), f"{name}.g_idx"))
+        nodes.append(helper.make_node("MatMulNBits", inputs, [y], domain="com.microsoft", name=name, K=k, N=n,
+                                      bits=4, block_size=16))
+        if name == "fc1":
+            nodes.append(helper.make_node("Relu", ["h"], ["r"], name="relu"))
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model, real1
+
+
+@pytest.mark.parametrize("zero_points", [True, False], ids=["packed_zero_points", "symmetric"])
+def test_matmul_nbits_prunes_output_rows_and_whole_blocks_of_the_next_layers_inputs(zero_points):
+    model, _ = nbits_mlp(zero_points)
+    analysis, pruned, removed = prune_matches_oracle(model, 0.34)
+    group = group_of(analysis, "fc1")
+    # a unit is a block of 16 of fc2's input features, or two when two blocks share a zero-point byte
+    per_unit = 32 if zero_points else 16
+    assert group.prunable and group.size == 96 // per_unit
+    kept = 96 - per_unit * len(removed)
+    fc1, fc2 = (next(n for n in pruned.graph.node if n.name == name) for name in ("fc1", "fc2"))
+    attrs = {name: {a.name: helper.get_attribute_value(a) for a in node.attribute} for name, node in
+             (("fc1", fc1), ("fc2", fc2))}
+    assert (attrs["fc1"]["N"], attrs["fc2"]["K"]) == (kept, kept)
+    assert list(initializer(pruned, fc1.input[1]).dims) == [kept, 3, 8]
+    assert list(initializer(pruned, fc2.input[1]).dims) == [8, kept // 16, 8]
+    assert list(initializer(pruned, fc1.input[2]).dims) == [kept * 3]
+    assert list(initializer(pruned, fc2.input[2]).dims) == [8 * (kept // 16)]
+    assert list(initializer(pruned, fc1.input[5]).dims) == [kept]
+    if zero_points:
+        assert list(initializer(pruned, fc2.input[3]).dims) == [8 * (kept // 32)]
+
+
+def test_criteria_read_matmul_nbits_weights_unpacked_and_dequantized():
+    model, real = nbits_mlp(zero_points=True)
+    analysis = analysis_of(model)
+    values = analysis.view.weight("fc1.B")  # [N, blocks, block_size], the last block padded
+    assert values.shape == (96, 3, 16)
+    np.testing.assert_allclose(values.reshape(96, -1)[:, :40].T, real, rtol=1e-6, atol=1e-6)
+
+
+def test_matmul_nbits_with_act_order_keeps_the_input_features_and_says_why():
+    model, _ = nbits_mlp(zero_points=True, g_idx=True)
+    analysis = analysis_of(model)
+    fc1 = group_of(analysis, "fc1")
+    assert not fc1.prunable
+    assert any(r.startswith("MatMulNBits 'fc2': its g_idx input reorders") for r in fc1.blocked)
+
+
+def test_lossless_removes_a_dead_block_of_matmul_nbits_neurons():
+    # symmetric: a zero weight is stored as 8, zero only once dequantized
+    model, _ = nbits_mlp(zero_points=False, dead=16)
+    pruned, _ = onnxprune.prune(model, lossless=True)
+    fc1 = next(n for n in pruned.graph.node if n.name == "fc1")
+    assert {a.name: helper.get_attribute_value(a) for a in fc1.attribute}["N"] == 80

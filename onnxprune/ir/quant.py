@@ -140,3 +140,61 @@ def _broadcastable(q: Quantization, param: np.ndarray) -> np.ndarray:
         return param.reshape(shape)
     size = max(q.block_size, 1)
     return np.repeat(param, size, axis=q.axis).take(np.arange(q.shape[q.axis]), axis=q.axis)
+
+
+# -- MatMulNBits (com.microsoft): weight-only 2/4/8-bit, quantized in blocks along K ------------------
+
+@dataclass(frozen=True)
+class NBitsLayout:
+    """B [N, blocks, bytes per block]; scales [N * blocks] (or [N, blocks]); zero points packed
+    `per_byte` blocks to a byte per row ([N * ceil(blocks / per_byte)] uint8), or float like the scales."""
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def zero_point_bytes(self) -> int:
+        return -(-self.blocks // self.per_byte)
+
+
+def nbits_layout(view, node: onnx.NodeProto) -> NBitsLayout | None:
+    if node.op_type != "MatMulNBits" or _domain(node) != "com.microsoft":
+        return None
+    k, n = view.attr(node, "K"), view.attr(node, "N")
+    bits, block = int(view.attr(node, "bits", 4)), view.attr(node, "block_size")
+    if k is None or n is None or block is None or bits not in (2, 4, 8):
+        return None
+    return NBitsLayout(int(k), int(n), bits, int(block))
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 bytes holding 8 // bits values each, lowest bits first, along the last axis."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    values = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], -1)
+
+
+def dequantize_nbits(layout: NBitsLayout, b: np.ndarray, scales: np.ndarray,
+                     zero_points: np.ndarray | None) -> np.ndarray:
+    """B's real values as [N, blocks, block_size] (the padding of a last partial block included)."""
+    n, blocks = layout.n, layout.blocks
+    q = _unpack(np.asarray(b, dtype=np.uint8), layout.bits)[..., :layout.block_size].astype(np.float32)
+    scales = np.asarray(scales, dtype=np.float32).reshape(n, blocks, 1)
+    if zero_points is None:
+        zero = np.float32(1 << (layout.bits - 1))
+    elif zero_points.dtype == np.uint8:
+        zero = _unpack(zero_points.reshape(n, -1), layout.bits)[:, :blocks, None].astype(np.float32)
+    else:  # float zero points, one per block like the scales
+        zero = np.asarray(zero_points, dtype=np.float32).reshape(n, blocks, 1)
+    return (q - zero) * scales
+

@@ -1,5 +1,5 @@
-"""Quantized graphs: QDQ (QuantizeLinear/DequantizeLinear around float ops) and dynamic
-quantization (DynamicQuantizeLinear + MatMulInteger/ConvInteger).
+"""Quantized graphs: QDQ (QuantizeLinear/DequantizeLinear around float ops), dynamic
+quantization (DynamicQuantizeLinear + MatMulInteger/ConvInteger) and weight-only MatMulNBits.
 
 Weights stay integers.  A DequantizeLinear of constants is a weight (GraphView.dequantized):
 the float op after it slices it like any weight, and AnalysisState.param slices the integers
@@ -20,7 +20,7 @@ import numpy as np
 from onnxprune.analysis.context import SinkUse
 from onnxprune.analysis.rules.base import Rule, identity_map, pass_axes, register
 from onnxprune.analysis.rules.conv import ConvLike
-from onnxprune.ir.quant import quantization
+from onnxprune.ir.quant import NBitsLayout, nbits_layout, quantization
 
 # quantizers whose float input is where an integer op's channels are masked (see the module docstring)
 QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear")
@@ -180,3 +180,75 @@ def _numel(shape) -> int | None:
     if shape is None or not all(isinstance(d, int) for d in shape):
         return None
     return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+@register("com.microsoft.MatMulNBits")
+class MatMulNBitsRule(Rule):
+    """Weight-only low-bit MatMul (B packed [N, blocks, bytes], quantized in blocks of `block_size`
+    input features).  Output features are new units: a row of B goes with its scales, zero points
+    and bias.  Input features go a whole block at a time (a block shares its scale), and, when
+    several blocks share a byte of packed zero points, a whole byte of blocks at a time."""
+
+    def propagate(self, node, s):
+        a, y = node.input[0], node.output[0]
+        where = f"MatMulNBits '{node.name}'"
+        layout = nbits_layout(s.view, node)
+        ra, ry = s.view.rank(a), s.view.rank(y)
+        why = None
+        if layout is None:
+            why = "its K, N, bits or block_size attribute is missing or unsupported"
+        elif not all(s.view.is_const(i) for i in node.input[1:4] if i) or \
+                (s.view.has_input(node, 5) and not s.view.is_const(node.input[5])):
+            why = "its packed weight, scales, zero points or bias are computed at run time"
+        elif ra is None or ry is None:
+            why = "the rank of its input or output is unknown"
+        if why is not None:
+            s.block_tensor(a, f"{where}: {why}")
+            return
+        for axis, units in s.layouts_of(a).items():
+            if axis < ra - 1:
+                s.set_layout(y, axis + ry - ra, units)
+        k_units = s.layout(a, ra - 1)
+        if k_units is not None:
+            if s.view.has_input(node, 4):
+                s.block(k_units, f"{where}: its g_idx input reorders the input features across blocks "
+                                 "(act-order): a removed feature would leave a hole in a block")
+            else:
+                per_unit = layout.block_size * self._blocks_per_zero_point_byte(node, s, layout)
+                s.union_positions(k_units, np.arange(layout.k) // per_unit, where)
+                s.param(node, 1, 1, k_units[::layout.block_size], "weight_in")
+                s.sink(node, a, ra - 1)
+        out = s.fresh(node, y, ry - 1, layout.n)
+        s.param(node, 1, 0, out, "weight_out")
+        if s.view.has_input(node, 5):
+            s.param(node, 5, 0, out, "bias")
+        s.set_layout(y, ry - 1, out)
+
+    @staticmethod
+    def _blocks_per_zero_point_byte(node, s, layout: NBitsLayout) -> int:
+        zero_points = s.view.const_input(node, 3)
+        return layout.per_byte if zero_points is not None and zero_points.dtype == np.uint8 else 1
+
+    def rewrite(self, node, rw):
+        """Scales and zero points hold [N, blocks] flattened: sliced here along both; K and N follow."""
+        layout = nbits_layout(rw.view, node)
+        rows, blocks = rw.mask(node.input[1], 0), rw.mask(node.input[1], 1)
+        if layout is None or (rows is None and blocks is None):
+            return
+        rows = np.ones(layout.n, bool) if rows is None else rows
+        blocks = np.ones(layout.blocks, bool) if blocks is None else blocks
+        scales = rw.view.const_input(node, 2)
+        rw.replace_const_input(node, 2, scales.reshape(layout.n, -1)[rows][:, blocks].reshape(
+            (-1,) if scales.ndim == 1 else (int(rows.sum()), -1)))
+        zero_points = rw.view.const_input(node, 3)
+        if zero_points is not None:
+            per_byte = layout.per_byte if zero_points.dtype == np.uint8 else 1
+            kept = zero_points.reshape(layout.n, -1)[rows][:, blocks[::per_byte]]  # whole bytes: see propagate
+            rw.replace_const_input(node, 3, kept.reshape((-1,) if zero_points.ndim == 1 else (int(rows.sum()), -1)))
+        a = node.input[0]
+        k_mask = rw.mask(a, rw.view.rank(a) - 1)
+        rw.set_attr(node, "K", int(k_mask.sum()) if k_mask is not None else layout.k)
+        rw.set_attr(node, "N", int(rows.sum()))
+
+    def zeros(self, node, z):
+        z.source_zeros(node)
