@@ -2,15 +2,24 @@
 
 Output channels are new units.  Input channels are consumed (their weight
 columns are sliced).  Depthwise convs tie each output channel to its input
-channel, so they pass units through.  A general grouped conv keeps its group
-count: a unit is the same channel index in every group, so each group keeps
-the same number of channels.
+channel, so they pass units through.  A general grouped conv (several channels
+per group) is pruned one of two ways, whichever leaves more units to choose from:
+
+* whole groups (ResNeXt's many narrow groups): a unit is one conv group, its
+  input channels (coupled with the producer's) and its output channels; the
+  group count shrinks, and a dead group can go.  Like a depthwise conv, the
+  conv passes units through and consumes nothing: group k's inputs feed only
+  group k's outputs, which go with them.
+* the same channel index in every group (few wide groups, and the second
+  grouped conv after a channel shuffle, whose groups each hold every unit):
+  the group count stays and every group keeps as many channels.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, register
+from onnxprune.analysis.units import NO_UNIT
 
 
 def _in_channels(s, node, transposed: bool) -> int | None:
@@ -33,6 +42,44 @@ def _conv_kind(s, node, in_channels: int | None, transposed: bool):
     if group == in_channels:
         return ("depthwise", out_channels), group
     return ("grouped", out_channels), group
+
+
+def _first_unit(block: np.ndarray) -> int:
+    """The unit of a conv group's input channels (one after union_positions), NO_UNIT if none has one."""
+    units = block[block != NO_UNIT]
+    return int(units[0]) if len(units) else NO_UNIT
+
+
+def _prunable_classes(s, layout: np.ndarray, classes: np.ndarray) -> int:
+    """How many units `layout` would hold if positions with the same class were one unit
+    (counting the couplings already made; a class holding an unprunable channel counts none)."""
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def find(a):
+        while parent.setdefault(a, a) != a:
+            a = parent[a]
+        return a
+
+    pinned: set[int] = set()
+    for unit, cls in zip(s.units.roots(layout).tolist(), classes.tolist()):
+        if unit == NO_UNIT:
+            pinned.add(cls)
+        else:
+            parent[find(("unit", unit))] = find(("class", cls))
+    components = {find(("class", c)) for c in set(classes.tolist())}
+    blocked = {find(("class", c)) for c in pinned}
+    return len(components - blocked)
+
+
+def _whole_groups_keep_more(s, in_layout: np.ndarray, group: int, per_group_out: int) -> bool:
+    """Removing whole groups leaves `group` units at most, shared by the producer and this conv;
+    the same index in every group leaves the producer's index classes plus this conv's own
+    C_out/g fresh units.  Ties keep the group count (kernels are tuned for it)."""
+    positions = np.arange(len(in_layout))
+    per_group_in = len(in_layout) // group
+    whole = _prunable_classes(s, in_layout, positions // per_group_in)
+    same_index = _prunable_classes(s, in_layout, positions % per_group_in) + per_group_out
+    return whole > same_index
 
 
 class ConvLike(Rule):
@@ -73,6 +120,14 @@ class ConvLike(Rule):
             # Conv weight (C*m, 1, k..): axis 0 follows the outputs.
             # ConvTranspose weight (C, m, k..): axis 0 follows the inputs.
             s.param(node, 1, 0, in_layout if self.transposed else out_layout, "weight_out")
+        elif in_layout is not None and _whole_groups_keep_more(s, in_layout, group, out_channels // group):
+            per_group_in, per_group_out = in_channels // group, out_channels // group
+            s.union_positions(in_layout, np.arange(in_channels) // per_group_in, where)
+            group_units = np.array([_first_unit(block) for block in in_layout.reshape(group, per_group_in)])
+            out_layout = np.repeat(group_units, per_group_out)
+            # Conv weight (C_out, C_in/g, k..): axis 0 follows the outputs.
+            # ConvTranspose weight (C_in, C_out/g, k..): axis 0 follows the inputs.
+            s.param(node, 1, 0, in_layout if self.transposed else out_layout, "weight_out")
         else:
             per_group_in, per_group_out = in_channels // group, out_channels // group
             if in_layout is not None:
@@ -92,8 +147,18 @@ class ConvLike(Rule):
     def rewrite(self, node, rw):
         x = node.input[0]
         group = int(rw.view.attr(node, "group", 1))
-        if group > 1 and group == _in_channels(rw, node, self.transposed) and rw.mask(x, 1) is not None:
+        mask = rw.mask(x, 1)
+        if group == 1 or mask is None:
+            return
+        in_channels = _in_channels(rw, node, self.transposed)
+        if group == in_channels:
             rw.set_attr(node, "group", rw.kept(x, 1))
+            return
+        # whole groups removed: every group's input channels are all kept or all gone (the other
+        # coupling removes the same index from every group, which never empties one while another stays)
+        per_group = mask.reshape(group, -1)
+        if (per_group == per_group[:, :1]).all():
+            rw.set_attr(node, "group", int(per_group[:, 0].sum()))
 
     def zeros(self, node, z):
         z.source_zeros(node)

@@ -150,7 +150,7 @@ def map_layouts(node, s, x, y, in_shape, out_shape, prefer_inner=False):
             continue
         out_dims = [out_shape[k] for k in out_axes]
         grid = np.ascontiguousarray(elements).reshape(out_dims)
-        carrier = _choose_carrier(out_dims, prefer_inner)
+        carrier = _choose_carrier(out_dims, prefer_inner, grid)
         _carry(s, y, out_axes[carrier], np.moveaxis(grid, carrier, 0).reshape(out_dims[carrier], -1), where)
 
 
@@ -203,9 +203,20 @@ def _carry(s, y, axis: int, moved: np.ndarray, where: str) -> None:
     s.set_layout(y, axis, moved[:, 0].copy())
 
 
-def _choose_carrier(out_dims, prefer_inner):
+def _choose_carrier(out_dims, prefer_inner, grid: np.ndarray | None = None):
     candidates = [k for k, d in enumerate(out_dims) if d != 1] or [0]
+    if grid is not None:
+        # an axis whose every slice already holds one unit carries them without merging any
+        # (a shuffle after a grouped conv that loses whole groups: one unit per group)
+        uniform = [k for k in candidates if _one_unit_per_slice(grid, k)]
+        if uniform:
+            candidates = uniform
     return candidates[-1] if prefer_inner else candidates[0]
+
+
+def _one_unit_per_slice(grid: np.ndarray, axis: int) -> bool:
+    moved = np.moveaxis(grid, axis, 0).reshape(grid.shape[axis], -1)
+    return bool((moved == moved[:, :1]).all())
 
 
 def _is_channel_shuffle(node, s) -> bool:
