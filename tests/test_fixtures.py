@@ -18,13 +18,7 @@ def test_pruned_fixture_matches_the_masking_oracle(name):
     assert removed
 
 
-# The legacy exporter writes ShuffleNet's chunk() and view() with bounds and
-# shapes computed from the channel count at run time (Shape -> Div -> Slice):
-# pruning through them needs equal removal in both halves, not supported yet.
-RUNTIME_SHAPES = {"shufflenet_legacy.onnx"}
-
-
-@pytest.mark.parametrize("name", [n for n in ALL if n not in RUNTIME_SHAPES])
+@pytest.mark.parametrize("name", ALL)
 def test_every_conv_group_except_the_classifier_is_prunable(name):
     groups = onnxprune.analyze(FIXTURES / name).analysis.groups
     blocked = [g for g in groups if not g.prunable]
@@ -33,11 +27,15 @@ def test_every_conv_group_except_the_classifier_is_prunable(name):
     assert "graph output" in blocked[0].blocked[0]
 
 
-def test_run_time_channel_arithmetic_blocks_with_a_reason_but_other_groups_prune():
-    groups = onnxprune.analyze(FIXTURES / "shufflenet_legacy.onnx").analysis.groups
-    reasons = [r for g in groups for r in g.blocked]
-    assert any("computed at run time" in r for r in reasons)
-    assert any(g.prunable for g in groups)
+def test_chunk_bounds_computed_from_the_channel_count_become_constants():
+    # the legacy exporter writes ShuffleNetV2's chunk(2, dim=1) as Slices whose bounds are
+    # (Shape[1] + 1) / 2 at run time: a static channel count, so the same on every run
+    analysis, pruned, removed = prune_matches_oracle(FIXTURES / "shufflenet_legacy.onnx", fraction=0.4)
+    stem = next(g for g in analysis.groups if g.name == "/stem/stem.0/Conv")
+    assert set(removed) & set(stem.roots.tolist())
+    constants = {t.name for t in pruned.graph.initializer}
+    chunk = [n for n in pruned.graph.node if n.op_type == "Slice" and n.name.startswith("/unit1/")]
+    assert len(chunk) == 2 and all(n.input[1] in constants and n.input[2] in constants for n in chunk)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if "dynamo" in n])

@@ -183,3 +183,63 @@ def rewrite_const_elements(rw, elements: list[Element], tensor: str, consumer, s
         if is_rewritable(e) and rw.mask(tensor, k + shift) is not None:
             new_shape = new_shape or rw.new_shape(tensor)
             rw.set_const_element(e.node, e.index, e.offset, int(new_shape[k + shift]), reader=(consumer, shape_input))
+
+
+_STATIC_ARITH = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+
+
+def static_values(view: GraphView, name: str) -> np.ndarray | None:
+    """The value of a small integer tensor computed at run time from static dimensions only
+    (chunk()'s bounds: Shape -> Gather(1) -> Add(1) -> Div(2) on a channel axis a weight fixes).
+    Every run computes the same value, so it may stand as a constant; None when it reads a
+    dynamic dimension or an op that is not one of the few shape ops followed here."""
+    return _known(_static(view, name, 0))
+
+
+def _known(a: np.ndarray | None) -> np.ndarray | None:
+    """`a` without dynamic dims (None entries of a Shape's output), as integers where it held some."""
+    if a is None or a.dtype != object:
+        return a
+    return None if any(v is None for v in a.ravel()) else a.astype(np.int64)
+
+
+def _static(view: GraphView, name: str, depth: int) -> np.ndarray | None:
+    value = view.const(name)
+    if value is not None:
+        return np.asarray(value)
+    node = view.producer.get(name)
+    if node is None or depth > 16:
+        return None
+    op = node.op_type
+    if op == "Shape":  # dynamic dims are None: only an element that is used must be static
+        shape = view.shape(node.input[0])
+        if shape is None:
+            return None
+        start, end = int(view.attr(node, "start", 0)), view.attr(node, "end")
+        dims = list(shape)[slice(start, None if end is None else int(end))]
+        return np.array([d if isinstance(d, int) and d > 0 else None for d in dims], dtype=object)
+    args = [_static(view, i, depth + 1) if i else None for i in node.input]
+    if op in ("Cast", "Identity"):
+        return args[0]
+    if op in ("Unsqueeze", "Squeeze", "Reshape", "Flatten"):
+        out = view.shape(name)
+        if args[0] is None or out is None or not all(isinstance(d, int) for d in out):
+            return None
+        return args[0].reshape(out) if int(np.prod(out, dtype=np.int64)) == args[0].size else None
+    if any(a is None for a in args[:2]):
+        return None
+    if op == "Gather":
+        return np.take(args[0], _known(args[1]), axis=int(view.attr(node, "axis", 0)))
+    if op == "Concat":
+        return np.concatenate([np.atleast_1d(a) for a in args], axis=int(view.attr(node, "axis", 0)))
+    args = [_known(a) for a in args]
+    if any(a is None for a in args):
+        return None
+    if op in _STATIC_ARITH:
+        return _STATIC_ARITH[op](args[0], args[1])
+    if op == "Div" and args[0].dtype.kind in "iu" and np.all(args[1] != 0):
+        a, b = np.broadcast_arrays(args[0], args[1])
+        return (np.sign(a) * np.sign(b) * (np.abs(a) // np.abs(b))).astype(args[0].dtype)  # ONNX truncates
+    if op in ("Min", "Max"):
+        return (np.minimum if op == "Min" else np.maximum).reduce(np.broadcast_arrays(*args))
+    return None

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
+import onnxprune
 from helpers import analysis_of, const, group_of, make_model, prune_matches_oracle, weight
 
 C, H, W = 8, 4, 4
@@ -155,3 +156,101 @@ def test_channel_shuffle_with_a_hard_coded_group_size_at_run_time_is_rewritten()
     graph.initializer.append(const([C // 2], "literal_per_group"))
     assert group_of(analysis_of(model), "gconv").prunable
     prune_matches_oracle(model, fraction=0.5)
+
+
+def chunk_unit(bound_from="channels"):
+    """ShuffleNetV2's unit as the legacy exporter writes it with a dynamic batch:
+    x1, x2 = conv0(x).chunk(2, dim=1), the bounds computed at run time as
+    (Shape[1] + 1) / 2; cat(x1, branch(x2)) -> channel shuffle (2 groups) -> conv_out.
+
+    bound_from="dynamic": the first half ends at a dimension of another input that
+    is dynamic (not a channel count): nothing says where the halves meet.
+    """
+    c, half = 8, 4
+    nodes = [
+        helper.make_node("Conv", ["x", "conv0.w", "conv0.b"], ["a"], name="conv0", kernel_shape=[1, 1]),
+        helper.make_node("Shape", ["a"], ["a_shape"], name="shape"),
+        helper.make_node("Gather", ["a_shape", "one_1d"], ["channels"], name="gather", axis=0),
+        helper.make_node("Add", ["channels", "one_1d"], ["channels_1"], name="add"),
+        helper.make_node("Div", ["channels_1", "two_1d"], ["half"], name="div"),
+        helper.make_node("Mul", ["half", "two_1d"], ["end2"], name="mul"),
+        helper.make_node("Slice", ["a", "zero_1d", "half", "one_1d"], ["x1"], name="chunk_first"),
+        helper.make_node("Slice", ["a", "half", "end2", "one_1d"], ["x2"], name="chunk_second"),
+        helper.make_node("Conv", ["x2", "b1.w"], ["b1"], name="branch1", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["b1"], ["b1r"], name="branch_relu"),
+        helper.make_node("Conv", ["b1r", "bdw.w"], ["bdw"], name="branch_dw", kernel_shape=[3, 3], pads=[1] * 4,
+                         group=half),
+        helper.make_node("Conv", ["bdw", "b2.w", "b2.b"], ["b2"], name="branch2", kernel_shape=[1, 1]),
+        helper.make_node("Concat", ["x1", "b2"], ["cat"], name="cat", axis=1),
+        helper.make_node("Reshape", ["cat", "split_target"], ["r5"], name="shuffle_split"),
+        helper.make_node("Transpose", ["r5"], ["t5"], name="shuffle_transpose", perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t5", "merge_target"], ["s"], name="shuffle_merge"),
+        helper.make_node("Conv", ["s", "out.w"], ["y"], name="conv_out", kernel_shape=[1, 1]),
+    ]
+    inits = [
+        weight(c, 4, 1, 1, name="conv0.w"), weight(c, name="conv0.b"),
+        const([0], "zero_1d"), const([1], "one_1d"), const([2], "two_1d"),
+        weight(half, half, 1, 1, name="b1.w"), weight(half, 1, 3, 3, name="bdw.w"),
+        weight(half, half, 1, 1, name="b2.w"), weight(half, name="b2.b"),
+        const([0, 2, -1, H, W], "split_target"), const([0, -1, H, W], "merge_target"),
+        weight(3, c, 1, 1, name="out.w"),
+    ]
+    inputs = [("x", ["N", 4, H, W])]
+    if bound_from == "dynamic":
+        nodes[1] = helper.make_node("Shape", ["lengths"], ["a_shape"], name="shape")
+        inputs.append(("lengths", [1, "n"]))
+    return make_model(nodes, inputs, [("y", ["N", 3, H, W])], inits, opset=13)
+
+
+def _bounds(model, name):
+    node = next(n for n in model.graph.node if n.name == name)
+    values = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    return values[node.input[1]], values[node.input[2]]
+
+
+def test_chunk_with_bounds_from_the_channel_count_prunes_both_halves_freely():
+    model = chunk_unit()
+    analysis = analysis_of(model)
+    conv0 = group_of(analysis, "conv0")
+    assert conv0.prunable, conv0.blocked
+    roots = analysis.root_of
+    layout = roots[analysis.layouts["a"][1]]
+    np.testing.assert_array_equal(roots[analysis.layouts["x1"][1]], layout[:4])
+    np.testing.assert_array_equal(roots[analysis.layouts["x2"][1]], layout[4:])
+    # the second half is consumed by the branch alone: its channels are not tied to the first half's
+    assert not set(layout[:4].tolist()) & set(layout[4:].tolist())
+    for seed in range(3):
+        analysis, pruned, removed = prune_matches_oracle(model, 0.5, seed=seed)
+        keep = analysis.keep_masks(removed).get(("a", 1), np.ones(8, bool))
+        first, second = int(keep[:4].sum()), int(keep[4:].sum())
+        assert _bounds(pruned, "chunk_first") == ([0], [first])
+        assert _bounds(pruned, "chunk_second") == ([first], [first + second])
+
+
+def test_chunk_bounds_from_a_dynamic_dimension_block_with_the_slice_named():
+    analysis = analysis_of(chunk_unit(bound_from="dynamic"))
+    conv0 = group_of(analysis, "conv0")
+    assert not conv0.prunable
+    assert any("Slice 'chunk_first': bounds computed at run time from dimensions that are not static" in r
+               for r in conv0.blocked)
+    assert group_of(analysis, "branch1").prunable
+
+
+def test_lossless_removes_dead_channels_on_both_sides_of_a_chunk():
+    model = chunk_unit()
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def zero(name, rows):
+        values = numpy_helper.to_array(inits[name]).copy()
+        values[rows] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(values, name))
+
+    # first half, channel 1: passed straight to the shuffle, where it is one unit with the
+    # branch's output channel 1 (one channel index in both shuffle groups): both are dead
+    zero("conv0.w", [1, 6]), zero("conv0.b", [1, 6]), zero("b2.w", [1]), zero("b2.b", [1])
+    # second half, channel 6 (index 2 of x2): read only by the branch's first conv
+    pruned, report = onnxprune.prune(model, lossless=True)
+    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "conv0.w")).shape[0] == 6
+    assert _bounds(pruned, "chunk_first") == ([0], [3])
+    assert _bounds(pruned, "chunk_second") == ([3], [6])
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5

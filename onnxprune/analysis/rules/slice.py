@@ -1,13 +1,32 @@
 """Slice: the output keeps the slice of the input's layout.
 
 Bounds are rewritten to count only kept positions.  Steps other than 1 on a
-pruned axis, or bounds computed at run time, block the units there.
+pruned axis, or bounds computed at run time from dynamic dimensions, block the
+units there.
+
+Bounds computed at run time from static dimensions only (the legacy exporter's
+chunk(): Shape -> Gather(1) -> Add(1) -> Div(2) -> Slice on the channel axis)
+are the same on every run: they are read as constants and rewritten as
+constants (the kept count before each bound).  That is exact for any removal,
+so both halves of a chunk stay free.  Keeping the run-time arithmetic instead
+would need both halves to keep equal counts (the division must still land on
+the boundary), a coupling the analysis cannot state as "equal counts", only as
+"channel i with channel i + C/2", which would halve the choices for nothing.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, norm_axis, register
+from onnxprune.analysis.shape_expr import static_values
+
+
+def _bound_input(node, view, index: int):
+    """A bound input's value: a constant, or computed at run time from static dims only."""
+    if not view.has_input(node, index):
+        return None
+    value = view.const_input(node, index)
+    return value if value is not None else static_values(view, node.input[index])
 
 
 def slice_params(node, view, rank: int):
@@ -17,9 +36,8 @@ def slice_params(node, view, rank: int):
         starts, ends = view.attr(node, "starts"), view.attr(node, "ends")
         axes, steps = view.attr(node, "axes"), None
     else:
-        starts, ends = view.const_input(node, 1), view.const_input(node, 2)
-        axes = view.const_input(node, 3) if view.has_input(node, 3) else None
-        steps = view.const_input(node, 4) if view.has_input(node, 4) else None
+        starts, ends = _bound_input(node, view, 1), _bound_input(node, view, 2)
+        axes, steps = _bound_input(node, view, 3), _bound_input(node, view, 4)
         if starts is None or ends is None or (view.has_input(node, 3) and axes is None) or (
             view.has_input(node, 4) and steps is None
         ):
@@ -58,7 +76,8 @@ class SliceRule(Rule):
             if params is None and sliced is not None and axis not in sliced:
                 s.set_layout(y, axis, layout)  # run-time bounds, but on other axes
             elif params is None:
-                s.block(layout, f"Slice '{node.name}': bounds computed at run time")
+                s.block(layout, f"Slice '{node.name}': bounds computed at run time from dimensions "
+                                f"that are not static, on the axis {axis} that carries channels")
             elif axis not in params:
                 s.set_layout(y, axis, layout)
             elif params[axis] is None or params[axis][2] != 1:
@@ -79,11 +98,9 @@ class SliceRule(Rule):
         if not changed:
             return
         attr_form = rw.view.attr(node, "starts") is not None
-        starts = list(np.atleast_1d(rw.view.attr(node, "starts") if attr_form else rw.view.const_input(node, 1)))
-        ends = list(np.atleast_1d(rw.view.attr(node, "ends") if attr_form else rw.view.const_input(node, 2)))
-        axes_raw = rw.view.attr(node, "axes") if attr_form else (
-            rw.view.const_input(node, 3) if rw.view.has_input(node, 3) else None
-        )
+        starts = list(np.atleast_1d(rw.view.attr(node, "starts") if attr_form else _bound_input(node, rw.view, 1)))
+        ends = list(np.atleast_1d(rw.view.attr(node, "ends") if attr_form else _bound_input(node, rw.view, 2)))
+        axes_raw = rw.view.attr(node, "axes") if attr_form else _bound_input(node, rw.view, 3)
         axes = list(range(len(starts))) if axes_raw is None else [norm_axis(int(a), rank) for a in np.atleast_1d(axes_raw)]
         for i, a in enumerate(axes):
             if a in changed:
@@ -95,6 +112,10 @@ class SliceRule(Rule):
             rw.set_attr(node, "starts", [int(v) for v in starts])
             rw.set_attr(node, "ends", [int(v) for v in ends])
         else:
-            dtype = rw.view.const_input(node, 1).dtype
+            # run-time bounds become constants here (static_values: the same on every run)
+            dtype = _bound_input(node, rw.view, 1).dtype
             rw.replace_const_input(node, 1, np.array(starts, dtype=dtype))
             rw.replace_const_input(node, 2, np.array(ends, dtype=dtype))
+            for index in (3, 4):
+                if rw.view.has_input(node, index) and rw.view.const_input(node, index) is None:
+                    rw.replace_const_input(node, index, _bound_input(node, rw.view, index))
