@@ -127,6 +127,21 @@ def test_hidden_width_is_prunable_only_when_opted_in(name):
     assert all(isinstance(d, str) for shape in dims for d in shape)
 
 
+@pytest.mark.parametrize("name", ["vit_legacy.onnx", "vit_dynamo.onnx"])
+def test_vit_hidden_width_prunes_through_the_class_token(name):
+    """Concat([Expand(cls_token), patches], axis=1): the class token is sliced with the hidden
+    width (opt-in), for the legacy (Where) and dynamo (Concat of Shape) expand shapes."""
+    hidden = [g for g in onnxprune.analyze(FIXTURES / name, prune_hidden=True).analysis.groups
+              if g.kind == "hidden"]
+    assert len(hidden) == 1 and hidden[0].prunable and hidden[0].size == 64, [g.blocked for g in hidden]
+    assert any(p.tensor == "vit.embeddings.cls_token" and p.axis == 2 for p in hidden[0].params)
+    pruned, report = onnxprune.prune(FIXTURES / name, ratio={"hidden": 0.25}, prune_hidden=True)
+    assert [(c.before, c.after) for c in report.changes] == [(64, 48)]
+    assert "onnxruntime run" in report.checks
+    cls = next(t for t in materialized(pruned).graph.initializer if t.name == "vit.embeddings.cls_token")
+    assert list(cls.dims) == [1, 1, 48]
+
+
 def test_hidden_width_that_reaches_the_output_stays_with_a_reason():
     groups = onnxprune.analyze(FIXTURES / "bert_encoder_legacy.onnx", prune_hidden=True).analysis.groups
     hidden = next(g for g in groups if g.kind == "hidden")

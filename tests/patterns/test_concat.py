@@ -180,3 +180,94 @@ def init(model, prefix):
 def group_of(analysis, source_node):
     """The group a source node's units ended up in."""
     return next(g for g in analysis.groups if any(s.node == source_node for s in g.sources))
+
+
+# -- ViT's class token: Concat([Expand(cls_token), patches], axis=1) --------------------------------------
+
+def class_token_model(hidden_element=8, token_width=8, second_reader=False):
+    """A patch embedding (Conv 3 -> 8, 2x2 patches of a 4x4 image: 4 tokens), the class token
+    [1, 1, token_width] expanded to [batch, 1, 8] and put first along the sequence, position
+    embeddings added, then a MatMul reading the 8 hidden channels.
+
+    The Expand's shape is Concat(Shape(x)[:1], [1], [hidden_element]), as
+    `cls_token.expand(x.shape[0], 1, 8)` exports it (8: a literal the rewrite sets to the
+    kept width; 1: the token's own width, which follows its slicing)."""
+    from onnx import numpy_helper
+
+    from helpers import const, weight
+    nodes = [
+        helper.make_node("Conv", ["x", "patch.w", "patch.b"], ["p"], name="patch", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Reshape", ["p", "flat"], ["pf"], name="flatten"),
+        helper.make_node("Transpose", ["pf"], ["tokens"], name="to_tokens", perm=[0, 2, 1]),
+        helper.make_node("Expand", ["cls_token", "cls_shape"], ["cls"], name="expand_cls"),
+        concat("cat_cls", ["cls", "tokens"], "seq"),
+        helper.make_node("Add", ["seq", "pos"], ["emb"], name="add_pos"),
+        helper.make_node("MatMul", ["emb", "proj"], ["y"], name="proj"),
+    ]
+    inits = [weight(8, 3, 2, 2, name="patch.w"), weight(8, name="patch.b"), const([0, 8, -1], "flat"),
+             weight(1, 1, token_width, name="cls_token"), weight(1, 5, 8, name="pos"), weight(8, 6, name="proj")]
+    nodes[3:3] = [helper.make_node("Shape", ["x"], ["x_shape"], name="shape", start=0, end=1),
+                  helper.make_node("Concat", ["x_shape", "one", "hidden"], ["cls_shape"], name="cls_shape", axis=0)]
+    inits += [const([1], "one"), const([hidden_element], "hidden")]
+    outputs = [("y", ["N", 5, 6])]
+    if second_reader:
+        nodes.append(helper.make_node("ReduceSum", ["cls"], ["cls_sum"], name="cls_sum", keepdims=0))
+        outputs.append(("cls_sum", []))
+    model = make_model(nodes, [("x", ["N", 3, 4, 4])], outputs, inits)
+    assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "cls_token")).size
+    return model
+
+
+def _tensor(model, name):
+    from onnx import numpy_helper
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def _expand_target(model):
+    """The constant elements of the Expand's run-time shape ([1, hidden])."""
+    node = next(n for n in model.graph.node if n.name == "expand_cls")
+    names = {t.name for t in model.graph.initializer}
+    shape_concat = next(n for n in model.graph.node if node.input[1] in n.output)
+    return [v for i in shape_concat.input if i in names for v in _tensor(model, i).tolist()]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("hidden_element", [8, 1], ids=["literal_width", "token_width"])
+def test_class_token_is_sliced_with_the_hidden_channels_it_is_concatenated_with(hidden_element):
+    model = class_token_model(hidden_element)
+    analysis = analysis_of(model)
+    hidden = group_of(analysis, "patch")
+    assert hidden.prunable, hidden.blocked
+    assert ("cls_token", 2, "constant") in {(p.tensor, p.axis, p.role) for p in hidden.params}
+    for seed in range(2):
+        _, pruned, removed = prune_matches_oracle(model, 0.5, seed=seed)
+        kept = 8 - len(removed)
+        assert _tensor(pruned, "cls_token").shape == (1, 1, kept)
+        assert _tensor(pruned, "pos").shape == (1, 5, kept)
+        if hidden_element == 8:  # a 1 may stay or become the kept width: Expand reads both the same
+            assert _expand_target(pruned) == [1, kept]
+
+
+def test_lossless_removes_a_dead_hidden_channel_behind_the_class_token():
+    import onnxprune
+    from onnx import numpy_helper
+    model = class_token_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, index in (("patch.w", (3,)), ("patch.b", (3,)), ("cls_token", (0, 0, 3)), ("pos", (0, slice(None), 3))):
+        values = numpy_helper.to_array(inits[name]).copy()
+        values[index] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(values, name))
+    pruned, report = onnxprune.prune(model, lossless=True)
+    assert _tensor(pruned, "cls_token").shape == (1, 1, 7) and _tensor(pruned, "proj").shape == (7, 6)
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
+
+
+@pytest.mark.parametrize("case", ["broadcast_token", "expand_read_twice"])
+def test_class_token_that_cannot_follow_the_hidden_channels_blocks_them_with_a_reason(case):
+    model = class_token_model(token_width=1) if case == "broadcast_token" else class_token_model(second_reader=True)
+    hidden = group_of(analysis_of(model), "patch")
+    assert not hidden.prunable
+    assert any("Concat 'cat_cls' joins it with 'cls'" in r for r in hidden.blocked), hidden.blocked

@@ -2,13 +2,16 @@
 
 The output layout is the inputs' layouts side by side (NO_UNIT where an input
 carries none, e.g. the network input).  On every other axis the inputs are
-coupled like a broadcasting op.  Nested concats compose naturally.
+coupled like a broadcasting op; a constant input is sliced with them, and so is
+a constant behind an Expand (ViT's class token, concatenated along the sequence:
+its hidden axis follows the patch embeddings').  Nested concats compose naturally.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, norm_axis, register
+from onnxprune.analysis.rules.expand import follow_expanded_constant
 from onnxprune.analysis.units import NO_UNIT
 
 
@@ -55,6 +58,8 @@ class ConcatRule(Rule):
                 if layout is None:
                     if s.view.is_const(name):
                         s.param(node, list(node.input).index(name), other_axis, merged, "constant")
+                    elif follow_expanded_constant(s, name, other_axis, merged):
+                        pass  # a class token: the constant behind the Expand is sliced
                     else:
                         s.block(merged, f"{where} joins it with '{name}', whose channels cannot be pruned")
             s.set_layout(y, other_axis, merged)

@@ -102,6 +102,36 @@ def _check_run_time_shape(node, s) -> None:
                 s.block(e_layout, f"{where}: axis {k} would change size while '{x}' keeps its own")
 
 
+def follow_expanded_constant(s, name: str, axis: int, layout: np.ndarray) -> bool:
+    """Let units reach `name` on `axis` when it is a constant broadcast by Expand and read only by
+    the caller (ViT's class token: Expand(cls_token [1, 1, hidden], [batch, 1, hidden]) concatenated
+    with the patch embeddings along the sequence): the constant is sliced with the units and the
+    Expand's shape follows (its rewrite sets a constant element on that axis to the kept size).
+    False (nothing recorded) for any other producer."""
+    expand = s.view.producer.get(name)
+    if expand is None or expand.op_type != "Expand" or not s.view.is_const(expand.input[0]):
+        return False
+    if len(s.view.consumers.get(name, [])) != 1 or name in s.view.graph_outputs:
+        return False
+    constant, out_rank = expand.input[0], s.view.rank(name)
+    c_rank = s.view.rank(constant)
+    if out_rank is None or c_rank is None:
+        return False
+    c_axis = axis - (out_rank - c_rank)
+    if c_axis < 0 or s.view.dim(constant, c_axis) != len(layout):
+        return False  # broadcast along the axis: every position is the same value (not handled)
+    reader, s.reader = s.reader, expand.name
+    try:
+        if not s.param(expand, 0, c_axis, layout, "constant"):
+            return False
+        s.set_layout(name, axis, layout)
+        if not s.view.is_const(expand.input[1]):
+            _check_run_time_shape(expand, s)  # the shape's element there must be 1 or rewritable
+    finally:
+        s.reader = reader
+    return True
+
+
 @register("Tile")
 class TileRule(GrowOp):
     pass
