@@ -1,8 +1,10 @@
 """Concat: each input keeps its own units, placed at its offset along the axis."""
 import numpy as np
-from onnx import helper
+import pytest
+from onnx import helper, numpy_helper
 
-from helpers import analysis_of, conv, make_model, prune_matches_oracle
+import onnxprune
+from helpers import analysis_of, const, conv, make_model, prune_matches_oracle, weight
 
 X = ("x", [1, 4, 8, 8])
 
@@ -192,9 +194,6 @@ def class_token_model(hidden_element=8, token_width=8, second_reader=False):
     The Expand's shape is Concat(Shape(x)[:1], [1], [hidden_element]), as
     `cls_token.expand(x.shape[0], 1, 8)` exports it (8: a literal the rewrite sets to the
     kept width; 1: the token's own width, which follows its slicing)."""
-    from onnx import numpy_helper
-
-    from helpers import const, weight
     nodes = [
         helper.make_node("Conv", ["x", "patch.w", "patch.b"], ["p"], name="patch", kernel_shape=[2, 2],
                          strides=[2, 2]),
@@ -214,13 +213,10 @@ def class_token_model(hidden_element=8, token_width=8, second_reader=False):
     if second_reader:
         nodes.append(helper.make_node("ReduceSum", ["cls"], ["cls_sum"], name="cls_sum", keepdims=0))
         outputs.append(("cls_sum", []))
-    model = make_model(nodes, [("x", ["N", 3, 4, 4])], outputs, inits)
-    assert numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "cls_token")).size
-    return model
+    return make_model(nodes, [("x", ["N", 3, 4, 4])], outputs, inits)
 
 
 def _tensor(model, name):
-    from onnx import numpy_helper
     return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
 
 
@@ -230,9 +226,6 @@ def _expand_target(model):
     names = {t.name for t in model.graph.initializer}
     shape_concat = next(n for n in model.graph.node if node.input[1] in n.output)
     return [v for i in shape_concat.input if i in names for v in _tensor(model, i).tolist()]
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("hidden_element", [8, 1], ids=["literal_width", "token_width"])
@@ -252,8 +245,6 @@ def test_class_token_is_sliced_with_the_hidden_channels_it_is_concatenated_with(
 
 
 def test_lossless_removes_a_dead_hidden_channel_behind_the_class_token():
-    import onnxprune
-    from onnx import numpy_helper
     model = class_token_model()
     inits = {t.name: t for t in model.graph.initializer}
     for name, index in (("patch.w", (3,)), ("patch.b", (3,)), ("cls_token", (0, 0, 3)), ("pos", (0, slice(None), 3))):
