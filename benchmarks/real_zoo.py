@@ -32,7 +32,7 @@ text agreement, boxes matched at IoU 0.5, tag agreement...), or "cosine/relL2 on
 
 Optional packages for the inputs (a missing one makes that model's fidelity "n/a (needs X)"):
 pillow, captcha, python-barcode, scikit-image (its bundled photos), tokenizers; Debian:
-espeak-ng, fonts-dejavu-core.
+espeak-ng, fonts-dejavu-core, manpages-zh (the Chinese man pages bigru-lac reads).
 """
 from __future__ import annotations
 
