@@ -198,7 +198,10 @@ def static_values(view: GraphView, name: str) -> np.ndarray | None:
 
 def _known(a: np.ndarray | None) -> np.ndarray | None:
     """`a` without dynamic dims (None entries of a Shape's output), as integers where it held some."""
-    if a is None or a.dtype != object:
+    if a is None:
+        return None
+    a = np.asarray(a)  # np.take of one element returns a bare Python scalar
+    if a.dtype != object:
         return a
     return None if any(v is None for v in a.ravel()) else a.astype(np.int64)
 
@@ -229,7 +232,7 @@ def _static(view: GraphView, name: str, depth: int) -> np.ndarray | None:
     if any(a is None for a in args[:2]):
         return None
     if op == "Gather":
-        return np.take(args[0], _known(args[1]), axis=int(view.attr(node, "axis", 0)))
+        return np.asarray(np.take(args[0], _known(args[1]), axis=int(view.attr(node, "axis", 0))))
     if op == "Concat":
         return np.concatenate([np.atleast_1d(a) for a in args], axis=int(view.attr(node, "axis", 0)))
     args = [_known(a) for a in args]
