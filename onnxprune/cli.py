@@ -26,6 +26,7 @@ from onnxprune.importance import CRITERIA
 from onnxprune.pipeline import analyze, prune
 from onnxprune.report import box_table, human
 from onnxprune.runtime.inputs import parse_input_shapes
+from onnxprune.sparsity import cli as sparsify_cli
 
 
 def _version() -> str:
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_bench_parser(sub)
     _add_sweep_parser(sub)
+    sparsify_cli.add_parser(sub, _add_measure_options)
     return parser
 
 
@@ -537,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         commands = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,
-                    "sweep": cmd_sweep}
+                    "sweep": cmd_sweep, "sparsify": lambda a: sparsify_cli.run(a, _open_data, _load_metric)}
         return commands[args.command](args)
     except OnnxPruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)

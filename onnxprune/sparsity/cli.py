@@ -1,0 +1,103 @@
+"""`onnxprune sparsify INPUT OUTPUT (--sparsity F | --pattern N:M) ...`: the subcommand.
+
+onnxprune.cli registers it; the options shared with `prune` (reading data,
+the custom metric, provider, threads, latency runs, progress) come from there
+as `common_options`, and reading data and loading a metric as callables, so
+this package stays below the command line in the import layers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from onnxprune.runtime.gate import AccuracyDropError
+from onnxprune.runtime.inputs import parse_input_shapes
+from onnxprune.sparsity.api import sparsify
+from onnxprune.sparsity.layers import CRITERIA
+from onnxprune.sparsity.sparsegpt import DEFAULT_BLOCK, DEFAULT_DAMP
+
+
+def add_parser(sub, common_options: Callable[[Any], None]) -> argparse.ArgumentParser:
+    """The `sparsify` subparser; `common_options(group)` adds prune's data and measuring options."""
+    s = sub.add_parser(
+        "sparsify", help="zero individual weights (unstructured or N:M such as 2:4), validated like prune",
+        description="Zeroes individual weights of every Conv, Gemm and MatMul weight: a fraction of them "
+                    "(--sparsity) or N:M (--pattern 2:4: at most N non-zero weights in every M consecutive ones along "
+                    "the reduction axis, the layout sparse tensor cores and TensorRT's sparsity option read). "
+                    "SparseGPT (the default with --calib) updates the remaining weights to compensate, from the "
+                    "Gram matrices of each layer's inputs on the calibration data. Shapes do not change, so it "
+                    "composes after `prune`. onnxruntime's CPU and CUDA providers run the zeros as dense weights "
+                    "(no speed-up); the gain is a smaller compressed file and TensorRT's 2:4 kernels.")
+    s.add_argument("input")
+    s.add_argument("output")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sparsity", type=float, metavar="F", help="fraction of each weight's entries zeroed, "
+                      "unstructured (0.5 = half)")
+    what.add_argument("--pattern", metavar="N:M", help="at most N non-zero weights in every M consecutive ones along "
+                      "the reduction axis (2:4 for sparse tensor cores)")
+    s.add_argument("--criterion", choices=CRITERIA, help="magnitude (|w| per layer), wanda (|w| x input norm per "
+                   "output; needs --calib) or sparsegpt (zero and update the rest; needs --calib). Default: sparsegpt "
+                   "with --calib, else magnitude")
+    s.add_argument("--calib", metavar="DATA", help="calibration data (eval formats; labels ignored)")
+    s.add_argument("--calib-samples", type=int, default=128, help="at most this many calibration samples "
+                   "(default 128)")
+    s.add_argument("--positions-per-sample", type=int, default=256, metavar="N",
+                   help="Conv output positions sampled per calibration sample for its Gram matrix (default 256)")
+    s.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="only sparsify nodes whose name matches this glob, or of this op type")
+    s.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="never sparsify nodes whose name matches this glob, or of this op type")
+    s.add_argument("--block-size", type=int, default=DEFAULT_BLOCK,
+                   help=f"SparseGPT: columns per lazy-update block (default {DEFAULT_BLOCK})")
+    s.add_argument("--damp", type=float, default=DEFAULT_DAMP,
+                   help=f"SparseGPT: damping added to the Gram matrix's diagonal, as a fraction of its mean "
+                        f"(default {DEFAULT_DAMP})")
+    s.add_argument("--input-shape", help="fix dynamic input dims for validation and latency, e.g. input:1x3x224x224")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--report", help="write the report as JSON")
+    s.add_argument("--markdown", help="write the tables as Markdown")
+    gate = s.add_argument_group(
+        "validation gate", "As prune's: with --validate-data the dense and the sparsified model run over DATA "
+                           "(accuracy with labels, else fidelity of every output), and --max-accuracy-drop X "
+                           "writes nothing (exit code 9) past the budget.")
+    gate.add_argument("--validate-data", metavar="DATA", help="data as `eval` reads it")
+    gate.add_argument("--max-accuracy-drop", type=float, metavar="X",
+                      help="refuse to write the model if the gated number drops by more than X")
+    gate.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                      help="measure dense vs sparsified latency (default: on with --validate-data)")
+    common_options(gate)
+    return s
+
+
+def run(args, open_data: Callable[[Any, str], Any], load_metric: Callable[[str], Any]) -> int:
+    """Run `onnxprune sparsify`; `open_data(args, path)` and `load_metric(spec)` read data and metrics
+    as the other commands do."""
+    try:
+        _, report = sparsify(
+            args.input, args.output, sparsity=args.sparsity, pattern=args.pattern, criterion=args.criterion,
+            calib=open_data(args, args.calib) if args.calib else None, calib_samples=args.calib_samples,
+            positions_per_sample=args.positions_per_sample, include=args.include, exclude=args.exclude,
+            block_size=args.block_size, damp=args.damp, input_shapes=parse_input_shapes(args.input_shape),
+            seed=args.seed,
+            validate_data=open_data(args, args.validate_data) if args.validate_data else None,
+            max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency, batch_size=args.batch_size,
+            provider=args.provider, threads=args.threads, latency_runs=args.runs, latency_warmup=args.warmup,
+            progress=args.progress, metric=load_metric(args.metric) if args.metric else None,
+            batch_axis=args.batch_axis, class_axis=args.class_axis)
+    except AccuracyDropError as exc:
+        if exc.report is not None:  # show what was measured; nothing was written
+            print(exc.report.render_table())
+            print(exc.report.summary())
+        raise
+    print(report.render_table())
+    print(report.summary())
+    for note in report.notes:
+        print(note)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(report.render_markdown() + "\n")
+    print(f"wrote {args.output}")
+    return 0
