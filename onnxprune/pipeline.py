@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.diagnose import explain, prunability_causes
@@ -25,11 +24,10 @@ from onnxprune.cost import model_cost
 from onnxprune.errors import OnnxPruneError, PlanError, UsageError
 from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
-from onnxprune.ir.fold import fold_constants
-from onnxprune.ir.graph_view import GraphView, name_nodes
-from onnxprune.ir.model_io import SourceInfo, check_no_growth, check_output_path, load_model, model_byte_size, \
-    normalise, reshare_initializers, unshare_initializers
-from onnxprune.ir.shapes import infer_shapes
+from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.model_io import check_no_growth, model_byte_size, reshare_initializers
+from onnxprune.ir.prepare import prepare
+from onnxprune.ir.shapes import infer_shapes, output_shapes
 from onnxprune.passes.apply_plan import apply_removal
 from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
 from onnxprune.passes.lossless import bypass, dead_units, zero_branches
@@ -37,9 +35,9 @@ from onnxprune.passes.reconstruct import copy_model
 from onnxprune.report import GroupChange, ModelStats, PruneReport
 from onnxprune.runtime.gate import AccuracyDropError, check_budget, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
-from onnxprune.runtime.inputs import InputShapes, plan_input_shapes, probe_input_shapes
+from onnxprune.runtime.inputs import dense_input_shapes, plan_input_shapes
 from onnxprune.runtime.output import save_verified, stage_if_on_disk
-from onnxprune.runtime.session import check_provider, make_session
+from onnxprune.runtime.session import check_provider
 from onnxprune.runtime.validate import validate_model
 from onnxprune.strategy.allocate import Target, allocate
 from onnxprune.strategy.depth import apply_depth
@@ -47,31 +45,6 @@ from onnxprune.strategy.estimate import CostEstimator
 from onnxprune.strategy.plan import Plan
 
 ModelLike = str | os.PathLike | onnx.ModelProto
-
-
-def prepare(model: ModelLike, output: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, SourceInfo]:
-    """Our own normalised copy of the model: the caller's object or file is never touched.
-
-    With `output`, an unusable output path (missing folder, the input itself, no
-    room on disk) fails before the weights are read, not after the work is done.
-    """
-
-    def check_output(source: SourceInfo) -> None:
-        if output is not None:
-            check_output_path(output, source, estimated_bytes=source.file_size)
-
-    if isinstance(model, onnx.ModelProto):
-        working = onnx.ModelProto()
-        working.CopyFrom(model)
-        source = SourceInfo(file_size=working.ByteSize(), value_info=len(working.graph.value_info) > 0)
-        check_output(source)
-        normalise(working)
-    else:
-        working, source = load_model(model, before_data=check_output)
-    fold_constants(working)
-    unshare_initializers(working)
-    name_nodes(working)
-    return working, source
 
 
 def build_analysis(model: onnx.ModelProto, prune_hidden: bool = False) -> Analysis:
@@ -227,11 +200,11 @@ def prune(
         clock = now
 
     working, source = prepare(model, output)
-    shapes = _dense_input_shapes(working, input_shapes, seed, need_outputs=lossless)
+    shapes = dense_input_shapes(working, input_shapes, seed, need_outputs=lossless)
     fixed = shapes.shapes
     dense_cost = model_cost(working, fixed)
     before = ModelStats.from_cost(dense_cost, source.file_size)
-    expected_shapes = _output_shapes(working, fixed)  # only dims inference can tell: some depend on the data
+    expected_shapes = output_shapes(working, fixed)  # only dims inference can tell: some depend on the data
     lap("load")
     dense_ref = None
     if validate_data is not None:  # before any pruning work: data that does not fit fails fast
@@ -374,37 +347,6 @@ def _describe(ratio, target_flops, target_params, criterion, strategy) -> str:
     else:
         what = f"target: {target_params:.0%} of parameters removed"
     return f"{what} ({criterion}, {strategy})"
-
-
-# Above this size the dense model is not run just to check the input sizes (its
-# session would double the memory of pruning); lossless mode still runs it.
-PROBE_MAX_BYTES = 1 << 30
-
-
-def _dense_input_shapes(model: onnx.ModelProto, given, seed: int, need_outputs: bool) -> InputShapes:
-    """Input sizes the dense model runs at (onnxprune.runtime.inputs.probe_input_shapes), with its outputs."""
-    if not need_outputs and model_byte_size(model) > PROBE_MAX_BYTES:
-        planned = plan_input_shapes(model, given)
-        if planned.assumed:
-            planned.assumed.append(f"not checked on the dense model (over {PROBE_MAX_BYTES >> 30} GiB)")
-        return planned
-    session = make_session(model, prepack=False, optimize=False)
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a size the model cannot run is an expected answer, not an error to print
-    return probe_input_shapes(model, given, lambda feeds: session.run(None, feeds, quiet), seed)
-
-
-def _output_shapes(model: onnx.ModelProto, fixed) -> list[tuple] | None:
-    """Output shapes by shape inference; None for a dim it cannot tell (symbolic, or declared -1)."""
-    shapes = infer_shapes(model, fixed)
-    out = []
-    for o in model.graph.output:
-        entry = shapes.get(o.name)
-        if entry is None:
-            return None
-        out.append(tuple(d if isinstance(d, int) and d >= 0 else None for d in entry[1]))
-    del model.graph.value_info[:]
-    return out
 
 
 def _keep_from_removed(analysis: Analysis, removed: set[int]) -> dict[int, np.ndarray]:

@@ -33,7 +33,7 @@ from onnxprune.errors import OnnxPruneError, PlanError, UsageError, ValidationEr
 from onnxprune.pipeline import prepare, prune
 from onnxprune.report import POINT_METRICS, QualityStats, box_table, metric_label, threads_text
 from onnxprune.runtime.gate import check_budget, compare_quality, pruned_outputs, reference_pass
-from onnxprune.runtime.inputs import concrete_input_shapes
+from onnxprune.runtime.inputs import dense_input_shapes
 from onnxprune.runtime.progress import Progress
 from onnxprune.runtime.session import check_provider, load_for_runtime
 
@@ -269,7 +269,7 @@ def sweep(
     check_provider(provider)
     dense, name = load_for_runtime(model)
     working, _ = prepare(dense)
-    fixed = concrete_input_shapes(working, input_shapes)
+    fixed = dense_input_shapes(working, input_shapes, seed).shapes  # sizes the dense model runs at
     cost = model_cost(working, fixed)
     reference = reference_pass(working, data, batch_size=batch_size, provider=provider, progress=progress,
                                metric=metric, batch_axis=batch_axis, class_axis=class_axis)
@@ -322,7 +322,7 @@ def sweep(
         bench = benchmark([dense, *(m for _, m in pruned_models)],
                           names=["dense", *(f"{target} {p.ratio:g}" for p, _ in pruned_models)],
                           provider=provider, threads=threads, runs=latency_runs, warmup=latency_warmup,
-                          input_shapes=input_shapes, progress=progress, seed=seed)
+                          input_shapes=fixed, progress=progress, seed=seed)
         for p, entry in zip([dense_point, *(p for p, _ in pruned_models)], bench.entries):
             p.latency_ms = dict(entry.latency.__dict__)
             p.speedup = entry.speedup

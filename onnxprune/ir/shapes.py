@@ -177,3 +177,17 @@ def _warn_no_symbolic(exc: ImportError) -> None:
 def static_shape(shapes: dict[str, tuple[int, Shape]], name: str) -> Shape | None:
     entry = shapes.get(name)
     return None if entry is None else entry[1]
+
+
+def output_shapes(model: onnx.ModelProto, fixed: dict[str, list[int]]) -> list[tuple] | None:
+    """The graph outputs' shapes at input shapes `fixed`, by inference; None for a dim it cannot
+    tell (symbolic, data-dependent, or declared -1). The model's value_info is left empty."""
+    shapes = infer_shapes(model, fixed)
+    out = []
+    for o in model.graph.output:
+        entry = shapes.get(o.name)
+        if entry is None:
+            return None
+        out.append(tuple(d if isinstance(d, int) and d >= 0 else None for d in entry[1]))
+    del model.graph.value_info[:]
+    return out

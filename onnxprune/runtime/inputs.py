@@ -20,9 +20,12 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError, UsageError
+from onnxprune.ir.model_io import model_byte_size
+from onnxprune.runtime.session import make_session
 
 DEFAULT_BATCH = 1
 # (spatial, other) sizes tried in turn for dynamic dims; the first is the plan without a run
@@ -223,3 +226,23 @@ def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: in
         else:
             raise OnnxPruneError(f"input '{vi.name}' has type {dtype}, which random validation cannot generate")
     return feeds
+
+
+# Above this size the dense model is not run just to check the input sizes (its
+# session would double the memory of pruning); a caller that needs its outputs
+# (lossless mode compares with them) still runs it.
+PROBE_MAX_BYTES = 1 << 30
+
+
+def dense_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None, seed: int = 0,
+                       need_outputs: bool = False) -> InputShapes:
+    """Input sizes the dense model runs at (`probe_input_shapes`), with its outputs there."""
+    if not need_outputs and model_byte_size(model) > PROBE_MAX_BYTES:
+        planned = plan_input_shapes(model, given)
+        if planned.assumed:
+            planned.assumed.append(f"not checked on the dense model (over {PROBE_MAX_BYTES >> 30} GiB)")
+        return planned
+    session = make_session(model, prepack=False, optimize=False)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a size the model cannot run is an expected answer, not an error to print
+    return probe_input_shapes(model, given, lambda feeds: session.run(None, feeds, quiet), seed)
