@@ -13,32 +13,29 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.stats import GramRequest, collect_statistics
 from onnxprune.cost import model_cost
 from onnxprune.errors import PlanError, UsageError
-from onnxprune.ir.fold import fold_constants
-from onnxprune.ir.graph_view import name_nodes, tensor_values
-from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, SourceInfo, Spill, check_output_path, copy_fields, \
-    is_external, load_model, model_byte_size, normalise, reshare_initializers, unshare_initializers
-from onnxprune.ir.shapes import infer_shapes
+from onnxprune.ir.graph_view import tensor_values
+from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external, model_byte_size, \
+    reshare_initializers
+from onnxprune.ir.prepare import ModelLike, prepare
+from onnxprune.ir.shapes import infer_shapes, output_shapes
 from onnxprune.runtime.gate import AccuracyDropError, check_budget, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
-from onnxprune.runtime.inputs import InputShapes, plan_input_shapes, probe_input_shapes
+from onnxprune.runtime.inputs import dense_input_shapes
 from onnxprune.runtime.output import save_verified, stage_if_on_disk
 from onnxprune.runtime.progress import progress_iter
-from onnxprune.runtime.session import check_provider, make_session
+from onnxprune.runtime.session import check_provider
 from onnxprune.runtime.validate import validate_model
 from onnxprune.sparsity.layers import CRITERIA, NEEDS_CALIBRATION, LayerResult, Selection, Solver, WeightTarget, \
     find_targets
 from onnxprune.sparsity.masks import Pattern
 from onnxprune.sparsity.report import SparsifyReport
 from onnxprune.sparsity.sparsegpt import DEFAULT_BLOCK, DEFAULT_DAMP
-
-ModelLike = str | os.PathLike | onnx.ModelProto
 
 # Gram accumulators (float64, features^2 each) held per pass over the calibration data: the weights
 # are split into passes under this many bytes, so a decoder's 11008-wide MLP gets a pass of its own
@@ -124,10 +121,10 @@ def sparsify(
         clock = now
 
     working, source = prepare(model, output)
-    shapes = _input_shapes(working, input_shapes, seed)
+    shapes = dense_input_shapes(working, input_shapes, seed)
     fixed = shapes.shapes
     params = model_cost(working, fixed).params
-    expected_shapes = _output_shapes(working, fixed)
+    expected_shapes = output_shapes(working, fixed)
     selection = find_targets(working, chosen, include, exclude)
     _check_selection(selection, include, exclude)
     lap("load")
@@ -186,29 +183,6 @@ def sparsify(
     finally:
         if staged is not None:
             staged.discard()
-
-
-def prepare(model: ModelLike, output: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, SourceInfo]:
-    """Our own normalised copy of the model, as prune's (onnxprune.pipeline.prepare, a layer above this
-    package): the caller's object or file is never touched, and an unusable output path fails before the
-    weights are read."""
-
-    def check_output(source: SourceInfo) -> None:
-        if output is not None:
-            check_output_path(output, source, estimated_bytes=source.file_size)
-
-    if isinstance(model, onnx.ModelProto):
-        working = onnx.ModelProto()
-        working.CopyFrom(model)
-        source = SourceInfo(file_size=working.ByteSize(), value_info=len(working.graph.value_info) > 0)
-        check_output(source)
-        normalise(working)
-    else:
-        working, source = load_model(model, before_data=check_output)
-    fold_constants(working)
-    unshare_initializers(working)
-    name_nodes(working)
-    return working, source
 
 
 def _pattern(sparsity: float | None, pattern: str | Pattern | None) -> Pattern:
@@ -310,29 +284,3 @@ def _solve(model: onnx.ModelProto, selection: Selection, solver: Solver, grams: 
     out.graph.initializer.extend(replaced.get(t.name, t) for t in model.graph.initializer)
     reshare_initializers(out)  # copies of shared biases made on load are one tensor again
     return out, layers
-
-
-def _input_shapes(model: onnx.ModelProto, given, seed: int) -> InputShapes:
-    """Input sizes the dense model runs at (onnxprune.runtime.inputs); not run above PROBE_MAX_BYTES."""
-    if model_byte_size(model) > PROBE_MAX_BYTES:
-        planned = plan_input_shapes(model, given)
-        if planned.assumed:
-            planned.assumed.append(f"not checked on the dense model (over {PROBE_MAX_BYTES >> 30} GiB)")
-        return planned
-    session = make_session(model, prepack=False, optimize=False)
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a size the model cannot run is an expected answer, not an error to print
-    return probe_input_shapes(model, given, lambda feeds: session.run(None, feeds, quiet), seed)
-
-
-def _output_shapes(model: onnx.ModelProto, fixed) -> list[tuple] | None:
-    """Output shapes by shape inference (None for a dim it cannot tell); zeroed weights must not change them."""
-    shapes = infer_shapes(model, fixed)
-    del model.graph.value_info[:]
-    out = []
-    for o in model.graph.output:
-        entry = shapes.get(o.name)
-        if entry is None:
-            return None
-        out.append(tuple(d if isinstance(d, int) and d >= 0 else None for d in entry[1]))
-    return out
