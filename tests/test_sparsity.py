@@ -13,7 +13,8 @@ from onnxprune.cli import main
 from onnxprune.errors import PlanError, UsageError
 from onnxprune.pipeline import prune
 from onnxprune.sparsity import Pattern, nm_violations, sparsify
-from onnxprune.sparsity.api import _gram_matrices, prepare
+from onnxprune.ir.prepare import prepare
+from onnxprune.sparsity.api import _gram_matrices
 from onnxprune.sparsity.layers import find_targets
 from onnxprune.sparsity.masks import select_mask
 from onnxprune.sparsity.sparsegpt import sparsegpt

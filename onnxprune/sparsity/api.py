@@ -40,8 +40,6 @@ from onnxprune.sparsity.sparsegpt import DEFAULT_BLOCK, DEFAULT_DAMP
 # Gram accumulators (float64, features^2 each) held per pass over the calibration data: the weights
 # are split into passes under this many bytes, so a decoder's 11008-wide MLP gets a pass of its own
 GRAM_MEMORY_CAP = 1 << 30
-# Above this size the dense model is not run just to check the input sizes (as in prune).
-PROBE_MAX_BYTES = 1 << 30
 
 
 def sparsify(
