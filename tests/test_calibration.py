@@ -268,3 +268,20 @@ def test_a_sample_with_nan_or_inf_is_refused_by_name(bad, tmp_path):
     np.savez(path, **values)
     with pytest.raises(DataError, match=r"input 'x': sample 7 of .*calib\.npz holds NaN or infinite values"):
         onnxprune.prune(small_cnn(), ratio=0.5, round_to=1, calib=str(path))
+
+
+def test_padding_is_dropped_per_sample_not_per_row_for_token_rows():
+    # a Gemm reading [batch * tokens, hidden] (BERT-style 2-D exports) must see every token of the real
+    # samples; keeping "the first n rows" kept one token of one sample
+    from onnxprune.calibration.capture import Capture
+
+    batch, tokens, hidden = 4, 3, 2
+    nodes = [helper.make_node("Reshape", ["x", "rows"], ["flat"], name="flatten_tokens"),
+             helper.make_node("Relu", ["flat"], ["y"], name="act")]
+    model = make_model(nodes, [("x", [batch, tokens, hidden])], [("y", [batch * tokens, hidden])],
+                       [numpy_helper.from_array(np.array([-1, hidden], np.int64), "rows")])
+    x = np.arange(batch * tokens * hidden, dtype=np.float32).reshape(batch, tokens, hidden)
+    got = Capture(model, ["flat", "x"]).run({"x": x}, n=2)  # the last two samples are padding
+    assert got["flat"].shape == (2 * tokens, hidden)
+    np.testing.assert_array_equal(got["flat"], x[:2].reshape(-1, hidden))
+    assert got["x"].shape == (2, tokens, hidden)

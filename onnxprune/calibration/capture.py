@@ -154,8 +154,18 @@ class Capture:
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.ndarray]:
-        """Requested tensors for the batch; only the first `n` samples (padding dropped)."""
+        """Requested tensors for the batch; only the rows of its first `n` samples (padding dropped)."""
         values = self.session.run(self.names, {k: v for k, v in feeds.items() if k in self._inputs})
-        if n is None:
+        fed = max((len(v) for v in feeds.values() if np.ndim(v)), default=0)
+        if n is None or n >= fed:
             return dict(zip(self.names, values))
-        return {name: v[:n] for name, v in zip(self.names, values)}
+        return {name: _real_rows(v, n, fed) for name, v in zip(self.names, values)}
+
+
+def _real_rows(value: np.ndarray, n: int, fed: int) -> np.ndarray:
+    """The rows of the first `n` of `fed` samples: a tensor whose axis 0 holds several rows per
+    sample (a Gemm reading [batch * tokens, hidden]) keeps n samples' worth of rows, not n rows."""
+    rows = value.shape[0] if value.ndim else 0
+    if rows and rows % fed == 0:
+        return value[:rows // fed * n]
+    return value[:n]

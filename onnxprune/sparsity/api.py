@@ -211,7 +211,6 @@ def _gram_matrices(model: onnx.ModelProto, targets: list[WeightTarget], data: An
     """X^T X of every reader's input (onnxprune.calibration.collect_statistics), in passes that hold at
     most GRAM_MEMORY_CAP bytes of accumulators each."""
     calib = CalibrationSet.open(data, model, max_samples=max_samples)
-    calib = WholeRows(calib.dataset, calib.specs, calib.indices)
     passes: list[list[GramRequest]] = [[]]
     used = 0
     for t in targets:
@@ -227,21 +226,6 @@ def _gram_matrices(model: onnx.ModelProto, targets: list[WeightTarget], data: An
         stats = collect_statistics(model, calib, grams=requests, per_sample=per_sample, seed=seed)
         grams.update(stats.grams)
     return grams, len(calib)
-
-
-class WholeRows(CalibrationSet):
-    """Calibration batches that tell the capture to keep every row of what it captures.
-
-    Each batch comes with n, the number of real samples, and the capture keeps the first n entries of
-    every tensor's axis 0 to drop padding. A transformer exported with 2-D Gemms reads
-    [batch * tokens, hidden]: the first n entries there are n tokens, and its Gram matrix would see only
-    the first token of each batch. Only a static batch is ever padded (its last batch), so n is passed
-    on only then; every other batch reports None: nothing to drop."""
-
-    def batches(self, batch_size: int = 32):
-        for feeds, n in super().batches(batch_size):
-            fed = len(next(iter(feeds.values()))) if feeds else n
-            yield feeds, (None if n == fed else n)
 
 
 def _solve(model: onnx.ModelProto, selection: Selection, solver: Solver, grams: dict | None
