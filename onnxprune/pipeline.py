@@ -9,7 +9,6 @@ asked) only after the pruned model passed validation and, with
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +32,11 @@ from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
 from onnxprune.passes.lossless import bypass, dead_units, zero_branches
 from onnxprune.passes.reconstruct import copy_model
 from onnxprune.report import GroupChange, ModelStats, PruneReport
-from onnxprune.runtime.gate import AccuracyDropError, check_budget, compare_latency, compare_quality, \
+from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
 from onnxprune.runtime.inputs import dense_input_shapes, plan_input_shapes
 from onnxprune.runtime.output import save_verified, stage_if_on_disk
-from onnxprune.runtime.session import check_provider
+from onnxprune.runtime.progress import StageClock
 from onnxprune.runtime.validate import validate_model
 from onnxprune.strategy.allocate import Target, allocate
 from onnxprune.strategy.depth import apply_depth
@@ -177,27 +176,12 @@ def prune(
                         "layers change the outputs) or a plan (a saved plan records its dropped layers)")
     if drop_layers is None and sum(modes) != 1:
         raise UsageError("choose one of: a target (ratio, target_flops, target_params), lossless, or a plan")
-    if max_accuracy_drop is not None:
-        if validate_data is None:
-            raise UsageError("max_accuracy_drop (--max-accuracy-drop) needs validation data "
-                                 "(validate_data / --validate-data)")
-        check_budget(max_accuracy_drop, metric is not None)
     if ablation_samples is not None and ablation_samples < 1:
         raise UsageError(f"ablation_samples (--ablation-samples) must be at least 1, got {ablation_samples}")
-    if measure_latency is None:
-        measure_latency = validate_data is not None
-    if measure_latency and (latency_runs < 1 or latency_warmup < 0 or threads < 0):
-        raise UsageError("latency runs must be at least 1, warm-up and threads at least 0")
-    if validate_data is not None or measure_latency:
-        check_provider(provider)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
+    measure_latency = check_gate_options(validate_data, max_accuracy_drop, metric, measure_latency, latency_runs,
+                                         latency_warmup, threads, provider)
+    clock = StageClock()
+    timings, lap = clock.timings, clock.lap
 
     working, source = prepare(model, output)
     shapes = dense_input_shapes(working, input_shapes, seed, need_outputs=lossless)

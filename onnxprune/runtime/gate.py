@@ -54,7 +54,7 @@ from onnxprune.runtime.data import Dataset, InputSpec, model_inputs, open_data
 from onnxprune.runtime.evaluate import bind_data, declared_class_axis, output_batch_axes, predict
 from onnxprune.runtime.metrics import NO_CLASS_AXIS, Blocks, Metric, aligned_blocks, blocks_of, class_ids, \
     custom_metrics, fidelity, labelled_accuracy, score_axis
-from onnxprune.runtime.session import make_session
+from onnxprune.runtime.session import check_provider, make_session
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 TOP_K = (1, 5)
@@ -141,6 +141,25 @@ def reference_pass(model: onnx.ModelProto, data: Any, *, batch_size: int = 32,
             notes.append(f"No top-k accuracy (the labels are the custom metric's): {exc}.")
     return DenseReference(dataset, specs, batch_axis, axes, outputs, class_axes, labels, accuracy, metric, custom,
                           run.batch_size, provider, threads, notes)
+
+
+def check_gate_options(validate_data: Any, max_accuracy_drop: float | None, metric: Any,
+                       measure_latency: bool | None, latency_runs: int, latency_warmup: int, threads: int,
+                       provider: str) -> bool:
+    """Refuse gate and latency options that cannot work together, before any work; returns whether
+    latency is measured (by default: when there is validation data)."""
+    if max_accuracy_drop is not None:
+        if validate_data is None:
+            raise UsageError("max_accuracy_drop (--max-accuracy-drop) needs validation data "
+                             "(validate_data / --validate-data)")
+        check_budget(max_accuracy_drop, metric is not None)
+    if measure_latency is None:
+        measure_latency = validate_data is not None
+    if measure_latency and (latency_runs < 1 or latency_warmup < 0 or threads < 0):
+        raise UsageError("latency runs must be at least 1, warm-up and threads at least 0")
+    if validate_data is not None or measure_latency:
+        check_provider(provider)
+    return measure_latency
 
 
 def check_budget(max_drop: float | None, custom_metric: bool = False) -> None:

@@ -99,3 +99,16 @@ def progress_iter(items: Sequence[T], label: str, *, enabled: bool | None = None
         for item in items:
             yield item
             bar.update()
+
+
+class StageClock:
+    """Seconds spent in each named stage: `lap(name)` closes the stage that ran since the last lap."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = now - self._last
+        self._last = now

@@ -8,7 +8,6 @@ then `sparsify` composes (structure first, sparsity inside what remains).
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -24,12 +23,11 @@ from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_ext
     reshare_initializers
 from onnxprune.ir.prepare import ModelLike, prepare
 from onnxprune.ir.shapes import infer_shapes, output_shapes
-from onnxprune.runtime.gate import AccuracyDropError, check_budget, compare_latency, compare_quality, \
+from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
 from onnxprune.runtime.inputs import dense_input_shapes
 from onnxprune.runtime.output import save_verified, stage_if_on_disk
-from onnxprune.runtime.progress import progress_iter
-from onnxprune.runtime.session import check_provider
+from onnxprune.runtime.progress import StageClock, progress_iter
 from onnxprune.runtime.validate import validate_model
 from onnxprune.sparsity.layers import CRITERIA, NEEDS_CALIBRATION, LayerResult, Selection, Solver, WeightTarget, \
     find_targets
@@ -98,25 +96,10 @@ def sparsify(
                          "(calib / --calib DATA), or use --criterion magnitude")
     if block_size < 1 or not damp > 0:
         raise UsageError(f"block size must be at least 1 and damping above 0; got {block_size} and {damp}")
-    if max_accuracy_drop is not None:
-        if validate_data is None:
-            raise UsageError("max_accuracy_drop (--max-accuracy-drop) needs validation data "
-                             "(validate_data / --validate-data)")
-        check_budget(max_accuracy_drop, metric is not None)
-    if measure_latency is None:
-        measure_latency = validate_data is not None
-    if measure_latency and (latency_runs < 1 or latency_warmup < 0 or threads < 0):
-        raise UsageError("latency runs must be at least 1, warm-up and threads at least 0")
-    if validate_data is not None or measure_latency:
-        check_provider(provider)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
+    measure_latency = check_gate_options(validate_data, max_accuracy_drop, metric, measure_latency, latency_runs,
+                                         latency_warmup, threads, provider)
+    clock = StageClock()
+    timings, lap = clock.timings, clock.lap
 
     working, source = prepare(model, output)
     shapes = dense_input_shapes(working, input_shapes, seed)
