@@ -24,7 +24,7 @@ from pathlib import Path
 from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.importance import CRITERIA
 from onnxprune.pipeline import analyze, prune
-from onnxprune.report import box_table, human
+from onnxprune.report import box_table, human, print_report
 from onnxprune.runtime.inputs import parse_input_shapes
 from onnxprune.sparsity import cli as sparsify_cli
 
@@ -376,14 +376,7 @@ def cmd_prune(args) -> int:
             print(exc.report.render_table())
             print(exc.report.summary())
         raise
-    print(report.render_table())
-    print(report.summary())
-    for note in report.notes:
-        print(note)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(report.render_markdown() + "\n")
+    print_report(report, args.report, args.markdown)
     print(f"wrote {args.output}")
     return 0
 

@@ -1,8 +1,10 @@
 """The prune report: one object, rendered as a terminal table, JSON or Markdown."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from onnxprune.cost import ModelCost
 
@@ -345,3 +347,16 @@ def box_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     out += [row(r) for r in rows]
     out.append(line("└", "┴", "┘"))
     return "\n".join(out)
+
+
+def print_report(report, json_path: str | None = None, markdown_path: str | None = None) -> None:
+    """What `prune` and `sparsify` print (table, summary, notes) and the files they write on request.
+    `report` is any report with render_table, summary, notes, to_dict and render_markdown."""
+    print(report.render_table())
+    print(report.summary())
+    for note in report.notes:
+        print(note)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(report.render_markdown() + "\n")

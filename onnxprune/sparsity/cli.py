@@ -8,10 +8,9 @@ this package stays below the command line in the import layers.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any, Callable
 
+from onnxprune.report import print_report
 from onnxprune.runtime.gate import AccuracyDropError
 from onnxprune.runtime.inputs import parse_input_shapes
 from onnxprune.sparsity.api import sparsify
@@ -91,13 +90,6 @@ def run(args, open_data: Callable[[Any, str], Any], load_metric: Callable[[str],
             print(exc.report.render_table())
             print(exc.report.summary())
         raise
-    print(report.render_table())
-    print(report.summary())
-    for note in report.notes:
-        print(note)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(report.render_markdown() + "\n")
+    print_report(report, args.report, args.markdown)
     print(f"wrote {args.output}")
     return 0
