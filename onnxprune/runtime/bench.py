@@ -42,7 +42,7 @@ from onnxprune.report import box_table
 from onnxprune.runtime.data import model_inputs
 from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
 from onnxprune.runtime.progress import Progress
-from onnxprune.runtime.session import check_provider, load_for_runtime, make_session
+from onnxprune.runtime.session import check_provider, load_for_runtime, make_session, session_source
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 MAX_PROFILED_RUNS = 20
@@ -207,9 +207,9 @@ def benchmark(
     stubs = [_stub(m) for m in loaded]
     feeds = [random_inputs(stub, s, seed) for stub, s in zip(stubs, shapes)]
     sessions = []
-    for model, label in zip(loaded, labels):
+    for given, model, label in zip(models, loaded, labels):
         try:
-            sessions.append(make_session(model, threads=threads, provider=provider))
+            sessions.append(make_session(session_source(given, model), threads=threads, provider=provider))
         except OnnxPruneError:
             raise
         except Exception as exc:

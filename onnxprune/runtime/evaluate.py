@@ -41,7 +41,7 @@ from onnxprune.runtime.data import Dataset, ImageSpec, InputSpec, model_inputs, 
 from onnxprune.runtime.metrics import NO_CLASS_AXIS, Blocks, Metric, blocks_of, class_ids, custom_metrics, \
     fidelity, is_id_output, labelled_accuracy, score_axis
 from onnxprune.runtime.progress import Progress
-from onnxprune.runtime.session import load_for_runtime, make_session
+from onnxprune.runtime.session import load_for_runtime, make_session, session_source
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -177,7 +177,7 @@ def evaluate(
         ref_out = out_name if out_name in [o.name for o in ref_proto.graph.output] else \
             _output_name(ref_proto, None, ref_name, index=[o.name for o in proto.graph.output].index(out_name))
     clock = time.perf_counter()
-    session = make_session(proto, threads=threads, provider=provider)
+    session = make_session(session_source(model, proto), threads=threads, provider=provider)
     out_axis = output_batch_axes(proto, [out_name], batch_axis)
     run = predict(session, specs, dataset, out_name, batch_size, batch_axis=batch_axis, output_axes=out_axis,
                   progress=progress, label=f"{name} on data")
@@ -206,7 +206,7 @@ def evaluate(
             result.notes.append(f"No top-k accuracy: {exc}.")  # labels meant for the custom metric only
     result.custom = custom_metrics(metric, outputs, labels)
     if reference is not None:
-        ref_session = make_session(ref_proto, threads=threads, provider=provider)
+        ref_session = make_session(session_source(reference, ref_proto), threads=threads, provider=provider)
         ref_run = predict(ref_session, ref_specs, dataset, ref_out, run.batch_size, batch_axis=batch_axis,
                           output_axes=output_batch_axes(ref_proto, [ref_out], batch_axis), progress=progress,
                           label=f"{ref_name} on data")

@@ -21,6 +21,14 @@ def load_for_runtime(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.M
     return loaded, str(Path(model))
 
 
+def session_source(model: str | os.PathLike | onnx.ModelProto, loaded: onnx.ModelProto
+                   ) -> str | onnx.ModelProto:
+    """What to open a session on: the user's file itself when they gave a path (onnxruntime reads its
+    external data in place), else the ModelProto (whose weights may still be on disk, copied to a
+    temporary file by make_session)."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else loaded
+
+
 def check_provider(provider: str) -> None:
     """Raise ProviderError naming the providers this onnxruntime build has."""
     available = ort.get_available_providers()
