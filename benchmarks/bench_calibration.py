@@ -63,7 +63,7 @@ def prune_row(name: str, criterion: str, target: float, round_to: int, strategy:
     """Runs in a fresh process: one (model, criterion, target) row."""
     import resource
 
-    from onnxprune.calibration import reconstruct
+    from onnxprune.passes.reconstruction import reconstruct
     from onnxprune.cost import model_cost
     from onnxprune.importance import score_groups
     from onnxprune.importance.data_aware import criterion_statistics
@@ -146,7 +146,7 @@ def child(kind: str, samples: int) -> None:
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     recon_seconds = recon_peak = float("nan")
     if kind in MODELS:  # then prune 50% of FLOPs (l1) and reconstruct on the same samples
-        from onnxprune.calibration import reconstruct
+        from onnxprune.passes.reconstruction import reconstruct
         from onnxprune.cost import model_cost
         from onnxprune.importance import score_groups
         from onnxprune.passes.apply_plan import apply_removal

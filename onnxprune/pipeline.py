@@ -18,7 +18,7 @@ import onnx
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.diagnose import explain, prunability_causes
 from onnxprune.analysis.zeros import ZeroState
-from onnxprune.calibration import reconstruct
+from onnxprune.passes.reconstruction import reconstruct
 from onnxprune.cost import model_cost
 from onnxprune.errors import OnnxPruneError, PlanError, UsageError
 from onnxprune.importance import score_groups

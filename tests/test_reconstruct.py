@@ -10,7 +10,8 @@ import pytest
 from helpers import make_model
 from onnx import helper, numpy_helper
 
-from onnxprune.calibration import CalibrationSet, reconstruct
+from onnxprune.calibration import CalibrationSet
+from onnxprune.passes.reconstruction import reconstruct
 from onnxprune.cost import model_cost
 from onnxprune.importance import score_groups
 from onnxprune.passes import reconstruct as passes

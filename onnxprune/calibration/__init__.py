@@ -1,16 +1,17 @@
-"""Calibration: activation statistics from sample data, and reconstruction of pruned models.
+"""Calibration: activation statistics from sample data.
 
-    from onnxprune.calibration import calibration_statistics, reconstruct
+    from onnxprune.calibration import calibration_statistics
 
     stats = calibration_statistics(dense, analysis, "calib.npz")       # for data-aware criteria
-    repaired, report = reconstruct(dense, pruned, analysis, removed, "calib.npz")
+
+(Reconstruction of pruned models, which uses these statistics, is a pass:
+onnxprune.passes.reconstruction.reconstruct.)
 
 Modules: `data` (CalibrationSet: the eval formats, limited and split),
 `capture` (intermediate tensors as extra onnxruntime outputs, chunked under a
 memory cap), `features` (consumer input rows: Gemm/MatMul vectors, Conv
 patches at sampled positions; Gram sums), `stats` (streaming per-channel
-statistics), `reconstruction` (the guarded sequence of reconstruction passes
-from `onnxprune.passes.reconstruct`), `ablation` (zero-ablation sensitivity
+statistics), `ablation` (zero-ablation sensitivity
 of every unit through one gated session) and `removal_error` (next-layer
 reconstruction error of removing input channels, for ThiNet's greedy).
 """
@@ -27,7 +28,6 @@ from onnxprune.calibration.stats import (
     collect_statistics,
     sink_tensors,
 )
-from onnxprune.calibration.reconstruction import ReconstructionReport, reconstruct  # noqa: E402  (imports passes)
 
 __all__ = [
     "DEFAULT_MEMORY_CAP",
@@ -39,7 +39,6 @@ __all__ = [
     "Consumer",
     "GramRequest",
     "GramStats",
-    "ReconstructionReport",
     "RemovalErrors",
     "Sensitivity",
     "ablation_sensitivity",
@@ -49,7 +48,6 @@ __all__ = [
     "consumers_of",
     "expose",
     "gated_model",
-    "reconstruct",
     "removal_errors",
     "rows",
     "sink_tensors",

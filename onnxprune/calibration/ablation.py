@@ -46,9 +46,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.analysis.units import NO_UNIT
-from onnxprune.calibration.capture import Capture, _subgraph_names, calibration_session
+from onnxprune.calibration.capture import Capture, calibration_session
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.errors import AblationBudgetError, OnnxPruneError
+from onnxprune.ir.graph_view import reads
 from onnxprune.ir.model_io import copy_fields
 from onnxprune.runtime.metrics import looks_like_probabilities
 from onnxprune.runtime.progress import Progress
@@ -219,10 +220,6 @@ class Suffix:
     flops: float | None
 
 
-def _inputs_of(node: onnx.NodeProto) -> list[str]:
-    return [x for x in node.input if x] + sorted(_subgraph_names(node))
-
-
 def suffix(gm: GatedModel, start: set[str], node_flops: dict[str, float] | None,
            dtypes: dict[str, int]) -> Suffix:
     """Every node downstream of the gating Mul nodes `start`, with the gate masks they need."""
@@ -232,28 +229,28 @@ def suffix(gm: GatedModel, start: set[str], node_flops: dict[str, float] | None,
     chosen: set[int] = set()
     gate_only: dict[str, int] = {}  # tensor -> producer, for nodes computed from the gate and constants alone
     for i, node in enumerate(graph.node):
-        ins = _inputs_of(node)
+        ins = reads(node)
         if node.name in start or any(x in affected for x in ins):
             chosen.add(i)
             affected.update(o for o in node.output if o)
         elif all(x in constants or x == gm.gate or x in gate_only for x in ins):
             gate_only.update((o, i) for o in node.output if o)
-    stack = [x for i in chosen for x in _inputs_of(graph.node[i]) if x in gate_only]
+    stack = [x for i in chosen for x in reads(graph.node[i]) if x in gate_only]
     while stack:
         i = gate_only[stack.pop()]
         if i not in chosen:
             chosen.add(i)
-            stack.extend(x for x in _inputs_of(graph.node[i]) if x in gate_only)
+            stack.extend(x for x in reads(graph.node[i]) if x in gate_only)
     nodes = [graph.node[i] for i in sorted(chosen)]
     produced = {o for n in nodes for o in n.output if o}
-    frontier = list(dict.fromkeys(x for n in nodes for x in _inputs_of(n)
+    frontier = list(dict.fromkeys(x for n in nodes for x in reads(n)
                                   if x not in produced and x not in constants and x != gm.gate))
     outputs = [o for o in graph.output if o.name in affected]
     out = onnx.ModelProto()
     copy_fields(gm.model, out, skip="graph")
     out.graph.name = graph.name
     out.graph.node.extend(nodes)
-    used = {x for n in nodes for x in _inputs_of(n)}
+    used = {x for n in nodes for x in reads(n)}
     out.graph.initializer.extend(t for t in graph.initializer if t.name in used)
     old_inputs = {i.name: i for i in graph.input}
     for name in frontier:

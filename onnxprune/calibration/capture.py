@@ -20,23 +20,12 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from onnxprune.ir.graph_view import reads
 from onnxprune.ir.model_io import copy_fields
 from onnxprune.ir.shapes import infer_shapes, skeleton
 from onnxprune.runtime.session import make_session
 
 DEFAULT_MEMORY_CAP = 1 << 30  # bytes of captured activations per batch
-
-
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names a control-flow node's subgraphs may read."""
-    names: set[str] = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for n in g.node:
-                names.update(i for i in n.input if i)
-                names |= _subgraph_names(n)
-    return names
 
 
 def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -59,8 +48,7 @@ def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
             continue
         needed_nodes.add(i)
         node = model.graph.node[i]
-        stack.extend(x for x in node.input if x)
-        stack.extend(_subgraph_names(node))
+        stack.extend(reads(node))  # subgraphs' outer-scope reads included
     out = onnx.ModelProto()
     copy_fields(model, out, skip="graph")
     for field, value in model.graph.ListFields():

@@ -21,7 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.ir.graph_view import reads
-from onnxprune.ir.model_io import small_vector, subgraph_names, with_values
+from onnxprune.ir.model_io import small_vector, with_values
+from onnxprune.ir.subgraphs import outer_names
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
     graph = model.graph
     values: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
-    pinned = outputs | subgraph_names(graph)  # names that must keep existing as they are
+    pinned = outputs | outer_names(graph)  # names that must keep existing as they are
     opsets = {o.domain: o.version for o in model.opset_import}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:

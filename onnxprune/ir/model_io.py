@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import ModelLoadError, OnnxPruneError, OutputError
+from onnxprune.ir.subgraphs import outer_names
 
 # protobuf cannot serialise messages of 2 GiB or more; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -201,18 +202,6 @@ def unique_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     return sum(_numel(g[0]) for g in groups), sum(tensor_bytes(g[0]) for g in groups)
 
 
-def subgraph_names(graph: onnx.GraphProto) -> set[str]:
-    """Every name a subgraph of `graph` mentions (a superset of what it reads from outside)."""
-    names: set[str] = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names.update(i for n in sub.node for i in n.input)
-                names.update(o.name for o in sub.output)
-                names |= subgraph_names(sub)
-    return names
-
-
 def reshare_initializers(model: onnx.ModelProto) -> int:
     """Merge initializers derived from one tensor (`<tensor>__...` copies) that hold equal values:
     readers of a copy read the original again.  Returns how many were merged away.
@@ -226,7 +215,7 @@ def reshare_initializers(model: onnx.ModelProto) -> int:
         families.setdefault(_family(t.name), []).append(t)
     if all(len(f) == 1 for f in families.values()):
         return 0
-    pinned = subgraph_names(graph) | {o.name for o in graph.output}
+    pinned = outer_names(graph) | {o.name for o in graph.output}
     renames: dict[str, str] = {}
     for base, members in families.items():
         if len(members) < 2:

@@ -16,7 +16,7 @@ from onnxprune.analysis import Analysis
 from onnxprune.analysis.rules import rule_for
 from onnxprune.errors import PlanError
 from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external
-from onnxprune.passes.rewriter import Rewriter
+from onnxprune.analysis.rewriter import Rewriter
 
 
 def apply_removal(model: onnx.ModelProto, analysis: Analysis, removed_roots: set[int]) -> onnx.ModelProto:

@@ -19,7 +19,7 @@ from onnxprune.ir.graph_view import outer_reads
 if TYPE_CHECKING:
     from onnxprune.analysis.context import AnalysisState
     from onnxprune.analysis.zeros import ZeroState
-    from onnxprune.passes.rewriter import Rewriter
+    from onnxprune.analysis.rewriter import Rewriter
 
 RULES: dict[str, "Rule"] = {}
 

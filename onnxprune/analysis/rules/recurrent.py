@@ -27,7 +27,7 @@ from onnxprune.analysis.rules.base import Rule, register
 
 if TYPE_CHECKING:
     from onnxprune.analysis.context import AnalysisState
-    from onnxprune.passes.rewriter import Rewriter
+    from onnxprune.analysis.rewriter import Rewriter
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 W, R, B, INITIAL_H, INITIAL_C, PEEPHOLES = 1, 2, 3, 5, 6, 7
