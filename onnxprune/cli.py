@@ -21,7 +21,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.errors import AccuracyDropError, OnnxPruneError, UsageError
 from onnxprune.importance import CRITERIA
 from onnxprune.pipeline import analyze, prune
 from onnxprune.report import box_table, human, print_report
@@ -366,16 +366,8 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from onnxprune.runtime.gate import AccuracyDropError
-
     data = _open_data(args, args.validate_data) if args.validate_data is not None else None
-    try:
-        _, report = _prune(args, data)
-    except AccuracyDropError as exc:
-        if exc.report is not None:  # show what was measured; write nothing
-            print(exc.report.render_table())
-            print(exc.report.summary())
-        raise
+    _, report = _prune(args, data)
     print_report(report, args.report, args.markdown)
     print(f"wrote {args.output}")
     return 0
@@ -535,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep": cmd_sweep, "sparsify": lambda a: sparsify_cli.run(a, _open_data, _load_metric)}
         return commands[args.command](args)
     except OnnxPruneError as exc:
+        if isinstance(exc, AccuracyDropError) and exc.report is not None:  # what was measured; nothing written
+            print(exc.report.render_table())
+            print(exc.report.summary())
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Terminated:

@@ -11,7 +11,6 @@ import argparse
 from typing import Any, Callable
 
 from onnxprune.report import print_report
-from onnxprune.runtime.gate import AccuracyDropError
 from onnxprune.runtime.inputs import parse_input_shapes
 from onnxprune.sparsity.api import sparsify
 from onnxprune.sparsity.layers import CRITERIA
@@ -73,23 +72,17 @@ def add_parser(sub, common_options: Callable[[Any], None]) -> argparse.ArgumentP
 def run(args, open_data: Callable[[Any, str], Any], load_metric: Callable[[str], Any]) -> int:
     """Run `onnxprune sparsify`; `open_data(args, path)` and `load_metric(spec)` read data and metrics
     as the other commands do."""
-    try:
-        _, report = sparsify(
-            args.input, args.output, sparsity=args.sparsity, pattern=args.pattern, criterion=args.criterion,
-            calib=open_data(args, args.calib) if args.calib else None, calib_samples=args.calib_samples,
-            positions_per_sample=args.positions_per_sample, include=args.include, exclude=args.exclude,
-            block_size=args.block_size, damp=args.damp, input_shapes=parse_input_shapes(args.input_shape),
-            seed=args.seed,
-            validate_data=open_data(args, args.validate_data) if args.validate_data else None,
-            max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency, batch_size=args.batch_size,
-            provider=args.provider, threads=args.threads, latency_runs=args.runs, latency_warmup=args.warmup,
-            progress=args.progress, metric=load_metric(args.metric) if args.metric else None,
-            batch_axis=args.batch_axis, class_axis=args.class_axis)
-    except AccuracyDropError as exc:
-        if exc.report is not None:  # show what was measured; nothing was written
-            print(exc.report.render_table())
-            print(exc.report.summary())
-        raise
+    _, report = sparsify(
+        args.input, args.output, sparsity=args.sparsity, pattern=args.pattern, criterion=args.criterion,
+        calib=open_data(args, args.calib) if args.calib else None, calib_samples=args.calib_samples,
+        positions_per_sample=args.positions_per_sample, include=args.include, exclude=args.exclude,
+        block_size=args.block_size, damp=args.damp, input_shapes=parse_input_shapes(args.input_shape),
+        seed=args.seed,
+        validate_data=open_data(args, args.validate_data) if args.validate_data else None,
+        max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency, batch_size=args.batch_size,
+        provider=args.provider, threads=args.threads, latency_runs=args.runs, latency_warmup=args.warmup,
+        progress=args.progress, metric=load_metric(args.metric) if args.metric else None,
+        batch_axis=args.batch_axis, class_axis=args.class_axis)
     print_report(report, args.report, args.markdown)
     print(f"wrote {args.output}")
     return 0
