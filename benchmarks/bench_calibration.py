@@ -67,7 +67,7 @@ def prune_row(name: str, criterion: str, target: float, round_to: int, strategy:
     from onnxprune.cost import model_cost
     from onnxprune.importance import score_groups
     from onnxprune.importance.data_aware import criterion_statistics
-    from onnxprune.passes.apply_plan import apply_removal
+    from onnxprune.passes.apply_plan import ApplyPlan
     from onnxprune.pipeline import build_analysis, prepare
     from onnxprune.runtime.evaluate import evaluate
     from onnxprune.runtime.inputs import concrete_input_shapes
@@ -86,7 +86,7 @@ def prune_row(name: str, criterion: str, target: float, round_to: int, strategy:
     keep = allocate(analysis, scores, Target(None, target, None, strategy, 0.9, round_to, [], []),
                     CostEstimator(analysis, cost))
     removed = removed_roots(analysis, keep)
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     full, _ = reconstruct(dense, pruned, analysis, removed, calib)
     seconds = time.perf_counter() - clock
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -149,7 +149,7 @@ def child(kind: str, samples: int) -> None:
         from onnxprune.passes.reconstruction import reconstruct
         from onnxprune.cost import model_cost
         from onnxprune.importance import score_groups
-        from onnxprune.passes.apply_plan import apply_removal
+        from onnxprune.passes.apply_plan import ApplyPlan
         from onnxprune.runtime.inputs import concrete_input_shapes
         from onnxprune.strategy.allocate import Target, allocate
         from onnxprune.strategy.estimate import CostEstimator
@@ -159,7 +159,7 @@ def child(kind: str, samples: int) -> None:
                         Target(None, 0.5, None, "uniform", 0.9, 1, [], []), CostEstimator(analysis, cost))
         removed = removed_roots(analysis, keep)
         clock = time.perf_counter()
-        reconstruct(model, apply_removal(model, analysis, removed), analysis, removed, data, max_samples=None)
+        reconstruct(model, ApplyPlan(analysis, removed)(model).model, analysis, removed, data, max_samples=None)
         recon_seconds = time.perf_counter() - clock
         recon_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(seconds, after.ru_maxrss / 1024, base_rss, stats.passes, len(stats.channels), cpu, recon_seconds,

@@ -9,7 +9,7 @@ asked) only after the pruned model passed validation and, with
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,20 +17,19 @@ import onnx
 
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.diagnose import explain, prunability_causes
-from onnxprune.analysis.zeros import ZeroState
 from onnxprune.passes.reconstruction import reconstruct
 from onnxprune.cost import model_cost
 from onnxprune.errors import OnnxPruneError, PlanError, UsageError
 from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
 from onnxprune.ir.graph_view import GraphView
-from onnxprune.ir.model_io import check_no_growth, model_byte_size, reshare_initializers
+from onnxprune.ir.model_io import check_no_growth, model_byte_size
 from onnxprune.ir.prepare import prepare
 from onnxprune.ir.shapes import infer_shapes, output_shapes
-from onnxprune.passes.apply_plan import apply_removal
-from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
-from onnxprune.passes.lossless import bypass, dead_units, zero_branches
-from onnxprune.passes.reconstruct import copy_model
+from onnxprune.passes.apply_plan import ApplyPlan
+from onnxprune.passes.cleanup import CLEANUP
+from onnxprune.passes.depth import DropLayers
+from onnxprune.passes.lossless import find_dead_structure
 from onnxprune.report import GroupChange, ModelStats, PruneReport
 from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
@@ -39,7 +38,7 @@ from onnxprune.runtime.output import save_verified, stage_if_on_disk
 from onnxprune.runtime.progress import StageClock
 from onnxprune.runtime.validate import validate_model
 from onnxprune.strategy.allocate import Target, allocate
-from onnxprune.strategy.depth import apply_depth
+from onnxprune.strategy.depth import choose_drops
 from onnxprune.strategy.estimate import CostEstimator
 from onnxprune.strategy.plan import Plan
 
@@ -202,10 +201,13 @@ def prune(
     calibration = None if calib is None else Calibration(calib, calib_samples, least_squares, bias_correction,
                                                           bn_recalibration, seed, ablation_samples)
     if calibration is not None and (drop_layers is not None or (plan is not None and plan.drop)):
-        calibration.reference = copy_model(working)  # the repair restores the outputs from before the drop
-    working, plan, depth = apply_depth(working, drop_layers, drop_unit, plan, calib=calib, calib_samples=calib_samples,
-                                       input_shapes=fixed, seed=seed, batch_size=batch_size)
+        calibration.reference = working  # the repair restores the outputs from before the drop (passes copy)
+    plan, depth = choose_drops(working, drop_layers, drop_unit, plan, calib=calib, calib_samples=calib_samples,
+                               input_shapes=fixed, seed=seed, batch_size=batch_size)
+    ran = []  # records of the passes that ran before the decision's
     if depth is not None:
+        dropped = DropLayers(depth.units)(working)
+        working, ran = dropped.model, [dropped.record]
         lap("drop layers")
     if lossless:
         decision = _decide_lossless(working)
@@ -220,10 +222,12 @@ def prune(
         decision = _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration, prune_hidden)
     if depth is not None:
         _add_depth(decision, depth, width or plan is not None and bool(plan.groups))
+    decision.passes[:0] = ran
     working = decision.pruned  # the dense model and its analysis are released here
     decision.pruned = None
-    reshare_initializers(working)  # copies of a shared vector that kept the same units are one again
-    drop_unused_initializers(working)
+    cleaned = CLEANUP(working)  # copies of a shared vector that kept the same units are one again; unused go
+    working = cleaned.model
+    decision.passes.append(cleaned.record)
     check_no_growth(working, dense_cost.param_bytes)  # a shared weight sliced per reader: refuse, write nothing
     if source.value_info:  # shapes of intermediate tensors, for a model that listed them
         infer_shapes(working)
@@ -304,6 +308,7 @@ def _validate_measure_write(working, fixed, staged, output, source, decision, be
         quality=quality,
         latency=latency,
         depth=depth.to_dict() if depth is not None else None,
+        passes=[r.to_dict() for r in decision.passes],
     )
     if quality is not None and quality.passed is False:
         result.serialized = None
@@ -362,6 +367,7 @@ class Decision:
     groups_total: int
     groups_prunable: int
     notes: list[str]
+    passes: list = field(default_factory=list)  # PassRecords of the passes that ran, in order
 
 
 @dataclass
@@ -388,13 +394,16 @@ def _reconstruct(working, pruned, analysis, removed, calibration: Calibration):
 
 def _apply(working, analysis, removed, plan, mode, notes=None, calibration: Calibration | None = None) -> Decision:
     changes = _changes(analysis, removed)
-    pruned = apply_removal(working, analysis, removed)
+    applied = ApplyPlan(analysis, removed)(working)
+    pruned, passes = applied.model, [applied.record]
     notes = list(notes or [])
     if calibration is not None and (removed or calibration.reference is not None):
         pruned, recon = _reconstruct(working, pruned, analysis, removed, calibration)
         notes += recon.summary().splitlines()
+        passes.append(recon.record)
         mode += ", reconstructed"
-    return Decision(pruned, plan, mode, changes, len(analysis.groups), len(analysis.prunable_groups()), notes)
+    return Decision(pruned, plan, mode, changes, len(analysis.groups), len(analysis.prunable_groups()), notes,
+                    passes)
 
 
 def _decide(working, plan, target, criterion, seed, dense_cost, lap, calibration: Calibration | None = None,
@@ -439,12 +448,12 @@ def _decide_depth(working: onnx.ModelProto, prune_hidden: bool = False,
                   calibration: Calibration | None = None) -> Decision:
     """Depth only (drop_layers without a width target): no group changes; repaired with calibration data."""
     analysis = build_analysis(working, prune_hidden)
-    notes = []
+    notes, passes = [], []
     if calibration is not None:
         working, recon = _reconstruct(working, working, analysis, set(), calibration)
-        notes = recon.summary().splitlines()
+        notes, passes = recon.summary().splitlines(), [recon.record]
     return Decision(working, Plan(meta={"mode": "drop layers"}), "", [], len(analysis.groups),
-                    len(analysis.prunable_groups()), notes)
+                    len(analysis.prunable_groups()), notes, passes)
 
 
 def _add_depth(decision: Decision, depth, width: bool) -> None:
@@ -455,17 +464,8 @@ def _add_depth(decision: Decision, depth, width: bool) -> None:
 
 def _decide_lossless(working: onnx.ModelProto) -> Decision:
     """Remove zero residual branches (repeatedly), then dead units."""
-    branches = 0
-    while True:
-        analysis = build_analysis(working)
-        zeros = ZeroState(analysis).run()
-        residuals = zero_branches(analysis, zeros)
-        if not residuals:
-            break
-        bypass(working, residuals)
-        branches += len(residuals)
-        working = remove_dead_nodes(working)
-    removed = dead_units(analysis, zeros)
+    found = find_dead_structure(working)
+    analysis, removed, branches = found.analysis, found.dead_units, found.branches
     keep = _keep_from_removed(analysis, removed)
     plan = Plan.from_keep(analysis, keep, {"mode": "lossless"})
     notes = [f"removed {branches} all-zero residual branch(es) and {len(removed)} dead unit(s)"]
@@ -473,7 +473,9 @@ def _decide_lossless(working: onnx.ModelProto) -> Decision:
         notes[0] = ("nothing exactly dead was found: the output computes the same as the input"
                     + explain(analysis).replace("\nWhy:\n  - ", "; only prunable groups were searched. ")
                     .replace("\n  - ", "; "))
-    return _apply(working, analysis, removed, plan, "lossless elimination", notes)
+    decision = _apply(found.model, analysis, removed, plan, "lossless elimination", notes)
+    decision.passes.insert(0, found.record)
+    return decision
 
 
 __all__ = ["AnalysisReport", "OnnxPruneError", "analyze", "prune", "prepare"]

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.ir.model_io import materialized
 from onnxprune.ir.shapes import infer_shapes
-from onnxprune.passes.apply_plan import apply_removal
-from onnxprune.passes.cleanup import drop_unused_initializers
+from onnxprune.passes.apply_plan import ApplyPlan
+from onnxprune.passes.cleanup import DropUnusedInitializers
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.runtime.session import make_session
 from onnxprune.runtime.validate import runtime_only_ops
@@ -87,8 +87,8 @@ def prune_matches_oracle(model: onnx.ModelProto, fraction: float = 0.5, seed: in
     removed = random_removal(analysis, fraction, seed)
     assert removed, "nothing was prunable"
     reference = masked_reference(working, analysis, removed)
-    pruned = apply_removal(working, analysis, removed)
-    drop_unused_initializers(pruned)
+    pruned = ApplyPlan(analysis, removed)(working).model
+    pruned = DropUnusedInitializers()(pruned).model
     infer_shapes(pruned)
     if not runtime_only_ops(pruned):  # onnx.checker rejects onnxruntime's own ai.onnx-domain ops
         onnx.checker.check_model(materialized(pruned), full_check=True)  # tensors kept on disk, read in

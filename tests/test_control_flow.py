@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 from helpers import analysis_of, conv, group_of, prune_matches_oracle, run, weight
 from onnxprune.cli import main
-from onnxprune.passes.cleanup import remove_dead_nodes
+from onnxprune.passes.cleanup import RemoveDeadNodes
 from onnxprune.pipeline import prepare
 from onnxprune.testing import masked_reference
 
@@ -205,7 +205,7 @@ def test_dead_node_removal_keeps_what_only_a_branch_reads_and_sorts_by_outer_rea
     nodes.insert(0, if_node)  # before relu1 and the Identity whose outputs its branches read
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    cleaned = remove_dead_nodes(model)
+    cleaned = RemoveDeadNodes()(model).model
     order = [n.name for n in cleaned.graph.node]
     assert order.index("relu1") < order.index("sr_switch") and order.index("share_else_w") < order.index("sr_switch")
     assert {"else.w.raw", "then.b"} <= set(initializer_dims(cleaned))

@@ -25,7 +25,7 @@ from onnxprune.calibration.influence import feature_cosines
 from onnxprune.cli import main
 from onnxprune.errors import PlanError, UsageError
 from onnxprune.ir.graph_view import GraphView
-from onnxprune.passes.depth import drop
+from onnxprune.passes.depth import DropLayers
 from onnxprune.passes.reconstruct import changed_consumers, rewired_nodes
 from onnxprune.pipeline import prepare
 from onnxprune.runtime.evaluate import evaluate
@@ -153,9 +153,7 @@ def test_a_dropped_unit_equals_the_dense_model_with_its_branches_zeroed(name, un
     working, found = scan(FIXTURES / name)
     chosen = [found.units(unit)[index]]
     reference = zeroed_branches(working, found.blocks, chosen)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(working)
-    pruned = drop(copy, chosen)
+    pruned = DropLayers(chosen)(working).model
     onnx.checker.check_model(materialized(pruned))  # tensors left on disk are read in
     assert len(pruned.graph.node) < len(working.graph.node)
     for batch, length in [(1, 5), (3, 11)]:
@@ -170,7 +168,7 @@ def test_bert_without_its_last_layer_outputs_what_entered_that_layer(name):
     working, found = scan(FIXTURES / name)
     last = found.units("layer")[-1]
     entering = expose(working, [last.input])
-    pruned = drop(onnx.load_from_string(working.SerializeToString()), [last])
+    pruned = DropLayers([last])(working).model
     assert [o.name for o in pruned.graph.output] == [o.name for o in working.graph.output]
     feeds = token_feeds(working, 2, 7)
     np.testing.assert_allclose(run(pruned, feeds)[0], run(entering, feeds)[0], atol=1e-6)
@@ -228,16 +226,14 @@ def test_with_calibration_data_the_layers_after_a_drop_are_refit_to_the_outputs_
 
 def test_the_readers_of_a_dropped_layer_count_as_changed():
     dense, _ = prepare(str(FIXTURES / "gpt2_decoder_legacy.onnx"))
-    before = onnx.ModelProto()
-    before.CopyFrom(dense)
     [unit] = [u for u in find_blocks(GraphView(dense)).units("layer") if u.name == "/transformer/h.0"]
-    dropped = drop(dense, [unit])
-    rewired = rewired_nodes(before, dropped)
+    dropped = DropLayers([unit])(dense).model
+    rewired = rewired_nodes(dense, dropped)
     readers = {n.name for n in dropped.graph.node if unit.input in n.input}
     assert rewired and rewired <= readers
     later = {n.name for n in dropped.graph.node if n.name.startswith("/transformer/h.1/") and n.op_type == "MatMul"
              and n.input[1].startswith("onnx::MatMul")}  # the second layer's weight MatMuls
-    assert len(later) == 4 and set(changed_consumers(before, {}, rewired)) >= later
+    assert len(later) == 4 and set(changed_consumers(dense, {}, rewired)) >= later
 
 
 def test_drop_layers_combines_with_a_width_ratio_and_the_plan_replays_both(tmp_path):

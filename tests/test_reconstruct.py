@@ -15,7 +15,7 @@ from onnxprune.passes.reconstruction import reconstruct
 from onnxprune.cost import model_cost
 from onnxprune.importance import score_groups
 from onnxprune.passes import reconstruct as passes
-from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.passes.apply_plan import ApplyPlan
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.runtime.evaluate import evaluate
 from onnxprune.runtime.inputs import concrete_input_shapes
@@ -103,7 +103,7 @@ def test_least_squares_brings_the_pruned_model_back_to_the_dense_outputs(build, 
     dense, _ = prepare(model)
     analysis = build_analysis(dense)
     removed = remove_units(analysis, group, indices)
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     shape = [d.dim_value or 1 for d in dense.graph.input[0].type.tensor_type.shape.dim]
     rng = np.random.default_rng(0)
     calib = {"x": rng.standard_normal([120] + shape[1:]).astype(np.float32)}
@@ -112,12 +112,13 @@ def test_least_squares_brings_the_pruned_model_back_to_the_dense_outputs(build, 
                                    bn_recalibration=False, memory_cap=memory_cap)
     onnx.checker.check_model(repaired, full_check=True)
     before, after = rel_error(pruned, dense, test), rel_error(repaired, dense, test)
-    assert report.passes[0].name == "least_squares" and report.passes[0].applied
+    assert report.passes[0].name == "least_squares" and report.passes[0].details["verdict"] == "kept"
     assert after < 0.25 * before, (before, after)
     assert report.fidelity_after < report.fidelity_before
-    refit = [l.node for l in report.passes[0].layers if l.action == "refit"]
+    [least_squares] = report.passes[0].children
+    refit = [l["node"] for l in least_squares.details["layers"] if l["action"] == "refit"]
     assert refit  # the consumers downstream of the pruned group were refit
-    assert len(pruned.graph.initializer) == len(apply_removal(dense, analysis, removed).graph.initializer)
+    assert len(pruned.graph.initializer) == len(ApplyPlan(analysis, removed)(dense).model.graph.initializer)
 
 
 def test_a_depthwise_conv_is_refit_channel_by_channel():
@@ -125,14 +126,15 @@ def test_a_depthwise_conv_is_refit_channel_by_channel():
     dense, _ = prepare(model)
     analysis = build_analysis(dense)
     removed = remove_units(analysis, group, indices)
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     rng = np.random.default_rng(1)
     data = CalibrationSet.open({"x": rng.standard_normal((60, 3, 10, 10)).astype(np.float32)}, dense)
     fit, held = data.split(0.25, 0)
     ctx = passes.ReconstructionContext(dense, analysis.keep_masks(removed), fit, held, batch_size=16)
-    repaired, [layer] = passes.least_squares_refit(pruned, ctx, nodes=["dw"])
-    assert layer.action == "refit" and layer.features == 9  # one 3x3 tap set (+ bias) per channel
-    assert layer.error_after < 0.8 * layer.error_before
+    result = passes.LeastSquaresRefit(ctx, nodes=["dw"])(pruned)
+    repaired, [layer] = result.model, result.record.details["layers"]
+    assert layer["action"] == "refit" and layer["features"] == 9  # one 3x3 tap set (+ bias) per channel
+    assert layer["error_after"] < 0.8 * layer["error_before"]
     test = {"x": rng.standard_normal((20, 3, 10, 10)).astype(np.float32)}
     assert rel_error(repaired, dense, test) < rel_error(pruned, dense, test)
     weights = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
@@ -169,7 +171,7 @@ def test_bias_compensation_is_exact_for_constant_removed_inputs(kind):
     dense, _ = prepare(constant_units_model(kind))
     analysis = build_analysis(dense)
     removed = remove_units(analysis, "p", [1, 4])
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     shape = [d.dim_value or 1 for d in dense.graph.input[0].type.tensor_type.shape.dim]
     rng = np.random.default_rng(0)
     calib = {"x": rng.standard_normal([30] + shape[1:]).astype(np.float32)}
@@ -179,7 +181,7 @@ def test_bias_compensation_is_exact_for_constant_removed_inputs(kind):
                                    bn_recalibration=False)
     onnx.checker.check_model(repaired, full_check=True)
     [bias_pass] = report.passes
-    assert bias_pass.name == "bias_compensation" and bias_pass.applied
+    assert bias_pass.name == "bias_compensation" and bias_pass.details["verdict"] == "kept"
     np.testing.assert_allclose(outputs(repaired, test)[0], outputs(dense, test)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -208,7 +210,7 @@ def bn_setup():
     dense, _ = prepare(bn_model())
     analysis = build_analysis(dense)
     removed = remove_units(analysis, "conv1", [0, 5])
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     calib = {"x": np.random.default_rng(2).standard_normal((40, 3, 8, 8)).astype(np.float32)}
     return dense, analysis, removed, pruned, calib
 
@@ -218,8 +220,9 @@ def test_bn_recalibration_recovers_the_statistics():
     data = CalibrationSet.open(calib, dense)
     empty = CalibrationSet(data.dataset, data.specs, np.arange(0))
     ctx = passes.ReconstructionContext(dense, analysis.keep_masks(removed), data, empty, batch_size=16)
-    recalibrated, layers = passes.bn_recalibration(pruned, ctx)
-    assert [l.node for l in layers] == ["bn"] and layers[0].action == "recalibrated"
+    result = passes.BnRecalibration(ctx)(pruned)
+    recalibrated, layers = result.model, result.record.details["layers"]
+    assert [l["node"] for l in layers] == ["bn"] and layers[0]["action"] == "recalibrated"
     c2 = make_session(_with_output(pruned, "c2")).run(["c2"], calib)[0].astype(np.float64)
     inits = {t.name: numpy_helper.to_array(t) for t in recalibrated.graph.initializer}
     bn = next(n for n in recalibrated.graph.node if n.name == "bn")
@@ -227,7 +230,8 @@ def test_bn_recalibration_recovers_the_statistics():
     np.testing.assert_allclose(inits[bn.input[4]], c2.var(axis=(0, 2, 3)), rtol=1e-4)
     assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "mu"))[0] == -3.0
     # after a least-squares refit of conv2 its outputs match the dense ones: the BN's statistics stay
-    assert passes.bn_recalibration(pruned, ctx, skip={"conv2"})[1] == []
+    untouched = passes.BnRecalibration(ctx, skip={"conv2"})(pruned)
+    assert untouched.record.details["layers"] == [] and untouched.model is pruned and not untouched.modified
 
 
 def _with_output(model, name):
@@ -244,9 +248,10 @@ def test_guard_rejects_a_pass_that_worsens_held_out_fidelity():
     repaired, report = reconstruct(dense, pruned, analysis, removed, calib, least_squares=False,
                                    bias_correction=False)
     bn_pass, matching = report.passes
-    assert matching.name == "output_matching" and matching.skipped  # conv2 feeds the BN: nothing to match
-    assert bn_pass.name == "bn_recalibration" and not bn_pass.applied
-    assert bn_pass.fidelity_after > bn_pass.fidelity_before and "kept the model before it" in bn_pass.note
+    assert matching.name == "output_matching" and matching.details["verdict"] == "nothing to do"  # conv2 feeds the BN
+    assert bn_pass.name == "bn_recalibration" and bn_pass.details["verdict"] == "undone" and not bn_pass.modified
+    assert bn_pass.details["fidelity_after"] > bn_pass.details["fidelity_before"]
+    assert "kept the model before it" in bn_pass.summary and "bn_recalibration: rejected" in report.summary()
     assert report.fidelity_after == report.fidelity_before
     test = {"x": np.random.default_rng(9).standard_normal((8, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_array_equal(outputs(repaired, test)[0], outputs(pruned, test)[0])
@@ -283,16 +288,17 @@ def test_output_matching_on_folded_bn_equals_bn_recalibration():
     bn = next(n for n in unfolded.graph.node if n.op_type == "BatchNormalization")
     bn.attribute.append(helper.make_attribute("epsilon", 1e-9))
     repaired = {}
-    for name, model, run in [("bn", unfolded, passes.bn_recalibration), ("folded", _fold_bn(unfolded),
-                                                                          passes.output_matching)]:
+    for name, model, run in [("bn", unfolded, passes.BnRecalibration), ("folded", _fold_bn(unfolded),
+                                                                         passes.OutputMatching)]:
         dense, _ = prepare(model)
         analysis = build_analysis(dense)
         removed = remove_units(analysis, "conv1", [0, 5])
         data = CalibrationSet.open(calib, dense)
         empty = CalibrationSet(data.dataset, data.specs, np.arange(0))
         ctx = passes.ReconstructionContext(dense, analysis.keep_masks(removed), data, empty, batch_size=16)
-        repaired[name], layers = run(apply_removal(dense, analysis, removed), ctx)
-        assert [l.node for l in layers] == ["bn" if name == "bn" else "conv2"]
+        result = run(ctx)(ApplyPlan(analysis, removed)(dense).model)
+        repaired[name], layers = result.model, result.record.details["layers"]
+        assert [l["node"] for l in layers] == ["bn" if name == "bn" else "conv2"]
     test = {"x": np.random.default_rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(outputs(repaired["folded"], test)[0], outputs(repaired["bn"], test)[0],
                                rtol=1e-4, atol=1e-5)
@@ -306,8 +312,9 @@ def test_output_matching_gives_each_channel_the_dense_mean_and_std():
                                .astype(np.float32)}, dense)
     empty = CalibrationSet(data.dataset, data.specs, np.arange(0))
     ctx = passes.ReconstructionContext(dense, analysis.keep_masks(removed), data, empty, batch_size=8)
-    matched, [layer] = passes.output_matching(apply_removal(dense, analysis, removed), ctx)
-    assert layer.node == "conv2" and layer.action == "matched"
+    result = passes.OutputMatching(ctx)(ApplyPlan(analysis, removed)(dense).model)
+    matched, [layer] = result.model, result.record.details["layers"]
+    assert layer["node"] == "conv2" and layer["action"] == "matched"
     feeds = {"x": data.dataset.arrays(0, 30)["x"]}
     got, want = outputs(matched, feeds)[0].astype(np.float64), outputs(dense, feeds)[0].astype(np.float64)
     np.testing.assert_allclose(got.mean(axis=(0, 2, 3)), want.mean(axis=(0, 2, 3)), atol=1e-4)
@@ -330,7 +337,7 @@ def test_digits_half_flops_recovers_accuracy_with_calibration():
         flags = np.ones(analysis.groups[gid].size, dtype=bool)
         flags[kept] = False
         removed.update(int(r) for r in analysis.groups[gid].roots[flags])
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     assert model_cost(pruned, fixed).flops <= 0.55 * cost.flops
     test = str(MODELS / "digits_test.npz")
     data_free = evaluate(pruned, test).accuracy["top1"]
@@ -354,9 +361,9 @@ def test_digits_without_least_squares_output_matching_does_most_of_the_repair():
                     CostEstimator(analysis, cost))
     removed = {int(r) for gid, kept in keep.items()
                for r in np.delete(analysis.groups[gid].roots, kept)}
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     repaired, report = reconstruct(dense, pruned, analysis, removed, str(MODELS / "digits_calib.npz"),
                                    least_squares=False)
     matching = next(p for p in report.passes if p.name == "output_matching")
-    assert matching.applied and matching.fidelity_after < matching.fidelity_before
+    assert matching.modified and matching.details["fidelity_after"] < matching.details["fidelity_before"]
     assert evaluate(repaired, str(MODELS / "digits_test.npz")).accuracy["top1"] >= 0.9, report.summary()

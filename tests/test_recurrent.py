@@ -11,7 +11,7 @@ import onnxprune
 from helpers import (analysis_of, const, feeds_for, group_of, make_model, prune_matches_oracle, random_removal,
                      weight)
 from onnxprune.cost import model_cost
-from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.passes.apply_plan import ApplyPlan
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.strategy.estimate import CostEstimator
 from onnxprune.testing import masked_reference
@@ -155,7 +155,7 @@ def test_batch_first_layout_keeps_the_hidden_axis_last(op):
     working, _ = prepare(model)
     analysis = build_analysis(working)
     removed = random_removal(analysis, 0.5)
-    pruned = apply_removal(working, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(working).model
     kept = kept_in(analysis, removed, "rnn")
     assert hidden_size(pruned) == kept and initializer(pruned, "h0").shape == (BATCH, 2, kept)
     feeds = feeds_for(working)
@@ -241,7 +241,7 @@ def test_flops_count_w_and_r_at_every_step_and_the_estimate_of_a_removal_is_exac
     flags = np.zeros(len(analysis.root_of), dtype=bool)
     flags[list(removed)] = True
     estimated, _ = CostEstimator(analysis, dense).estimate(flags)
-    assert estimated == pytest.approx(model_cost(apply_removal(working, analysis, removed)).flops)
+    assert estimated == pytest.approx(model_cost(ApplyPlan(analysis, removed)(working).model).flops)
 
 
 def unrolled_lstm(steps: int = 3) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ from onnxprune.importance.data_aware import (
     needs_statistics,
     unit_error_matrix,
 )
-from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.passes.apply_plan import ApplyPlan
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.runtime.evaluate import evaluate
 from onnxprune.strategy.allocate import Target, allocate
@@ -84,7 +84,7 @@ def test_gating_a_unit_is_removing_it_not_zeroing_its_source():
     gate[[gm.slots[group.id] + 2, gm.slots[group.id] + 4]] = 0.0
     feeds = images(6)
     gated = run(gm.model, {**feeds, gm.gate: gate})[0]
-    pruned = run(apply_removal(model, analysis, removed), feeds)[0]
+    pruned = run(ApplyPlan(analysis, removed)(model).model, feeds)[0]
     np.testing.assert_allclose(gated, pruned, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run(gm.model, {**feeds, gm.gate: gm.ones()})[0], run(model, feeds)[0])
 
@@ -109,7 +109,7 @@ def test_ablation_score_is_the_divergence_of_the_model_without_the_unit():
     dense = run(model, feeds)[0]
     for g in analysis.prunable_groups():
         for i, root in enumerate(g.roots.tolist()):
-            pruned = run(apply_removal(model, analysis, {int(root)}), feeds)[0]
+            pruned = run(ApplyPlan(analysis, {int(root)})(model).model, feeds)[0]
             assert sens.scores[g.id][i] == pytest.approx(kl(dense, pruned), rel=1e-3, abs=1e-7)
     # the suffix trick: only conv1's group runs the whole model
     assert sens.flops < sens.dense_flops
@@ -171,7 +171,7 @@ def test_ablation_of_a_head_gates_all_its_channels():
     assert np.bincount(index[index < gm.units]).tolist() == [16] * 4
     assert sens.losses == {"last_hidden_state": "mse"}
     dense = run(model, feeds)[0].astype(np.float64)
-    pruned = run(apply_removal(model, analysis, {int(heads.roots[1])}), feeds)[0]
+    pruned = run(ApplyPlan(analysis, {int(heads.roots[1])})(model).model, feeds)[0]
     want = np.square(pruned - dense).mean() / np.square(dense).mean()
     assert sens.scores[heads.id][1] == pytest.approx(want, rel=1e-3)
 

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 from helpers import analysis_of, group_of, make_model, prune_matches_oracle, run, weight
 from onnxprune.errors import OnnxPruneError
-from onnxprune.ir.model_io import reshare_initializers, unique_parameters
+from onnxprune.ir.model_io import unique_parameters
+from onnxprune.passes.cleanup import ReshareInitializers
 from onnxprune.pipeline import prepare
 from onnxprune.strategy.plan import GroupPlan, Plan
 
@@ -289,8 +290,10 @@ def test_reshare_merges_only_equal_copies_of_one_tensor():
                        [("x", [2, 4])], [("y", [2, 4])],
                        [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("b", "b__a2_2", "c")]
                        + [numpy_helper.from_array(np.full(4, 2, np.float32), "b__a3_3")])
-    assert reshare_initializers(model) == 1
-    assert [n.input[1] for n in model.graph.node] == ["b", "b", "b__a3_3", "c"]  # 'c' is another tensor
+    result = ReshareInitializers()(model)
+    assert result.record.details["merged"] == 1
+    assert [n.input[1] for n in result.model.graph.node] == ["b", "b", "b__a3_3", "c"]  # 'c' is another tensor
+    assert sorted(t.name for t in result.model.graph.initializer) == ["b", "b__a3_3", "c"]
 
 
 # -- the guard -------------------------------------------------------------------------------------
@@ -299,18 +302,18 @@ def test_a_model_whose_distinct_parameters_grew_is_refused_before_writing(tmp_pa
     names the tensor."""
     import onnxprune.pipeline as pipeline
 
-    real = pipeline.apply_removal
+    class PerReaderCopies(pipeline.ApplyPlan):
+        def run(self, model):
+            result = super().run(model)
+            pruned = result.model  # a new model: changing it leaves the pass's input alone
+            w1 = next(t for t in pruned.graph.initializer if t.name == "w1")
+            for k, node in enumerate(n for n in pruned.graph.node if n.input[1:2] == ["w1"]):
+                copy = numpy_helper.from_array(numpy_helper.to_array(w1) * (1 + k), f"w1__{node.name}")
+                pruned.graph.initializer.append(copy)
+                node.input[1] = copy.name
+            return result
 
-    def per_reader_copies(model, analysis, removed):
-        pruned = real(model, analysis, removed)
-        w1 = next(t for t in pruned.graph.initializer if t.name == "w1")
-        for k, node in enumerate(n for n in pruned.graph.node if n.input[1:2] == ["w1"]):
-            copy = numpy_helper.from_array(numpy_helper.to_array(w1) * (1 + k), f"w1__{node.name}")
-            pruned.graph.initializer.append(copy)
-            node.input[1] = copy.name
-        return pruned
-
-    monkeypatch.setattr(pipeline, "apply_removal", per_reader_copies)
+    monkeypatch.setattr(pipeline, "ApplyPlan", PerReaderCopies)
     out = tmp_path / "small.onnx"
     with pytest.raises(OnnxPruneError, match=r"'w1' \(\d versions"):
         onnxprune.prune(albert_like(layers=6), out, ratio=0.25, round_to=1)

@@ -4,32 +4,28 @@ It knows the keep mask of every (tensor, axis) that loses positions and the
 static shapes from before the rewrite, so a rule can ask "what is this
 tensor's new shape" and patch a Reshape target or Split sizes accordingly.
 Constant inputs are never patched in place: the node gets its own copy, so a
-shape constant shared by several nodes stays right for the others.
+shape constant shared by several nodes stays right for the others. The edits
+themselves (names, reader counts, copies, placement of new nodes) are the
+graph editor's (`onnxprune.ir.editor.GraphEditor`).
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from onnxprune.ir.graph_view import GraphView, all_names, fresh_name, reads
+from onnxprune.ir.editor import GraphEditor
+from onnxprune.ir.graph_view import GraphView
 
 
 class Rewriter:
     def __init__(self, model: onnx.ModelProto, view: GraphView, masks: dict[tuple[str, int], np.ndarray]):
         self.model = model
-        self.view = view
+        self.view = view  # the model before the rewrite: its shapes and constants
         self.masks = masks
+        self.edit = GraphEditor(model)
         self._changed_tensors = {t for t, _ in masks}
-        self._taken = all_names(model.graph)  # subgraph names too: a new name must not shadow one
-        self._nodes = {n.name: n for n in model.graph.node}
-        self._created: dict[str, np.ndarray] = {}
-        # a subgraph reading a shape constant by name is a reader too: that constant is copied, not patched
-        self._readers = Counter(i for n in model.graph.node for i in reads(n))
-        self._copies: dict[tuple[str, str], onnx.NodeProto] = {}  # (shape node, reader) -> its own copy
-        self._before: dict[str, list[onnx.NodeProto]] = {}  # node -> new nodes that feed it
+        self._created: dict[str, np.ndarray] = {}  # constants made by this rewrite (the view has the old ones)
 
     # -- questions ------------------------------------------------------------
     def mask(self, tensor: str, axis: int) -> np.ndarray | None:
@@ -54,21 +50,15 @@ class Rewriter:
 
     # -- edits ----------------------------------------------------------------
     def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
-        self.remove_attr(node, name)
-        node.attribute.append(helper.make_attribute(name, value))
+        self.edit.set_attr(node, name, value)
 
     def remove_attr(self, node: onnx.NodeProto, name: str) -> None:
-        keep = [a for a in node.attribute if a.name != name]
-        if len(keep) != len(node.attribute):
-            del node.attribute[:]
-            node.attribute.extend(keep)
+        self.edit.remove_attr(node, name)
 
     def replace_const_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
         """Point input `index` of `node` at a new initializer holding `value`."""
-        name = self._fresh_name(f"{node.input[index]}__{node.name}")
-        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        name = self.edit.attach_const(node, index, value, f"{node.input[index]}__{node.name}")
         self._created[name] = np.asarray(value)
-        node.input[index] = name
 
     def set_const_element(self, node_name: str, index: int, offset: int, value: int,
                           reader: tuple[onnx.NodeProto, int] | None = None) -> None:
@@ -77,9 +67,10 @@ class Rewriter:
         reader: (node, input index) that reads the Concat's output.  A Concat
         that others read too is copied for this reader, so their shapes stay.
         """
-        node = self._nodes[node_name]
-        if reader is not None and reader[0].input[reader[1]] in node.output and self._readers[node.output[0]] > 1:
-            node = self._own_copy(node, *reader)
+        node = self.edit.node(node_name)
+        if reader is not None and reader[0].input[reader[1]] in node.output \
+                and self.edit.reader_count(node.output[0]) > 1:
+            node = self.edit.own_copy(node, *reader)
         current = node.input[index]
         values = self._created.get(current)
         if values is None:
@@ -94,48 +85,21 @@ class Rewriter:
         """Add (or replace) optional input `index`, padding skipped inputs with ''."""
         while len(node.input) <= index:
             node.input.append("")
-        node.input[index] = "placeholder"
+        node.input[index] = "placeholder"  # the new constant is named `placeholder__<node>`, as before
         self.replace_const_input(node, index, value)
 
     def gather_input(self, node: onnx.NodeProto, index: int, axis: int, keep: np.ndarray) -> None:
         """Feed input `index` of `node` through a new Gather of the kept positions of `axis`
         (a run-time tensor that cannot shrink where it is made, such as a recurrent initial state)."""
         source = node.input[index]
-        indices = self._fresh_name(f"{source}__kept_indices_{node.name}")
-        self.model.graph.initializer.append(numpy_helper.from_array(np.flatnonzero(keep).astype(np.int64), indices))
-        out = self._fresh_name(f"{source}__kept_{node.name}")
-        gather = helper.make_node("Gather", [source, indices], [out], name=out, axis=axis)
-        self._before.setdefault(node.name, []).append(gather)
-        node.input[index] = out
-
-    def _own_copy(self, node: onnx.NodeProto, reader: onnx.NodeProto, input_index: int) -> onnx.NodeProto:
-        key = (node.name, reader.name)
-        if key not in self._copies:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.name = self._fresh_name(f"{node.name}__{reader.name}")
-            del copy.output[:]
-            copy.output.append(self._fresh_name(f"{node.output[0]}__{reader.name}"))
-            self._readers[node.output[0]] -= 1
-            reader.input[input_index] = copy.output[0]
-            self._copies[key] = copy
-        return self._copies[key]
+        indices = self.edit.add_initializer(np.flatnonzero(keep).astype(np.int64),
+                                            f"{source}__kept_indices_{node.name}")
+        out = self.edit.fresh_name(f"{source}__kept_{node.name}")
+        self.edit.add_node(helper.make_node("Gather", [source, indices], [out], name=out, axis=axis),
+                           before=node.name)
+        self.edit.set_input(node, index, out)
 
     def finish(self) -> None:
         """Place the shape-node copies right after their originals and inserted nodes right
         before their readers (topological order holds)."""
-        if not self._copies and not self._before:
-            return
-        after: dict[str, list[onnx.NodeProto]] = {}
-        for (original, _), copy in self._copies.items():
-            after.setdefault(original, []).append(copy)
-        nodes = []
-        for n in self.model.graph.node:
-            nodes.extend(self._before.get(n.name, []))
-            nodes.append(n)
-            nodes.extend(after.get(n.name, []))
-        del self.model.graph.node[:]
-        self.model.graph.node.extend(nodes)
-
-    def _fresh_name(self, base: str) -> str:
-        return fresh_name(self._taken, base)
+        self.edit.commit()

@@ -93,7 +93,7 @@ def load_model(path: str | os.PathLike, before_data: Callable[[SourceInfo], None
 # recurrence's Gemm weight, a tied embedding table) cost O(width^2) per copy:
 # they stay ONE tensor, and the analysis couples their readers so that every
 # reader takes the same slice (analysis/shared.py).  Copies that still agree
-# after pruning are merged back (`reshare_initializers`), and the pipeline
+# after pruning are merged back (`reshare_renames`), and the pipeline
 # refuses a model whose distinct parameter bytes grew (`check_no_growth`).
 SHARED_COPY_MAX_ELEMENTS = 1 << 16
 
@@ -202,9 +202,10 @@ def unique_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     return sum(_numel(g[0]) for g in groups), sum(tensor_bytes(g[0]) for g in groups)
 
 
-def reshare_initializers(model: onnx.ModelProto) -> int:
-    """Merge initializers derived from one tensor (`<tensor>__...` copies) that hold equal values:
-    readers of a copy read the original again.  Returns how many were merged away.
+def reshare_renames(model: onnx.ModelProto) -> dict[str, str]:
+    """Initializers derived from one tensor (`<tensor>__...` copies) that hold equal values: copy ->
+    the tensor its readers can read instead (the original name, when present). Applied by the
+    pass `passes.cleanup.ReshareInitializers`.
 
     Copies of a shared vector whose readers all kept the same units (ALBERT's shared biases)
     become one tensor again.  Tensors a subgraph mentions or a graph output names are left alone.
@@ -214,7 +215,7 @@ def reshare_initializers(model: onnx.ModelProto) -> int:
     for t in graph.initializer:
         families.setdefault(_family(t.name), []).append(t)
     if all(len(f) == 1 for f in families.values()):
-        return 0
+        return {}
     pinned = outer_names(graph) | {o.name for o in graph.output}
     renames: dict[str, str] = {}
     for base, members in families.items():
@@ -223,16 +224,7 @@ def reshare_initializers(model: onnx.ModelProto) -> int:
         for same in group_by_value(members):
             keep = next((t for t in same if t.name == base), same[0])  # the original name, when present
             renames.update((t.name, keep.name) for t in same if t is not keep and t.name not in pinned)
-    if not renames:
-        return 0
-    for node in graph.node:
-        for idx, name in enumerate(node.input):
-            if name in renames:
-                node.input[idx] = renames[name]
-    live = [t for t in graph.initializer if t.name not in renames]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
-    return len(renames)
+    return renames
 
 
 def check_no_growth(model: onnx.ModelProto, limit: int) -> None:

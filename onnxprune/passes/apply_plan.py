@@ -1,6 +1,6 @@
 """Physically remove units: slice every coupled initializer, patch attributes.
 
-This is the pass every pruning mode ends in (magnitude, lossless, replayed
+`ApplyPlan` is the pass every pruning mode ends in (magnitude, lossless, replayed
 plans): given the roots to remove, it computes each affected axis's keep mask
 from the analysis layouts, slices initializers along them, and lets each
 node's rule rewrite what depends on sizes (group counts, Reshape targets,
@@ -13,46 +13,58 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.analysis import Analysis
+from onnxprune.analysis.rewriter import Rewriter
 from onnxprune.analysis.rules import rule_for
 from onnxprune.errors import PlanError
 from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external
-from onnxprune.analysis.rewriter import Rewriter
+from onnxprune.passes.protocol import Pass, PassResult
 
 
-def apply_removal(model: onnx.ModelProto, analysis: Analysis, removed_roots: set[int]) -> onnx.ModelProto:
-    """The pruned copy of `model` (the one `analysis` was built on); `model` is not changed.
+class ApplyPlan(Pass):
+    """Remove the units `removed_roots` names from the model `analysis` was built on (or an equal one).
 
-    A new ModelProto is built rather than editing in place: protobuf keeps
-    replaced tensor bytes in the old message's arena, so in-place slicing would
-    hold dense and pruned weights in memory together until the end.
+    The pruned model is a new ModelProto rather than the input edited in place:
+    protobuf keeps replaced tensor bytes in the old message's arena, so in-place
+    slicing would hold dense and pruned weights in memory together until the end.
     """
-    if not removed_roots:
-        return model
-    masks = analysis.keep_masks(removed_roots)
-    for (tensor, axis), mask in masks.items():
-        if not mask.any():
-            raise PlanError(
-                f"the plan removes every position of axis {axis} of '{tensor}'; keep at least one unit "
-                "in each group (and each Split/Concat piece)"
-            )
-    pruned = onnx.ModelProto()
-    copy_fields(model, pruned, skip="graph")
-    copy_fields(model.graph, pruned.graph, skip="initializer")
-    del pruned.graph.value_info[:]
-    _slice_initializers(model, pruned, analysis, masks)
-    rw = Rewriter(pruned, analysis.view, masks)
-    for node in pruned.graph.node:
-        rule_for(node).rewrite(node, rw)
-    rw.finish()
-    return pruned
+
+    name = "apply_plan"
+
+    def __init__(self, analysis: Analysis, removed_roots: set[int]):
+        self.analysis = analysis
+        self.removed_roots = removed_roots
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        if not self.removed_roots:
+            return self.unchanged(model, "no unit to remove")
+        masks = self.analysis.keep_masks(self.removed_roots)
+        for (tensor, axis), mask in masks.items():
+            if not mask.any():
+                raise PlanError(
+                    f"the plan removes every position of axis {axis} of '{tensor}'; keep at least one unit "
+                    "in each group (and each Split/Concat piece)"
+                )
+        pruned = onnx.ModelProto()
+        copy_fields(model, pruned, skip="graph")
+        copy_fields(model.graph, pruned.graph, skip="initializer")
+        del pruned.graph.value_info[:]
+        sliced = _slice_initializers(model, pruned, self.analysis, masks)
+        rw = Rewriter(pruned, self.analysis.view, masks)
+        for node in pruned.graph.node:
+            rule_for(node).rewrite(node, rw)
+        rw.finish()
+        units = len(self.removed_roots)
+        return self.changed(pruned, f"removed {units} unit(s); {sliced} initializer(s) sliced",
+                            units=units, axes=len(masks), initializers_sliced=sliced)
 
 
-def _slice_initializers(model, pruned, analysis, masks) -> None:
+def _slice_initializers(model, pruned, analysis, masks) -> int:
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for (tensor, axis), mask in masks.items():
         if analysis.view.is_const(tensor):
             by_tensor.setdefault(tensor, []).append((axis, mask))
     spill = None
+    sliced = 0
     for t in model.graph.initializer:
         cuts = by_tensor.get(t.name)
         if not cuts:
@@ -69,3 +81,5 @@ def _slice_initializers(model, pruned, analysis, masks) -> None:
         else:
             pruned.graph.initializer.append(numpy_helper.from_array(arr, t.name))
         del arr
+        sliced += 1
+    return sliced

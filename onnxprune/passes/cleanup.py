@@ -1,23 +1,50 @@
-"""Graph cleanup after a rewrite: dead nodes, unused initializers, order.
+"""Graph cleanup after a rewrite: dead nodes, unused initializers, copies to merge, node order.
 
 Subgraphs (If branches, Loop and Scan bodies) are left exactly as they are;
-what they read from the main graph by name counts as read (`graph_view.reads`).
+what they read from the main graph by name counts as read (the editor's index).
+
+* `RemoveDeadNodes`: drop the nodes no graph output depends on and the
+  initializers nothing reads, then sort the nodes topologically.
+* `DropUnusedInitializers`: only the initializers nothing reads.
+* `ReshareInitializers`: copies of one tensor that still hold equal values
+  (`ir.model_io.reshare_renames`) become that tensor again.
+* `CLEANUP`: what the pipeline runs on every pruned model (reshare, then drop
+  what no longer has a reader).
+
+`remove_dead_code` does the same as `RemoveDeadNodes` in place, for a pass
+that already works on its own copy (a layer drop, a residual bypass).
 """
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import onnx
 
-from onnxprune.ir.graph_view import reads
+from onnxprune.ir.editor import GraphEditor, copy_model, rebuilt
+from onnxprune.ir.model_io import reshare_renames
+from onnxprune.passes.protocol import Pass, PassResult, Sequence
 
 
-def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the nodes no graph output depends on and the initializers nothing reads, then sort
-    the nodes topologically. Edits `model` in place and returns it; graph inputs all stay."""
-    graph = model.graph
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    live: set[int] = set()
+@dataclass
+class DeadCode:
+    """What dead-code removal keeps of one model."""
+
+    nodes: list[onnx.NodeProto]           # the live nodes, sorted topologically
+    initializers: list[onnx.TensorProto]  # the initializers something reads
+    value_info: list[onnx.ValueInfoProto]  # entries of tensors still read or produced for a reader
+    dead_nodes: int
+    unused_initializers: int
+
+    def changes(self, graph: onnx.GraphProto) -> bool:
+        return bool(self.dead_nodes or self.unused_initializers or len(self.value_info) != len(graph.value_info)
+                    or any(a is not b for a, b in zip(self.nodes, graph.node)))
+
+
+def find_dead_code(edit: GraphEditor) -> DeadCode:
+    """What of `edit`'s model no graph output depends on (graph inputs all stay)."""
+    graph = edit.graph
+    live: dict[int, onnx.NodeProto] = {}
     stack = [o.name for o in graph.output]
     seen: set[str] = set()
     while stack:
@@ -25,23 +52,30 @@ def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
         if name in seen:
             continue
         seen.add(name)
-        i = producer.get(name)
-        if i is not None and i not in live:
-            live.add(i)
-            stack.extend(reads(graph.node[i]))
-    nodes = sort_nodes([n for i, n in enumerate(graph.node) if i in live])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    drop_unused_initializers(model)
+        node = edit.producer(name)
+        if node is not None and id(node) not in live:
+            live[id(node)] = node
+            stack.extend(edit.reads(node))
+    nodes = sort_nodes([n for n in edit.nodes if id(n) in live], edit)
+    inits = [t for t in graph.initializer if t.name in seen]  # seen: what live nodes read, and the outputs
     present = seen | {i.name for i in graph.input}
-    kept = [vi for vi in graph.value_info if vi.name in present]
-    if len(kept) != len(graph.value_info):
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
-    return model
+    value_info = [vi for vi in graph.value_info if vi.name in present]
+    return DeadCode(nodes, inits, value_info, len(edit.nodes) - len(nodes), len(graph.initializer) - len(inits))
 
 
-def sort_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+def remove_dead_code(edit: GraphEditor) -> DeadCode:
+    """`find_dead_code`, applied to `edit`'s model in place (a model the caller owns); the editor is
+    not usable afterwards."""
+    dead = find_dead_code(edit)
+    graph = edit.graph
+    for field, kept in (("node", dead.nodes), ("initializer", dead.initializers), ("value_info", dead.value_info)):
+        items = list(kept)
+        del getattr(graph, field)[:]
+        getattr(graph, field).extend(items)
+    return dead
+
+
+def sort_nodes(nodes: list[onnx.NodeProto], edit: GraphEditor) -> list[onnx.NodeProto]:
     """Topological order, stable: a node moves only to follow what it reads (subgraph reads too).
 
     Nodes in a cycle, or reading a tensor no node produces, keep their place at the end.
@@ -50,7 +84,7 @@ def sort_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     waiting = [0] * len(nodes)
     readers: dict[int, list[int]] = {}
     for i, node in enumerate(nodes):
-        for p in {producer[t] for t in reads(node) if t in producer and producer[t] != i}:
+        for p in {producer[t] for t in edit.reads(node) if t in producer and producer[t] != i}:
             waiting[i] += 1
             readers.setdefault(p, []).append(i)
     placed: list[int] = []
@@ -69,13 +103,59 @@ def sort_nodes(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     return [nodes[i] for i in placed]
 
 
-def drop_unused_initializers(model: onnx.ModelProto) -> int:
+class RemoveDeadNodes(Pass):
+    name = "remove_dead_nodes"
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        dead = find_dead_code(GraphEditor(model))
+        if not dead.changes(model.graph):
+            return self.unchanged(model)
+        out = rebuilt(model, node=dead.nodes, initializer=dead.initializers, value_info=dead.value_info)
+        return self.changed(out, f"removed {dead.dead_nodes} dead node(s) and {dead.unused_initializers} "
+                                 "unused initializer(s)", nodes=dead.dead_nodes,
+                            initializers=dead.unused_initializers)
+
+
+class DropUnusedInitializers(Pass):
     """Remove initializers no node reads (inside subgraphs included) and no graph output names."""
-    graph = model.graph
-    used = {t for n in graph.node for t in reads(n)} | {o.name for o in graph.output}
-    live = [t for t in graph.initializer if t.name in used]
-    dropped = len(graph.initializer) - len(live)
-    if dropped:
-        del graph.initializer[:]
-        graph.initializer.extend(live)
-    return dropped
+
+    name = "drop_unused_initializers"
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        edit = GraphEditor(model)
+        outputs = {o.name for o in model.graph.output}
+        used = [t for t in model.graph.initializer if edit.reader_count(t.name) or t.name in outputs]
+        dropped = len(model.graph.initializer) - len(used)
+        if not dropped:
+            return self.unchanged(model)
+        return self.changed(rebuilt(model, initializer=used), f"dropped {dropped} unused initializer(s)",
+                            initializers=dropped)
+
+
+class ReshareInitializers(Pass):
+    """Readers of a copy of a tensor (`<tensor>__...`) that still holds the same values read the
+    tensor again, and the copy goes: shared vectors copied per reader on load, whose readers all
+    kept the same units (ALBERT's shared biases), are one tensor again."""
+
+    name = "reshare_initializers"
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        renames = reshare_renames(model)
+        if not renames:
+            return self.unchanged(model)
+        out = copy_model(model)
+        edit = GraphEditor(out)
+        for copy, original in renames.items():
+            for node, index in edit.readers(copy):
+                if index >= 0:  # a subgraph never reads a merged copy: those are pinned
+                    edit.set_input(node, index, original)
+        kept = [t for t in out.graph.initializer if t.name not in renames]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(kept)
+        return self.changed(out, f"merged {len(renames)} equal copies into the tensor they copy",
+                            merged=len(renames))
+
+
+# the pipeline's last rewrite: copies of a shared vector that kept the same units are one again,
+# then what lost its last reader goes
+CLEANUP = Sequence("cleanup", [ReshareInitializers(), DropUnusedInitializers()])

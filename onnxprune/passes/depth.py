@@ -1,53 +1,38 @@
-"""Depth pruning: whole residual branches and layers go, their input passes through.
+"""Depth pruning's rewrite: whole residual branches and layers go, their input passes through.
 
-`reroute` is the one rewrite: every reader of a tensor reads another one
-instead (the dropped unit's output -> its input). What only fed the dropped
-output becomes dead code and `remove_dead_nodes` deletes it. Lossless
-elimination of all-zero residual branches (`passes.lossless.bypass`) is the
-same rewrite.
+    result = DropLayers(units)(model)   # units chosen by onnxprune.strategy.depth
+
+Rerouting is the one edit (`GraphEditor.reroute`): every reader of a dropped
+unit's output reads its input instead. What only fed the dropped output
+becomes dead code and is removed with it. Lossless elimination of all-zero
+residual branches (`passes.lossless.BypassZeroBranches`) is the same rewrite.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import onnx
-from onnx import helper
 
-from onnxprune.ir.graph_view import rename_reads
-from onnxprune.passes.cleanup import remove_dead_nodes
-
-
-def reroute(model: onnx.ModelProto, routes: dict[str, str]) -> None:
-    """Readers of each key read its value instead (chains resolved: a -> b -> c reads c).
-
-    A key that is a graph output keeps its name: an Identity of the value produces it, and
-    its old producer, renamed, is left to dead-code removal.
-    """
-    def resolve(name: str) -> str:
-        seen = set()
-        while name in routes and name not in seen:
-            seen.add(name)
-            name = routes[name]
-        return name
-
-    resolved = {name: resolve(name) for name in routes}
-    for node in model.graph.node:
-        rename_reads(node, resolved)  # subgraphs read outer tensors by name: they follow too
-    for out in model.graph.output:
-        if out.name not in routes:
-            continue
-        for node in model.graph.node:
-            for idx, name in enumerate(node.output):
-                if name == out.name:
-                    node.output[idx] = f"{name}__dropped"
-        model.graph.node.append(helper.make_node("Identity", [resolve(out.name)], [out.name],
-                                                 name=f"{out.name}__passthrough"))
+from onnxprune.ir.editor import GraphEditor, copy_model
+from onnxprune.passes.cleanup import remove_dead_code
+from onnxprune.passes.protocol import Pass, PassResult
 
 
-def drop(model: onnx.ModelProto, units: Iterable) -> onnx.ModelProto:
-    """Remove units (anything with `.input` and `.output` tensor names, e.g. analysis.blocks.Unit)."""
-    routes = {u.output: u.input for u in units}
-    if not routes:
-        return model
-    reroute(model, routes)
-    return remove_dead_nodes(model)
+class DropLayers(Pass):
+    """Remove units: anything with `.name`, `.input` and `.output` tensor names (analysis.blocks.Unit)."""
+
+    name = "drop_layers"
+
+    def __init__(self, units: Iterable):
+        self.units = list(units)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        if not self.units:
+            return self.unchanged(model, "no unit to drop")
+        out = copy_model(model)
+        edit = GraphEditor(out)
+        edit.reroute({u.output: u.input for u in self.units})
+        dead = remove_dead_code(edit)
+        names = [u.name for u in self.units]
+        return self.changed(out, f"dropped {', '.join(names)} ({dead.dead_nodes} node(s))", units=names,
+                            nodes=dead.dead_nodes, initializers=dead.unused_initializers)

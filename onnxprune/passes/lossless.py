@@ -1,19 +1,31 @@
 """Lossless elimination: remove only structure that is exactly dead.
 
-* Units whose every position, wherever another layer consumes it, is exactly
-  zero for any input (zero filters and biases, or zero BN gamma and beta,
-  carried through zero-preserving ops).  Removing them cannot change outputs.
 * Residual branches whose whole output is exactly zero: the Add becomes a
-  pass-through of the other input and the branch is deleted.
+  pass-through of the other input and the branch is deleted
+  (`BypassZeroBranches`, repeated to a fixed point: a bypass can leave
+  another branch all zero).
+* Then units whose every position, wherever another layer consumes it, is
+  exactly zero for any input (zero filters and biases, or zero BN gamma and
+  beta, carried through zero-preserving ops): `dead_units` names them and
+  `ApplyPlan` removes them. Removing them cannot change outputs.
 What structured-sparse training exported as zeros is physically removed.
+
+    found = find_dead_structure(model)
+    ApplyPlan(found.analysis, found.dead_units)(found.model)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 
-from onnxprune.analysis import Analysis
+from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.zeros import ZeroState
-from onnxprune.passes.depth import reroute
+from onnxprune.ir.editor import GraphEditor, copy_model
+from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.shapes import infer_shapes, skeleton
+from onnxprune.passes.cleanup import remove_dead_code
+from onnxprune.passes.protocol import FixedPoint, Pass, PassRecord, PassResult
 
 RESIDUAL_OPS = {"Add", "Sum"}
 
@@ -55,9 +67,68 @@ def zero_branches(analysis: Analysis, zeros: ZeroState) -> list[tuple[onnx.NodeP
     return found
 
 
-def bypass(model: onnx.ModelProto, residuals: list[tuple[onnx.NodeProto, str]]) -> None:
-    """Route each residual's readers to its surviving input; the branch becomes dead code.
+@dataclass
+class ZeroFacts:
+    """The analysis of one model and where its tensors are exactly zero."""
 
-    A residual that is itself a graph output keeps its name (an Identity of the survivor).
-    """
-    reroute(model, {node.output[0]: other for node, other in residuals})
+    model: onnx.ModelProto
+    analysis: Analysis
+    zeros: ZeroState
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> ZeroFacts:
+        # shapes inferred on a weight-free skeleton: inference on the model itself would write its value_info
+        analysis = analyze_graph(GraphView(model, infer_shapes(skeleton(model))))
+        return cls(model, analysis, ZeroState(analysis).run())
+
+
+class BypassZeroBranches(Pass):
+    """Route the readers of each residual Add/Sum with an all-zero input to its other input; the
+    branch becomes dead code and is removed. A residual that is itself a graph output keeps its
+    name (an Identity of the survivor). One round: what a bypass makes zero is found by the next.
+
+    `facts` keeps the analysis of the last model looked at: when a round finds nothing, that
+    model is the result, and its analysis is what dead units are searched in."""
+
+    name = "bypass_zero_branches"
+
+    def __init__(self):
+        self.facts: ZeroFacts | None = None
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        self.facts = facts = ZeroFacts.of(model)
+        residuals = zero_branches(facts.analysis, facts.zeros)
+        if not residuals:
+            return self.unchanged(model, "no all-zero residual branch")
+        out = copy_model(model)
+        edit = GraphEditor(out)
+        edit.reroute({node.output[0]: other for node, other in residuals})
+        dead = remove_dead_code(edit)
+        names = [node.name for node, _ in residuals]
+        return self.changed(out, f"bypassed {len(names)} all-zero residual branch(es)", residuals=names,
+                            nodes=dead.dead_nodes)
+
+
+@dataclass
+class DeadStructure:
+    """What lossless elimination found: the model with every all-zero residual branch bypassed,
+    its analysis, and the dead units left to remove from it (`ApplyPlan`)."""
+
+    model: onnx.ModelProto
+    analysis: Analysis
+    dead_units: set[int]
+    branches: int          # residual branches bypassed
+    record: PassRecord     # the bypass rounds
+
+
+def find_dead_structure(model: onnx.ModelProto) -> DeadStructure:
+    """Bypass all-zero residual branches until none is left, then find the dead units. `model` is not
+    changed."""
+    bypass = BypassZeroBranches()
+    # every round that changes the model removes a residual node: the bound is never reached
+    result = FixedPoint(bypass, max_rounds=len(model.graph.node) + 1)(model)
+    facts = bypass.facts if bypass.facts is not None and bypass.facts.model is result.model \
+        else ZeroFacts.of(result.model)
+    branches = sum(len(r.details.get("residuals", ())) for r in result.record.children)
+    return DeadStructure(result.model, facts.analysis, dead_units(facts.analysis, facts.zeros), branches,
+                         result.record)

@@ -1,11 +1,13 @@
 """Reconstruction passes: repair a pruned model with calibration data, without retraining.
 
-Each pass is a pure function: it takes the current pruned model and returns a
-new one (the input is not modified) plus a record per layer. They share a
+Each pass follows the pass protocol (`passes.protocol`): called with the
+current pruned model, it returns a new one (the input is not modified) and a
+record with one entry per layer (details["layers"]). They share a
 `ReconstructionContext` (the dense model, the keep masks of the plan, the
-fit and held-out calibration splits, batch/memory settings).
+fit and held-out calibration splits, batch/memory settings). The driver,
+`passes.reconstruction.reconstruct`, guards each with held-out fidelity.
 
-* `least_squares_refit` — for each mixing op (Conv, Gemm, MatMul with a
+* `LeastSquaresRefit` — for each mixing op (Conv, Gemm, MatMul with a
   constant weight) whose input changed, in graph order, refit the kept
   weights and the bias so that its output on calibration data matches the
   dense model's output, with inputs taken from the already-repaired pruned
@@ -13,15 +15,15 @@ fit and held-out calibration splits, batch/memory settings).
   towards the current weights; the strength is chosen per layer on the
   held-out split, and the current weights are kept when no refit beats
   them there.
-* `bias_compensation` — where no refit happened: add W[:, removed] ·
+* `BiasCompensation` — where no refit happened: add W[:, removed] ·
   mean(x_removed) (means from the dense model) to the consumer's bias,
   creating a bias when there is none. Exact for a linear consumer whose
   removed inputs are constant; for a padded Conv the border positions see
   fewer taps, so it is the interior mean.
-* `bn_recalibration` — re-estimate BatchNormalization running mean and
+* `BnRecalibration` — re-estimate BatchNormalization running mean and
   variance on the pruned model's activations (downstream of any change),
   in graph order.
-* `output_matching` — the same for BN folded into convolutions: give each
+* `OutputMatching` — the same for BN folded into convolutions: give each
   changed Conv/Gemm (not refit, not followed by a BN) the dense model's
   per-channel output mean and standard deviation by an affine map folded
   into its weight rows and bias.
@@ -37,11 +39,11 @@ dense pass per level.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP, Capture, plan_chunks, sample_bytes
 from onnxprune.calibration.data import CalibrationSet
@@ -57,8 +59,10 @@ from onnxprune.calibration.features import (
     pick_positions,
 )
 from onnxprune.calibration.stats import GramRequest, collect_statistics
-from onnxprune.ir.graph_view import all_names, fresh_name, reads, tensor_values
+from onnxprune.ir.editor import GraphEditor, copy_model
+from onnxprune.ir.graph_view import reads
 from onnxprune.ir.shapes import infer_shapes, skeleton
+from onnxprune.passes.protocol import NOTHING_TO_DO, Pass, PassResult
 from onnxprune.runtime.progress import progress_iter
 
 DEFAULT_RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -98,95 +102,16 @@ class LayerRecord:
         return {k: v for k, v in self.__dict__.items() if v is not None and v != ""}
 
 
-@dataclass
-class PassRecord:
-    """One pass: applied (kept), rejected (undone by the held-out guard) or skipped (nothing to do)."""
-
-    name: str
-    applied: bool
-    fidelity_before: float | None
-    fidelity_after: float | None
-    seconds: float
-    layers: list[LayerRecord] = field(default_factory=list)
-    note: str = ""
-    skipped: bool = False
-    agreement_before: float | None = None  # held-out top-1 agreement with the dense model (classifiers)
-    agreement_after: float | None = None
-
-    @property
-    def status(self) -> str:
-        return "applied" if self.applied else "skipped" if self.skipped else "rejected"
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "status": self.status, "applied": self.applied,
-                "fidelity_before": self.fidelity_before,
-                "fidelity_after": self.fidelity_after, "agreement_before": self.agreement_before,
-                "agreement_after": self.agreement_after, "seconds": round(self.seconds, 3), "note": self.note,
-                "layers": [l.to_dict() for l in self.layers]}
-
-
 # -- model editing ------------------------------------------------------------------------------------
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
+class ConsumerEditor(GraphEditor):
+    """The graph editor, plus the weights and biases of consumers (Conv, Gemm, MatMul) by node name.
 
-
-class Editor:
-    """Reads and replaces initializers of a model, and adds biases, by node name."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.nodes = {n.name: n for n in model.graph.node}
-        self.inits = {t.name: t for t in model.graph.initializer}
-        self.uses: dict[str, int] = {}  # reads inside subgraphs count: a weight they read is copied, not refit in place
-        for n in model.graph.node:
-            for i in reads(n):
-                self.uses[i] = self.uses.get(i, 0) + 1
-        self.taken = all_names(model.graph)
-
-    def value(self, name: str) -> np.ndarray:
-        return np.array(tensor_values(self.inits[name]))
-
-    def fresh(self, base: str) -> str:
-        return fresh_name(self.taken, base)
-
-    def set_input(self, node: onnx.NodeProto, index: int, value: np.ndarray, base: str | None = None) -> None:
-        """Give input `index` of `node` the constant `value` (a private copy when the initializer is shared)."""
-        while len(node.input) <= index:
-            node.input.append("")
-        name = node.input[index]
-        if name and name in self.inits and self.uses.get(name, 0) == 1:
-            self.inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
-            return
-        new = self.fresh(base or (f"{name}__{node.name}" if name else f"{node.name}.bias"))
-        tensor = numpy_helper.from_array(np.asarray(value), new)
-        self.model.graph.initializer.append(tensor)
-        self.inits[new] = self.model.graph.initializer[-1]
-        self.uses[new] = 1
-        if name:
-            self.uses[name] -= 1
-        node.input[index] = new
-
-    def add_bias_after(self, node: onnx.NodeProto, bias: np.ndarray) -> None:
-        """MatMul has no bias input: route its output through a new Add(output, bias)."""
-        out = node.output[0]
-        pre = self.fresh(f"{out}__prebias")
-        node.output[0] = pre
-        bname = self.fresh(f"{node.name}.bias")
-        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(bias), bname))
-        self.inits[bname] = self.model.graph.initializer[-1]
-        add = helper.make_node("Add", [pre, bname], [out], name=self.fresh(f"{node.name}/bias_add"))
-        nodes = list(self.model.graph.node)
-        at = next(i for i, n in enumerate(nodes) if n is node or n.name == node.name)
-        nodes.insert(at + 1, add)
-        del self.model.graph.node[:]
-        self.model.graph.node.extend(nodes)
-        self.nodes = {n.name: n for n in self.model.graph.node}
+    Writes are copy-on-write (`GraphEditor.write_const`): a weight or bias other nodes read too
+    (a subgraph included) gets a private copy instead of being changed for all of them."""
 
     def consumer(self, node_name: str) -> Consumer | None:
-        node = self.nodes.get(node_name)
-        return None if node is None else consumer_for(node, self.inits)
+        node = self.get_node(node_name)
+        return None if node is None else consumer_for(node, self.initializers)
 
     def bias_of(self, c: Consumer) -> np.ndarray:
         """The consumer's current bias in output units (zeros when it has none), shape (out,)."""
@@ -199,41 +124,68 @@ class Editor:
 
     def set_bias(self, c: Consumer, bias: np.ndarray) -> None:
         """Write `bias` (output units, shape (out,)) into the consumer, creating it if needed."""
-        node = self.nodes[c.node]
+        node = self.node(c.node)
         dtype = self.value(c.weight).dtype
+        new_name = None if c.bias is not None else f"{node.name}.bias"
         if c.op_type == "Conv":
-            self.set_input(node, 2, bias.astype(dtype))
+            self.write_const(node, 2, bias.astype(dtype), new_name)
         elif c.op_type == "Gemm":
             beta = c.beta
             if beta == 0 or c.bias is None:
-                _set_attr(node, "beta", 1.0)
+                self.set_attr(node, "beta", 1.0)
                 beta = 1.0
-            shape = tuple(self.inits[c.bias].dims) if c.bias is not None else (c.out_channels,)
+            shape = tuple(self.initializers[c.bias].dims) if c.bias is not None else (c.out_channels,)
             value = (bias / beta).astype(dtype)
-            self.set_input(node, 2, value.reshape(shape) if int(np.prod(shape)) == len(value) else value)
+            self.write_const(node, 2, value.reshape(shape) if int(np.prod(shape)) == len(value) else value, new_name)
         else:
             self.add_bias_after(node, bias.astype(dtype))
 
+    def add_bias_after(self, node: onnx.NodeProto, bias: np.ndarray) -> None:
+        """MatMul has no bias input: its output goes through a new Add(output, bias), placed right
+        after it at the next `commit`."""
+        out = node.output[0]
+        pre = self.fresh_name(f"{out}__prebias")
+        self.rename_output(node, 0, pre)
+        bias_name = self.add_initializer(bias, f"{node.name}.bias")
+        add = helper.make_node("Add", [pre, bias_name], [out], name=self.fresh_name(f"{node.name}/bias_add"))
+        self.add_node(add, after=node.name)
+
     def set_weight(self, c: Consumer, effective: np.ndarray) -> None:
-        node = self.nodes[c.node]
         old = self.value(c.weight)
         new = c.weight_from_effective(effective).astype(old.dtype)
         if new.shape != old.shape:
             raise ValueError(f"{c.op_type} '{c.node}': refit weight has shape {new.shape}, expected {old.shape}")
-        self.set_input(node, 1, new)
+        self.write_const(self.node(c.node), 1, new)
 
 
-def shared_weight(weight: str, edit: Editor) -> str:
+def shared_weight(weight: str, edit: GraphEditor) -> str:
     """Why a consumer is not refit: its weight is one tensor several nodes read (ALBERT's shared
     layers, a recurrence), and a refit per reader would store a copy per reader."""
-    return f"weight '{weight}' is shared by {edit.uses[weight]} nodes; refitting it for one would copy it"
+    return f"weight '{weight}' is shared by {edit.reader_count(weight)} nodes; refitting it for one would copy it"
 
 
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    keep = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend(keep)
-    node.attribute.append(helper.make_attribute(name, value))
+# -- the passes' common shape -------------------------------------------------------------------------
+LAYER_CHANGES = {"refit": "refit", "bias": "compensated", "recalibrated": "recalibrated", "matched": "matched"}
+
+
+class ReconstructionPass(Pass):
+    """A reconstruction pass: `repair` edits the pass's own copy of the model and returns one record
+    per layer it looked at (the pass record's details["layers"]). The model counts as changed
+    when a layer was refit, compensated, recalibrated or matched."""
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        out = copy_model(model)
+        layers = self.repair(out)
+        details = {"layers": [layer.to_dict() for layer in layers]}
+        changed = [layer for layer in layers if layer.action in LAYER_CHANGES]
+        if not changed:
+            summary = f"no layer changed ({len(layers)} looked at)" if layers else NOTHING_TO_DO
+            return self.unchanged(model, summary, **details)
+        verb = LAYER_CHANGES[changed[0].action]
+        return self.changed(out, f"{len(changed)} layer(s) {verb}", **details)
+
+    def repair(self, model: onnx.ModelProto) -> list[LayerRecord]:
+        raise NotImplementedError
 
 
 # -- what changed, and in which order ---------------------------------------------------------------
@@ -448,9 +400,7 @@ class DenseTargets:
         return out
 
 
-def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
-                        ridge: tuple[float, ...] = DEFAULT_RIDGE,
-                        nodes: list[str] | None = None) -> tuple[onnx.ModelProto, list[LayerRecord]]:
+class LeastSquaresRefit(ReconstructionPass):
     """Refit, layer by layer in graph order, each changed consumer's kept weights and bias.
 
     Inputs X: the consumer's input in the current (already repaired) pruned
@@ -459,46 +409,62 @@ def least_squares_refit(model: onnx.ModelProto, ctx: ReconstructionContext, *,
     judged by the layer's squared error on the held-out split, against the
     current weights; the best wins (with no held-out data: ridge 1e-2).
     A grouped convolution is fit group by group (a depthwise one channel by
-    channel). Unsupported consumers are skipped (see `bias_compensation`).
+    channel). Unsupported consumers are skipped (see `BiasCompensation`).
+    nodes: refit these (node names) instead of every changed consumer.
     """
-    model = copy_model(model)
-    dense_edit, start_edit = Editor(ctx.dense), Editor(model)
-    targets = nodes if nodes is not None else [n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
-                                               if n in start_edit.nodes]  # not those of dropped layers
-    records: list[LayerRecord] = []
-    plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
-    for name in targets:
-        cp, cd = start_edit.consumer(name), dense_edit.consumer(name)
-        if cp is None or cd is None:
-            records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
-        elif start_edit.uses.get(cp.weight, 0) > 1:
-            records.append(LayerRecord(name, "skipped", shared_weight(cp.weight, start_edit)))
-        else:
-            out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
-            plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
-    cache = DenseTargets(ctx, plan)
-    size = cache.estimate_bytes() if plan else None
-    cached = size is not None and size <= ctx.memory_cap // 2
-    if cached:
-        cache.collect()
-    for level in progress_iter(levels(model, [n for n in targets if n in plan]), "least squares, level"):
-        edit = Editor(model)
-        specs = [edit.consumer(name) for name in level]
+
+    name = "least_squares"
+
+    def __init__(self, ctx: ReconstructionContext, ridge: tuple[float, ...] = DEFAULT_RIDGE,
+                 nodes: list[str] | None = None):
+        self.ctx, self.ridge, self.nodes = ctx, ridge, nodes
+
+    def repair(self, model: onnx.ModelProto) -> list[LayerRecord]:
+        ctx = self.ctx
+        dense_edit, edit = ConsumerEditor(ctx.dense), ConsumerEditor(model)
+        targets = self.nodes if self.nodes is not None else [
+            n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
+            if edit.get_node(n) is not None]  # not those of dropped layers
+        records, plan = self._plan(targets, dense_edit, edit)
+        cache = DenseTargets(ctx, plan)
+        size = cache.estimate_bytes() if plan else None
+        cached = size is not None and size <= ctx.memory_cap // 2
         if cached:
-            g_fits, g_holds = cache.grams(model, specs)
-        else:
-            requests = [GramRequest(cp, plan[cp.node][0].output, plan[cp.node][1]) for cp in specs]
-            g_fits = ctx.collect(model, ctx.fit, grams=requests, target_model=ctx.dense).grams
-            g_holds = ctx.collect(model, ctx.holdout, grams=requests, target_model=ctx.dense).grams \
-                if len(ctx.holdout) else {}
-        for cp in specs:
-            records.append(_refit_layer(edit, cp, g_fits[cp.node], g_holds.get(cp.node), ridge))
-    order = {n: i for i, n in enumerate(targets)}
-    records.sort(key=lambda r: order.get(r.node, len(order)))
-    return model, records
+            cache.collect()
+        for level in progress_iter(levels(model, [n for n in targets if n in plan]), "least squares, level"):
+            specs = [edit.consumer(name) for name in level]
+            if cached:
+                g_fits, g_holds = cache.grams(model, specs)
+            else:
+                requests = [GramRequest(cp, plan[cp.node][0].output, plan[cp.node][1]) for cp in specs]
+                g_fits = ctx.collect(model, ctx.fit, grams=requests, target_model=ctx.dense).grams
+                g_holds = ctx.collect(model, ctx.holdout, grams=requests, target_model=ctx.dense).grams \
+                    if len(ctx.holdout) else {}
+            for cp in specs:
+                records.append(_refit_layer(edit, cp, g_fits[cp.node], g_holds.get(cp.node), self.ridge))
+            edit.commit()  # the next level runs the model: new bias Adds must be in place
+        order = {n: i for i, n in enumerate(targets)}
+        records.sort(key=lambda r: order.get(r.node, len(order)))
+        return records
+
+    def _plan(self, targets: list[str], dense_edit: ConsumerEditor, edit: ConsumerEditor
+              ) -> tuple[list[LayerRecord], dict[str, tuple[Consumer, np.ndarray | None]]]:
+        """Records of the targets that cannot be refit, and for the others (dense consumer, kept rows)."""
+        records: list[LayerRecord] = []
+        plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
+        for name in targets:
+            cp, cd = edit.consumer(name), dense_edit.consumer(name)
+            if cp is None or cd is None:
+                records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
+            elif edit.reader_count(cp.weight) > 1:
+                records.append(LayerRecord(name, "skipped", shared_weight(cp.weight, edit)))
+            else:
+                out_mask = self.ctx.masks.get((cd.weight, weight_out_axis(cd)))
+                plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
+        return records, plan
 
 
-def _refit_layer(edit: Editor, cp: Consumer, g_fit: GramStats | GroupedGramStats,
+def _refit_layer(edit: ConsumerEditor, cp: Consumer, g_fit: GramStats | GroupedGramStats,
                  g_hold: GramStats | GroupedGramStats | None,
                  ridge: tuple[float, ...]) -> LayerRecord:
     if g_hold is not None and (g_hold.n == 0 or g_hold.target_energy <= 0):
@@ -555,71 +521,84 @@ def compensation(cd: Consumer, w: np.ndarray, mask: np.ndarray, mean: np.ndarray
     return eff[:, removed] @ mu
 
 
-def bias_compensation(model: onnx.ModelProto, ctx: ReconstructionContext, analysis, *,
-                      skip: set[str] = frozenset(), stats=None) -> tuple[onnx.ModelProto, list[LayerRecord]]:
+class BiasCompensation(ReconstructionPass):
     """Add W[:, removed] · mean(x_removed) to the bias of every consumer that lost inputs
     (except those in `skip`, e.g. already refit), creating the bias if absent.
 
     Means are those of the dense model on the fit split (`stats`, a
     CalibrationStats holding the sink channels, is collected when not given).
     """
-    model = copy_model(model)
-    todo = {k: v for k, v in removed_inputs(ctx, analysis).items() if k not in skip}
-    records: list[LayerRecord] = []
-    if not todo:
-        return model, records
-    if stats is None or any(stats.get(t, a) is None for t, a, _ in todo.values()):
-        stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(t, a) for t, a, _ in todo.values()}))
-    dense_edit, edit = Editor(ctx.dense), Editor(model)
-    for name, (tensor, axis, mask) in todo.items():
-        cd, cp = dense_edit.consumer(name), edit.consumer(name)
-        if cd is None or cp is None:
-            records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
-            continue
-        delta = compensation(cd, dense_edit.value(cd.weight), mask, stats.channel(tensor, axis).mean)
-        out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
-        if out_mask is not None:
-            delta = delta[out_mask]
-        edit.set_bias(cp, edit.bias_of(cp) + delta)
-        records.append(LayerRecord(name, "bias", f"{int((~mask).sum())} removed input(s) compensated",
-                                   features=int(mask.sum())))
-    return model, records
+
+    name = "bias_compensation"
+
+    def __init__(self, ctx: ReconstructionContext, analysis, skip: set[str] = frozenset(), stats=None):
+        self.ctx, self.analysis, self.skip, self.stats = ctx, analysis, skip, stats
+
+    def repair(self, model: onnx.ModelProto) -> list[LayerRecord]:
+        ctx, stats = self.ctx, self.stats
+        todo = {k: v for k, v in removed_inputs(ctx, self.analysis).items() if k not in self.skip}
+        records: list[LayerRecord] = []
+        if not todo:
+            return records
+        if stats is None or any(stats.get(t, a) is None for t, a, _ in todo.values()):
+            stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(t, a) for t, a, _ in todo.values()}))
+        dense_edit, edit = ConsumerEditor(ctx.dense), ConsumerEditor(model)
+        for name, (tensor, axis, mask) in todo.items():
+            cd, cp = dense_edit.consumer(name), edit.consumer(name)
+            if cd is None or cp is None:
+                records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
+                continue
+            delta = compensation(cd, dense_edit.value(cd.weight), mask, stats.channel(tensor, axis).mean)
+            out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
+            if out_mask is not None:
+                delta = delta[out_mask]
+            edit.set_bias(cp, edit.bias_of(cp) + delta)
+            records.append(LayerRecord(name, "bias", f"{int((~mask).sum())} removed input(s) compensated",
+                                       features=int(mask.sum())))
+        edit.commit()
+        return records
 
 
 # -- BatchNorm recalibration ---------------------------------------------------------------------------
-def bn_recalibration(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip: set[str] = frozenset(),
-                     nodes: list[str] | None = None) -> tuple[onnx.ModelProto, list[LayerRecord]]:
+class BnRecalibration(ReconstructionPass):
     """Re-estimate running mean/variance of BatchNormalization nodes downstream of a change, on the
     pruned model's own activations (fit split), in graph order (a BN sees its upstream BNs recalibrated).
 
     A BN right after a consumer in `skip` (refit by least squares to the dense model's outputs, which
-    its training statistics already describe) is left alone."""
-    model = copy_model(model)
-    if nodes is None:
-        changed = changed_tensors(ctx.dense, ctx.masks, ctx.rewired)
-        refit_outputs = {o for n in model.graph.node if n.name in skip for o in n.output}
-        nodes = [n.name for n in model.graph.node if n.op_type == "BatchNormalization" and len(n.input) >= 5
-                 and (n.input[0] in changed or n.name in ctx.rewired) and n.input[0] not in refit_outputs]
-    records: list[LayerRecord] = []
-    for level in progress_iter(levels(model, nodes), "BatchNorm recalibration, level"):
-        edit = Editor(model)
-        bns = [edit.nodes[n] for n in level]
-        usable = [bn for bn in bns if bn.input[3] in edit.inits and bn.input[4] in edit.inits]
-        for bn in bns:
-            if bn not in usable:
-                records.append(LayerRecord(bn.name, "skipped", "running statistics are not constants"))
-        if not usable:
-            continue
-        stats = ctx.collect(model, ctx.fit, tensors=[(bn.input[0], 1) for bn in usable])
-        for bn in usable:
-            s = stats.channel(bn.input[0], 1)
-            old_mean, old_var = edit.value(bn.input[3]), edit.value(bn.input[4])
-            edit.set_input(bn, 3, s.mean.astype(old_mean.dtype).reshape(old_mean.shape))
-            edit.set_input(bn, 4, s.var.astype(old_var.dtype).reshape(old_var.shape))
-            shift = float(np.abs(s.mean - old_mean).mean() / (np.sqrt(old_var).mean() + 1e-12))
-            records.append(LayerRecord(bn.name, "recalibrated", f"mean shift {shift:.3g} std", features=s.size,
-                                       rows=s.count))
-    return model, records
+    its training statistics already describe) is left alone. nodes: these BNs (names) instead."""
+
+    name = "bn_recalibration"
+
+    def __init__(self, ctx: ReconstructionContext, skip: set[str] = frozenset(), nodes: list[str] | None = None):
+        self.ctx, self.skip, self.nodes = ctx, skip, nodes
+
+    def repair(self, model: onnx.ModelProto) -> list[LayerRecord]:
+        ctx, nodes = self.ctx, self.nodes
+        if nodes is None:
+            changed = changed_tensors(ctx.dense, ctx.masks, ctx.rewired)
+            refit_outputs = {o for n in model.graph.node if n.name in self.skip for o in n.output}
+            nodes = [n.name for n in model.graph.node if n.op_type == "BatchNormalization" and len(n.input) >= 5
+                     and (n.input[0] in changed or n.name in ctx.rewired) and n.input[0] not in refit_outputs]
+        records: list[LayerRecord] = []
+        edit = GraphEditor(model)
+        for level in progress_iter(levels(model, nodes), "BatchNorm recalibration, level"):
+            bns = [edit.node(n) for n in level]
+            usable = [bn for bn in bns if edit.is_initializer(bn.input[3]) and edit.is_initializer(bn.input[4])]
+            for bn in bns:
+                if bn not in usable:
+                    records.append(LayerRecord(bn.name, "skipped", "running statistics are not constants"))
+            if not usable:
+                continue
+            stats = ctx.collect(model, ctx.fit, tensors=[(bn.input[0], 1) for bn in usable])
+            for bn in usable:
+                s = stats.channel(bn.input[0], 1)
+                old_mean, old_var = edit.value(bn.input[3]), edit.value(bn.input[4])
+                edit.write_const(bn, 3, s.mean.astype(old_mean.dtype).reshape(old_mean.shape))
+                edit.write_const(bn, 4, s.var.astype(old_var.dtype).reshape(old_var.shape))
+                shift = float(np.abs(s.mean - old_mean).mean() / (np.sqrt(old_var).mean() + 1e-12))
+                records.append(LayerRecord(bn.name, "recalibrated", f"mean shift {shift:.3g} std",
+                                           features=s.size, rows=s.count))
+        return records
 
 
 # -- output statistics matching (BatchNorm recalibration for folded BN) --------------------------------
@@ -634,9 +613,7 @@ def _fed_only_to_bn(model: onnx.ModelProto) -> set[str]:
     return {t for t, ops in readers.items() if ops and all(op == "BatchNormalization" for op in ops)}
 
 
-def output_matching(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip: set[str] = frozenset(),
-                    nodes: list[str] | None = None,
-                    max_scale: float = MAX_MATCH_SCALE) -> tuple[onnx.ModelProto, list[LayerRecord]]:
+class OutputMatching(ReconstructionPass):
     """Per output channel, give each changed Conv/Gemm the dense model's output mean and standard deviation.
 
     This is BatchNorm recalibration for a model whose BN was folded into the
@@ -644,58 +621,76 @@ def output_matching(model: onnx.ModelProto, ctx: ReconstructionContext, *, skip:
     the ones it was trained with, and so does the affine map
     y -> a * y + (mean_dense - a * mean_pruned), a = std_dense / std_pruned,
     folded into the consumer's weight rows and bias. Consumers whose output
-    only feeds BatchNormalization (left to `bn_recalibration`) and those in
+    only feeds BatchNormalization (left to `BnRecalibration`) and those in
     `skip` (already refit) are left alone. Statistics come from the fit split;
     levels run in graph order, so each layer sees its upstream layers matched.
     The scale is clipped to [1/max_scale, max_scale]: a channel whose pruned
     output barely varies is shifted, not blown up.
     """
-    model = copy_model(model)
-    dense_edit, present = Editor(ctx.dense), {n.name for n in model.graph.node}
-    if nodes is None:
-        to_bn = _fed_only_to_bn(ctx.dense)
-        nodes = [n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
-                 if n not in skip and n in present and dense_edit.nodes[n].output[0] not in to_bn]
-    records: list[LayerRecord] = []
-    plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
-    for name in nodes:
-        cd = dense_edit.consumer(name)
-        if cd is None or cd.op_type not in ("Conv", "Gemm"):
-            records.append(LayerRecord(name, "skipped", "not a Conv/Gemm with a constant weight"))
-            continue
-        if dense_edit.uses.get(cd.weight, 0) > 1:
-            records.append(LayerRecord(name, "skipped", shared_weight(cd.weight, dense_edit)))
-            continue
-        out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
-        plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
-    if not plan:
-        return model, records
-    dense_stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(cd.output, 1) for cd, _ in plan.values()}))
-    for level in progress_iter(levels(model, list(plan)), "output statistics matching, level"):
-        edit = Editor(model)
-        specs = [edit.consumer(name) for name in level]
-        stats = ctx.collect(model, ctx.fit, tensors=[(cp.output, 1) for cp in specs])
-        for cp in specs:
-            cd, kept = plan[cp.node]
-            want = dense_stats.channel(cd.output, 1)
-            got = stats.channel(cp.output, 1)
-            mean_d, std_d = want.mean, np.sqrt(want.var)
-            if kept is not None:
-                mean_d, std_d = mean_d[kept], std_d[kept]
-            std_p = np.sqrt(got.var)
-            scale = np.where(std_p > 1e-12 * (std_d + 1e-30), std_d / np.maximum(std_p, 1e-30), 1.0)
-            scale = np.clip(scale, 1.0 / max_scale, max_scale)
-            shift = mean_d - scale * got.mean
-            w = edit.value(cp.weight)
-            axis = weight_out_axis(cp)
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            edit.set_input(edit.nodes[cp.node], 1, (w * scale.reshape(shape)).astype(w.dtype))
-            edit.set_bias(cp, scale * edit.bias_of(cp) + shift)
-            drift = float(np.mean(np.abs(got.mean - mean_d) / (std_d + 1e-12)))
-            records.append(LayerRecord(cp.node, "matched", f"mean shift {drift:.3g} std, scale "
-                                       f"{float(scale.min()):.3g}..{float(scale.max()):.3g}",
-                                       features=len(scale), rows=got.count))
-    order = {n: i for i, n in enumerate(nodes)}
-    records.sort(key=lambda r: order.get(r.node, len(order)))
-    return model, records
+
+    name = "output_matching"
+
+    def __init__(self, ctx: ReconstructionContext, skip: set[str] = frozenset(), nodes: list[str] | None = None,
+                 max_scale: float = MAX_MATCH_SCALE):
+        self.ctx, self.skip, self.nodes, self.max_scale = ctx, skip, nodes, max_scale
+
+    def repair(self, model: onnx.ModelProto) -> list[LayerRecord]:
+        ctx = self.ctx
+        dense_edit, edit = ConsumerEditor(ctx.dense), ConsumerEditor(model)
+        nodes = self.nodes
+        if nodes is None:
+            to_bn = _fed_only_to_bn(ctx.dense)
+            nodes = [n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
+                     if n not in self.skip and edit.get_node(n) is not None
+                     and dense_edit.node(n).output[0] not in to_bn]
+        records, plan = self._plan(nodes, dense_edit)
+        if not plan:
+            return records
+        dense_stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(cd.output, 1) for cd, _ in plan.values()}))
+        for level in progress_iter(levels(model, list(plan)), "output statistics matching, level"):
+            specs = [edit.consumer(name) for name in level]
+            stats = ctx.collect(model, ctx.fit, tensors=[(cp.output, 1) for cp in specs])
+            for cp in specs:
+                cd, kept = plan[cp.node]
+                records.append(self._match(edit, cp, cd, kept, dense_stats.channel(cd.output, 1),
+                                           stats.channel(cp.output, 1)))
+            edit.commit()
+        order = {n: i for i, n in enumerate(nodes)}
+        records.sort(key=lambda r: order.get(r.node, len(order)))
+        return records
+
+    def _plan(self, nodes: list[str], dense_edit: ConsumerEditor
+              ) -> tuple[list[LayerRecord], dict[str, tuple[Consumer, np.ndarray | None]]]:
+        records: list[LayerRecord] = []
+        plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
+        for name in nodes:
+            cd = dense_edit.consumer(name)
+            if cd is None or cd.op_type not in ("Conv", "Gemm"):
+                records.append(LayerRecord(name, "skipped", "not a Conv/Gemm with a constant weight"))
+                continue
+            if dense_edit.reader_count(cd.weight) > 1:
+                records.append(LayerRecord(name, "skipped", shared_weight(cd.weight, dense_edit)))
+                continue
+            out_mask = self.ctx.masks.get((cd.weight, weight_out_axis(cd)))
+            plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
+        return records, plan
+
+    def _match(self, edit: ConsumerEditor, cp: Consumer, cd: Consumer, kept: np.ndarray | None, want, got
+               ) -> LayerRecord:
+        """Fold y -> scale * y + shift into `cp` so that its output channels get `want`'s mean and std."""
+        mean_d, std_d = want.mean, np.sqrt(want.var)
+        if kept is not None:
+            mean_d, std_d = mean_d[kept], std_d[kept]
+        std_p = np.sqrt(got.var)
+        scale = np.where(std_p > 1e-12 * (std_d + 1e-30), std_d / np.maximum(std_p, 1e-30), 1.0)
+        scale = np.clip(scale, 1.0 / self.max_scale, self.max_scale)
+        shift = mean_d - scale * got.mean
+        w = edit.value(cp.weight)
+        shape = [1] * w.ndim
+        shape[weight_out_axis(cp)] = -1
+        edit.write_const(edit.node(cp.node), 1, (w * scale.reshape(shape)).astype(w.dtype))
+        edit.set_bias(cp, scale * edit.bias_of(cp) + shift)
+        drift = float(np.mean(np.abs(got.mean - mean_d) / (std_d + 1e-12)))
+        return LayerRecord(cp.node, "matched", f"mean shift {drift:.3g} std, scale "
+                           f"{float(scale.min()):.3g}..{float(scale.max()):.3g}", features=len(scale),
+                           rows=got.count)

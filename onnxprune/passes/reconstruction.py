@@ -34,8 +34,20 @@ import onnx
 
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP
 from onnxprune.calibration.data import CalibrationSet
-from onnxprune.passes import reconstruct as passes
-from onnxprune.passes.reconstruct import DEFAULT_RIDGE, Fidelity, PassRecord, ReconstructionContext
+from onnxprune.passes.protocol import NOTHING_TO_DO, Guarded, Pass, PassRecord, PassResult, Verdict
+from onnxprune.passes.reconstruct import (
+    DEFAULT_RIDGE,
+    BiasCompensation,
+    BnRecalibration,
+    Fidelity,
+    LeastSquaresRefit,
+    OutputMatching,
+    ReconstructionContext,
+    rewired_nodes,
+)
+
+# how the summary words a guarded pass's verdict
+STATUS = {"kept": "applied", "undone": "rejected", NOTHING_TO_DO: "skipped"}
 
 
 @dataclass
@@ -46,9 +58,18 @@ class ReconstructionReport:
     fidelity_after: float | None
     agreement_before: float | None = None  # held-out top-1 agreement with the dense model (classifiers)
     agreement_after: float | None = None
-    passes: list[PassRecord] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)  # one guarded record per pass, in order
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def record(self) -> PassRecord:
+        """The whole reconstruction as one record (the passes as its children), for the prune report."""
+        modified = any(p.modified for p in self.passes)
+        kept = [p.name for p in self.passes if p.modified]
+        summary = ("kept " + ", ".join(kept)) if kept else self.notes[0] if self.notes else "no pass kept"
+        details = {k: v for k, v in self.to_dict().items() if k not in ("passes", "seconds")}
+        return PassRecord("reconstruction", modified, summary, details, list(self.passes), self.seconds)
 
     def to_dict(self) -> dict:
         return {"fit_samples": self.fit_samples, "holdout_samples": self.holdout_samples,
@@ -61,17 +82,46 @@ class ReconstructionReport:
         lines = [f"reconstruction on {self.fit_samples} calibration samples "
                  f"({self.holdout_samples} held out) in {self.seconds:.1f} s"]
         for p in self.passes:
-            if p.skipped:
+            verdict = p.details["verdict"]
+            if verdict == NOTHING_TO_DO:
                 continue  # nothing to do (no BN left, everything refit...): in to_dict(), not worth a line
-            state = p.status
-            fid = "" if p.fidelity_before is None or p.skipped else \
-                f": held-out output error {p.fidelity_before:.4g} -> {p.fidelity_after:.4g}"
-            lines.append(f"  {p.name}: {state}{fid}{' (' + p.note + ')' if p.note else ''}")
+            before, after = p.details.get("fidelity_before"), p.details.get("fidelity_after")
+            fid = "" if before is None else f": held-out output error {before:.4g} -> {after:.4g}"
+            note = "" if verdict == "kept" else f" ({p.details['reason']}: kept the model before it)"
+            lines.append(f"  {p.name}: {STATUS[verdict]}{fid}{note}")
         if self.agreement_before is not None:
             lines.append(f"  held-out top-1 agreement with the dense model: {self.agreement_before:.1%} -> "
                          f"{self.agreement_after:.1%}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+class HeldOutFidelity:
+    """The reconstruction passes' judge: keep a pass's result when the held-out output error against
+    the dense model does not grow and, for a classifier output, the top-1 agreement with the dense
+    model does not drop. (Squared error alone is not enough: a bias shift can lower the logits'
+    error while moving the arg-max.) The scores of the last kept model are remembered."""
+
+    def __init__(self, fidelity: Fidelity, model: onnx.ModelProto):
+        self.fidelity = fidelity
+        self.model = model
+        self.score = fidelity(model)
+        self.agreement = fidelity.last_agreement
+
+    def __call__(self, before: onnx.ModelProto, after: onnx.ModelProto) -> Verdict:
+        if before is not self.model:  # not the model judged last: measure it
+            self.model, self.score, self.agreement = before, self.fidelity(before), self.fidelity.last_agreement
+        score, agreement = self.fidelity(after), self.fidelity.last_agreement
+        details = {"fidelity_before": self.score, "fidelity_after": score,
+                   "agreement_before": self.agreement, "agreement_after": agreement}
+        worse_error = score is not None and self.score is not None and not score <= self.score  # NaN is worse
+        worse_top1 = agreement is not None and self.agreement is not None and agreement < self.agreement
+        if worse_top1:
+            return Verdict(False, "held-out top-1 agreement with the dense model dropped", details)
+        if worse_error:
+            return Verdict(False, "held-out output error grew", details)
+        self.model, self.score, self.agreement = after, score, agreement
+        return Verdict(True, "held-out fidelity did not get worse", details)
 
 
 def reconstruct(
@@ -93,7 +143,7 @@ def reconstruct(
     threads: int = 0,
     seed: int = 0,
 ) -> tuple[onnx.ModelProto, ReconstructionReport]:
-    """Repair `pruned` (= apply_removal(dense, analysis, removed_roots)) with calibration data.
+    """Repair `pruned` (= ApplyPlan(analysis, removed_roots)(dense).model) with calibration data.
 
     dense: the reference whose outputs the passes restore: the model
     `analysis` was built on, or the model before layers were dropped from it
@@ -108,53 +158,46 @@ def reconstruct(
     calib = CalibrationSet.open(calib_data, dense, max_samples=max_samples)
     fit, held = calib.split(holdout, seed)
     masks = analysis.keep_masks(removed_roots) if removed_roots else {}
-    rewired = passes.rewired_nodes(dense, pruned)
+    rewired = rewired_nodes(dense, pruned)
     ctx = ReconstructionContext(dense, masks, fit, held, batch_size, per_sample, memory_cap, threads, seed, rewired)
-    fidelity = Fidelity(ctx)
-    current = pruned
-    score = fidelity(current)
-    agreement = fidelity.last_agreement
-    report = ReconstructionReport(len(fit), len(held), score, score, agreement, agreement)
+    judge = HeldOutFidelity(Fidelity(ctx), pruned)
+    report = ReconstructionReport(len(fit), len(held), judge.score, judge.score, judge.agreement, judge.agreement)
     if len(held) == 0:
         report.notes.append("too few calibration samples for a held-out split: passes are not guarded")
+    current = pruned
     if not masks and not rewired:
         report.notes.append("nothing was removed: no reconstruction needed")
-        report.seconds = time.perf_counter() - clock
-        return current, report
-
-    refit: set[str] = set()
-
-    def guarded(name: str, run) -> None:
-        nonlocal current, score, agreement
-        start = time.perf_counter()
-        candidate, layers = run(current)
-        if not layers:
-            report.passes.append(PassRecord(name, False, score, score, time.perf_counter() - start, layers,
-                                            "nothing to do", skipped=True))
-            return
-        new_score = fidelity(candidate)
-        new_agreement = fidelity.last_agreement
-        worse_error = new_score is not None and score is not None and not new_score <= score  # NaN is worse
-        worse_top1 = new_agreement is not None and agreement is not None and new_agreement < agreement
-        better = not (worse_error or worse_top1)
-        note = "" if better else ("held-out top-1 agreement with the dense model dropped" if worse_top1 else
-                                  "held-out output error grew") + ": kept the model before it"
-        record = PassRecord(name, better, score, new_score, time.perf_counter() - start, layers, note)
-        record.agreement_before, record.agreement_after = agreement, new_agreement
-        report.passes.append(record)
-        if better:
-            current, score, agreement = candidate, new_score, new_agreement
-            report.agreement_after = agreement
-            if name == "least_squares":
-                refit.update(l.node for l in layers if l.action == "refit")
-
-    if least_squares:
-        guarded("least_squares", lambda m: passes.least_squares_refit(m, ctx, ridge=ridge))
-    if bias_correction:
-        guarded("bias_compensation", lambda m: passes.bias_compensation(m, ctx, analysis, skip=refit))
-    if bn_recalibration:
-        guarded("bn_recalibration", lambda m: passes.bn_recalibration(m, ctx, skip=refit))
-        guarded("output_matching", lambda m: passes.output_matching(m, ctx, skip=refit))
-    report.fidelity_after = score
+    else:
+        current = _run_passes(pruned, ctx, analysis, judge, report, (least_squares, bias_correction,
+                                                                      bn_recalibration), ridge)
+    report.fidelity_after, report.agreement_after = judge.score, judge.agreement
     report.seconds = time.perf_counter() - clock
     return current, report
+
+
+def _run_passes(model: onnx.ModelProto, ctx: ReconstructionContext, analysis, judge: HeldOutFidelity,
+                report: ReconstructionReport, switches: tuple[bool, bool, bool], ridge) -> onnx.ModelProto:
+    """The passes in order, each guarded by held-out fidelity; their records go into `report`.
+    The consumers a kept least-squares pass refit are left alone by the later passes (their outputs
+    already match the dense model's)."""
+    least_squares, bias_correction, bn_recalibration = switches
+
+    def guarded(p: Pass) -> PassResult:
+        nonlocal model
+        result = Guarded(p, judge)(model)
+        report.passes.append(result.record)
+        model = result.model
+        return result
+
+    refit: set[str] = set()
+    if least_squares:
+        result = guarded(LeastSquaresRefit(ctx, ridge))
+        if result.modified:
+            [tried] = result.record.children
+            refit = {layer["node"] for layer in tried.details["layers"] if layer["action"] == "refit"}
+    if bias_correction:
+        guarded(BiasCompensation(ctx, analysis, skip=refit))
+    if bn_recalibration:
+        guarded(BnRecalibration(ctx, skip=refit))
+        guarded(OutputMatching(ctx, skip=refit))
+    return model

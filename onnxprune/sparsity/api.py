@@ -19,10 +19,10 @@ from onnxprune.calibration.stats import GramRequest, collect_statistics
 from onnxprune.cost import model_cost
 from onnxprune.errors import PlanError, UsageError
 from onnxprune.ir.graph_view import tensor_values
-from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external, model_byte_size, \
-    reshare_initializers
+from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external, model_byte_size
 from onnxprune.ir.prepare import ModelLike, prepare
 from onnxprune.ir.shapes import infer_shapes, output_shapes
+from onnxprune.passes.cleanup import ReshareInitializers
 from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
 from onnxprune.runtime.inputs import dense_input_shapes
@@ -247,5 +247,5 @@ def _solve(model: onnx.ModelProto, selection: Selection, solver: Solver, grams: 
     copy_fields(model.graph, out.graph, skip="initializer")
     del out.graph.value_info[:]
     out.graph.initializer.extend(replaced.get(t.name, t) for t in model.graph.initializer)
-    reshare_initializers(out)  # copies of shared biases made on load are one tensor again
+    out = ReshareInitializers()(out).model  # copies of shared biases made on load are one tensor again
     return out, layers

@@ -1,18 +1,20 @@
-"""Depth pruning: choose the residual layers (or blocks) to drop, drop them, say what went.
+"""Depth pruning: choose the residual layers (or blocks) to drop and say why; the drop itself is
+the pass `onnxprune.passes.depth.DropLayers`.
 
-    model, depth = drop_layers(model, 2, unit="layer", calib="calib.npz")
+    depth = choose_layers(model, 2, unit="layer", calib="calib.npz")
     depth.dropped      # [{"name": "/transformer/h.1", "influence": 0.031, ...}]
+    DropLayers(depth.units)(model).model
 
 The `count` units of the requested kind with the lowest block influence
-(`calibration.influence`) are removed (`passes.depth`); units that cannot be
-dropped (`analysis.blocks`: projection shortcuts, post-norm sub-blocks...)
-are listed with their reasons. Asking for more units than can go is a
-PlanError naming what was found.
+(`calibration.influence`) are chosen; units that cannot be dropped
+(`analysis.blocks`: projection shortcuts, post-norm sub-blocks...) are listed
+with their reasons. Asking for more units than can go is a PlanError naming
+what was found.
 
 Plans record what was dropped under an optional ``"drop"`` key (a list of
 {"unit", "name", "adds", "input", "output", "influence"}); `replay_drops`
-applies such a list to the same model again, matching units by their
-residual nodes.
+finds the units of such a list in the same model again, matching them by
+their residual nodes.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from onnxprune.calibration.influence import block_influence
 from onnxprune.errors import PlanError, UsageError
 from onnxprune.ir.graph_view import GraphView
 from onnxprune.ir.shapes import infer_shapes
-from onnxprune.passes.depth import drop
 
 UNIT_WORDS = {"layer": "layer", "block": "residual block", "attention": "attention block", "mlp": "feed-forward block"}
 
@@ -42,6 +43,7 @@ class DepthReport:
     dropped: list[dict] = field(default_factory=list)     # the ones removed (plan entries)
     not_droppable: list[dict] = field(default_factory=list)  # name, reason
     replayed: bool = False
+    units: list[Unit] = field(default_factory=list, repr=False)  # the chosen units, for passes.depth.DropLayers
 
     def mode(self) -> str:
         word = UNIT_WORDS.get(self.unit, self.unit)
@@ -74,10 +76,10 @@ def scan_blocks(model: onnx.ModelProto) -> BlockScan:
     return find_blocks(GraphView(model, infer_shapes(model)))
 
 
-def drop_layers(model: onnx.ModelProto, count: int, *, unit: str = "layer", calib: Any = None,
-                calib_samples: int | None = 512, input_shapes: dict[str, list[int]] | None = None,
-                seed: int = 0, batch_size: int = 32) -> tuple[onnx.ModelProto, DepthReport]:
-    """Drop the `count` units of kind `unit` with the lowest block influence; returns the new model."""
+def choose_layers(model: onnx.ModelProto, count: int, *, unit: str = "layer", calib: Any = None,
+                  calib_samples: int | None = 512, input_shapes: dict[str, list[int]] | None = None,
+                  seed: int = 0, batch_size: int = 32) -> DepthReport:
+    """The `count` units of kind `unit` with the lowest block influence (`DepthReport.units`)."""
     if unit not in UNIT_KINDS:
         raise UsageError(f"unknown depth unit '{unit}': choose one of {', '.join(UNIT_KINDS)}")
     if count < 1:
@@ -95,11 +97,12 @@ def drop_layers(model: onnx.ModelProto, count: int, *, unit: str = "layer", cali
     order = sorted(range(len(candidates)), key=lambda k: (result.scores[k], k))[:count]
     chosen = [candidates[k] for k in sorted(order)]
     report.dropped = [_entry(candidates[k], result.scores[k]) for k in sorted(order)]
-    return drop(model, chosen), report
+    report.units = chosen
+    return report
 
 
-def replay_drops(model: onnx.ModelProto, entries: list[dict]) -> tuple[onnx.ModelProto, DepthReport]:
-    """Drop the units a plan recorded (matched by their residual nodes)."""
+def replay_drops(model: onnx.ModelProto, entries: list[dict]) -> DepthReport:
+    """The units a plan recorded as dropped, found in `model` by their residual nodes."""
     scan = scan_blocks(model)
     chosen: list[Unit] = []
     dropped = []
@@ -115,8 +118,8 @@ def replay_drops(model: onnx.ModelProto, entries: list[dict]) -> tuple[onnx.Mode
         chosen.append(u)
         dropped.append({**_entry(u, e.get("influence")), "name": e.get("name", u.name)})
     units = {e.get("unit", "layer") for e in entries}
-    report = DepthReport(units.pop() if len(units) == 1 else "mixed", len(entries), dropped=dropped, replayed=True)
-    return drop(model, chosen), report
+    return DepthReport(units.pop() if len(units) == 1 else "mixed", len(entries), dropped=dropped, replayed=True,
+                       units=chosen)
 
 
 def _entry(u: Unit, score: float | None) -> dict:
@@ -138,21 +141,20 @@ def _too_many(count: int, unit: str, candidates: list[Unit], refused: list[dict]
     return text + (f". Ask for at most {len(candidates)}." if candidates else ".")
 
 
-def apply_depth(model: onnx.ModelProto, count: int | None, unit: str, plan: Any, **scoring) -> tuple:
-    """The pipeline's depth step: (model, plan, DepthReport or None).
+def choose_drops(model: onnx.ModelProto, count: int | None, unit: str, plan: Any,
+                 **scoring) -> tuple[Any, DepthReport | None]:
+    """The pipeline's depth choice: (plan, DepthReport or None); `DropLayers(report.units)` drops them.
 
-    With `count`, drop that many units by block influence (`scoring`: calib, calib_samples,
-    input_shapes, seed, batch_size); else replay the drops a plan records. A plan given as a
-    path comes back loaded.
+    With `count`, choose that many units by block influence (`scoring`: calib, calib_samples,
+    input_shapes, seed, batch_size); else the drops a plan records. A plan given as a path comes
+    back loaded.
     """
     from onnxprune.strategy.plan import Plan
 
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)
     if count is not None:
-        model, report = drop_layers(model, count, unit=unit, **scoring)
-    elif plan is not None and plan.drop:
-        model, report = replay_drops(model, plan.drop)
-    else:
-        report = None
-    return model, plan, report
+        return plan, choose_layers(model, count, unit=unit, **scoring)
+    if plan is not None and plan.drop:
+        return plan, replay_drops(model, plan.drop)
+    return plan, None

@@ -7,8 +7,8 @@ from onnx import helper, numpy_helper
 
 from helpers import analysis_of, feeds_for, make_model, prune_matches_oracle, random_removal, run, weight
 from onnxprune.ir.shapes import infer_shapes
-from onnxprune.passes.apply_plan import apply_removal
-from onnxprune.passes.cleanup import drop_unused_initializers
+from onnxprune.passes.apply_plan import ApplyPlan
+from onnxprune.passes.cleanup import DropUnusedInitializers
 from onnxprune.pipeline import build_analysis, prepare
 
 RNG = np.random.default_rng(7)
@@ -119,8 +119,8 @@ def _prune(model, fraction=0.5, seed=0):
     working, _ = prepare(model)
     analysis = build_analysis(working)
     removed = random_removal(analysis, fraction, seed)
-    pruned = apply_removal(working, analysis, removed)
-    drop_unused_initializers(pruned)
+    pruned = ApplyPlan(analysis, removed)(working).model
+    pruned = DropUnusedInitializers()(pruned).model
     infer_shapes(pruned)
     onnx.checker.check_model(pruned, full_check=True)
     return analysis, pruned, removed
@@ -201,7 +201,7 @@ def test_pruned_hidden_width_computes_the_norms_over_the_kept_dims():
     analysis = build_analysis(working, prune_hidden=True)
     group = next(g for g in analysis.groups if g.kind == "hidden")
     removed = {int(r) for r in group.roots[[1, 4, 5, 9]]}
-    pruned = apply_removal(working, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(working).model
     onnx.checker.check_model(pruned, full_check=True)
     ids = np.random.default_rng(0).integers(0, 10, (2, 5)).astype(np.int64)
     kept = [i for i in range(12) if i not in (1, 4, 5, 9)]
