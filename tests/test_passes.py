@@ -19,6 +19,7 @@ import pytest
 from helpers import make_model
 from onnx import helper, numpy_helper
 
+import onnxprune
 import onnxprune.passes
 from onnxprune.calibration import CalibrationSet
 from onnxprune.ir.editor import copy_model
@@ -320,3 +321,25 @@ def test_a_dropped_layer_that_was_a_graph_output_keeps_the_output_name():
     assert [o.name for o in result.model.graph.output] == ["y"]
     assert [n.op_type for n in result.model.graph.node][-1] == "Identity"
     assert "conv_c" not in {n.name for n in result.model.graph.node}
+
+
+def test_the_prune_report_lists_every_pass_that_ran_including_those_with_nothing_to_do():
+    def passes(report):
+        data = json.loads(json.dumps(report.to_dict(), allow_nan=False))["passes"]
+        return [(p["name"], p["modified"], [c["name"] for c in p.get("passes", [])]) for p in data]
+
+    _, report = onnxprune.prune(conv_net(), ratio=0.5, round_to=1)
+    assert passes(report) == [("apply_plan", True, []),
+                              ("cleanup", False, ["reshare_initializers", "drop_unused_initializers"])]
+    assert [c["summary"] for c in report.to_dict()["passes"][1]["passes"]] == [NOTHING_TO_DO] * 2
+
+    _, report = onnxprune.prune(residual_net(True), lossless=True)
+    assert passes(report) == [("bypass_zero_branches", True, ["bypass_zero_branches"] * 2),
+                              ("apply_plan", False, []),
+                              ("cleanup", False, ["reshare_initializers", "drop_unused_initializers"])]
+
+    calib = {"x": np.random.default_rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32)}
+    _, report = onnxprune.prune(conv_net(), ratio=0.5, round_to=1, calib=calib)
+    name, _, children = passes(report)[1]
+    assert name == "reconstruction"
+    assert children == ["least_squares", "bias_compensation", "bn_recalibration", "output_matching"]

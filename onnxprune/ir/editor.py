@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.ir.graph_view import fresh_name, tensor_values
+from onnxprune.ir.graph_view import tensor_values
 from onnxprune.ir.model_io import copy_fields
 from onnxprune.ir.subgraphs import all_names, outer_reads, rename_reads
 
@@ -40,6 +40,10 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class GraphEditor:
+    """Edits `model` in place (the caller owns it: a pass edits its own copy) and keeps the index,
+    the names taken and the copies true through its own edits. An edit made around the editor
+    (a node's input set directly) is not seen by the index."""
+
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
@@ -123,7 +127,11 @@ class GraphEditor:
     # -- names ------------------------------------------------------------------------------------------
     def fresh_name(self, base: str) -> str:
         """`base`, or `base_1`, `base_2`...: no tensor of the graph or its subgraphs has it; taken from now on."""
-        return fresh_name(self._taken, base)
+        name, i = base, 1
+        while name in self._taken:
+            name, i = f"{base}_{i}", i + 1
+        self._taken.add(name)
+        return name
 
     # -- inputs and constants ---------------------------------------------------------------------------
     def set_input(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
@@ -186,6 +194,7 @@ class GraphEditor:
     def add_node(self, node: onnx.NodeProto, *, before: str | None = None, after: str | None = None) -> None:
         """Add `node`: at the end of the graph now, or (with an anchor node's name) right before or after
         the anchor at the next `commit` (it is indexed then)."""
+        self._taken.update(o for o in node.output if o)
         if before is not None:
             self._before.setdefault(before, []).append(node)
         elif after is not None:
@@ -237,7 +246,7 @@ class GraphEditor:
             if producer is not None:
                 for idx, name in enumerate(producer.output):
                     if name == out.name:
-                        self.rename_output(producer, idx, f"{name}__dropped")
+                        self.rename_output(producer, idx, self.fresh_name(f"{name}__dropped"))
             self.add_node(helper.make_node("Identity", [resolve(out.name)], [out.name],
                                            name=f"{out.name}__passthrough"))
 

@@ -36,15 +36,6 @@ def name_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
-def fresh_name(taken: set[str], base: str) -> str:
-    """`base`, or `base_1`, `base_2`... whichever is not taken yet; it is taken from now on."""
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 CACHED_ELEMENTS = 4096
 
 
