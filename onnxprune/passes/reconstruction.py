@@ -1,6 +1,6 @@
 """`reconstruct`: repair a pruned model with calibration data (the pipeline's reconstruct stage).
 
-    pruned = apply_removal(dense, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(dense).model
     repaired, report = reconstruct(dense, pruned, analysis, removed, "calib.npz")
 
 The calibration samples are split (seeded) into a fit part and a held-out
