@@ -35,10 +35,7 @@ class DeadCode:
     value_info: list[onnx.ValueInfoProto]  # entries of tensors still read or produced for a reader
     dead_nodes: int
     unused_initializers: int
-
-    def changes(self, graph: onnx.GraphProto) -> bool:
-        return bool(self.dead_nodes or self.unused_initializers or len(self.value_info) != len(graph.value_info)
-                    or any(a is not b for a, b in zip(self.nodes, graph.node)))
+    changes: bool                         # False: the model is already clean and sorted
 
 
 def find_dead_code(edit: GraphEditor) -> DeadCode:
@@ -60,7 +57,10 @@ def find_dead_code(edit: GraphEditor) -> DeadCode:
     inits = [t for t in graph.initializer if t.name in seen]  # seen: what live nodes read, and the outputs
     present = seen | {i.name for i in graph.input}
     value_info = [vi for vi in graph.value_info if vi.name in present]
-    return DeadCode(nodes, inits, value_info, len(edit.nodes) - len(nodes), len(graph.initializer) - len(inits))
+    dead, unused = len(edit.nodes) - len(nodes), len(graph.initializer) - len(inits)
+    changes = bool(dead or unused or len(value_info) != len(graph.value_info)
+                   or any(a is not b for a, b in zip(nodes, edit.nodes)))
+    return DeadCode(nodes, inits, value_info, dead, unused, changes)
 
 
 def remove_dead_code(edit: GraphEditor) -> DeadCode:
@@ -108,11 +108,11 @@ class RemoveDeadNodes(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         dead = find_dead_code(GraphEditor(model))
-        if not dead.changes(model.graph):
+        if not dead.changes:
             return self.unchanged(model)
         out = rebuilt(model, node=dead.nodes, initializer=dead.initializers, value_info=dead.value_info)
         return self.changed(out, f"removed {dead.dead_nodes} dead node(s) and {dead.unused_initializers} "
-                                 "unused initializer(s)", nodes=dead.dead_nodes,
+                                 "unused initializer(s); nodes in topological order", nodes=dead.dead_nodes,
                             initializers=dead.unused_initializers)
 
 
