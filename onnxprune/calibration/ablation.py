@@ -313,6 +313,96 @@ def _plan_samples(per_sample_cost: float | None, available: int, samples: int, m
     return fit, [note]
 
 
+@dataclass
+class Probes:
+    """What every ablation of a set of groups shares: the gated model, the calibration batches (a seeded
+    subset) and, per group, the suffix of the model its gates can change (`plans`: group, the unit
+    indices that reach a gate, the suffix)."""
+
+    gm: GatedModel
+    plans: list[tuple[Any, list[int], Suffix]]
+    batches: list
+    samples: int
+    notes: list[str]
+    cost_per_sample: float | None  # FLOPs of one ablation of every unit, per sample
+    whole_flops: float | None
+
+    @property
+    def units(self) -> int:
+        return sum(len(a) for _, a, _ in self.plans)
+
+
+def plan_probes(model: onnx.ModelProto, analysis, data: Any, groups: Sequence, *, samples: int,
+                runs_per_group: int | None = None, min_samples: int = DEFAULT_MIN_SAMPLES,
+                budget_flops: float | None = DEFAULT_BUDGET_FLOPS, batch_size: int = 64,
+                max_samples: int | None = None, seed: int = 0) -> Probes:
+    """Gate `groups`, cut each group's suffix, and pick the calibration samples the FLOP budget allows
+    (the caller runs each group's suffix once per unit, or `runs_per_group` times)."""
+    gm = gated_model(model, analysis, groups)
+    calib = CalibrationSet.open(data, model, max_samples=max_samples)
+    node_flops = _node_flops(model)
+    dtypes = {name: entry[0] for name, entry in analysis.view.shapes.items() if entry and entry[0]}
+    plans = []
+    for g in groups:
+        lo, hi = gm.slots[g.id], gm.slots[g.id] + g.size
+        active = [k - lo for k in range(lo, hi) if gm.used[k]]
+        if not active:
+            continue
+        start = {name for name, idx in gm.muls.items() if ((idx >= lo) & (idx < hi)).any()}
+        plans.append((g, active, suffix(gm, start, node_flops, dtypes)))
+    units = sum(len(a) for _, a, _ in plans)
+    cost = None if node_flops is None else \
+        sum((runs_per_group or len(a)) * (s.flops or 0.0) for _, a, s in plans)
+    count, notes = _plan_samples(cost, len(calib), samples, min_samples, budget_flops, units)
+    if count < len(calib):
+        pick = np.sort(np.random.default_rng(seed).choice(len(calib), count, replace=False))
+        calib = CalibrationSet(calib.dataset, calib.specs, calib.indices[pick])
+    whole = None if node_flops is None else sum(node_flops.values())
+    return Probes(gm, plans, list(calib.batches(batch_size)), len(calib), notes, cost, whole)
+
+
+class GroupProbe:
+    """One group's suffix in an onnxruntime session, with the dense outputs it is compared against:
+    `loss(zeroed)` is the divergence of the outputs when the units `zeroed` of the group are gated off,
+    averaged over the calibration samples."""
+
+    def __init__(self, probes: Probes, group, part: Suffix, loss: str, threads: int):
+        self.probes, self.group, self.part = probes, group, part
+        gm = probes.gm
+        self.ones = gm.ones()
+        self.feeds = _frontier_feeds(gm, part, probes.batches, self.ones, threads) if part.outputs else []
+        self.session = calibration_session(part.model, threads=threads) if part.outputs else None
+        self.losses: list[tuple[int, _Divergence]] = []
+        if self.session is not None:
+            dense = _run(self.session, part.outputs, self.feeds, gm.gate, self.ones)
+            for j, name in enumerate(part.outputs):
+                kind = _kind(dense[0][j], loss)
+                if kind is not None:
+                    self.losses.append((j, _Divergence(name, [b[j] for b in dense], kind)))
+        self.runs = len(self.feeds)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        return {d.name: d.kind for _, d in self.losses}
+
+    def loss(self, zeroed: Sequence[int]) -> float:
+        if not self.losses:
+            return 0.0
+        gate = self.ones.copy()
+        gate[self.probes.gm.slots[self.group.id] + np.asarray(zeroed, dtype=np.int64)] = 0.0
+        total = 0.0
+        for b, values in enumerate(_run(self.session, self.part.outputs, self.feeds, self.probes.gm.gate, gate)):
+            total += sum(d.total(b, values[j]) for j, d in self.losses)
+        self.runs += len(self.feeds)
+        return max(total / self.probes.samples, 0.0)
+
+
+def check_float_outputs(model: onnx.ModelProto, probes: Probes, kinds: dict[str, str]) -> None:
+    if probes.plans and not kinds:
+        raise OnnxPruneError("ablation sensitivity needs a float model output to measure the divergence on; "
+                             f"the outputs are {[o.name for o in model.graph.output]}")
+
+
 def ablation_sensitivity(
     model: onnx.ModelProto,
     analysis,
@@ -339,69 +429,36 @@ def ablation_sensitivity(
     per group as its units x samples x the FLOPs of the part of the model
     after its first gate.
     """
-    if loss not in ("auto", "kl", "mse"):
-        raise OnnxPruneError(f"ablation loss must be 'auto', 'kl' or 'mse', got '{loss}'")
+    check_loss(loss)
     clock = time.perf_counter()
     groups = list(analysis.prunable_groups() if groups is None else groups)
-    gm = gated_model(model, analysis, groups)
-    calib = CalibrationSet.open(data, model, max_samples=max_samples)
-    node_flops = _node_flops(model)
-    dtypes = {name: entry[0] for name, entry in analysis.view.shapes.items() if entry and entry[0]}
-    plans = []  # (group, active unit indices, suffix)
-    for g in groups:
-        lo, hi = gm.slots[g.id], gm.slots[g.id] + g.size
-        active = [k - lo for k in range(lo, hi) if gm.used[k]]
-        if not active:
-            continue
-        start = {name for name, idx in gm.muls.items() if ((idx >= lo) & (idx < hi)).any()}
-        plans.append((g, active, suffix(gm, start, node_flops, dtypes)))
-    units = sum(len(a) for _, a, _ in plans)
-    cost = None if node_flops is None else sum(len(a) * (s.flops or 0.0) for _, a, s in plans)
-    count, notes = _plan_samples(cost, len(calib), samples, min_samples, budget_flops, units)
-    if count < len(calib):
-        pick = np.sort(np.random.default_rng(seed).choice(len(calib), count, replace=False))
-        calib = CalibrationSet(calib.dataset, calib.specs, calib.indices[pick])
-    batches = list(calib.batches(batch_size))
-    n = len(calib)
-    ones = gm.ones()
+    probes = plan_probes(model, analysis, data, groups, samples=samples, min_samples=min_samples,
+                         budget_flops=budget_flops, batch_size=batch_size, max_samples=max_samples, seed=seed)
     scores = {g.id: np.zeros(g.size) for g in groups}
     kinds: dict[str, str] = {}
     runs = 0
-    with Progress(units, "ablation", enabled=progress) as bar:
-        for g, active, part in plans:
-            if not part.outputs:
-                bar.update(len(active))
-                continue
-            feeds = _frontier_feeds(gm, part, batches, ones, threads)
-            session = calibration_session(part.model, threads=threads)
-            dense = _run(session, part.outputs, feeds, gm.gate, ones)
-            losses = []
-            for j, name in enumerate(part.outputs):
-                kind = _kind(dense[0][j], loss)
-                if kind is not None:
-                    losses.append((j, _Divergence(name, [b[j] for b in dense], kind)))
-                    kinds[name] = kind
-            runs += len(feeds) * (len(active) + 1)
-            if not losses:
-                bar.update(len(active))
-                continue
-            for i in active:
-                gate = ones.copy()
-                gate[gm.slots[g.id] + i] = 0.0
-                total = 0.0
-                for b, values in enumerate(_run(session, part.outputs, feeds, gm.gate, gate)):
-                    total += sum(d.total(b, values[j]) for j, d in losses)
-                scores[g.id][i] = max(total / n, 0.0)
+    with Progress(probes.units, "ablation", enabled=progress) as bar:
+        for g, active, part in probes.plans:
+            probe = GroupProbe(probes, g, part, loss, threads)
+            kinds.update(probe.kinds)
+            for i in active if probe.losses else ():
+                scores[g.id][i] = probe.loss([i])
                 bar.update()
-    if plans and not kinds:
-        raise OnnxPruneError("ablation sensitivity needs a float model output to measure the divergence on; "
-                             f"the outputs are {[o.name for o in model.graph.output]}")
-    whole = None if node_flops is None else sum(node_flops.values())
-    result = Sensitivity(scores, n, units, runs=runs, losses=kinds,
+            if not probe.losses:
+                bar.update(len(active))
+            runs += probe.runs
+    check_float_outputs(model, probes, kinds)
+    n, cost, whole = probes.samples, probes.cost_per_sample, probes.whole_flops
+    result = Sensitivity(scores, n, probes.units, runs=runs, losses=kinds,
                          flops=None if cost is None else cost * n,
-                         dense_flops=None if whole is None else whole * units * n, notes=notes)
+                         dense_flops=None if whole is None else whole * probes.units * n, notes=probes.notes)
     result.seconds = time.perf_counter() - clock
     return result
+
+
+def check_loss(loss: str) -> None:
+    if loss not in ("auto", "kl", "mse"):
+        raise OnnxPruneError(f"ablation loss must be 'auto', 'kl' or 'mse', got '{loss}'")
 
 
 def _run(session, outputs: list[str], feeds, gate_name: str, gate: np.ndarray) -> list[list[np.ndarray]]:
