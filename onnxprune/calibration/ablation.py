@@ -48,6 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.analysis.units import NO_UNIT
 from onnxprune.calibration.capture import Capture, calibration_session
 from onnxprune.calibration.data import CalibrationSet
+from onnxprune.calibration.stats import calibration_statistics
 from onnxprune.errors import AblationBudgetError, OnnxPruneError
 from onnxprune.ir.graph_view import reads
 from onnxprune.ir.model_io import copy_fields
@@ -84,8 +85,11 @@ class GatedModel:
         return np.ones(self.units + 1, dtype=np.float32)
 
 
-def gated_model(model: onnx.ModelProto, analysis, groups: Sequence) -> GatedModel:
-    """Gate every sink position that carries a unit of `groups` (see the module docstring)."""
+def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
+                fill: dict[tuple[str, int], np.ndarray] | None = None) -> GatedModel:
+    """Gate every sink position that carries a unit of `groups` (see the module docstring). With
+    `fill[(tensor, axis)]` (one value per position of that axis, e.g. its mean on calibration data), a
+    gated-off position reads that value instead of zero: removal followed by bias compensation."""
     slots: dict[int, int] = {}
     slot_of_root: dict[int, int] = {}
     total = 0
@@ -152,6 +156,8 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence) -> GatedMode
                     nodes.append(helper.make_node("Mul", [current, mask], [f"{prefix}_out"], name=f"{prefix}_mul"))
                     muls[f"{prefix}_mul"] = index[(tensor, axis)]
                     current = f"{prefix}_out"
+                    if fill is not None and (tensor, axis) in fill:
+                        current = _fill_off(nodes, graph, prefix, current, mask, fill[(tensor, axis)], shape, elem)
                 done[(tensor, axes)] = current
             for i, name in enumerate(node.input):
                 if name == tensor:
@@ -160,6 +166,27 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence) -> GatedMode
     del graph.node[:]
     graph.node.extend(nodes)
     return GatedModel(gated, gate, total, slots, sorted(k for k, v in index.items() if (v < total).any()), used, muls)
+
+
+def _fill_off(nodes: list, graph, prefix: str, gated: str, mask: str, values: np.ndarray, shape: list[int],
+              elem) -> str:
+    """gated + values * (1 - mask): positions gated off read `values`."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem) if elem not in (0, None) else np.float32
+    graph.initializer.append(numpy_helper.from_array(np.ones((), dtype), f"{prefix}_one"))
+    graph.initializer.append(numpy_helper.from_array(values.astype(dtype).reshape(shape), f"{prefix}_fill"))
+    nodes.append(helper.make_node("Sub", [f"{prefix}_one", mask], [f"{prefix}_off"], name=f"{prefix}_off"))
+    nodes.append(helper.make_node("Mul", [f"{prefix}_fill", f"{prefix}_off"], [f"{prefix}_filled"],
+                                  name=f"{prefix}_filled"))
+    nodes.append(helper.make_node("Add", [gated, f"{prefix}_filled"], [f"{prefix}_sum"], name=f"{prefix}_sum"))
+    return f"{prefix}_sum"
+
+
+def sink_means(model: onnx.ModelProto, analysis, groups: Sequence, calib: CalibrationSet,
+               batch_size: int = 64, threads: int = 0) -> dict[tuple[str, int], np.ndarray]:
+    """The mean of every sink of `groups` along its unit axis, on the calibration samples (streamed a
+    chunk of tensors at a time under the statistics' memory cap)."""
+    stats = calibration_statistics(model, analysis, calib, groups=groups, batch_size=batch_size, threads=threads)
+    return {key: s.mean for key, s in stats.channels.items()}
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -335,11 +362,13 @@ class Probes:
 def plan_probes(model: onnx.ModelProto, analysis, data: Any, groups: Sequence, *, samples: int,
                 runs_per_group: int | None = None, min_samples: int = DEFAULT_MIN_SAMPLES,
                 budget_flops: float | None = DEFAULT_BUDGET_FLOPS, batch_size: int = 64,
-                max_samples: int | None = None, seed: int = 0) -> Probes:
+                max_samples: int | None = None, seed: int = 0, fill_means: bool = False) -> Probes:
     """Gate `groups`, cut each group's suffix, and pick the calibration samples the FLOP budget allows
-    (the caller runs each group's suffix once per unit, or `runs_per_group` times)."""
-    gm = gated_model(model, analysis, groups)
+    (the caller runs each group's suffix once per unit, or `runs_per_group` times). `fill_means`: a
+    gated-off position reads its mean on the calibration data (as after bias compensation)."""
     calib = CalibrationSet.open(data, model, max_samples=max_samples)
+    fill = sink_means(model, analysis, groups, calib, batch_size) if fill_means else None
+    gm = gated_model(model, analysis, groups, fill)
     node_flops = _node_flops(model)
     dtypes = {name: entry[0] for name, entry in analysis.view.shapes.items() if entry and entry[0]}
     plans = []

@@ -5,7 +5,9 @@ its criterion ranks lowest (the ones a plan would remove first) are gated off
 where their consumers read them — exactly what removal does — and the
 divergence of the model's outputs from the dense outputs on calibration data
 is measured (KL for class scores, relative MSE otherwise; see
-onnxprune.calibration.ablation). No labels are needed.
+onnxprune.calibration.ablation). A gated-off position reads its mean on the
+calibration data rather than zero, as after the repair (bias compensation or
+the refit's bias keep the mean). No labels are needed.
 
 Cost: one gated session per group that runs only the part of the model after
 the group's gates (its suffix), fed from one capture of the dense prefix; the
@@ -104,15 +106,22 @@ def sensitivity_curves(
     seed: int = 0,
     threads: int = 0,
     progress: bool | None = None,
+    fill_means: bool = True,
 ) -> SensitivityCurves:
     """Curves of the groups in `orders` (group id -> unit indices, the first removed first) on `model`
-    (the model `analysis` was built on), measured on a seeded subset of `samples` calibration samples."""
+    (the model `analysis` was built on), measured on a seeded subset of `samples` calibration samples.
+
+    fill_means: a removed unit's positions read their mean on the calibration data instead of zero, as
+    they do after the repair (bias compensation, or the bias column of the least-squares refit): the
+    curve measures what the repair cannot give back. On clutter_vgg, adaptive allocation from these
+    curves reached 89.9% / 87.7% top-1 at 50% / 70% of FLOPs removed, from zeroed ones 89.5% / 87.3%."""
     check_loss(loss)
     grid = check_grid(grid)
     clock = time.perf_counter()
     groups = [analysis.groups[gid] for gid in orders if analysis.groups[gid].size > 1]
     probes = plan_probes(model, analysis, data, groups, samples=samples, runs_per_group=len(grid) + 1,
-                         budget_flops=budget_flops, batch_size=batch_size, max_samples=max_samples, seed=seed)
+                         budget_flops=budget_flops, batch_size=batch_size, max_samples=max_samples, seed=seed,
+                         fill_means=fill_means)
     curves: dict[int, Curve] = {}
     kinds: dict[str, str] = {}
     runs = 0
