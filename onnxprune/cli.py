@@ -21,7 +21,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from onnxprune.errors import AccuracyDropError, OnnxPruneError
+from onnxprune.errors import AccuracyDropError, OnnxPruneError, UsageError
 from onnxprune.importance import CRITERIA
 from onnxprune.pipeline import analyze, prune
 from onnxprune.options import CalibrationOptions, DataOptions, DepthOptions, GateOptions, PruneOptions, \
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_bench_parser(sub)
     _add_sweep_parser(sub)
+    _add_sensitivity_parser(sub)
     sparsify_cli.add_parser(sub, _add_measure_options)
     return parser
 
@@ -218,6 +219,47 @@ def _add_sweep_parser(sub) -> None:
     _add_measure_options(w)
 
 
+def _add_sensitivity_parser(sub) -> None:
+    n = sub.add_parser(
+        "sensitivity", help="per-group sensitivity curves on calibration data (what --strategy adaptive reads)",
+        description="For every prunable group: the divergence of the model's outputs from the dense ones on "
+                    "calibration data (KL for class scores, relative MSE otherwise) when the group loses a fraction "
+                    "r of its units, r on --sensitivity-grid, the criterion choosing which units; and what one unit "
+                    "costs as a share of the model's FLOPs. --plot draws the curves (needs onnxprune[plot]).")
+    n.add_argument("model")
+    add_options(n, CalibrationOptions, only=("calib", "calib_samples"))
+    add_options(n, ScoringOptions, choices={"criterion": tuple(sorted(CRITERIA))})
+    add_options(n, TargetOptions, only=("include", "exclude", "prune_hidden"))
+    add_options(n, RuntimeOptions, only=("input_shapes", "seed", "progress"))
+    add_options(n, DataOptions, skip=("batch_size", "batch_axis"))
+    n.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    n.add_argument("--report", help="write the curves as JSON")
+    n.add_argument("--plot", metavar="FILE.png", help="plot the curves (needs matplotlib)")
+
+
+def cmd_sensitivity(args) -> int:
+    from onnxprune.pipeline.sensitivity import sensitivity
+    from onnxprune.plotting import require_matplotlib
+
+    if args.calib is None:
+        raise UsageError("sensitivity is measured on calibration data: give --calib DATA")
+    if args.plot:
+        require_matplotlib()  # fail before the long work
+    result = sensitivity(args.model, options_from(args, PruneOptions()))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.render_table())
+        for note in result.notes:
+            print(note)
+    if args.report:
+        Path(args.report).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from onnxprune.runtime.data import open_data
     from onnxprune.runtime.evaluate import evaluate
@@ -256,7 +298,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from onnxprune.sweep import parse_ratios, require_matplotlib, sweep
+    from onnxprune.plotting import require_matplotlib
+    from onnxprune.sweep import parse_ratios, sweep
 
     ratios = parse_ratios(args.ratios)
     if args.plot:
@@ -285,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         commands = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,
-                    "sweep": cmd_sweep, "sparsify": lambda a: sparsify_cli.run(a, _open_data, load_metric)}
+                    "sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "sparsify": lambda a: sparsify_cli.run(a, _open_data, load_metric)}
         return commands[args.command](args)
     except OnnxPruneError as exc:
         if isinstance(exc, AccuracyDropError) and exc.report is not None:  # what was measured; nothing written

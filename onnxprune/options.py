@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping
 from onnxprune.errors import UsageError
 
 UNIT_KINDS = ("channels", "neurons", "heads", "kv-groups", "hidden")
-STRATEGIES = ("uniform", "global")
+STRATEGIES = ("uniform", "global", "adaptive")
+SENSITIVITY_GRID = (0.1, 0.25, 0.5, 0.75, 0.9)  # fractions of a group's units removed for its curve
 DROP_UNITS = ("layer", "block", "attention", "mlp")
 
 
@@ -58,6 +59,14 @@ def ratio_text(text: str) -> float | dict[str, float]:
         kind, _, value = part.partition("=")
         out[kind.strip()] = fraction(value)
     return out
+
+
+def grid_text(text: str) -> tuple[float, ...]:
+    """'0.1,0.25,0.5' -> (0.1, 0.25, 0.5): fractions in (0, 1), sorted."""
+    values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise ValueError(f"'{text}': fractions of units removed in (0, 1), comma-separated, e.g. 0.1,0.25,0.5")
+    return values
 
 
 def positive(text: str) -> int:
@@ -120,7 +129,9 @@ class TargetOptions:
     lossless: bool = option(False, "remove only exactly-dead channels and zero branches", switch=True,
                             exclusive="what")
     plan: Any = option(None, "apply a saved (possibly edited) plan JSON", exclusive="what")
-    strategy: str = option("uniform", "same ratio in every group, or one global ranking",
+    strategy: str = option("uniform", "uniform: the same ratio in every group; global: one ranking of all "
+                                      "units; adaptive: per-group ratios from measured sensitivity curves (the "
+                                      "least predicted divergence per FLOP saved; needs --calib)",
                            choices=STRATEGIES)
     max_ratio: float = option(0.9, "most any group may lose", parse=float)
     round_to: int = option(8, "keep a multiple of N units per group (CPU kernels run odd widths slowly)", parse=int)
@@ -169,7 +180,7 @@ class TargetOptions:
         if self.round_to < 1:
             raise UsageError("round_to must be >= 1")
         if self.strategy not in STRATEGIES:
-            raise UsageError(f"unknown strategy '{self.strategy}' (uniform or global)")
+            raise UsageError(f"unknown strategy '{self.strategy}' ({', '.join(STRATEGIES)})")
 
     def describe(self, criterion: str) -> str:
         """One line for the report: what was asked."""
@@ -189,6 +200,12 @@ class ScoringOptions:
     """How units are ranked."""
 
     criterion: str = option("l1", "importance criterion")  # choices: importance.CRITERIA (cli)
+    sensitivity_grid: tuple[float, ...] = option(
+        SENSITIVITY_GRID, "fractions of each group's units removed to measure its sensitivity curve "
+                          "(--strategy adaptive, `onnxprune sensitivity`)", parse=grid_text,
+        metavar="R,R,...")
+    sensitivity_samples: int = option(64, "calibration samples each sensitivity curve is measured on",
+                                      parse=positive, metavar="N")
 
 
 @dataclass(frozen=True)
@@ -389,7 +406,8 @@ def add_options(parser, group_cls, *, only: tuple[str, ...] | None = None, skip:
         default = defaults.get(f.name, f.default)
         text = helps.get(f.name, meta["help"])
         if default not in (None, False, ()) and not meta["switch"]:
-            text += f" (default {default})"
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default {shown})"
         target = parser
         if meta["exclusive"]:
             if meta["exclusive"] not in exclusive:

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import onnx
 
 from onnxprune.errors import OnnxPruneError, PlanError, UsageError, ValidationError
+from onnxprune.plotting import require_matplotlib
 from onnxprune.options import CalibrationOptions, PruneOptions, ReconstructionOptions, with_keywords
 from onnxprune.pipeline import finish
 from onnxprune.pipeline.runner import run_stages
@@ -47,7 +48,6 @@ TARGETS = {  # --target: prune() keyword, table column, what a ratio is a fracti
     "params": ("target_params", "params removed", "the model's parameters"),
     "ratio": ("ratio", "units removed", "every group's units"),
 }
-PLOT_HINT = "pip install 'onnxprune[plot]' (matplotlib)"
 
 
 @dataclass
@@ -202,15 +202,6 @@ def check_ratios(ratios: Sequence[float]) -> list[float]:
     if bad:
         raise UsageError(f"ratios are fractions REMOVED in [0, 1); got {bad}")
     return values
-
-
-def require_matplotlib():
-    """matplotlib.figure.Figure, or an error saying how to install the `plot` extra."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise OnnxPruneError(f"plotting needs matplotlib: {PLOT_HINT}") from None
-    return Figure
 
 
 def sweep(model: ModelLike, ratios: Sequence[float] | str, *, data: Any, target: str = "flops",

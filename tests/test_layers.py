@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onnxprune"
 
 # lower layers first; a module may import from its own layer or any lower one
 LAYER = {
-    "errors": 0, "ops": 0, "version": 0, "options": 0, "text": 0,
+    "errors": 0, "ops": 0, "version": 0, "options": 0, "text": 0, "plotting": 0,
     "ir": 1,
     "analysis": 2,
     "runtime": 3,

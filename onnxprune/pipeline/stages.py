@@ -14,8 +14,9 @@ import numpy as np
 
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.diagnose import explain
+from onnxprune.calibration.curves import removal_orders, sensitivity_curves
 from onnxprune.cost import model_cost
-from onnxprune.errors import PlanError
+from onnxprune.errors import PlanError, UsageError
 from onnxprune.importance import score_groups
 from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
 from onnxprune.ir.graph_view import GraphView
@@ -37,7 +38,8 @@ from onnxprune.runtime.inputs import dense_input_shapes
 from onnxprune.runtime.metrics import load_metric
 from onnxprune.runtime.output import save_verified, stage_if_on_disk
 from onnxprune.runtime.validate import validate_model
-from onnxprune.strategy.allocate import Target, allocate
+from onnxprune.strategy.adaptive import allocate_adaptive
+from onnxprune.strategy.allocate import Target, allocate, eligible_groups
 from onnxprune.strategy.depth import choose_drops
 from onnxprune.strategy.estimate import CostEstimator
 from onnxprune.strategy.plan import Plan
@@ -54,6 +56,9 @@ def check_options(state: PruneState) -> None:
     """Everything the options alone can refuse, before any model is read."""
     o = state.options
     o.check()
+    if o.target.strategy == "adaptive" and o.calibration.calib is None and o.target.width:
+        raise UsageError("--strategy adaptive measures each group's sensitivity on calibration data: give "
+                         "--calib DATA (unlabelled samples the model reads), or use --strategy uniform or global")
     state.measure_latency = check_gate_options(o.gate.validate_data, o.gate.max_accuracy_drop, o.gate.metric,
                                                o.runtime.measure_latency, o.runtime.latency_runs,
                                                o.runtime.latency_warmup, o.runtime.threads, o.runtime.provider)
@@ -145,6 +150,22 @@ def score(state: PruneState) -> None:
                                 state.options.runtime.seed, stats=state.statistics)
 
 
+def _adaptive(state: PruneState) -> bool:
+    return state.options.target.strategy == "adaptive"
+
+
+def measure_curves(state: PruneState) -> None:
+    """Sensitivity curves of the eligible groups, their units removed in the criterion's order."""
+    o, analysis = state.options, state.analysis
+    t = o.target
+    groups = eligible_groups(analysis, list(t.include), list(t.exclude))
+    state.curves = sensitivity_curves(state.working, analysis, state.calib_data,
+                                      removal_orders({g.id: state.scores[g.id] for g in groups}),
+                                      grid=o.scoring.sensitivity_grid, samples=o.scoring.sensitivity_samples,
+                                      max_samples=o.calibration.calib_samples, seed=o.runtime.seed,
+                                      progress=o.runtime.progress)
+
+
 def allocate_units(state: PruneState) -> None:
     """Scores and a target -> the units each group keeps; refuses a plan that removes nothing."""
     o, analysis = state.options, state.analysis
@@ -152,7 +173,14 @@ def allocate_units(state: PruneState) -> None:
     target = Target(t.ratio, t.target_flops, t.target_params, t.strategy, t.max_ratio, t.round_to,
                     list(t.include), list(t.exclude))
     estimator = None if t.ratio is not None else CostEstimator(analysis, state.dense_cost)
-    state.keep = allocate(analysis, state.scores, target, estimator)
+    if _adaptive(state):
+        chosen = allocate_adaptive(analysis, state.scores, state.curves, target, estimator)
+        state.keep = chosen.keep
+        state.notes.append(chosen.note("FLOPs" if t.target_flops is not None else "parameters"
+                                       if t.target_params is not None else "units"))
+        state.notes += state.curves.notes
+    else:
+        state.keep = allocate(analysis, state.scores, target, estimator)
     state.removed = set()
     for gid, kept in state.keep.items():
         flags = np.ones(analysis.groups[gid].size, dtype=bool)
@@ -219,6 +247,7 @@ SCORE = [  # skipped where a forked state already holds their results
 DECIDE = [
     Stage("drop layers", drop_layers, applies=_drops_layers),
     *SCORE,
+    Stage("sensitivity", measure_curves, applies=lambda s: _scores_needed(s) and _adaptive(s) and s.curves is None),
     Stage("allocate", allocate_units, applies=_scores_needed),
     Stage("replay plan", replay_plan, applies=lambda s: s.given_plan is not None, timing="analyze"),
     Stage("eliminate dead structure", eliminate_dead, applies=lambda s: s.options.target.lossless,
@@ -286,7 +315,8 @@ def _add_depth(state: PruneState) -> None:
 REWRITE = [
     Stage("rewrite", rewrite),
     Stage("reconstruct", repair, applies=_repairs, timing="rewrite"),
-    Stage("clean up", clean_up, timing="rewrite", releases=("analysis", "dense", "reference", "statistics", "scores")),
+    Stage("clean up", clean_up, timing="rewrite",
+          releases=("analysis", "dense", "reference", "statistics", "scores", "curves")),
 ]
 
 

@@ -53,6 +53,7 @@ class PruneState:
     analysis: Analysis | None = None
     statistics: Any = None                  # calibration statistics of a data-aware criterion
     scores: dict[int, np.ndarray] | None = None
+    curves: Any = None                      # sensitivity curves (adaptive allocation)
     keep: dict[int, np.ndarray] | None = None
     removed: set[int] | None = None
     plan: Plan | None = None
@@ -91,4 +92,7 @@ class PruneState:
             kept.analysis = self.analysis
             if options.scoring == same.scoring and options.calibration == same.calibration:
                 kept.statistics, kept.scores = self.statistics, self.scores
+                same_groups = (options.target.include, options.target.exclude) == (same.target.include,
+                                                                                   same.target.exclude)
+                kept.curves = self.curves if same_groups else None
         return kept
