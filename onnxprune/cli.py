@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "passes through. Alone, or before --ratio/--target-flops/--target-params.")
     add_options(depth, DepthOptions)
     _add_pruning_options(p)
+    progressive = p.add_argument_group(
+        "progressive pruning", "Reach the target in steps, each re-scoring the model the last one left, removing "
+                               "its share, repairing (with --calib) and measuring (with --validate-data); past "
+                               "--max-accuracy-drop the run stops and keeps the step before.")
+    add_options(progressive, TargetOptions, only=("steps", "schedule"))
     add_options(p, PruneOptions, only=("save_plan",))
     p.add_argument("--report", help="write the report as JSON")
     p.add_argument("--markdown", help="write the before/after table as Markdown")

@@ -23,6 +23,7 @@ from onnxprune.errors import UsageError
 
 UNIT_KINDS = ("channels", "neurons", "heads", "kv-groups", "hidden")
 STRATEGIES = ("uniform", "global", "adaptive")
+SCHEDULES = ("linear", "cubic")
 SENSITIVITY_GRID = (0.1, 0.25, 0.5, 0.75, 0.9)  # fractions of a group's units removed for its curve
 DROP_UNITS = ("layer", "block", "attention", "mlp")
 
@@ -139,6 +140,11 @@ class TargetOptions:
                                       metavar="PATTERN", repeat=True)
     exclude: tuple[str, ...] = option((), "never prune groups whose source node name matches this glob, or op type",
                                       metavar="PATTERN", repeat=True)
+    steps: int = option(1, "reach the target in N steps, each re-scoring the current model, removing its share, "
+                           "repairing and measuring; with --max-accuracy-drop it stops before the budget is "
+                           "exceeded and keeps the last model within it", parse=positive, metavar="N")
+    schedule: str = option("linear", "how the target is spread over --steps: linear, or cubic (larger steps "
+                                     "first, smaller near the target)", choices=SCHEDULES)
     prune_hidden: bool = option(False, "also prune the hidden (residual-stream) width of transformers through "
                                        "LayerNorm/RMSNorm: not lossless, their statistics change; name it in a "
                                        "ratio as hidden=R", switch=True)
@@ -157,6 +163,13 @@ class TargetOptions:
             raise UsageError("choose one of: a target (ratio / --ratio, target_flops / --target-flops, target_params "
                              "/ --target-params), lossless (--lossless), a plan (--plan), or drop_layers "
                              "(--drop-layers)")
+        if self.steps < 1:
+            raise UsageError(f"steps (--steps) must be at least 1, got {self.steps}")
+        if self.steps > 1 and not self.width:
+            raise UsageError("steps (--steps) divide a ratio or target (--ratio, --target-flops, --target-params) "
+                             "into parts; lossless elimination and plans are applied at once")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule '{self.schedule}' ({', '.join(SCHEDULES)})")
         if not self.width:
             return
         given = [v for v in (self.ratio, self.target_flops, self.target_params) if v is not None]

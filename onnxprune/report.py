@@ -57,6 +57,7 @@ class PruneReport:
     quality: QualityStats | None = None  # with validate_data
     latency: LatencyStats | None = None  # with measure_latency
     depth: dict | None = None  # with drop_layers: strategy.depth.DepthReport.to_dict()
+    steps: list[dict] | None = None  # a progressive run's steps (onnxprune.pipeline.progressive)
     passes: list[dict] = field(default_factory=list)  # every pass that ran, in order: PassRecord.to_dict()
 
     @property
@@ -77,6 +78,7 @@ class PruneReport:
             "quality": self.quality.to_dict() if self.quality is not None else None,
             "latency": self.latency.to_dict() if self.latency is not None else None,
             "depth": self.depth,
+            "steps": self.steps,
             "passes": self.passes,
             "notes": self.notes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},

@@ -226,6 +226,8 @@ def sweep(model: ModelLike, ratios: Sequence[float] | str, *, data: Any, target:
     if target not in TARGETS:
         raise UsageError(f"target '{target}' is not one of {', '.join(TARGETS)}")
     ratios = parse_ratios(ratios) if isinstance(ratios, str) else check_ratios(ratios)
+    if opts.target.steps > 1:
+        raise UsageError("sweep prunes each ratio in one step; progressive pruning (steps) is prune's")
     if opts.target.width or opts.target.lossless or opts.target.plan is not None:
         raise UsageError("sweep sets the ratio or target itself (--ratios, --target): do not give ratio, "
                          "target_flops, target_params, lossless or plan")

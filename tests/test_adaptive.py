@@ -98,3 +98,34 @@ def test_the_sensitivity_command_prints_one_row_per_group_and_writes_json(tmp_pa
 def test_the_sensitivity_command_without_calibration_data_exits_2(capsys):
     assert main(["sensitivity", str(DIGITS)]) == 2
     assert "--calib" in capsys.readouterr().err
+
+
+# -- progressive pruning ---------------------------------------------------------------------------------
+TEST = ROOT / "models" / "digits_test.npz"
+
+
+def test_progressive_steps_reach_the_target_through_the_scheduled_shares(tmp_path):
+    _, report = onnxprune.prune(DIGITS, tmp_path / "p.onnx", target_flops=0.5, steps=3, schedule="cubic",
+                                least_squares=False)
+    removed = [s["flops_removed"] for s in report.steps]
+    assert len(removed) == 3 and removed == sorted(removed)
+    assert removed[0] >= 0.5 * (1 - (2 / 3) ** 3) - 0.05  # cubic: most of the target in the first step
+    assert 0.5 <= 1 - report.after.flops / report.before.flops <= 0.56
+    assert report.mode.startswith("progressive, 3 of 3 steps (cubic)")
+    assert (tmp_path / "p.onnx").exists()
+
+
+def test_progressive_pruning_stops_before_the_budget_and_keeps_the_last_step_within_it(tmp_path):
+    out = tmp_path / "p.onnx"
+    _, report = onnxprune.prune(DIGITS, out, target_flops=0.9, steps=4, validate_data=str(TEST), max_accuracy_drop=0.005,
+                                measure_latency=False, max_ratio=0.95, round_to=1, calib=str(CALIB), calib_samples=64)
+    kept = [s for s in report.steps if s["passed"]]
+    assert report.steps[-1]["passed"] is False and kept
+    assert report.quality.drop <= 0.005
+    assert report.after.flops == kept[-1]["flops"]
+    assert out.exists()
+
+
+def test_a_progressive_run_cannot_save_one_plan(tmp_path):
+    with pytest.raises(UsageError, match="--save-plan"):
+        onnxprune.prune(DIGITS, tmp_path / "p.onnx", ratio=0.3, steps=2, save_plan=tmp_path / "plan.json")

@@ -48,6 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.analysis.units import NO_UNIT
 from onnxprune.calibration.capture import Capture, calibration_session
 from onnxprune.calibration.data import CalibrationSet
+from onnxprune.calibration.padding import row_mask
 from onnxprune.calibration.stats import calibration_statistics
 from onnxprune.errors import AblationBudgetError, OnnxPruneError
 from onnxprune.ir.graph_view import reads
@@ -193,7 +194,8 @@ def sink_means(model: onnx.ModelProto, analysis, groups: Sequence, calib: Calibr
 class _Divergence:
     """Divergence of one output from its dense value: 'kl' (rank-2 class scores) or relative 'mse'."""
 
-    def __init__(self, name: str, reference: list[np.ndarray], kind: str):
+    def __init__(self, name: str, reference: list[np.ndarray], kind: str,
+                 valid: list[np.ndarray | None] | None = None):
         self.name = name
         self.kind = kind
         if kind == "kl":
@@ -202,9 +204,22 @@ class _Divergence:
             self.p = [np.exp(lp) for lp in self.log_p]
         else:
             self.reference = [r.astype(np.float64) for r in reference]
-            energy = sum(float(np.square(r).sum()) for r in self.reference)
-            count = sum(r.size for r in self.reference)
+            # per batch: which [sample, position] rows are tokens (padding never counts)
+            self.keep = [row_mask(r.shape, v, rows_per_sample=True) if r.ndim >= 3 else None
+                         for r, v in zip(self.reference, valid or [None] * len(reference))]
+            energy = sum(float(self._per_position(np.square(r), k).sum()) for r, k in zip(self.reference, self.keep))
+            count = sum(float(np.sum(k)) if k is not None else r.shape[0] * (r.shape[1] if r.ndim >= 3 else 1)
+                        for r, k in zip(self.reference, self.keep))
             self.scale = 1.0 / max(energy / max(count, 1), 1e-12)
+
+    @staticmethod
+    def _per_position(squares: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+        """Mean over each position's elements ([samples, positions]; a rank-2 output is one position per
+        sample), padded positions zeroed."""
+        if squares.ndim < 3:
+            return squares.reshape(squares.shape[0], 1, -1).mean(axis=2)
+        per = squares.reshape(squares.shape[0], squares.shape[1], -1).mean(axis=2)
+        return per if keep is None else per * keep
 
     def _log_probs(self, x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float64)
@@ -218,8 +233,12 @@ class _Divergence:
         if self.kind == "kl":
             return float((self.p[batch] * (self.log_p[batch] - self._log_probs(x))).sum())
         diff = x.astype(np.float64) - self.reference[batch]
-        per_sample = diff.size // max(diff.shape[0], 1) if diff.ndim else 1
-        return float(np.square(diff).sum()) * self.scale / max(per_sample, 1)
+        if diff.ndim == 0:
+            return float(np.square(diff)) * self.scale
+        keep = self.keep[batch]
+        per = self._per_position(np.square(diff), keep)  # each sample's positions, padding zeroed
+        positions = keep.sum(axis=1) if keep is not None else np.full(per.shape[0], per.shape[1])
+        return float((per.sum(axis=1) / np.maximum(positions, 1)).sum()) * self.scale
 
 
 def _kind(values: np.ndarray, loss: str) -> str | None:
@@ -353,6 +372,7 @@ class Probes:
     notes: list[str]
     cost_per_sample: float | None  # FLOPs of one ablation of every unit, per sample
     whole_flops: float | None
+    valid: list[np.ndarray | None] | None = None  # per batch: its token positions (padding never counts)
 
     @property
     def units(self) -> int:
@@ -385,9 +405,11 @@ def plan_probes(model: onnx.ModelProto, analysis, data: Any, groups: Sequence, *
     count, notes = _plan_samples(cost, len(calib), samples, min_samples, budget_flops, units)
     if count < len(calib):
         pick = np.sort(np.random.default_rng(seed).choice(len(calib), count, replace=False))
-        calib = CalibrationSet(calib.dataset, calib.specs, calib.indices[pick])
+        calib = CalibrationSet(calib.dataset, calib.specs, calib.indices[pick], calib.mask_input)
     whole = None if node_flops is None else sum(node_flops.values())
-    return Probes(gm, plans, list(calib.batches(batch_size)), len(calib), notes, cost, whole)
+    batches = list(calib.batches(batch_size))
+    valid = [calib.real_positions(feeds, n) for feeds, n in batches]
+    return Probes(gm, plans, batches, len(calib), notes, cost, whole, valid)
 
 
 class GroupProbe:
@@ -407,7 +429,7 @@ class GroupProbe:
             for j, name in enumerate(part.outputs):
                 kind = _kind(dense[0][j], loss)
                 if kind is not None:
-                    self.losses.append((j, _Divergence(name, [b[j] for b in dense], kind)))
+                    self.losses.append((j, _Divergence(name, [b[j] for b in dense], kind, probes.valid)))
         self.runs = len(self.feeds)
 
     @property

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import onnx
 
+from onnxprune.calibration.padding import find_mask_input, real_positions
 from onnxprune.errors import DataError
 from onnxprune.runtime.data import ArrayData, Dataset, InputSpec, first_non_finite, model_inputs, open_data
 
@@ -21,10 +22,11 @@ from onnxprune.runtime.data import ArrayData, Dataset, InputSpec, first_non_fini
 class CalibrationSet:
     """Samples `indices` of a bound `dataset`, fed to a model with inputs `specs`."""
 
-    def __init__(self, dataset: Dataset, specs: list[InputSpec], indices: np.ndarray):
+    def __init__(self, dataset: Dataset, specs: list[InputSpec], indices: np.ndarray, mask_input: str | None = None):
         self.dataset = dataset
         self.specs = specs
         self.indices = np.asarray(indices, dtype=np.int64)
+        self.mask_input = mask_input if mask_input is not None else find_mask_input(specs)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -51,7 +53,7 @@ class CalibrationSet:
         return cls(dataset, specs, np.arange(n))
 
     def take(self, count: int) -> "CalibrationSet":
-        return CalibrationSet(self.dataset, self.specs, self.indices[:count])
+        return CalibrationSet(self.dataset, self.specs, self.indices[:count], self.mask_input)
 
     def split(self, holdout: float = 0.2, seed: int = 0) -> tuple["CalibrationSet", "CalibrationSet"]:
         """(fit, held_out): a seeded random split; held_out is empty when there are fewer than 5 samples."""
@@ -60,7 +62,8 @@ class CalibrationSet:
         order = np.random.default_rng(seed).permutation(n)
         hold = np.sort(self.indices[order[:n_hold]])
         fit = np.sort(self.indices[order[n_hold:]])
-        return CalibrationSet(self.dataset, self.specs, fit), CalibrationSet(self.dataset, self.specs, hold)
+        return (CalibrationSet(self.dataset, self.specs, fit, self.mask_input),
+                CalibrationSet(self.dataset, self.specs, hold, self.mask_input))
 
     # -- reading --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -69,6 +72,11 @@ class CalibrationSet:
     @property
     def source(self) -> str:
         return self.dataset.source
+
+    def real_positions(self, feeds: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+        """bool [n, sequence]: the token (not padding) positions of a batch's real samples; None when the
+        model has no attention mask or nothing is padded (onnxprune.calibration.padding)."""
+        return real_positions(feeds, n, self.mask_input)
 
     def static_batch(self) -> int | None:
         static = {s.static_batch for s in self.specs if s.static_batch is not None}

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+
+from onnxprune.calibration.padding import row_mask
 from onnx import helper
 
 SUPPORTED = ("Conv", "Gemm", "MatMul")
@@ -236,22 +238,39 @@ def output_rows(c: Consumer, y: np.ndarray, pick: np.ndarray) -> np.ndarray:
 
 
 def rows(c: Consumer, x: np.ndarray, y: np.ndarray | None = None, *, per_sample: int | None = 64,
-         rng: np.random.Generator | None = None, pick: np.ndarray | None = None
+         rng: np.random.Generator | None = None, pick: np.ndarray | None = None, valid: np.ndarray | None = None
          ) -> tuple[np.ndarray, np.ndarray | None]:
     """(X, Y): input feature rows and, if `y` (the op's output) is given, output rows at the same positions.
 
     X is (rows, features); Y is (rows, y's channels). per_sample=None takes every position;
-    `pick` (from `pick_positions`) fixes the positions instead of drawing them.
+    `pick` (from `pick_positions`) fixes the positions instead of drawing them; `valid` (bool
+    [samples, sequence], onnxprune.calibration.padding) drops the rows of padded token positions.
     """
     if pick is None:
         pick = pick_positions(c, _output_shape(c, x), per_sample, rng)
     xr = input_rows(c, x, pick)
+    keep = real_rows(c, x, pick, valid)
+    if keep is not None:
+        xr = xr[keep]
     if y is None:
         return xr, None
     if c.op_type == "Conv" and tuple(y.shape[2:]) != _output_shape(c, x)[2:]:
         raise ValueError(f"Conv '{c.node}': output spatial shape {tuple(y.shape[2:])} differs from the "
                          f"computed {_output_shape(c, x)[2:]}")
-    return xr, output_rows(c, y, pick)
+    yr = output_rows(c, y, pick)
+    return xr, yr if keep is None else yr[keep]
+
+
+def real_rows(c: Consumer, x: np.ndarray, pick: np.ndarray, valid: np.ndarray | None) -> np.ndarray | None:
+    """Which of the rows `input_rows(c, x, pick)` returns are real tokens (None: all of them, or the
+    tensor's layout does not show token positions)."""
+    if valid is None or c.op_type == "Conv":
+        return None
+    if c.op_type == "Gemm":
+        return None if c.trans_a else row_mask(x.shape, valid, rows_per_sample=False)
+    if x.ndim == 3 and row_mask(x.shape, valid, rows_per_sample=True) is not None:
+        return valid[np.arange(valid.shape[0])[:, None], pick].reshape(-1)
+    return None
 
 
 def _output_shape(c: Consumer, x: np.ndarray) -> tuple[int, ...]:

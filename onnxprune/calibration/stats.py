@@ -19,6 +19,7 @@ import onnx
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP, Capture, plan_chunks, sample_bytes
 from onnxprune.runtime.progress import progress_iter
 from onnxprune.calibration.data import CalibrationSet
+from onnxprune.calibration.padding import real_part
 from onnxprune.calibration.features import Consumer, GramStats, gram_for, rows
 
 
@@ -52,8 +53,9 @@ class ChannelAccumulator:
         self.n = 0
         self.mean = self.m2 = self.nonpos = self.abs = None
 
-    def update(self, x: np.ndarray) -> None:
-        axis = self.axis if self.axis >= 0 else x.ndim + self.axis
+    def update(self, x: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add a batch; `valid` (bool [samples, sequence]): only those token positions count."""
+        x, axis = real_part(x, self.axis, valid)
         channels = x.shape[axis]
         v = x.reshape(int(np.prod(x.shape[:axis])), channels, -1)  # (pre, C, post), a view when contiguous
         nb = v.shape[0] * v.shape[2]
@@ -187,6 +189,7 @@ def collect_statistics(
             cap_x = Capture(model, xs, threads=threads)
             cap_y = Capture(target_model, ys, threads=threads) if ys else None
         for feeds, n in calib.batches(plan.batch_size):
+            valid = calib.real_positions(feeds, n)
             got = cap_x.run(feeds, n)
             if cap_y is not None:
                 got_y = cap_y.run(feeds, n)
@@ -194,7 +197,7 @@ def collect_statistics(
                 got_y = got
             for kind, key in kinds:
                 if kind == "stat":
-                    stat_acc[key].update(got[key[0]])
+                    stat_acc[key].update(got[key[0]], valid)
                     continue
                 r = grams[key]
                 y = None
@@ -202,7 +205,8 @@ def collect_statistics(
                     y = got_y[r.target]
                     if r.target_channels is not None:
                         y = np.take(y, r.target_channels, axis=r.consumer.output_axis)
-                x_rows, y_rows = rows(r.consumer, got[r.consumer.input], y, per_sample=per_sample, rng=rngs[key])
+                x_rows, y_rows = rows(r.consumer, got[r.consumer.input], y, per_sample=per_sample, rng=rngs[key],
+                                      valid=valid)
                 gram_acc[key].update(x_rows, y_rows)
             del got, got_y
         del cap_x, cap_y

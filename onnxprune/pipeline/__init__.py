@@ -22,6 +22,7 @@ from onnxprune.cost import model_cost
 from onnxprune.errors import OnnxPruneError
 from onnxprune.ir.prepare import prepare
 from onnxprune.options import PruneOptions
+from onnxprune.pipeline.progressive import prune_progressively
 from onnxprune.pipeline.runner import Stage, run_stages
 from onnxprune.pipeline.stages import DECIDE, FINISH, LOAD, REWRITE, build_analysis
 from onnxprune.pipeline.state import PruneState
@@ -114,8 +115,16 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, options: Pr
     switched off, and each is undone if it makes held-out calibration fidelity
     worse. `ablation_samples`: samples per unit for the ablation criterion
     (default 64, lowered with a note when over its FLOP budget).
+
+    Progressive (onnxprune.pipeline.progressive): `steps=N` reaches the
+    target in N parts (`schedule` "linear" or "cubic"), each re-scoring,
+    removing, repairing and measuring the current model; with
+    `max_accuracy_drop` it stops before the budget is exceeded and keeps the
+    last model within it. The report's `steps` lists them.
     """
     state = PruneState(PruneOptions.build(options, **keywords), model, output)
+    if state.options.target.steps > 1:
+        return prune_progressively(state)
     return finish(state, LOAD + DECIDE)
 
 

@@ -1,0 +1,82 @@
+"""Padded token positions (attention mask 0) never enter a statistic, a Gram matrix or a divergence:
+the same samples padded further give the same numbers."""
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.calibration.ablation import _Divergence
+from onnxprune.calibration.data import CalibrationSet
+from onnxprune.calibration.features import consumers_of
+from onnxprune.calibration.stats import GramRequest, collect_statistics
+
+RNG = np.random.default_rng(7)
+HIDDEN, OUT = 4, 3
+
+
+def token_model() -> onnx.ModelProto:
+    """y = (x @ W) * mask: a text-model-like graph with an attention mask input."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((HIDDEN, OUT)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"], name="proj"),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["m3"], name="unsq"),
+        helper.make_node("Mul", ["xw", "m3"], ["y"], name="masked"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", OUT])],
+        initializer=[w, numpy_helper.from_array(np.array([2], np.int64), "axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def samples(lengths, padded_to):
+    """Each sample's real tokens are the same whatever the padding; padding holds large junk."""
+    x = RNG.standard_normal((len(lengths), padded_to, HIDDEN)).astype(np.float32) * 50
+    mask = np.zeros((len(lengths), padded_to), np.int64)
+    real = np.random.default_rng(3).standard_normal((len(lengths), max(lengths), HIDDEN)).astype(np.float32)
+    for i, n in enumerate(lengths):
+        x[i, :n] = real[i, :n]
+        mask[i, :n] = 1
+    return {"x": x, "attention_mask": mask}
+
+
+def statistics(data):
+    model = token_model()
+    consumer = consumers_of(model)["proj"]
+    return collect_statistics(model, data, tensors=[("x", 2)], grams=[GramRequest(consumer, target="xw")],
+                              per_sample=None, batch_size=2)
+
+
+def test_channel_statistics_and_gram_matrices_ignore_padded_positions():
+    lengths = [3, 5, 2, 4]
+    short, long = statistics(samples(lengths, 5)), statistics(samples(lengths, 9))
+    a, b = short.channels[("x", 2)], long.channels[("x", 2)]
+    assert a.count == b.count == sum(lengths)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6)
+    np.testing.assert_allclose(a.var, b.var, rtol=1e-5)
+    ga, gb = short.grams["proj"], long.grams["proj"]
+    assert ga.n == gb.n == sum(lengths)
+    np.testing.assert_allclose(ga.xtx, gb.xtx, rtol=1e-5)
+    np.testing.assert_allclose(ga.xty, gb.xty, rtol=1e-5)
+
+
+def test_the_mask_input_is_found_by_name():
+    calib = CalibrationSet.open(samples([2, 3], 4), token_model())
+    assert calib.mask_input == "attention_mask"
+    feeds, n = next(calib.batches(2))
+    assert calib.real_positions(feeds, n).sum() == 5
+
+
+def test_a_divergence_counts_real_positions_only():
+    reference = RNG.standard_normal((2, 6, 3))
+    valid = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
+    changed = reference.copy()
+    changed[~valid] += 100.0  # only padding moves
+    loss = _Divergence("y", [reference], "mse", [valid])
+    assert loss.total(0, changed) == 0.0
+    changed[0, 0] += 1.0
+    assert loss.total(0, changed) > 0.0
