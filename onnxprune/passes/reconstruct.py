@@ -57,7 +57,9 @@ from onnxprune.calibration.features import (
     output_positions,
     output_rows,
     pick_positions,
+    real_rows,
 )
+from onnxprune.calibration.padding import row_mask
 from onnxprune.calibration.stats import GramRequest, collect_statistics
 from onnxprune.ir.editor import GraphEditor, copy_model
 from onnxprune.ir.graph_view import reads
@@ -283,10 +285,14 @@ class Fidelity:
         for ref in self._dense_batches():
             feeds, n = next(batches)
             got = session.run(feeds, n)
+            valid = self.ctx.holdout.real_positions(feeds, n)
             for name in self.names:
                 r, g = ref[name], got[name]
                 if r.dtype.kind != "f" or r.shape != g.shape:
                     continue
+                keep = row_mask(r.shape, valid, rows_per_sample=True) if r.ndim >= 3 else None
+                if keep is not None:  # padded positions: neither an error nor a reference
+                    r, g = r[keep], g[keep]
                 num[name] += float(np.square(g.astype(np.float64) - r).sum())
                 den[name] += float(np.square(r.astype(np.float64)).sum())
             r0 = ref[self.names[0]]
@@ -335,6 +341,7 @@ class DenseTargets:
         self.ctx = ctx
         self.consumers = consumers
         self.rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.real: dict[tuple[str, int], np.ndarray] = {}  # (node, split) -> token (not padding) flags per pick
 
     def estimate_bytes(self) -> int | None:
         shapes = infer_shapes(skeleton(self.ctx.dense))
@@ -361,17 +368,22 @@ class DenseTargets:
             for split, data in enumerate((ctx.fit, ctx.holdout)):
                 rngs = {node: np.random.default_rng([ctx.seed, split, i]) for i, node in enumerate(self.consumers)}
                 for feeds, n in data.batches(plan.batch_size):
+                    valid = data.real_positions(feeds, n)
                     got = capture.run(feeds, n)
                     for node, cd, ch in wanted:
                         y = got[cd.output] if ch is None else np.take(got[cd.output], ch, axis=cd.output_axis)
                         pick = pick_positions(cd, y.shape, ctx.per_sample, rngs[node])
+                        real = real_rows(cd, y, pick, valid) if cd.op_type == "MatMul" else None
                         parts.setdefault((node, split), []).append(
-                            (np.array(pick), np.ascontiguousarray(output_rows(cd, y, pick), np.float32)))
+                            (np.array(pick), np.ascontiguousarray(output_rows(cd, y, pick), np.float32),
+                             np.ones(pick.shape, bool) if real is None else real.reshape(pick.shape)))
                     del got
             del capture
-        # per sample: picks (samples, m) and target rows (samples * m, channels), so any batch size can read them
+        # per sample: picks (samples, m), target rows (samples * m, channels) and whether each picked position
+        # is a token rather than padding (samples, m), so any batch size can read them
         for key, chunks in parts.items():
-            self.rows[key] = (np.concatenate([p for p, _ in chunks]), np.concatenate([y for _, y in chunks]))
+            self.rows[key] = (np.concatenate([p for p, _, _ in chunks]), np.concatenate([y for _, y, _ in chunks]))
+            self.real[key] = np.concatenate([r for _, _, r in chunks])
 
     def grams(self, model: onnx.ModelProto, specs: list[Consumer]) -> list[dict[str, GramStats]]:
         """[fit grams, held-out grams] of `specs` (consumers of the pruned `model`) against the cached targets."""
@@ -392,8 +404,12 @@ class DenseTargets:
                     for c in mine:
                         picks, targets = self.rows[(c.node, split)]
                         m = picks.shape[1]
-                        out[split][c.node].update(input_rows(c, got[c.input], picks[start:start + n]),
-                                                  targets[start * m:(start + n) * m])
+                        real = self.real[(c.node, split)][start:start + n].reshape(-1)
+                        x = input_rows(c, got[c.input], picks[start:start + n])
+                        y = targets[start * m:(start + n) * m]
+                        if not real.all():  # padded positions are not fitted
+                            x, y = x[real], y[real]
+                        out[split][c.node].update(x, y)
                     start += n
                     del got
             del capture
