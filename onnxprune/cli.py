@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         commands = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench,
-                    "sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "sparsify": lambda a: sparsify_cli.run(a, _open_data, load_metric)}
+                    "sweep": cmd_sweep, "sensitivity": cmd_sensitivity, "sparsify": sparsify_cli.run}
         return commands[args.command](args)
     except OnnxPruneError as exc:
         if isinstance(exc, AccuracyDropError) and exc.report is not None:  # what was measured; nothing written
@@ -354,9 +354,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _open_data(args, data: str):
-    """A data path read with the command's data options (sparsify's reader)."""
-    from onnxprune.runtime.data import open_data
-
-    return open_data(data, **options_from(args, PruneOptions()).data.reading())

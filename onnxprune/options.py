@@ -320,6 +320,49 @@ class RuntimeOptions:
                                    switch=True)
 
 
+SPARSEGPT_BLOCK = 128  # columns per lazy-update block
+SPARSEGPT_DAMP = 0.01  # added to the Gram matrix's diagonal, as a fraction of its mean
+
+
+@dataclass(frozen=True)
+class SparsityOptions:
+    """What `sparsify` zeroes, and how (weight-level sparsity: shapes do not change)."""
+
+    sparsity: float | None = option(None, "fraction of each weight's entries zeroed, unstructured (0.5 = half)",
+                                    parse=fraction, metavar="F", exclusive="how")
+    pattern: str | None = option(None, "at most N non-zero weights in every M consecutive ones along the "
+                                       "reduction axis (2:4 for sparse tensor cores)", metavar="N:M",
+                                 exclusive="how")
+    criterion: str | None = option(None, "magnitude (|w| per layer), wanda (|w| x input norm per output; needs "
+                                         "--calib) or sparsegpt (zero and update the rest; needs --calib). "
+                                         "Default: sparsegpt with --calib, else magnitude")
+    positions_per_sample: int | None = option(256, "Conv output positions sampled per calibration sample for its "
+                                                   "Gram matrix", parse=positive, metavar="N")
+    include: tuple[str, ...] = option((), "only sparsify nodes whose name matches this glob, or of this op type",
+                                      metavar="PATTERN", repeat=True)
+    exclude: tuple[str, ...] = option((), "never sparsify nodes whose name matches this glob, or of this op type",
+                                      metavar="PATTERN", repeat=True)
+    block_size: int = option(SPARSEGPT_BLOCK, "SparseGPT: columns per lazy-update block", parse=positive)
+    damp: float = option(SPARSEGPT_DAMP, "SparseGPT: damping added to the Gram matrix's diagonal, as a fraction "
+                                         "of its mean", parse=float)
+
+
+@dataclass(frozen=True)
+class SparsifyOptions:
+    """Everything `sparsify` takes besides the model and the output path."""
+
+    weights: SparsityOptions = field(default_factory=SparsityOptions)  # (a group named like its field would clash)
+    # weight-level sparsity reads one Gram matrix per layer: fewer samples than structural repair needs
+    calibration: CalibrationOptions = field(default_factory=lambda: CalibrationOptions(calib_samples=128))
+    data: DataOptions = field(default_factory=DataOptions)
+    gate: GateOptions = field(default_factory=GateOptions)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    @classmethod
+    def build(cls, base: "SparsifyOptions | None" = None, **keywords: Any) -> "SparsifyOptions":
+        return with_keywords(base if base is not None else cls(), keywords)
+
+
 @dataclass(frozen=True)
 class PruneOptions:
     """Everything `prune` takes besides the model and the output path."""
@@ -405,14 +448,18 @@ def parser_of(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_text
 
 
-def add_options(parser, group_cls, *, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
+def add_options(parser, group, *, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
                 defaults: dict | None = None, choices: dict | None = None, helps: dict | None = None) -> None:
-    """Add one flag per field of the options dataclass `group_cls` (onnxprune.options), from its metadata:
-    one definition of every option, its default and its help. `only`/`skip` select fields; `defaults`,
-    `choices` and `helps` override per field where a command means something else by it."""
-    defaults, choices, helps = defaults or {}, choices or {}, helps or {}
+    """Add one flag per field of the options dataclass `group` (a class, or an instance whose values are the
+    defaults, as SparsifyOptions().calibration), from its metadata: one definition of every option, its
+    default and its help. `only`/`skip` select fields; `defaults`, `choices` and `helps` override per field
+    where a command means something else by it."""
+    choices, helps = choices or {}, helps or {}
+    if not isinstance(group, type):
+        defaults = {**{f.name: getattr(group, f.name) for f in dataclasses.fields(group)}, **(defaults or {})}
+    defaults = defaults or {}
     exclusive: dict[str, Any] = {}
-    for f in dataclasses.fields(group_cls):
+    for f in dataclasses.fields(group):
         meta = f.metadata
         if not meta.get("cli", False) or f.name in skip or (only is not None and f.name not in only):
             continue

@@ -69,13 +69,16 @@ def load(state: PruneState) -> None:
     o = state.options
     state.dense, state.source = prepare(state.model, state.output)
     state.working = state.dense
-    state.input_shapes = dense_input_shapes(state.dense, _shapes(o), o.runtime.seed, need_outputs=o.target.lossless)
+    state.input_shapes = dense_input_shapes(state.dense, _shapes(o), o.runtime.seed, need_outputs=state.lossless)
     state.dense_cost = model_cost(state.dense, state.input_shapes.shapes)
     state.before = ModelStats.from_cost(state.dense_cost, state.source.file_size)
     state.expected_shapes = output_shapes(state.dense, state.input_shapes.shapes)
     state.validate_data = _open(state, o.gate.validate_data)
     state.calib_data = _open(state, o.calibration.calib)
-    plan = o.target.plan
+
+
+def read_plan(state: PruneState) -> None:
+    plan = state.options.target.plan
     state.given_plan = plan if plan is None or isinstance(plan, Plan) else Plan.load(plan)
 
 
@@ -102,6 +105,7 @@ def evaluate_dense(state: PruneState) -> None:
 LOAD = [
     Stage("check options", check_options, timing="load"),
     Stage("load", load),
+    Stage("read plan", read_plan, timing="load"),
     Stage("evaluate dense", evaluate_dense, applies=lambda s: s.validate_data is not None),
 ]
 
@@ -327,7 +331,7 @@ def validate(state: PruneState) -> None:
     state.staged = stage_if_on_disk(state.working, state.output, state.source)
     shapes = state.input_shapes
     state.validation = validate_model(state.working, shapes.shapes,
-                                      reference_outputs=shapes.outputs if state.options.target.lossless else None,
+                                      reference_outputs=shapes.outputs if state.lossless else None,
                                       expected_shapes=state.expected_shapes, seed=state.options.runtime.seed,
                                       run_from=state.staged.path if state.staged is not None else None)
     size = len(state.validation.serialized or b"") or model_byte_size(state.working)
@@ -368,14 +372,13 @@ def build_report(state: PruneState) -> None:
 def gate(state: PruneState) -> None:
     if state.quality is not None and state.quality.passed is False:
         state.validation.serialized = None
-        raise AccuracyDropError(f"accuracy gate: {state.quality.verdict()} Nothing was written; prune less (a "
-                                "smaller ratio or target), exclude sensitive layers, or raise the budget.",
-                                state.report)
+        raise AccuracyDropError(f"accuracy gate: {state.quality.verdict()} Nothing was written; "
+                                + state.gate_advice, state.report)
 
 
 def save(state: PruneState) -> None:
-    if state.options.save_plan is not None:
-        state.plan.save(state.options.save_plan)
+    if state.plan_path is not None:
+        state.plan.save(state.plan_path)
     if state.staged is not None:  # validation already ran the staged file from disk
         state.after.file_size = state.staged.commit()
     elif state.output is not None:

@@ -77,6 +77,21 @@ class PruneState:
     def width(self) -> bool:
         return self.options.target.width
 
+    # what the shared load and finish stages ask of a run (a sparsify run answers differently)
+    @property
+    def lossless(self) -> bool:
+        """Whether the result must reproduce the dense outputs (validated against them)."""
+        return self.options.target.lossless
+
+    @property
+    def plan_path(self):
+        """Where the applied plan is written (None: nowhere)."""
+        return self.options.save_plan
+
+    @property
+    def gate_advice(self) -> str:
+        return "prune less (a smaller ratio or target), exclude sensitive layers, or raise the budget."
+
     def fork(self, options: PruneOptions, output: str | os.PathLike | None = None) -> "PruneState":
         """A state for another run over the same loaded model: keeps what the load stages made, and the
         analysis and scores when the options they depend on are the same; the rest starts empty."""

@@ -2,12 +2,17 @@
 
     load -> find weights -> Gram matrices (calibration) -> zero + update -> validate -> gate -> save
 
+Loading, validation, measuring, the gate and the save are prune's own stages
+(onnxprune.pipeline.stages) over a SparsifyState; only the middle is this
+package's.
+
 The model keeps its graph and shapes: only weight values change, so `prune`
 then `sparsify` composes (structure first, sparsity inside what remains).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,64 +21,61 @@ from onnx import numpy_helper
 
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.stats import GramRequest, collect_statistics
-from onnxprune.cost import model_cost
 from onnxprune.errors import PlanError, UsageError
 from onnxprune.ir.graph_view import tensor_values
-from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external, model_byte_size
-from onnxprune.ir.prepare import ModelLike, prepare
-from onnxprune.ir.shapes import infer_shapes, output_shapes
+from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external
+from onnxprune.ir.prepare import ModelLike
+from onnxprune.ir.shapes import infer_shapes
+from onnxprune.options import SparsifyOptions, with_keywords
 from onnxprune.passes.cleanup import ReshareInitializers
-from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
-    pruned_outputs, reference_pass
-from onnxprune.runtime.inputs import dense_input_shapes
-from onnxprune.runtime.output import save_verified, stage_if_on_disk
-from onnxprune.runtime.progress import StageClock, progress_iter
-from onnxprune.runtime.validate import validate_model
+from onnxprune.pipeline.runner import Stage, run_stages
+from onnxprune.pipeline.stages import evaluate_dense, evaluate_pruned, gate, load, measure_latency, save, validate
+from onnxprune.pipeline.state import PruneState
+from onnxprune.runtime.gate import check_gate_options
+from onnxprune.runtime.metrics import load_metric
+from onnxprune.runtime.progress import progress_iter
 from onnxprune.sparsity.layers import CRITERIA, NEEDS_CALIBRATION, LayerResult, Selection, Solver, WeightTarget, \
     find_targets
 from onnxprune.sparsity.masks import Pattern
 from onnxprune.sparsity.report import SparsifyReport
-from onnxprune.sparsity.sparsegpt import DEFAULT_BLOCK, DEFAULT_DAMP
 
 # Gram accumulators (float64, features^2 each) held per pass over the calibration data: the weights
 # are split into passes under this many bytes, so a decoder's 11008-wide MLP gets a pass of its own
 GRAM_MEMORY_CAP = 1 << 30
 
 
-def sparsify(
-    model: ModelLike,
-    output: str | os.PathLike | None = None,
-    *,
-    sparsity: float | None = None,
-    pattern: str | Pattern | None = None,
-    criterion: str | None = None,
-    calib: Any = None,
-    calib_samples: int | None = 128,
-    positions_per_sample: int | None = 256,
-    include: list[str] | tuple[str, ...] = (),
-    exclude: list[str] | tuple[str, ...] = (),
-    block_size: int = DEFAULT_BLOCK,
-    damp: float = DEFAULT_DAMP,
-    input_shapes: dict[str, list[int]] | None = None,
-    seed: int = 0,
-    validate_data: Any = None,
-    max_accuracy_drop: float | None = None,
-    measure_latency: bool | None = None,
-    batch_size: int = 32,
-    provider: str = "CPUExecutionProvider",
-    threads: int = 1,
-    latency_runs: int = 50,
-    latency_warmup: int = 5,
-    progress: bool | None = None,
-    metric: Any = None,
-    batch_axis: int = 0,
-    class_axis: int | str | None = None,
-) -> tuple[onnx.ModelProto, SparsifyReport]:
+@dataclass
+class SparsifyState(PruneState):
+    """prune's state, for a run that zeroes weights: nothing to reproduce exactly, no plan to write."""
+
+    pattern: Pattern | None = None
+    selection: Selection | None = None
+    grams: dict | None = None
+    samples: int | None = None
+    layers: list[LayerResult] | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return False
+
+    @property
+    def plan_path(self):
+        return None
+
+    @property
+    def gate_advice(self) -> str:
+        return ("sparsify less (a lower --sparsity), use --criterion sparsegpt with --calib, exclude sensitive "
+                "layers, or raise the budget.")
+
+
+def sparsify(model: ModelLike, output: str | os.PathLike | None = None, options: SparsifyOptions | None = None,
+             **keywords: Any) -> tuple[onnx.ModelProto, SparsifyReport]:
     """Zero individual weights of every Conv/Gemm/MatMul weight; returns the model and a report.
 
-    Exactly one of `sparsity` (a fraction of each weight's entries zeroed, unstructured) or `pattern`
-    ("2:4": at most 2 non-zero weights in every 4 consecutive ones along the reduction axis, the layout
-    sparse tensor cores read: see onnxprune.sparsity.masks).
+    Options (onnxprune.options.SparsifyOptions, or its fields as keywords): exactly one of `sparsity` (a
+    fraction of each weight's entries zeroed, unstructured) or `pattern` ("2:4": at most 2 non-zero
+    weights in every 4 consecutive ones along the reduction axis, the layout sparse tensor cores read:
+    see onnxprune.sparsity.masks).
 
     criterion: "magnitude" (smallest |w| of each layer), "wanda" (smallest |w| * ||x|| of each output,
     needs `calib`) or "sparsegpt" (OBS: zeroes and updates the remaining weights to compensate, from the
@@ -83,87 +85,91 @@ def sparsify(
     `block_size`, `damp`: SparseGPT's lazy-update block and damping (a fraction of mean(diag H)).
     include/exclude: node-name globs or op types, as prune's.
 
-    Validation, the gate (`validate_data`, `max_accuracy_drop`, `metric`, ...), latency and the
-    verified atomic save are prune's (see onnxprune.pipeline.prune); the gate raises AccuracyDropError
-    and writes nothing.
+    Loading, validation, the gate (`validate_data`, `max_accuracy_drop`, `metric`, ...), latency and the
+    verified atomic save are prune's stages (onnxprune.pipeline.stages); the gate raises
+    AccuracyDropError and writes nothing.
     """
-    chosen = _pattern(sparsity, pattern)
-    criterion = criterion or ("sparsegpt" if calib is not None else "magnitude")
+    state = SparsifyState(SparsifyOptions.build(options, **keywords), model, output)
+    try:
+        run_stages(state, SPARSIFY)
+        return state.working, state.report
+    finally:
+        if state.staged is not None:
+            state.staged.discard()
+
+
+def check_sparsify_options(state: SparsifyState) -> None:
+    o = state.options
+    s = o.weights
+    state.pattern = _pattern(s.sparsity, s.pattern)
+    criterion = s.criterion or ("sparsegpt" if o.calibration.calib is not None else "magnitude")
     if criterion not in CRITERIA:
         raise UsageError(f"criterion (--criterion) '{criterion}': choose one of {', '.join(CRITERIA)}")
-    if criterion in NEEDS_CALIBRATION and calib is None:
+    if criterion in NEEDS_CALIBRATION and o.calibration.calib is None:
         raise UsageError(f"criterion {criterion} weighs each weight by its input on calibration data: give some "
                          "(calib / --calib DATA), or use --criterion magnitude")
-    if block_size < 1 or not damp > 0:
-        raise UsageError(f"block size must be at least 1 and damping above 0; got {block_size} and {damp}")
-    measure_latency = check_gate_options(validate_data, max_accuracy_drop, metric, measure_latency, latency_runs,
-                                         latency_warmup, threads, provider)
-    clock = StageClock()
-    timings, lap = clock.timings, clock.lap
+    if s.block_size < 1 or not s.damp > 0:
+        raise UsageError(f"block size must be at least 1 and damping above 0; got {s.block_size} and {s.damp}")
+    state.options = with_keywords(o, {"criterion": criterion})
+    o.calibration.check()
+    g, r = o.gate, o.runtime
+    state.measure_latency = check_gate_options(g.validate_data, g.max_accuracy_drop, g.metric, r.measure_latency,
+                                               r.latency_runs, r.latency_warmup, r.threads, r.provider)
+    state.metric = load_metric(g.metric) if isinstance(g.metric, str) else g.metric
 
-    working, source = prepare(model, output)
-    shapes = dense_input_shapes(working, input_shapes, seed)
-    fixed = shapes.shapes
-    params = model_cost(working, fixed).params
-    expected_shapes = output_shapes(working, fixed)
-    selection = find_targets(working, chosen, include, exclude)
-    _check_selection(selection, include, exclude)
-    lap("load")
-    dense_ref = None
-    if validate_data is not None:  # before the work: data that does not fit fails fast
-        dense_ref = reference_pass(working, validate_data, batch_size=batch_size, provider=provider,
-                                   progress=progress, metric=metric, batch_axis=batch_axis, class_axis=class_axis)
-        lap("evaluate dense")
 
-    live = [t for t in selection.targets if t.skip is None]
-    grams, samples = None, None
-    if calib is not None:
-        grams, samples = _gram_matrices(working, live, calib, calib_samples, positions_per_sample, seed)
-        lap("calibrate")
-    solver = Solver(chosen, criterion, block_size, damp)
-    sparse, layers = _solve(working, selection, solver, grams)
-    grams = None
-    lap("sparsify")
-    if source.value_info:
-        infer_shapes(sparse)
+def find_weights(state: SparsifyState) -> None:
+    s = state.options.weights
+    state.selection = find_targets(state.working, state.pattern, list(s.include), list(s.exclude))
+    _check_selection(state.selection, s.include, s.exclude)
 
-    staged = stage_if_on_disk(sparse, output, source)  # a large model is written once, then run from there
-    try:
-        result = validate_model(sparse, fixed, expected_shapes=expected_shapes, seed=seed,
-                                run_from=staged.path if staged is not None else None)
-        lap("validate")
-        mode = f"{chosen}, {criterion}" + (f", calibrated on {samples} samples" if samples else "")
-        report = SparsifyReport(str(source.path) if source.path else "<ModelProto>",
-                                str(output) if output is not None else None, mode, layers, params,
-                                source.file_size, len(result.serialized or b"") or model_byte_size(sparse),
-                                samples, checks=result.checks, notes=[n for n in [shapes.note()] if n],
-                                timings=timings)
-        runnable = result.serialized or (str(staged.path) if staged is not None else sparse)
-        if dense_ref is not None:
-            outputs = pruned_outputs(dense_ref, runnable, progress=progress, label="sparsified model on data")
-            report.quality = compare_quality(dense_ref, outputs, max_accuracy_drop)
-            dense_ref = outputs = None
-            lap("evaluate sparsified")
-        if measure_latency:
-            on_disk = str(staged.path) if staged is not None else sparse
-            report.latency = compare_latency(model, on_disk, provider=provider, threads=threads, runs=latency_runs,
-                                             warmup=latency_warmup, input_shapes=fixed, progress=progress, seed=seed)
-            lap("latency")
-        if report.quality is not None and report.quality.passed is False:
-            raise AccuracyDropError(f"accuracy gate: {report.quality.verdict()} Nothing was written; sparsify less "
-                                    "(a lower --sparsity), use --criterion sparsegpt with --calib, exclude sensitive "
-                                    "layers, or raise the budget.", report)
-        if staged is not None:  # validation already ran the staged file from disk
-            report.file_size_after = staged.commit()
-        elif output is not None:
-            report.file_size_after = save_verified(sparse, output, result, source=source)
-            report.checks.append("read back from disk")
-        result.serialized = None
-        lap("save")
-        return sparse, report
-    finally:
-        if staged is not None:
-            staged.discard()
+
+def gram_matrices(state: SparsifyState) -> None:
+    o = state.options
+    live = [t for t in state.selection.targets if t.skip is None]
+    state.grams, state.samples = _gram_matrices(state.working, live, state.calib_data, o.calibration.calib_samples,
+                                                o.weights.positions_per_sample, o.runtime.seed)
+
+
+def zero_weights(state: SparsifyState) -> None:
+    s = state.options.weights
+    solver = Solver(state.pattern, s.criterion, s.block_size, s.damp)
+    state.working, state.layers = _solve(state.working, state.selection, solver, state.grams)
+    state.grams = None
+    if state.source.value_info:
+        infer_shapes(state.working)
+
+
+def build_sparsify_report(state: SparsifyState) -> None:
+    s = state.options.weights
+    mode = f"{state.pattern}, {s.criterion}" + (f", calibrated on {state.samples} samples" if state.samples else "")
+    state.report = SparsifyReport(
+        str(state.source.path) if state.source.path else "<ModelProto>",
+        str(state.output) if state.output is not None else None, mode, state.layers, state.dense_cost.params,
+        state.source.file_size, state.after.file_size, state.samples, checks=state.validation.checks,
+        notes=[n for n in [state.input_shapes.note()] if n], timings=state.clock.timings,
+        quality=state.quality, latency=state.latency)
+
+
+def _file_size(state: SparsifyState) -> None:
+    state.report.file_size_after = state.after.file_size
+
+
+SPARSIFY = [
+    Stage("check options", check_sparsify_options, timing="load"),
+    Stage("load", load),
+    Stage("find weights", find_weights, timing="load"),
+    Stage("evaluate dense", evaluate_dense, applies=lambda s: s.validate_data is not None),
+    Stage("calibrate", gram_matrices, applies=lambda s: s.calib_data is not None),
+    Stage("sparsify", zero_weights),
+    Stage("validate", validate),
+    Stage("evaluate sparsified", evaluate_pruned, applies=lambda s: s.dense_ref is not None),
+    Stage("latency", measure_latency, applies=lambda s: s.measure_latency),
+    Stage("report", build_sparsify_report, timing="save"),
+    Stage("gate", gate, timing="save"),
+    Stage("save", save),
+    Stage("report file size", _file_size, timing="save"),
+]
 
 
 def _pattern(sparsity: float | None, pattern: str | Pattern | None) -> Pattern:

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxprune.options import SPARSEGPT_BLOCK, SPARSEGPT_DAMP
+
 from onnxprune.sparsity.masks import Pattern, lowest_k, select_mask
 
-DEFAULT_BLOCK = 128
-DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK = SPARSEGPT_BLOCK
+DEFAULT_DAMP = SPARSEGPT_DAMP
 
 
 def inverse_hessian_factor(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
