@@ -91,28 +91,7 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
     """Gate every sink position that carries a unit of `groups` (see the module docstring). With
     `fill[(tensor, axis)]` (one value per position of that axis, e.g. its mean on calibration data), a
     gated-off position reads that value instead of zero: removal followed by bias compensation."""
-    slots: dict[int, int] = {}
-    slot_of_root: dict[int, int] = {}
-    total = 0
-    for g in groups:
-        slots[g.id] = total
-        for i, r in enumerate(g.roots.tolist()):
-            slot_of_root[int(r)] = total + i
-        total += g.size
-    root_of = analysis.root_of
-    by_node: dict[str, list[tuple[str, int]]] = {}
-    index: dict[tuple[str, int], np.ndarray] = {}
-    used = np.zeros(total + 1, dtype=bool)
-    for use in analysis.state.sinks:
-        key = (use.tensor, use.axis)
-        if key not in index:
-            layout = analysis.layouts[use.tensor][use.axis]
-            roots = np.where(layout == NO_UNIT, -1, root_of[np.maximum(layout, 0)])
-            index[key] = np.array([slot_of_root.get(int(r), total) for r in roots.tolist()], dtype=np.int64)
-            used[index[key]] = True
-        if (index[key] < total).any() and key not in by_node.get(use.node, []):
-            by_node.setdefault(use.node, []).append(key)
-
+    slots, total, index, by_node, used = _gate_slots(analysis, groups)
     gated = onnx.ModelProto()
     gated.CopyFrom(model)
     graph = gated.graph
@@ -167,6 +146,34 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
     del graph.node[:]
     graph.node.extend(nodes)
     return GatedModel(gated, gate, total, slots, sorted(k for k, v in index.items() if (v < total).any()), used, muls)
+
+
+def _gate_slots(analysis, groups: Sequence):
+    """Where each group's units sit in the gate vector (slots: group id -> index of its unit 0; `total`
+    units, the entry after them always 1), the gate index of every position of every sink (tensor, axis),
+    the sinks each node reads, and which gate entries any position carries."""
+    slots: dict[int, int] = {}
+    slot_of_root: dict[int, int] = {}
+    total = 0
+    for g in groups:
+        slots[g.id] = total
+        for i, r in enumerate(g.roots.tolist()):
+            slot_of_root[int(r)] = total + i
+        total += g.size
+    root_of = analysis.root_of
+    by_node: dict[str, list[tuple[str, int]]] = {}
+    index: dict[tuple[str, int], np.ndarray] = {}
+    used = np.zeros(total + 1, dtype=bool)
+    for use in analysis.state.sinks:
+        key = (use.tensor, use.axis)
+        if key not in index:
+            layout = analysis.layouts[use.tensor][use.axis]
+            roots = np.where(layout == NO_UNIT, -1, root_of[np.maximum(layout, 0)])
+            index[key] = np.array([slot_of_root.get(int(r), total) for r in roots.tolist()], dtype=np.int64)
+            used[index[key]] = True
+        if (index[key] < total).any() and key not in by_node.get(use.node, []):
+            by_node.setdefault(use.node, []).append(key)
+    return slots, total, index, by_node, used
 
 
 def _fill_off(nodes: list, graph, prefix: str, gated: str, mask: str, values: np.ndarray, shape: list[int],

@@ -148,26 +148,9 @@ def collect_statistics(
     clock = time.perf_counter()
     calib = CalibrationSet.open(data, model, max_samples=max_samples)
     target_model = target_model if target_model is not None else model
-    same = target_model is model
     keys = list(dict.fromkeys((str(t), int(a)) for t, a in tensors))
-    x_names = [t for t, _ in keys] + [r.consumer.input for r in grams]
-    y_names = [r.target for r in grams if r.target]
-    if same:
-        x_bytes = y_bytes = sample_bytes(model, x_names + y_names) if x_names else {}
-    else:
-        x_bytes = sample_bytes(model, x_names) if x_names else {}
-        y_bytes = sample_bytes(target_model, y_names) if y_names else {}
-    jobs: dict[str, int | None] = {}
-    job_keys: dict[str, tuple] = {}
-    for i, key in enumerate(keys):
-        jobs[f"s{i}"] = x_bytes.get(key[0])
-        job_keys[f"s{i}"] = ("stat", key)
-    for i, r in enumerate(grams):
-        parts = [x_bytes.get(r.consumer.input)] + ([y_bytes.get(r.target)] if r.target else [])
-        jobs[f"g{i}"] = None if any(p is None for p in parts) else sum(parts)
-        job_keys[f"g{i}"] = ("gram", i)
+    jobs, job_keys = _jobs(model, target_model, keys, grams)
     plan = plan_chunks(jobs, batch_size, memory_cap, calib.static_batch())
-
     stat_acc = {key: ChannelAccumulator(key[1]) for key in keys}
     gram_acc: dict[int, GramStats] = {}
     rngs: dict[int, np.random.Generator] = {}
@@ -177,24 +160,9 @@ def collect_statistics(
             targets = len(r.target_channels) if r.target_channels is not None else r.consumer.out_channels
         gram_acc[i] = gram_for(r.consumer, targets, r.features)
         rngs[i] = np.random.default_rng([seed, i])
-
     for chunk in progress_iter(plan.chunks, f"calibration statistics, passes over {len(calib)} samples"):
         kinds = [job_keys[j] for j in chunk]
-        xs = [key[0] for kind, key in kinds if kind == "stat"] + \
-             [grams[i].consumer.input for kind, i in kinds if kind == "gram"]
-        ys = [grams[i].target for kind, i in kinds if kind == "gram" and grams[i].target]
-        if same:
-            cap_x, cap_y = Capture(model, xs + ys, threads=threads), None
-        else:
-            cap_x = Capture(model, xs, threads=threads)
-            cap_y = Capture(target_model, ys, threads=threads) if ys else None
-        for feeds, n in calib.batches(plan.batch_size):
-            valid = calib.real_positions(feeds, n)
-            got = cap_x.run(feeds, n)
-            if cap_y is not None:
-                got_y = cap_y.run(feeds, n)
-            else:
-                got_y = got
+        for got, got_y, valid in _captured(model, target_model, kinds, grams, calib, plan.batch_size, threads):
             for kind, key in kinds:
                 if kind == "stat":
                     stat_acc[key].update(got[key[0]], valid)
@@ -208,13 +176,48 @@ def collect_statistics(
                 x_rows, y_rows = rows(r.consumer, got[r.consumer.input], y, per_sample=per_sample, rng=rngs[key],
                                       valid=valid)
                 gram_acc[key].update(x_rows, y_rows)
-            del got, got_y
-        del cap_x, cap_y
     result = CalibrationStats(len(calib), passes=len(plan.chunks), batch_size=plan.batch_size)
     result.channels = {key: acc.result() for key, acc in stat_acc.items()}
     result.grams = {grams[i].consumer.node: acc for i, acc in gram_acc.items()}
     result.seconds = time.perf_counter() - clock
     return result
+
+
+def _jobs(model, target_model, keys, grams) -> tuple[dict[str, int | None], dict[str, tuple]]:
+    """One job per channel statistic and per Gram request, with its bytes per sample (for the chunking)."""
+    x_names = [t for t, _ in keys] + [r.consumer.input for r in grams]
+    y_names = [r.target for r in grams if r.target]
+    if target_model is model:
+        x_bytes = y_bytes = sample_bytes(model, x_names + y_names) if x_names else {}
+    else:
+        x_bytes = sample_bytes(model, x_names) if x_names else {}
+        y_bytes = sample_bytes(target_model, y_names) if y_names else {}
+    jobs: dict[str, int | None] = {}
+    job_keys: dict[str, tuple] = {}
+    for i, key in enumerate(keys):
+        jobs[f"s{i}"] = x_bytes.get(key[0])
+        job_keys[f"s{i}"] = ("stat", key)
+    for i, r in enumerate(grams):
+        parts = [x_bytes.get(r.consumer.input)] + ([y_bytes.get(r.target)] if r.target else [])
+        jobs[f"g{i}"] = None if any(p is None for p in parts) else sum(parts)
+        job_keys[f"g{i}"] = ("gram", i)
+    return jobs, job_keys
+
+
+def _captured(model, target_model, kinds, grams, calib: CalibrationSet, batch_size: int, threads: int):
+    """Per batch: the chunk's tensors of `model`, the Gram targets (of `target_model`, else the same
+    dict) and the token positions (onnxprune.calibration.padding)."""
+    xs = [key[0] for kind, key in kinds if kind == "stat"] + \
+         [grams[i].consumer.input for kind, i in kinds if kind == "gram"]
+    ys = [grams[i].target for kind, i in kinds if kind == "gram" and grams[i].target]
+    if target_model is model:
+        cap_x, cap_y = Capture(model, xs + ys, threads=threads), None
+    else:
+        cap_x = Capture(model, xs, threads=threads)
+        cap_y = Capture(target_model, ys, threads=threads) if ys else None
+    for feeds, n in calib.batches(batch_size):
+        got = cap_x.run(feeds, n)
+        yield got, (cap_y.run(feeds, n) if cap_y is not None else got), calib.real_positions(feeds, n)
 
 
 def sink_tensors(analysis) -> list[tuple[str, int]]:
