@@ -1,0 +1,729 @@
+#!/usr/bin/env python
+"""Conformance models: real Hugging Face ``transformers`` architectures, exported by both
+PyTorch exporters, with dead structure planted, and the same model with it physically removed.
+
+For issue 13 ("coverage of real exporter output"): `onnxprune prune --lossless` must keep the
+outputs of every model here and remove (nearly) every parameter the planted structure holds.
+``benchmarks/bench_conformance.py`` measures that; ``tests/test_conformance.py`` checks it.
+
+Each model is built from a ``transformers`` config with tiny sizes (no download: random
+weights, built locally) and randomised weights (a fixed seed; no norm is an identity).
+Then, in PyTorch, structures are planted dead -- weights zeroed the way structured-sparse
+training leaves them, so that they compute exact zeros for every input:
+
+* **heads**: the value projection of a head (its rows and bias) is zero, so its context is
+  zero and the head contributes nothing (its Q, K, V and output slices can go);
+* **KV groups** (grouped-query attention): a KV head's value rows are zero: every query
+  head that reads it has a zero context (the KV head, its query heads and their output
+  columns can go);
+* **neurons**: an FFN neuron's input row and bias are zero (GELU(0) = SiLU(0) = 0; in
+  SwiGLU the gate's row: silu(0) * up = 0);
+* **channels** (CNNs): a conv's output channel and its BatchNorm gamma and beta are zero;
+* **residual branches**: the branch's last projection (weight and bias) is zero, so the
+  whole branch adds zero (everything in it can go, its pre-norm included).
+
+The "removed" model is the dead model with those structures physically gone (smaller
+Linear and Conv layers, fewer heads, the branch replaced by nothing). It computes the same
+function (checked here in PyTorch and onnxruntime), and the difference of the two ONNX
+files' parameter counts is what `--lossless` can remove at most: the *removable* params.
+
+Writes ``models/conformance/<model>_<exporter>.onnx`` (dead structure planted),
+``<model>_<exporter>_removed.onnx`` and ``manifest.json`` (inputs, what was planted).
+Weights are stored inline (one file per model; the dynamo exporter's external data is
+read back in).
+
+Only for regenerating the files (needs torch, onnxscript and transformers; not the
+package or its tests)::
+
+    python models/export_conformance.py [--only bert,gpt2] [--exporters legacy,dynamo] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "conformance")
+LEGACY_OPSET = 17
+ATOL = 1e-4
+DROPPED_METADATA = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------
+
+def randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Weights ~ N(0, 1/fan_in), biases N(0, 0.1), norm scales U[0.5, 1.5), embeddings and
+    tables N(0, 0.5), BatchNorm statistics perturbed: no norm is an identity, no layer is tiny."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            if isinstance(owner, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)) or "norm" in name.lower() and p.dim() == 1:
+                if leaf == "weight":
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif isinstance(owner, nn.Embedding) or p.dim() == 1 and leaf != "bias" or "table" in leaf \
+                    or "token" in leaf or "position" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif leaf == "bias":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                fan_in = p[0].numel() if not _is_conv1d(owner) else p.shape[0]
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's transposed Linear: weight [in, out]
+
+
+# -- zeroing and slicing Linear / Conv1D / Conv2d layers along their output or input axis ----
+
+def _out_axis(layer) -> int:
+    return 1 if _is_conv1d(layer) else 0
+
+
+def zero_out(layer, idx) -> None:
+    """Output features (or channels) `idx` of `layer` compute 0 (weight rows and bias)."""
+    with torch.no_grad():
+        layer.weight.index_fill_(_out_axis(layer), torch.as_tensor(idx, dtype=torch.long), 0.0)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.index_fill_(0, torch.as_tensor(idx, dtype=torch.long), 0.0)
+
+
+def _keep(n: int, drop) -> torch.Tensor:
+    drop = set(int(i) for i in drop)
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
+
+
+def keep_out(layer, drop) -> None:
+    axis = _out_axis(layer)
+    keep = _keep(layer.weight.shape[axis], drop)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(layer.weight.index_select(axis, keep).clone())
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = nn.Parameter(layer.bias[keep].clone())
+    for attr in ("out_features", "nf", "out_channels"):
+        if hasattr(layer, attr):
+            setattr(layer, attr, len(keep))
+
+
+def keep_in(layer, drop) -> None:
+    axis = 0 if _is_conv1d(layer) else 1
+    keep = _keep(layer.weight.shape[axis], drop)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(layer.weight.index_select(axis, keep).clone())
+    for attr in ("in_features", "nx", "in_channels"):
+        if hasattr(layer, attr):
+            setattr(layer, attr, len(keep))
+
+
+def rows(units, width: int) -> list[int]:
+    return [u * width + i for u in units for i in range(width)]
+
+
+class ZeroBranch(nn.Module):
+    """What is left of a residual branch that adds zero: nothing. Returns zeros shaped like its
+    input (and None, for attention modules that return (output, weights))."""
+
+    def __init__(self, tuple_out: bool = False):
+        super().__init__()
+        self.tuple_out = tuple_out
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zero = torch.zeros_like(hidden_states)
+        return (zero, None) if self.tuple_out else zero
+
+
+class PostNormOnly(nn.Module):
+    """A post-norm block whose branch adds zero: LayerNorm(0 + x) = LayerNorm(x)."""
+
+    def __init__(self, norm: nn.Module, tuple_out: bool = False, skip_arg: int = 0):
+        super().__init__()
+        self.norm, self.tuple_out, self.skip_arg = norm, tuple_out, skip_arg
+
+    def forward(self, *args, **kwargs):
+        out = self.norm(args[self.skip_arg])
+        return (out, None) if self.tuple_out else out
+
+
+# --------------------------------------------------------------------------------------------
+# what is planted
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Planted:
+    heads: dict[int, list[int]] = field(default_factory=dict)      # layer -> dead (query) heads
+    kv_groups: dict[int, list[int]] = field(default_factory=dict)  # layer -> dead KV heads (with their query heads)
+    neurons: dict[int, list[int]] = field(default_factory=dict)    # layer -> dead FFN neurons
+    channels: dict[str, list[int]] = field(default_factory=dict)   # conv module path -> dead channels
+    dead_attention: list[int] = field(default_factory=list)        # layers whose attention branch adds zero
+    dead_mlp: list[int] = field(default_factory=list)              # layers whose MLP branch adds zero
+    dead_blocks: list[str] = field(default_factory=list)           # CNN residual blocks that add zero
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+
+class Transformer:
+    """Where one transformers architecture keeps its layers, projections and norms."""
+
+    name = ""
+    exporters = ("legacy", "dynamo")
+    seq_dynamic = True
+    #: export with a static batch (2) with dynamo: its decomposition fails on a dynamic one
+    dynamo_static_batch = False
+
+    def __init__(self):
+        self.planted = Planted()
+
+    # -- model-specific ---------------------------------------------------------------------
+    def build(self) -> nn.Module: ...
+    def inputs(self, batch: int, seq: int, g: torch.Generator) -> tuple: ...
+    def input_spec(self) -> list[dict]: ...
+    def layers(self, model) -> list[nn.Module]: ...
+    def attention(self, layer) -> nn.Module: ...
+    def proj(self, layer) -> dict[str, nn.Module]: ...  # q, k, v, o (or qkv for a fused projection)
+    def mlp(self, layer) -> tuple[list[nn.Module], nn.Module]: ...  # input layers, output layer
+    def head_dim(self, layer) -> int: ...
+    def kv_heads(self, layer) -> int: return self.heads(layer)
+    def heads(self, layer) -> int: ...
+    def kill_attention(self, layer) -> None: ...  # the removed model: the branch is gone
+    def kill_mlp(self, layer) -> None: ...
+    def per_head_params(self, layer) -> list[tuple[nn.Module, str, int]]: return []
+    def after_heads_removed(self, layer, n_heads: int, n_kv: int) -> None: ...
+
+    # -- generic ----------------------------------------------------------------------------
+    def plant(self, model) -> None:
+        p, layers = self.planted, self.layers(model)
+        for i, heads in p.heads.items():
+            self._zero_values(layers[i], heads)
+        for i, groups in p.kv_groups.items():
+            self._zero_values(layers[i], groups, kv=True)
+        for i, neurons in p.neurons.items():
+            ins, _ = self.mlp(layers[i])
+            zero_out(ins[0], neurons)  # fc1, or SwiGLU's gate
+        for i in p.dead_attention:
+            zero_out(self.proj(layers[i])["o"], range(self._width(self.proj(layers[i])["o"])))
+        for i in p.dead_mlp:
+            _, out = self.mlp(layers[i])
+            zero_out(out, range(self._width(out)))
+
+    @staticmethod
+    def _width(layer) -> int:
+        return layer.weight.shape[_out_axis(layer)]
+
+    def _zero_values(self, layer, units, kv: bool = False) -> None:
+        proj, hd = self.proj(layer), self.head_dim(layer)
+        if "qkv" in proj:  # fused: [q | k | v] along the output axis
+            width = self._width(proj["qkv"]) // 3
+            zero_out(proj["qkv"], [2 * width + r for r in rows(units, hd)])
+        else:
+            zero_out(proj["v"], rows(units, hd))
+
+    def remove(self, model) -> None:
+        p, layers = self.planted, self.layers(model)
+        for i, layer in enumerate(layers):
+            q_heads = set(p.heads.get(i, []))
+            kv_drop = set(p.kv_groups.get(i, []))
+            n, n_kv = self.heads(layer), self.kv_heads(layer)
+            rep = n // n_kv
+            q_heads |= {g * rep + j for g in kv_drop for j in range(rep)}
+            if n_kv == n:
+                kv_drop |= q_heads
+            if q_heads or kv_drop:
+                self._remove_heads(layer, sorted(q_heads), sorted(kv_drop))
+                self.after_heads_removed(layer, n - len(q_heads), n_kv - len(kv_drop))
+            if p.neurons.get(i):
+                ins, out = self.mlp(layer)
+                for lin in ins:
+                    keep_out(lin, p.neurons[i])
+                keep_in(out, p.neurons[i])
+        for i in p.dead_attention:
+            self.kill_attention(layers[i])
+        for i in p.dead_mlp:
+            self.kill_mlp(layers[i])
+
+    def _remove_heads(self, layer, q_heads, kv_heads) -> None:
+        proj, hd = self.proj(layer), self.head_dim(layer)
+        if "qkv" in proj:
+            width = self._width(proj["qkv"]) // 3
+            drop = rows(q_heads, hd) + [width + r for r in rows(kv_heads, hd)] + \
+                [2 * width + r for r in rows(kv_heads, hd)]
+            keep_out(proj["qkv"], drop)
+        else:
+            keep_out(proj["q"], rows(q_heads, hd))
+            keep_out(proj["k"], rows(kv_heads, hd))
+            keep_out(proj["v"], rows(kv_heads, hd))
+        keep_in(proj["o"], rows(q_heads, hd))
+        for module, attr, axis in self.per_head_params(layer):
+            t = getattr(module, attr)
+            keep = _keep(t.shape[axis], q_heads)
+            setattr(module, attr, nn.Parameter(t.detach().index_select(axis, keep).clone()))
+
+
+class Wrapper(nn.Module):
+    """Positional inputs in, one tensor out (what both exporters want)."""
+
+    def __init__(self, model, input_names, output):
+        super().__init__()
+        self.model, self.input_names, self.output = model, input_names, output
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.input_names, args)))
+        return getattr(out, self.output) if not isinstance(out, torch.Tensor) else out
+
+
+# -- BERT ----------------------------------------------------------------------------------
+
+class Bert(Transformer):
+    name = "bert"
+    input_names = ["input_ids", "attention_mask"]
+    output = "last_hidden_state"
+
+    def __init__(self):
+        super().__init__()
+        self.planted = Planted(heads={0: [1]}, neurons={0: [3, 17, 40], 1: [5]}, dead_attention=[1],
+                               dead_mlp=[2])
+
+    def build(self):
+        from transformers import BertConfig, BertModel
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=32, type_vocab_size=2)
+        return BertModel(cfg, add_pooling_layer=False)
+
+    def inputs(self, batch, seq, g):
+        ids = torch.randint(0, 64, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        for b in range(1, batch):
+            mask[b, max(2, seq - 2 * b):] = 0
+        return ids, mask
+
+    def input_spec(self):
+        return [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"], "high": 64},
+                {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"], "mask": True}]
+
+    def layers(self, model):
+        return list(model.encoder.layer)
+
+    def proj(self, layer):
+        s = layer.attention.self
+        return {"q": s.query, "k": s.key, "v": s.value, "o": layer.attention.output.dense}
+
+    def mlp(self, layer):
+        return [layer.intermediate.dense], layer.output.dense
+
+    def heads(self, layer):
+        return layer.attention.self.query.weight.shape[0] // 8
+
+    def head_dim(self, layer):
+        return 8
+
+    def kill_attention(self, layer):
+        layer.attention = PostNormOnly(layer.attention.output.LayerNorm, tuple_out=True)
+
+    def kill_mlp(self, layer):
+        layer.intermediate = nn.Identity()
+        layer.output = PostNormOnly(layer.output.LayerNorm, skip_arg=1)
+
+
+# -- ViT ------------------------------------------------------------------------------------
+
+class ViT(Transformer):
+    name = "vit"
+    input_names = ["pixel_values"]
+    output = "logits"
+    seq_dynamic = False
+
+    def __init__(self):
+        super().__init__()
+        self.planted = Planted(heads={0: [2]}, neurons={0: [0, 9, 33], 2: [60]}, dead_attention=[1],
+                               dead_mlp=[2])
+
+    def build(self):
+        from transformers import ViTConfig, ViTForImageClassification
+        cfg = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                        image_size=16, patch_size=4, num_channels=3, num_labels=10)
+        return ViTForImageClassification(cfg)
+
+    def inputs(self, batch, seq, g):
+        return (torch.randn(batch, 3, 16, 16, generator=g),)
+
+    def input_spec(self):
+        return [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 16, 16]}]
+
+    def layers(self, model):
+        return list(model.vit.layers)
+
+    def proj(self, layer):
+        a = layer.attention
+        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
+
+    def mlp(self, layer):
+        return [layer.mlp.fc1], layer.mlp.fc2
+
+    def heads(self, layer):
+        return layer.attention.q_proj.weight.shape[0] // 8
+
+    def head_dim(self, layer):
+        return 8
+
+    def kill_attention(self, layer):
+        layer.attention, layer.layernorm_before = ZeroBranch(tuple_out=True), nn.Identity()
+
+    def kill_mlp(self, layer):
+        layer.mlp, layer.layernorm_after = ZeroBranch(), nn.Identity()
+
+
+# -- GPT-2 ------------------------------------------------------------------------------------
+
+class GPT2(Transformer):
+    name = "gpt2"
+    input_names = ["input_ids", "attention_mask"]
+    output = "logits"
+
+    def __init__(self):
+        super().__init__()
+        self.planted = Planted(heads={0: [0], 2: [3]}, neurons={0: [1, 2, 50], 1: [7]}, dead_attention=[1],
+                               dead_mlp=[2])
+
+    def build(self):
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_inner=64, n_positions=32,
+                         tie_word_embeddings=False)
+        return GPT2LMHeadModel(cfg)
+
+    def inputs(self, batch, seq, g):
+        return torch.randint(0, 64, (batch, seq), generator=g), torch.ones(batch, seq, dtype=torch.int64)
+
+    def input_spec(self):
+        return [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"], "high": 64},
+                {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"], "mask": True}]
+
+    def layers(self, model):
+        return list(model.transformer.h)
+
+    def proj(self, layer):
+        return {"qkv": layer.attn.c_attn, "o": layer.attn.c_proj}
+
+    def mlp(self, layer):
+        return [layer.mlp.c_fc], layer.mlp.c_proj
+
+    def heads(self, layer):
+        return layer.attn.c_attn.weight.shape[1] // 3 // 8
+
+    def head_dim(self, layer):
+        return 8
+
+    def after_heads_removed(self, layer, n_heads, n_kv):
+        layer.attn.split_size = n_heads * 8
+        layer.attn.num_heads = n_heads
+
+    def kill_attention(self, layer):
+        layer.attn, layer.ln_1 = ZeroBranch(tuple_out=True), nn.Identity()
+
+    def kill_mlp(self, layer):
+        layer.mlp, layer.ln_2 = ZeroBranch(), nn.Identity()
+
+
+# -- Qwen2 / LLaMA (GQA + SwiGLU) ---------------------------------------------------------------
+
+class Qwen2(Transformer):
+    """4 query heads over 2 KV heads of 8 (Qwen2 has Q, K, V biases; LLaMA has none)."""
+
+    name = "qwen2"
+    input_names = ["input_ids", "attention_mask"]
+    output = "logits"
+
+    def __init__(self):
+        super().__init__()
+        self.planted = Planted(kv_groups={0: [1]}, neurons={0: [4, 30], 1: [11]}, dead_attention=[1],
+                               dead_mlp=[2])
+
+    def config(self):
+        from transformers import Qwen2Config
+        return Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                           tie_word_embeddings=False, use_sliding_window=False)
+
+    def build(self):
+        from transformers import Qwen2ForCausalLM
+        return Qwen2ForCausalLM(self.config())
+
+    def inputs(self, batch, seq, g):
+        return torch.randint(0, 64, (batch, seq), generator=g), torch.ones(batch, seq, dtype=torch.int64)
+
+    def input_spec(self):
+        return [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"], "high": 64},
+                {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"], "mask": True}]
+
+    def layers(self, model):
+        return list(model.model.layers)
+
+    def proj(self, layer):
+        a = layer.self_attn
+        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
+
+    def mlp(self, layer):
+        return [layer.mlp.gate_proj, layer.mlp.up_proj], layer.mlp.down_proj
+
+    def heads(self, layer):
+        return layer.self_attn.q_proj.weight.shape[0] // 8
+
+    def kv_heads(self, layer):
+        return layer.self_attn.k_proj.weight.shape[0] // 8
+
+    def head_dim(self, layer):
+        return 8
+
+    def after_heads_removed(self, layer, n_heads, n_kv):
+        layer.self_attn.num_key_value_groups = n_heads // n_kv
+
+    def kill_attention(self, layer):
+        layer.self_attn, layer.input_layernorm = ZeroBranch(tuple_out=True), nn.Identity()
+
+    def kill_mlp(self, layer):
+        layer.mlp, layer.post_attention_layernorm = ZeroBranch(), nn.Identity()
+
+
+class Llama(Qwen2):
+    name = "llama"
+
+    def build(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                          tie_word_embeddings=False)
+        return LlamaForCausalLM(cfg)
+
+
+# -- Swin ---------------------------------------------------------------------------------------
+
+class Swin(Transformer):
+    """Two stages of two blocks (window 4 on 8x8 and 4x4 token maps; the second block of the first
+    stage is shifted, with the cyclic-shift mask added to the relative position bias)."""
+
+    name = "swin"
+    input_names = ["pixel_values"]
+    output = "logits"
+    seq_dynamic = False
+
+    def __init__(self):
+        super().__init__()
+        # layer numbers count blocks across stages: 0, 1 (shifted) in stage 0; 2, 3 in stage 1
+        self.planted = Planted(heads={1: [1], 2: [0]}, neurons={0: [3, 20], 1: [9]}, dead_mlp=[2],
+                               dead_attention=[3])
+
+    def build(self):
+        from transformers import SwinConfig, SwinForImageClassification
+        cfg = SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2],
+                         num_heads=[2, 4], window_size=4, mlp_ratio=2.0, num_labels=10,
+                         drop_path_rate=0.0)
+        # "eager": the dynamo exporter of torch 2.13 fails on the sdpa path's output view
+        # ("Cannot view a tensor with shape [8, 16, 2, 8] and strides (256, 8, 128, 1)")
+        cfg._attn_implementation = "eager"
+        return SwinForImageClassification(cfg)
+
+    def inputs(self, batch, seq, g):
+        return (torch.randn(batch, 3, 16, 16, generator=g),)
+
+    def input_spec(self):
+        return [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 16, 16]}]
+
+    def layers(self, model):
+        return [blk for stage in model.swin.encoder.layers for blk in stage.blocks]
+
+    def proj(self, layer):
+        a = layer.attention
+        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
+
+    def mlp(self, layer):
+        return [layer.mlp.fc1], layer.mlp.fc2
+
+    def heads(self, layer):
+        return layer.attention.num_attention_heads
+
+    def head_dim(self, layer):
+        return layer.attention.head_dim
+
+    def per_head_params(self, layer):
+        return [(layer.attention.relative_position_bias, "relative_position_bias_table", 1)]
+
+    def after_heads_removed(self, layer, n_heads, n_kv):
+        layer.attention.num_attention_heads = n_heads
+
+    def kill_attention(self, layer):
+        layer.attention, layer.layernorm_before = ZeroBranch(tuple_out=True), nn.Identity()
+
+    def kill_mlp(self, layer):
+        layer.mlp, layer.layernorm_after = ZeroBranch(), nn.Identity()
+
+
+MODELS = {cls.name: cls for cls in (Bert, ViT, GPT2, Qwen2, Llama, Swin)}
+
+
+# --------------------------------------------------------------------------------------------
+# export and checks
+# --------------------------------------------------------------------------------------------
+
+def export(spec: Transformer, model: nn.Module, kind: str, path: str) -> None:
+    wrapped = Wrapper(model, spec.input_names, spec.output).eval()
+    xs = spec.inputs(2, 8, torch.Generator().manual_seed(7))
+    names = spec.input_names
+    if kind == "legacy":
+        dyn = {n: ({0: "batch", 1: "sequence"} if spec.seq_dynamic and len(s["shape"]) == 2 else {0: "batch"})
+               for n, s in zip(names, spec.input_spec())}
+        dyn["output"] = {0: "batch", 1: "sequence"} if spec.seq_dynamic and spec.output != "logits" or \
+            spec.seq_dynamic else {0: "batch"}
+        torch.onnx.export(wrapped, xs, path, dynamo=False, opset_version=LEGACY_OPSET, input_names=names,
+                          output_names=["output"], dynamic_axes=dyn)
+    elif spec.dynamo_static_batch:
+        for f in (path, path + ".data"):
+            if os.path.exists(f):
+                os.remove(f)
+        torch.onnx.export(wrapped, xs, path, dynamo=True, input_names=names, output_names=["output"])
+    else:
+        batch = torch.export.Dim("batch", min=1, max=64)
+        seq = torch.export.Dim("sequence", min=2, max=32)
+        shapes = tuple({0: batch, 1: seq} if spec.seq_dynamic and len(s["shape"]) == 2 else {0: batch}
+                       for s in spec.input_spec())
+        for f in (path, path + ".data"):
+            if os.path.exists(f):
+                os.remove(f)
+        torch.onnx.export(wrapped, xs, path, dynamo=True, input_names=names, output_names=["output"],
+                          dynamic_shapes=(shapes,))
+    m = onnx.load(path)  # reads the dynamo exporter's external data back in
+    for node in m.graph.node:  # source paths and FX dumps: most of the file, and machine-specific
+        keep = [p for p in node.metadata_props if p.key not in DROPPED_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")
+    onnx.save_model(m, path)
+    onnx.checker.check_model(path)
+
+
+def torch_outputs(spec, model, xs) -> np.ndarray:
+    with torch.no_grad():
+        return Wrapper(model, spec.input_names, spec.output)(*xs).numpy()
+
+
+def input_spec(spec, kind) -> list[dict]:
+    entries = spec.input_spec()
+    if kind == "dynamo" and spec.dynamo_static_batch:
+        entries = [dict(e, shape=[2 if d == "batch" else d for d in e["shape"]]) for e in entries]
+    return entries
+
+
+def test_sizes(spec, kind):
+    return ((2, 16), (2, 7)) if kind == "dynamo" and spec.dynamo_static_batch else ((1, 16), (3, 7))
+
+
+def check_ort(path, spec, model, seed, kind) -> float:
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch, seq in test_sizes(spec, kind):
+        xs = spec.inputs(batch, seq, g)
+        ref = torch_outputs(spec, model, xs)
+        got = sess.run(None, {n: x.numpy() for n, x in zip(spec.input_names, xs)})[0]
+        assert got.shape == ref.shape, (got.shape, ref.shape)
+        worst = max(worst, float(np.max(np.abs(got - ref))))
+    assert worst < ATOL, f"onnxruntime vs torch: max abs err {worst:.3g}"
+    return worst
+
+
+def same_function(spec, a, b, seed) -> float:
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch, seq in ((1, 16), (3, 7)):
+        xs = spec.inputs(batch, seq, g)
+        worst = max(worst, float(np.max(np.abs(torch_outputs(spec, a, xs) - torch_outputs(spec, b, xs)))))
+    assert worst < 1e-5, f"removed model differs from the dead one by {worst:.3g}"
+    return worst
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(MODELS))
+    ap.add_argument("--exporters", default="legacy,dynamo")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    names = [n for n in args.only.split(",") if n] or list(MODELS)
+    manifest_path = os.path.join(args.out, "manifest.json")
+    manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
+    import transformers
+    print(f"torch {torch.__version__}  transformers {transformers.__version__}  onnx {onnx.__version__}  "
+          f"onnxruntime {ort.__version__}", flush=True)
+    failures = []
+    for name in names:
+        spec = MODELS[name]()
+        seed = 1000 + sorted(MODELS).index(name)
+        torch.manual_seed(seed)
+        dead = randomise(spec.build(), seed)
+        spec.plant(dead)
+        removed = copy.deepcopy(dead)
+        spec.remove(removed)
+        removed.eval()
+        diff = same_function(spec, dead, removed, seed)
+        print(f"{name}: torch params {n_params(dead)} -> {n_params(removed)} removed "
+              f"(max |dead - removed| {diff:.1e})", flush=True)
+        for kind in [k for k in args.exporters.split(",") if k]:
+            for variant, model in (("", dead), ("_removed", removed)):
+                path = os.path.join(args.out, f"{name}_{kind}{variant}.onnx")
+                try:
+                    export(spec, model, kind, path)
+                    err = check_ort(path, spec, model, seed + 1, kind)
+                    print(f"  {os.path.basename(path):28s} {os.path.getsize(path) / 1024:7.1f} KB  "
+                          f"ort-vs-torch {err:.1e}", flush=True)
+                except Exception as e:  # one failed export does not stop the others
+                    failures.append(os.path.basename(path))
+                    print(f"FAILED {os.path.basename(path)}: {type(e).__name__}: {e}", flush=True)
+                    traceback.print_exc()
+            manifest[f"{name}_{kind}"] = {
+                "model": name, "exporter": kind, "file": f"{name}_{kind}.onnx",
+                "removed": f"{name}_{kind}_removed.onnx", "inputs": input_spec(spec, kind),
+                "planted": spec.planted.to_dict(), "architecture": type(dead).__name__,
+            }
+    with open(manifest_path, "w") as f:
+        json.dump(dict(sorted(manifest.items())), f, indent=1)
+        f.write("\n")
+    for f in os.listdir(args.out):
+        if f.endswith((".md", ".sarif")) and f.startswith("onnx_export"):
+            os.remove(os.path.join(args.out, f))
+    if failures:
+        print("FAILURES: " + ", ".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
