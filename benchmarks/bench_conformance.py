@@ -61,9 +61,9 @@ def params(model: onnx.ModelProto) -> int:
     return unique_parameters(model)[0]
 
 
-def measure(name: str, entry: dict) -> dict:
-    dense = onnx.load(str(FOLDER / entry["file"]))
-    removed = onnx.load(str(FOLDER / entry["removed"]))
+def measure(name: str, entry: dict, folder: Path = FOLDER) -> dict:
+    dense = onnx.load(str(folder / entry["file"]))
+    removed = onnx.load(str(folder / entry["removed"]))
     before, floor = params(dense), params(removed)
     row = {"name": name, "model": entry["model"], "exporter": entry["exporter"], "params": before,
            "removable": before - floor}
@@ -111,18 +111,19 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated model_exporter names (default: all)")
     ap.add_argument("--why", action="store_true", help="print block reasons for models below the bar")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--folder", type=Path, default=FOLDER, help="where the models and manifest.json are")
     args = ap.parse_args(argv)
-    manifest = json.loads((FOLDER / "manifest.json").read_text())
+    manifest = json.loads((args.folder / "manifest.json").read_text())
     names = [n for n in args.only.split(",") if n] or list(manifest)
     rows = []
     for name in names:
-        row = measure(name, manifest[name])
+        row = measure(name, manifest[name], args.folder)
         rows.append(row)
         status = row.get("error") or (f"rel diff {row['rel_diff']:.1e}, removed {row['removed']}/"
                                       f"{row['removable']} ({share(row):.1%}) in {row['seconds']:.1f} s")
         print(f"{name:22s} {status}", flush=True)
         if args.why and (not row["equal"] or share(row) < BAR):
-            for r in reasons(FOLDER / manifest[name]["file"]):
+            for r in reasons(args.folder / manifest[name]["file"]):
                 print(f"    {r}")
     header = ["model", "exporter", "params", "removable", "outputs equal", "removed", "share of removable"]
     table = [[r["model"], r["exporter"], str(r["params"]), str(r["removable"]),

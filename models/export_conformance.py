@@ -61,7 +61,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "conformance")
 LEGACY_OPSET = 17
 ATOL = 1e-4
-DROPPED_METADATA = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}
+EXPORTERS = ("legacy", "dynamo", "dynamo_static")
+TRACE_BATCH, TRACE_SEQ = 2, 8  # the example inputs every export traces (not 1: it would be specialised)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,10 +193,7 @@ class Transformer:
     """Where one transformers architecture keeps its layers, projections and norms."""
 
     name = ""
-    exporters = ("legacy", "dynamo")
     seq_dynamic = True
-    #: export with a static batch (2) with dynamo: its decomposition fails on a dynamic one
-    dynamo_static_batch = False
 
     def __init__(self):
         self.planted = Planted()
@@ -582,7 +580,198 @@ class Swin(Transformer):
         layer.mlp, layer.layernorm_after = ZeroBranch(), nn.Identity()
 
 
-MODELS = {cls.name: cls for cls in (Bert, ViT, GPT2, Qwen2, Llama, Swin)}
+# -- CNNs -------------------------------------------------------------------------------------
+
+def keep_norm(bn: nn.BatchNorm2d, drop) -> None:
+    keep = _keep(bn.num_features, drop)
+    with torch.no_grad():
+        bn.weight = nn.Parameter(bn.weight[keep].clone())
+        bn.bias = nn.Parameter(bn.bias[keep].clone())
+        bn.running_mean = bn.running_mean[keep].clone()
+        bn.running_var = bn.running_var[keep].clone()
+    bn.num_features = len(keep)
+
+
+def keep_grouped(conv: nn.Conv2d, drop) -> None:
+    """Remove whole groups of a grouped (or depthwise) conv: their output channels, which are also
+    the input channels they read."""
+    per_group, groups = conv.out_channels // conv.groups, conv.groups
+    in_per_group = conv.in_channels // groups
+    assert len(drop) % per_group == 0, "a grouped conv loses whole groups"
+    lost = len(drop) // per_group
+    keep_out(conv, drop)
+    conv.groups = groups - lost
+    conv.in_channels -= lost * in_per_group
+
+
+@dataclass
+class ChannelCut:
+    """Channels (or FC neurons) planted dead: `producer`'s outputs and every norm's gamma and beta
+    there are zero. The removed model slices them out of the producer, the norms, the grouped
+    convs they pass through, the layers that read them (`consumers`) and the layers whose outputs
+    are multiplied with them (`multiplied`: a squeeze-excite's expand conv)."""
+
+    producer: str
+    channels: list[int]
+    norms: list[str] = field(default_factory=list)
+    grouped: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    multiplied: list[str] = field(default_factory=list)
+    #: grouped convs reading the channels, which are the same index in every group
+    grouped_consumers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeadBranch:
+    """A residual branch that adds zero: its last norm's gamma and beta (or its layer scale) are
+    zero; the removed model replaces `block` (the whole residual unit) by an Identity (the
+    block's input already went through the activation the block ends with)."""
+
+    zero: str     # a BatchNorm2d module, or a parameter (ConvNeXt's layer_scale_parameter)
+    block: str
+
+
+class CNN:
+    input_names = ["pixel_values"]
+    output = "logits"
+    seq_dynamic = False
+    cuts: list[ChannelCut] = []
+    branches: list[DeadBranch] = []
+
+    def __init__(self):
+        self.planted = Planted(channels={c.producer: c.channels for c in self.cuts},
+                               dead_blocks=[b.block for b in self.branches])
+
+    def inputs(self, batch, seq, g):
+        return (torch.randn(batch, 3, 32, 32, generator=g),)
+
+    def input_spec(self):
+        return [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
+
+    def plant(self, model) -> None:
+        with torch.no_grad():
+            for cut in self.cuts:
+                zero_out(model.get_submodule(cut.producer), cut.channels)
+                for path in cut.norms:
+                    zero_out(model.get_submodule(path), cut.channels)  # gamma and beta
+            for branch in self.branches:
+                target = _get(model, branch.zero)
+                if isinstance(target, nn.Parameter):
+                    target.zero_()
+                else:
+                    target.weight.zero_()
+                    target.bias.zero_()
+
+    def remove(self, model) -> None:
+        for cut in self.cuts:
+            keep_out(model.get_submodule(cut.producer), cut.channels)
+            for path in cut.norms:
+                keep_norm(model.get_submodule(path), cut.channels)
+            for path in cut.grouped:
+                keep_grouped(model.get_submodule(path), cut.channels)
+            for path in cut.consumers:
+                keep_in(model.get_submodule(path), cut.channels)
+            for path in cut.grouped_consumers:
+                conv = model.get_submodule(path)
+                per_group = conv.in_channels // conv.groups
+                index = sorted({c % per_group for c in cut.channels})
+                assert len(index) * conv.groups == len(cut.channels), "the same index in every group"
+                keep_in(conv, index)
+                conv.in_channels = per_group * conv.groups - len(cut.channels)
+            for path in cut.multiplied:
+                keep_out(model.get_submodule(path), cut.channels)
+        for branch in self.branches:
+            parent, _, attr = branch.block.rpartition(".")
+            setattr(model.get_submodule(parent), attr, nn.Identity())
+
+
+def _get(model, path: str):
+    parent, _, attr = path.rpartition(".")
+    return getattr(model.get_submodule(parent), attr)
+
+
+class ResNet(CNN):
+    name = "resnet"
+    _l = "resnet.encoder.stages"
+    cuts = [ChannelCut(f"{_l}.0.layers.0.layer.0.convolution", [2, 5], norms=[f"{_l}.0.layers.0.layer.0.normalization"],
+                       consumers=[f"{_l}.0.layers.0.layer.1.convolution"]),
+            ChannelCut(f"{_l}.1.layers.0.layer.0.convolution", [0, 9, 30],
+                       norms=[f"{_l}.1.layers.0.layer.0.normalization"],
+                       consumers=[f"{_l}.1.layers.0.layer.1.convolution"])]
+    branches = [DeadBranch(f"{_l}.1.layers.1.layer.1.normalization", f"{_l}.1.layers.1")]
+
+    def build(self):
+        from transformers import ResNetConfig, ResNetForImageClassification
+        return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[2, 2],
+                                                         layer_type="basic", num_labels=10))
+
+
+class MobileNetV2(CNN):
+    name = "mobilenet_v2"
+    _l = "mobilenet_v2.layer"
+    cuts = [ChannelCut(f"{_l}.2.expand_1x1.convolution", [1, 7, 40],
+                       norms=[f"{_l}.2.expand_1x1.normalization", f"{_l}.2.conv_3x3.normalization"],
+                       grouped=[f"{_l}.2.conv_3x3.convolution"], consumers=[f"{_l}.2.reduce_1x1.convolution"])]
+    branches = [DeadBranch(f"{_l}.3.reduce_1x1.normalization", f"{_l}.3")]
+
+    def build(self):
+        from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+        return MobileNetV2ForImageClassification(MobileNetV2Config(image_size=32, depth_multiplier=0.1,
+                                                                   finegrained_output=False, num_labels=10))
+
+
+class ConvNeXt(CNN):
+    name = "convnext"
+    _l = "convnext.encoder.stages"
+    cuts = [ChannelCut(f"{_l}.0.layers.0.pwconv1", [4, 33, 60], consumers=[f"{_l}.0.layers.0.pwconv2"]),
+            ChannelCut(f"{_l}.1.layers.0.pwconv1", [100], consumers=[f"{_l}.1.layers.0.pwconv2"])]
+    branches = [DeadBranch(f"{_l}.1.layers.1.layer_scale_parameter", f"{_l}.1.layers.1")]
+
+    def build(self):
+        from transformers import ConvNextConfig, ConvNextForImageClassification
+        return ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[2, 2],
+                                                             num_labels=10, image_size=32, patch_size=2))
+
+
+class EfficientNet(CNN):
+    name = "efficientnet"
+    _b = "efficientnet.encoder.blocks"
+    cuts = [ChannelCut(f"{_b}.1.expansion.expand_conv", [3, 10],
+                       norms=[f"{_b}.1.expansion.expand_bn", f"{_b}.1.depthwise_conv.depthwise_norm"],
+                       grouped=[f"{_b}.1.depthwise_conv.depthwise_conv"],
+                       consumers=[f"{_b}.1.squeeze_excite.reduce", f"{_b}.1.projection.project_conv"],
+                       multiplied=[f"{_b}.1.squeeze_excite.expand"])]
+    branches = [DeadBranch(f"{_b}.4.projection.project_bn", f"{_b}.4")]
+
+    def build(self):
+        from transformers import EfficientNetConfig, EfficientNetForImageClassification
+        return EfficientNetForImageClassification(EfficientNetConfig(
+            image_size=32, width_coefficient=0.1, depth_coefficient=0.5, hidden_dim=128, num_labels=10))
+
+
+class RegNet(CNN):
+    """RegNetY: grouped 3x3 convs (4 groups of 8 channels here) and squeeze-excite. With few wide
+    groups a unit is the same channel index in every group (rules/conv.py), so that is what is
+    planted: channel index 3 of the 1x1 conv feeding the grouped conv, and output index 5 of the
+    grouped conv (with its squeeze-excite and the 1x1 conv after it)."""
+
+    name = "regnet"
+    _l = "regnet.encoder.stages.1.layers"
+    cuts = [ChannelCut(f"{_l}.1.layer.0.convolution", [3, 11, 19, 27], norms=[f"{_l}.1.layer.0.normalization"],
+                       grouped_consumers=[f"{_l}.1.layer.1.convolution"]),
+            ChannelCut(f"{_l}.1.layer.1.convolution", [5, 13, 21, 29], norms=[f"{_l}.1.layer.1.normalization"],
+                       consumers=[f"{_l}.1.layer.2.attention.0", f"{_l}.1.layer.3.convolution"],
+                       multiplied=[f"{_l}.1.layer.2.attention.2"])]
+    branches = [DeadBranch(f"{_l}.2.layer.3.normalization", f"{_l}.2")]
+
+    def build(self):
+        from transformers import RegNetConfig, RegNetForImageClassification
+        return RegNetForImageClassification(RegNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 3],
+                                                         groups_width=8, num_labels=10, layer_type="y"))
+
+
+MODELS = {cls.name: cls for cls in (Bert, ViT, GPT2, Qwen2, Llama, Swin, ResNet, MobileNetV2, ConvNeXt,
+                                    EfficientNet, RegNet)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +780,7 @@ MODELS = {cls.name: cls for cls in (Bert, ViT, GPT2, Qwen2, Llama, Swin)}
 
 def export(spec: Transformer, model: nn.Module, kind: str, path: str) -> None:
     wrapped = Wrapper(model, spec.input_names, spec.output).eval()
-    xs = spec.inputs(2, 8, torch.Generator().manual_seed(7))
+    xs = spec.inputs(TRACE_BATCH, TRACE_SEQ, torch.Generator().manual_seed(7))
     names = spec.input_names
     if kind == "legacy":
         dyn = {n: ({0: "batch", 1: "sequence"} if spec.seq_dynamic and len(s["shape"]) == 2 else {0: "batch"})
@@ -600,7 +789,7 @@ def export(spec: Transformer, model: nn.Module, kind: str, path: str) -> None:
             spec.seq_dynamic else {0: "batch"}
         torch.onnx.export(wrapped, xs, path, dynamo=False, opset_version=LEGACY_OPSET, input_names=names,
                           output_names=["output"], dynamic_axes=dyn)
-    elif spec.dynamo_static_batch:
+    elif kind == "dynamo_static":  # torch.onnx.export(..., dynamo=True) as called without dynamic shapes
         for f in (path, path + ".data"):
             if os.path.exists(f):
                 os.remove(f)
@@ -616,14 +805,18 @@ def export(spec: Transformer, model: nn.Module, kind: str, path: str) -> None:
         torch.onnx.export(wrapped, xs, path, dynamo=True, input_names=names, output_names=["output"],
                           dynamic_shapes=(shapes,))
     m = onnx.load(path)  # reads the dynamo exporter's external data back in
-    for node in m.graph.node:  # source paths and FX dumps: most of the file, and machine-specific
-        keep = [p for p in node.metadata_props if p.key not in DROPPED_METADATA]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
+    strip_node_metadata(m)
     if os.path.exists(path + ".data"):
         os.remove(path + ".data")
     onnx.save_model(m, path)
     onnx.checker.check_model(path)
+
+
+def strip_node_metadata(m: onnx.ModelProto) -> None:
+    """The dynamo exporter's per-node metadata (module scopes, FX nodes, source paths: most of a
+    small file, and machine-specific) is dropped; onnxprune does not read it."""
+    for node in m.graph.node:
+        del node.metadata_props[:]
 
 
 def torch_outputs(spec, model, xs) -> np.ndarray:
@@ -632,14 +825,16 @@ def torch_outputs(spec, model, xs) -> np.ndarray:
 
 
 def input_spec(spec, kind) -> list[dict]:
+    """The inputs' shapes as exported: static ones (the traced batch 2 and sequence 8) for dynamo_static."""
     entries = spec.input_spec()
-    if kind == "dynamo" and spec.dynamo_static_batch:
-        entries = [dict(e, shape=[2 if d == "batch" else d for d in e["shape"]]) for e in entries]
+    if kind == "dynamo_static":
+        static = {"batch": TRACE_BATCH, "sequence": TRACE_SEQ}
+        entries = [dict(e, shape=[static.get(d, d) for d in e["shape"]]) for e in entries]
     return entries
 
 
 def test_sizes(spec, kind):
-    return ((2, 16), (2, 7)) if kind == "dynamo" and spec.dynamo_static_batch else ((1, 16), (3, 7))
+    return ((TRACE_BATCH, TRACE_SEQ),) if kind == "dynamo_static" else ((1, 16), (3, 7))
 
 
 def check_ort(path, spec, model, seed, kind) -> float:
@@ -659,7 +854,7 @@ def check_ort(path, spec, model, seed, kind) -> float:
 def same_function(spec, a, b, seed) -> float:
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
-    for batch, seq in ((1, 16), (3, 7)):
+    for batch, seq in ((1, 16), (3, 7), (TRACE_BATCH, TRACE_SEQ)):
         xs = spec.inputs(batch, seq, g)
         worst = max(worst, float(np.max(np.abs(torch_outputs(spec, a, xs) - torch_outputs(spec, b, xs)))))
     assert worst < 1e-5, f"removed model differs from the dead one by {worst:.3g}"
@@ -674,7 +869,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(MODELS))
-    ap.add_argument("--exporters", default="legacy,dynamo")
+    ap.add_argument("--exporters", default=",".join(EXPORTERS),
+                    help="legacy: dynamo=False, opset 17, dynamic batch (and sequence); dynamo: dynamo=True with "
+                         "dynamic shapes; dynamo_static: dynamo=True without (static shapes, its default)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     names = [n for n in args.only.split(",") if n] or list(MODELS)

@@ -57,6 +57,9 @@ class Group:
     def describe_units(self) -> str:
         """'4 heads x 16', '2 kv groups (2 query + 1 kv heads x 16)', '256 neurons'."""
         kind = self.kind
+        if kind == "heads" and max(self.heads_per_unit.values(), default=1) > 1:  # grouped-query attention
+            per = max(self.heads_per_unit.values())  # by slot: one query head of each of `per` kv groups
+            return f"{self.size} query heads in each of {per} kv groups x {self.head_dim}"
         if kind == "heads":
             return f"{self.size} heads x {self.head_dim}"
         if kind == "kv groups":

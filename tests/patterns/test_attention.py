@@ -148,3 +148,138 @@ def test_lossless_removes_a_dead_head_behind_a_biased_and_masked_softmax():
 def test_a_bias_that_is_not_constant_along_the_heads_keeps_them(mask_shape, second_reader):
     heads = group_of(analysis_of(biased_attention(mask_shape, second_reader)), "q_proj")
     assert heads.blocked == ["Add 'add_bias' combines it with 'bias', whose channels cannot be pruned"]
+
+
+def static_sdpa(batch=2):
+    """torch.onnx.export(dynamo=True) without dynamic shapes: SDPA's decomposition folds K's
+    (batch, heads) into one static axis to transpose it: k (B, S, D) -> (B, S, H, hd) -> Transpose
+    (0, 2, 1, 3) -> Reshape (B*H, S, hd) -> Transpose (0, 2, 1) -> Reshape (B, H, hd, S).
+    The head split followed by a swap of two adjacent axes and a Reshape to the input's rank is
+    not a channel shuffle: the swapped axes come from two input axes."""
+    inits = [weight(D, D, name=f"w{n}") for n in "qkvo"] + [
+        const([batch, S, H, HD], "heads_shape"), const([batch * H, S, HD], "fold"),
+        const([batch, H, HD, S], "unfold"), const([batch, S, D], "merge_shape"),
+        numpy_helper.from_array(np.float32(HD ** -0.5), "scale")]
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=f"{n}_proj") for n in "qkv"]
+    for n in "qkv":
+        nodes += [helper.make_node("Reshape", [n, "heads_shape"], [f"{n}_h"], name=f"{n}_split"),
+                  helper.make_node("Transpose", [f"{n}_h"], [f"{n}_t"], name=f"{n}_t", perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Reshape", ["k_t", "fold"], ["k_f"], name="k_fold"),
+              helper.make_node("Transpose", ["k_f"], ["k_ft"], name="k_swap", perm=[0, 2, 1]),
+              helper.make_node("Reshape", ["k_ft", "unfold"], ["k_T"], name="k_unfold"),
+              helper.make_node("MatMul", ["q_t", "k_T"], ["qk"], name="qk"),
+              helper.make_node("Mul", ["qk", "scale"], ["scores"], name="scale"),
+              helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "v_t"], ["ctx_h"], name="pv"),
+              helper.make_node("Transpose", ["ctx_h"], ["ctx_t"], name="ctx_t", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx"], name="merge"),
+              helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="o_proj"),
+              helper.make_node("Add", ["x", "o"], ["y"], name="residual")]
+    return make_model(nodes, [("x", [batch, S, D])], [("y", [batch, S, D])], inits)
+
+
+def test_heads_follow_a_static_fold_of_batch_and_heads():
+    analysis, _, _ = prune_matches_oracle(static_sdpa())
+    heads = group_of(analysis, "q_proj")
+    assert heads.prunable and heads.kind == "heads" and (heads.size, heads.head_dim) == (H, HD)
+
+
+def gqa(heads: int, kv_heads: int, dead_kv=(), traced_fold=False):
+    """LLaMA-style grouped-query attention as the exporters write repeat_kv: k and v (batch, S,
+    kv*hd) -> (batch, kv, S, hd) -> Unsqueeze(2) -> Expand (batch, kv, rep, S, hd) -> Reshape
+    (batch, kv*rep, S, hd); q has `heads` heads.  dead_kv: those KV heads' values are zero.
+    traced_fold: the fold's target as the legacy exporter traces it, (Shape[0], Shape[1] * rep, -1,
+    hd), the KV-head count times a constant."""
+    rep = heads // kv_heads
+    rng = np.random.default_rng(2)
+    wv = (rng.standard_normal((D, kv_heads * HD)) * D ** -0.5).astype(np.float32)
+    for g in dead_kv:
+        wv[:, g * HD:(g + 1) * HD] = 0
+    inits = [weight(D, heads * HD, name="wq"), weight(D, kv_heads * HD, name="wk"),
+             numpy_helper.from_array(wv, "wv"), weight(heads * HD, D, name="wo"),
+             const([0, 0, heads, HD], "q_shape"), const([0, 0, kv_heads, HD], "kv_shape"), const([2], "axis2"),
+             const([1, 1, rep, 1, 1], "repeat"), const([0, heads, -1, HD], "fold"), const([0, 0, heads * HD], "merge"),
+             numpy_helper.from_array(np.float32(HD ** -0.5), "scale")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("Reshape", ["q", "q_shape"], ["q_h"], name="q_split"),
+             helper.make_node("Transpose", ["q_h"], ["q_t"], name="q_t", perm=[0, 2, 1, 3])]
+    for n in "kv":
+        nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=f"{n}_proj"),
+                  helper.make_node("Reshape", [n, "kv_shape"], [f"{n}_h"], name=f"{n}_split"),
+                  helper.make_node("Transpose", [f"{n}_h"], [f"{n}_t"], name=f"{n}_t", perm=[0, 2, 1, 3]),
+                  helper.make_node("Unsqueeze", [f"{n}_t", "axis2"], [f"{n}_5d"], name=f"{n}_5d"),
+                  helper.make_node("Expand", [f"{n}_5d", "repeat"], [f"{n}_rep"], name=f"{n}_repeat_kv"),
+                  helper.make_node("Reshape", [f"{n}_rep", f"{n}_fold" if traced_fold else "fold"], [f"{n}_all"],
+                                   name=f"{n}_all")]
+        if traced_fold:
+            nodes += [helper.make_node("Shape", [f"{n}_t"], [f"{n}_shape"], name=f"{n}_shape"),
+                      helper.make_node("Gather", [f"{n}_shape", "zero"], [f"{n}_b"], name=f"{n}_b", axis=0),
+                      helper.make_node("Gather", [f"{n}_shape", "one"], [f"{n}_kv"], name=f"{n}_kv", axis=0),
+                      helper.make_node("Mul", [f"{n}_kv", "n_rep"], [f"{n}_heads"], name=f"{n}_heads"),
+                      helper.make_node("Unsqueeze", [f"{n}_b", "axis0"], [f"{n}_b1"], name=f"{n}_b1"),
+                      helper.make_node("Unsqueeze", [f"{n}_heads", "axis0"], [f"{n}_h1"], name=f"{n}_h1"),
+                      helper.make_node("Concat", [f"{n}_b1", f"{n}_h1", "rest"], [f"{n}_fold"], name=f"{n}_fold",
+                                       axis=0)]
+    if traced_fold:
+        inits += [const(0, "zero"), const(1, "one"), const(rep, "n_rep"), const([0], "axis0"), const([-1, HD], "rest")]
+        nodes = _topological(nodes)
+    nodes += [helper.make_node("Transpose", ["k_all"], ["k_T"], name="k_T", perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q_t", "k_T"], ["qk"], name="qk"),
+              helper.make_node("Mul", ["qk", "scale"], ["scores"], name="scale"),
+              helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "v_all"], ["ctx_h"], name="pv"),
+              helper.make_node("Transpose", ["ctx_h"], ["ctx_t"], name="ctx_t", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge"], ["ctx"], name="merge"),
+              helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="o_proj"),
+              helper.make_node("Add", ["x", "o"], ["y"], name="residual")]
+    return make_model(nodes, [("x", ["batch", S, D])], [("y", ["batch", S, D])], inits)
+
+
+def test_with_more_query_heads_per_group_than_kv_heads_a_unit_is_the_same_query_head_of_every_group():
+    """6 query heads over 2 KV heads (3 per group): 3 units of 2 query heads (one per group); the
+    KV heads stay; the repeat count in the Expand and the fold shrink with the kept slots."""
+    analysis, pruned, removed = prune_matches_oracle(gqa(6, 2), fraction=0.34)
+    slots = group_of(analysis, "q_proj")
+    assert slots.prunable and slots.kind == "heads" and slots.size == 3
+    assert slots.describe_units() == "3 query heads in each of 2 kv groups x 8"
+    assert not group_of(analysis, "k_proj").prunable
+    kept = 3 - len(removed)
+    shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    assert shapes["wq"] == [D, 2 * kept * HD] and shapes["wo"] == [2 * kept * HD, D]
+    assert shapes["wk"] == [D, 2 * HD]
+
+
+def _topological(nodes):
+    made, out, pending = {"x"} | set(), [], list(nodes)
+    inits = {"wq", "wk", "wv", "wo", "q_shape", "kv_shape", "axis2", "repeat", "fold", "merge", "scale", "zero", "one",
+             "n_rep", "axis0", "rest"}
+    while pending:
+        for n in pending:
+            if all(i in made or i in inits for i in n.input):
+                out.append(n)
+                made.update(n.output)
+                pending.remove(n)
+                break
+    return out
+
+
+def test_slots_follow_a_traced_fold_that_multiplies_the_kv_head_count():
+    """The legacy exporter's fold reads the KV-head count and multiplies it by n_rep: that constant
+    becomes the kept slots (the KV heads never change)."""
+    analysis, pruned, removed = prune_matches_oracle(gqa(6, 2, traced_fold=True), fraction=0.34)
+    assert group_of(analysis, "q_proj").prunable and len(removed) == 1
+    muls = [n for n in pruned.graph.node if n.op_type == "Mul" and n.name.endswith("_heads")]
+    values = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert [int(values[n.input[1]]) for n in muls] == [2, 2]
+
+
+def test_with_as_many_kv_heads_as_query_heads_per_group_a_unit_is_a_kv_group():
+    analysis, _, _ = prune_matches_oracle(gqa(4, 2))
+    groups = group_of(analysis, "q_proj")
+    assert groups.kind == "kv groups" and groups.describe_units() == "2 kv groups (2 query + 1 kv heads x 8)"
+
+
+def test_lossless_removes_a_dead_kv_group_with_its_query_heads():
+    pruned, report = onnxprune.prune(gqa(4, 2, dead_kv=[0]), lossless=True)
+    assert [(c.before, c.after) for c in report.changes] == [(2, 1)]
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
