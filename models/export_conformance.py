@@ -155,7 +155,9 @@ class ZeroBranch(nn.Module):
         self.tuple_out = tuple_out
 
     def forward(self, hidden_states, *args, **kwargs):
-        zero = torch.zeros_like(hidden_states)
+        # x * 0 rather than zeros_like(x): a static export folds the latter into a constant, which
+        # would count as parameters of the removed model
+        zero = hidden_states * 0.0
         return (zero, None) if self.tuple_out else zero
 
 
@@ -508,11 +510,20 @@ class Qwen2(Transformer):
 
 
 class Llama(Qwen2):
+    """6 query heads over 2 KV heads (3 per group, no biases): more query heads per group than KV
+    heads, so a unit is the same query head of every group and the KV heads stay (see
+    onnxprune/analysis/rules/expand.py); nothing about heads is planted (a query head is never
+    exactly dead by its own weights: its softmax averages the values), only neurons and branches."""
+
     name = "llama"
+
+    def __init__(self):
+        super().__init__()
+        self.planted = Planted(neurons={0: [4, 30], 1: [11, 12]}, dead_attention=[1], dead_mlp=[2])
 
     def build(self):
         from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        cfg = LlamaConfig(vocab_size=64, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
                           tie_word_embeddings=False)
         return LlamaForCausalLM(cfg)

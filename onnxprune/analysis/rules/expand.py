@@ -45,7 +45,10 @@ class GrowOp(Rule):
             else:
                 s.block(layout, f"{node.op_type} '{node.name}' repeats axis {axis}")
         if slots is not None:
-            s.set_layout(y, slots, s.fresh(node, y, slots, out_dims[slots], passive=True))
+            units = s.fresh(node, y, slots, out_dims[slots], passive=True)
+            s.set_layout(y, slots, units)
+            kv = len(s.layout(x, slots - 1))
+            s.query_slots.update((int(u), kv) for u in units.tolist())
 
     def output_dims(self, node, s, out_rank: int) -> list:
         return [s.view.dim(node.output[0], k) for k in range(out_rank)]
