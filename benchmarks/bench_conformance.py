@@ -13,6 +13,11 @@ whole residual branches planted) is pruned with `--lossless`.  Per model and exp
   the planted structures physically removed in PyTorch, exported the same way).  The issue's
   bar is 95 %.
 
+Decoders with a key-value cache (qwen2_kv: past_key_values.* inputs, present.* outputs) are pruned
+with the cache allowed to shrink (onnxprune.testing.lossless_with_cache: `prune` itself does not do
+that yet) and compared over three generation steps from an empty cache: logits, and the presents'
+kept heads.
+
 --why prints, for models below the bar, the reasons the analysis gives for the groups it keeps.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 import onnxprune  # noqa: E402
 from onnxprune.cost import unique_parameters  # noqa: E402
 from onnxprune.runtime.session import make_session  # noqa: E402
+from onnxprune.testing import lossless_with_cache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, markdown_table  # noqa: E402
@@ -68,6 +74,8 @@ def measure(name: str, entry: dict, folder: Path = FOLDER) -> dict:
     row = {"name": name, "model": entry["model"], "exporter": entry["exporter"], "params": before,
            "removable": before - floor}
     start = time.perf_counter()
+    if "cache" in entry:
+        return measure_cached(row, dense, entry, start)
     try:
         pruned, report = onnxprune.prune(dense, lossless=True)
     except Exception as exc:  # a refusal or a failed validation is a result too
@@ -88,6 +96,45 @@ def measure(name: str, entry: dict, folder: Path = FOLDER) -> dict:
     row["rel_diff"] = worst
     row["equal"] = worst <= REL_TOL
     row["notes"] = report.notes
+    return row
+
+
+def generate(session, model: onnx.ModelProto, cache: dict, batch: int, steps, seed: int = 0):
+    """Outputs of each of len(steps) generation steps from an empty cache (the model's declared head
+    counts), each step's presents fed back."""
+    declared = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in model.graph.input}
+    past = {n: np.zeros((batch, declared[n][1], 0, declared[n][3]), np.float32) for n in cache["inputs"]}
+    rng, start, outs = np.random.default_rng(seed), 0, []
+    for length in steps:
+        feeds = {"input_ids": rng.integers(0, 64, (batch, length)).astype(np.int64),
+                 "attention_mask": np.ones((batch, start + length), np.int64),
+                 "position_ids": np.tile(np.arange(start, start + length), (batch, 1)).astype(np.int64), **past}
+        got = session.run(None, feeds)
+        outs.append(got)
+        past = dict(zip(cache["inputs"], got[1:]))
+        start += length
+    return outs
+
+
+def measure_cached(row: dict, dense: onnx.ModelProto, entry: dict, start: float) -> dict:
+    pruned, analysis, removed = lossless_with_cache(dense)
+    row["seconds"] = time.perf_counter() - start
+    row["removed"] = row["params"] - params(pruned)
+    masks, cache = analysis.keep_masks(removed), entry["cache"]
+    steps = (1, 1, 1) if cache["sequence"] == 1 else (4, 2, 1)
+    worst = 0.0
+    for batch in (1, 3):
+        runs = [generate(make_session(m), m, cache, batch, steps) for m in (dense, pruned)]
+        for want, got in zip(*runs):
+            for k, (w, g) in enumerate(zip(want, got)):
+                name = "logits" if k == 0 else cache["outputs"][k - 1]
+                if (name, cache["axis"]) in masks:
+                    w = w[:, masks[(name, cache["axis"])]]
+                if w.shape != g.shape:
+                    worst = float("inf")
+                    continue
+                worst = max(worst, float(np.max(np.abs(w - g)) / max(float(np.max(np.abs(w))), 1e-12)))
+    row.update(rel_diff=worst, equal=worst <= REL_TOL, notes=[])
     return row
 
 

@@ -529,6 +529,109 @@ class Llama(Qwen2):
         return LlamaForCausalLM(cfg)
 
 
+class Qwen2KV(Qwen2):
+    """Qwen2 as a decoder with a KV cache, the way optimum and onnxruntime-genai export one:
+    inputs input_ids, attention_mask (past + new positions), position_ids and
+    past_key_values.{i}.key / .value (batch, kv heads, past, head_dim); outputs logits and
+    present.{i}.key / .value.  KV group 1 of layer 0 is dead (zero values); its cache goes with it,
+    so the pruned model reads and writes one KV head there.  A cache is what the model wrote at
+    earlier steps: the dead group's cached values are zero.  The legacy export takes any batch,
+    sequence and past length; the dynamo export is the one-token decode step (sequence 1; torch.export
+    cannot say attention_mask's length is past + sequence for two dynamic sizes)."""
+
+    name = "qwen2_kv"
+    exporters = ("legacy", "dynamo")
+    LAYERS, KV, HD, PAST = 3, 2, 8, 5
+
+    def __init__(self):
+        super().__init__()
+        self.planted = Planted(kv_groups={0: [1]}, neurons={0: [4, 30], 1: [11]}, dead_mlp=[2])
+        self.cache_names = [f"past_key_values.{i}.{k}" for i in range(self.LAYERS) for k in ("key", "value")]
+        self.input_names = ["input_ids", "attention_mask", "position_ids"] + self.cache_names
+        self.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(self.LAYERS) for k in ("key", "value")]
+
+    def wrap(self, model):
+        return CacheWrapper(model, self.LAYERS).eval()
+
+    def inputs(self, batch, seq, g):
+        ids = torch.randint(0, 64, (batch, seq), generator=g)
+        mask = torch.ones(batch, self.PAST + seq, dtype=torch.int64)
+        pos = torch.arange(self.PAST, self.PAST + seq).expand(batch, seq)
+        past = []
+        for i in range(self.LAYERS):
+            for kind in ("key", "value"):
+                t = torch.randn(batch, self.KV, self.PAST, self.HD, generator=g)
+                if kind == "value":  # what the model itself cached: its dead groups' values are zero
+                    for group in self.planted.kv_groups.get(i, []):
+                        t[:, group] = 0
+                past.append(t)
+        return (ids, mask, pos, *past)
+
+    def for_removed(self, tensors, outputs: bool = False):
+        """Inputs (or outputs) as the removed model has them: without the dead groups' cache."""
+        tensors, first = list(tensors), 1 if outputs else 3
+        for i, groups in self.planted.kv_groups.items():
+            keep = _keep(self.KV, groups)
+            for j in (2 * i, 2 * i + 1):
+                t = tensors[first + j]
+                tensors[first + j] = t[:, keep.numpy()] if isinstance(t, np.ndarray) else t[:, keep]
+        return tensors
+
+    def test_sizes(self, kind):
+        return ((1, 1), (3, 1)) if kind == "dynamo" else ((1, 4), (3, 2))
+
+    def input_spec(self):
+        return [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"], "high": 64},
+                {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"], "mask": True},
+                {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"], "positions": True}] + \
+            [{"name": n, "dtype": "float32", "shape": ["batch", self.KV, "past", self.HD], "cache": True}
+             for n in self.cache_names]
+
+    def cache_entry(self, kind):
+        return {"inputs": self.cache_names, "outputs": self.output_names[1:], "axis": 1,
+                "sequence": 1 if kind == "dynamo" else None}
+
+    def export(self, model, kind, path, removed):
+        wrapped = self.wrap(model)
+        seq = 1 if kind == "dynamo" else 3
+        xs = self.inputs(TRACE_BATCH, seq, torch.Generator().manual_seed(7))
+        if removed:
+            xs = tuple(self.for_removed(xs))
+        if kind == "legacy":
+            dyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+                   "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+            dyn.update({n: {0: "batch", 2: "past"} for n in self.cache_names})
+            dyn.update({n: {0: "batch", 2: "total"} for n in self.output_names[1:]})
+            torch.onnx.export(wrapped, xs, path, dynamo=False, opset_version=LEGACY_OPSET,
+                              input_names=self.input_names, output_names=self.output_names, dynamic_axes=dyn)
+        else:
+            for f in (path, path + ".data"):
+                if os.path.exists(f):
+                    os.remove(f)
+            batch = torch.export.Dim("batch", min=1, max=64)
+            past = torch.export.Dim("past", min=1, max=64)
+            shapes = ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, tuple({0: batch, 2: past} for _ in self.cache_names))
+            torch.onnx.export(wrapped, xs, path, dynamo=True, input_names=self.input_names,
+                              output_names=self.output_names, dynamic_shapes=shapes)
+        finish_file(path)
+
+
+class CacheWrapper(nn.Module):
+    """input_ids, attention_mask, position_ids, *past (key, value per layer) -> logits, *present."""
+
+    def __init__(self, model, layers: int):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+
 # -- Swin ---------------------------------------------------------------------------------------
 
 class Swin(Transformer):
@@ -781,15 +884,22 @@ class RegNet(CNN):
                                                          groups_width=8, num_labels=10, layer_type="y"))
 
 
-MODELS = {cls.name: cls for cls in (Bert, ViT, GPT2, Qwen2, Llama, Swin, ResNet, MobileNetV2, ConvNeXt,
+MODELS = {cls.name: cls for cls in (Bert, ViT, GPT2, Qwen2, Llama, Qwen2KV, Swin, ResNet, MobileNetV2, ConvNeXt,
                                     EfficientNet, RegNet)}
+
+
+# a model's seed is 1000 + its place here (new models go at the end: the others' files stay the same)
+SEED_ORDER = ["bert", "convnext", "efficientnet", "gpt2", "llama", "mobilenet_v2", "qwen2", "regnet", "resnet", "swin",
+              "vit", "qwen2_kv"]
 
 
 # --------------------------------------------------------------------------------------------
 # export and checks
 # --------------------------------------------------------------------------------------------
 
-def export(spec: Transformer, model: nn.Module, kind: str, path: str) -> None:
+def export(spec: Transformer, model: nn.Module, kind: str, path: str, removed: bool = False) -> None:
+    if hasattr(spec, "export"):  # its own inputs, outputs and dynamic axes (a decoder with a KV cache)
+        return spec.export(model, kind, path, removed)
     wrapped = Wrapper(model, spec.input_names, spec.output).eval()
     xs = spec.inputs(TRACE_BATCH, TRACE_SEQ, torch.Generator().manual_seed(7))
     names = spec.input_names
@@ -815,6 +925,10 @@ def export(spec: Transformer, model: nn.Module, kind: str, path: str) -> None:
                 os.remove(f)
         torch.onnx.export(wrapped, xs, path, dynamo=True, input_names=names, output_names=["output"],
                           dynamic_shapes=(shapes,))
+    finish_file(path)
+
+
+def finish_file(path: str) -> None:
     m = onnx.load(path)  # reads the dynamo exporter's external data back in
     strip_node_metadata(m)
     if os.path.exists(path + ".data"):
@@ -830,9 +944,11 @@ def strip_node_metadata(m: onnx.ModelProto) -> None:
         del node.metadata_props[:]
 
 
-def torch_outputs(spec, model, xs) -> np.ndarray:
+def torch_outputs(spec, model, xs) -> list[np.ndarray]:
     with torch.no_grad():
-        return Wrapper(model, spec.input_names, spec.output)(*xs).numpy()
+        if hasattr(spec, "wrap"):
+            return [t.numpy() for t in spec.wrap(model)(*xs)]
+        return [Wrapper(model, spec.input_names, spec.output)(*xs).numpy()]
 
 
 def input_spec(spec, kind) -> list[dict]:
@@ -845,19 +961,24 @@ def input_spec(spec, kind) -> list[dict]:
 
 
 def test_sizes(spec, kind):
+    if hasattr(spec, "test_sizes"):
+        return spec.test_sizes(kind)
     return ((TRACE_BATCH, TRACE_SEQ),) if kind == "dynamo_static" else ((1, 16), (3, 7))
 
 
-def check_ort(path, spec, model, seed, kind) -> float:
+def check_ort(path, spec, model, seed, kind, removed: bool = False) -> float:
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch, seq in test_sizes(spec, kind):
         xs = spec.inputs(batch, seq, g)
+        if removed and hasattr(spec, "for_removed"):
+            xs = spec.for_removed(xs)
         ref = torch_outputs(spec, model, xs)
-        got = sess.run(None, {n: x.numpy() for n, x in zip(spec.input_names, xs)})[0]
-        assert got.shape == ref.shape, (got.shape, ref.shape)
-        worst = max(worst, float(np.max(np.abs(got - ref))))
+        got = sess.run(None, {n: x.numpy() for n, x in zip(spec.input_names, xs)})
+        for r, o in zip(ref, got):
+            assert o.shape == r.shape, (o.shape, r.shape)
+            worst = max(worst, float(np.max(np.abs(o - r))))
     assert worst < ATOL, f"onnxruntime vs torch: max abs err {worst:.3g}"
     return worst
 
@@ -865,9 +986,14 @@ def check_ort(path, spec, model, seed, kind) -> float:
 def same_function(spec, a, b, seed) -> float:
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
-    for batch, seq in ((1, 16), (3, 7), (TRACE_BATCH, TRACE_SEQ)):
+    sizes = spec.test_sizes("legacy") if hasattr(spec, "test_sizes") else ((1, 16), (3, 7), (TRACE_BATCH, TRACE_SEQ))
+    for batch, seq in sizes:
         xs = spec.inputs(batch, seq, g)
-        worst = max(worst, float(np.max(np.abs(torch_outputs(spec, a, xs) - torch_outputs(spec, b, xs)))))
+        want = torch_outputs(spec, a, xs)
+        if hasattr(spec, "for_removed"):  # the removed model reads and writes fewer cached heads
+            xs, want = spec.for_removed(xs), spec.for_removed(want, outputs=True)
+        got = torch_outputs(spec, b, xs)
+        worst = max(worst, max(float(np.max(np.abs(w - o))) for w, o in zip(want, got)))
     assert worst < 1e-5, f"removed model differs from the dead one by {worst:.3g}"
     return worst
 
@@ -894,7 +1020,7 @@ def main(argv=None) -> int:
     failures = []
     for name in names:
         spec = MODELS[name]()
-        seed = 1000 + sorted(MODELS).index(name)
+        seed = 1000 + SEED_ORDER.index(name)
         torch.manual_seed(seed)
         dead = randomise(spec.build(), seed)
         spec.plant(dead)
@@ -904,12 +1030,12 @@ def main(argv=None) -> int:
         diff = same_function(spec, dead, removed, seed)
         print(f"{name}: torch params {n_params(dead)} -> {n_params(removed)} removed "
               f"(max |dead - removed| {diff:.1e})", flush=True)
-        for kind in [k for k in args.exporters.split(",") if k]:
+        for kind in [k for k in args.exporters.split(",") if k and k in getattr(spec, "exporters", EXPORTERS)]:
             for variant, model in (("", dead), ("_removed", removed)):
                 path = os.path.join(args.out, f"{name}_{kind}{variant}.onnx")
                 try:
-                    export(spec, model, kind, path)
-                    err = check_ort(path, spec, model, seed + 1, kind)
+                    export(spec, model, kind, path, removed=bool(variant))
+                    err = check_ort(path, spec, model, seed + 1, kind, removed=bool(variant))
                     print(f"  {os.path.basename(path):28s} {os.path.getsize(path) / 1024:7.1f} KB  "
                           f"ort-vs-torch {err:.1e}", flush=True)
                 except Exception as e:  # one failed export does not stop the others
@@ -921,6 +1047,8 @@ def main(argv=None) -> int:
                 "removed": f"{name}_{kind}_removed.onnx", "inputs": input_spec(spec, kind),
                 "planted": spec.planted.to_dict(), "architecture": type(dead).__name__,
             }
+            if hasattr(spec, "cache_entry"):
+                manifest[f"{name}_{kind}"]["cache"] = spec.cache_entry(kind)
     with open(manifest_path, "w") as f:
         json.dump(dict(sorted(manifest.items())), f, indent=1)
         f.write("\n")

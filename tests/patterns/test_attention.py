@@ -7,7 +7,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxprune
-from helpers import analysis_of, const, group_of, make_model, prune_matches_oracle, weight
+import onnx
+
+from helpers import analysis_of, const, group_of, make_model, prune_matches_oracle, run, weight
 
 D, H, HD, S = 32, 4, 8, 6
 
@@ -249,17 +251,16 @@ def test_with_more_query_heads_per_group_than_kv_heads_a_unit_is_the_same_query_
     assert shapes["wk"] == [D, 2 * HD]
 
 
-def _topological(nodes):
-    made, out, pending = {"x"} | set(), [], list(nodes)
+def _topological(nodes, given=("x", "past_k", "past_v")):
+    """`nodes` in an order where each reads only given tensors, constants and earlier outputs."""
     inits = {"wq", "wk", "wv", "wo", "q_shape", "kv_shape", "axis2", "repeat", "fold", "merge", "scale", "zero", "one",
              "n_rep", "axis0", "rest"}
+    made, out, pending = set(given) | inits, [], list(nodes)
     while pending:
-        for n in pending:
-            if all(i in made or i in inits for i in n.input):
-                out.append(n)
-                made.update(n.output)
-                pending.remove(n)
-                break
+        ready = next(n for n in pending if all(i in made for i in n.input))
+        out.append(ready)
+        made.update(ready.output)
+        pending.remove(ready)
     return out
 
 
@@ -283,3 +284,77 @@ def test_lossless_removes_a_dead_kv_group_with_its_query_heads():
     pruned, report = onnxprune.prune(gqa(4, 2, dead_kv=[0]), lossless=True)
     assert [(c.before, c.after) for c in report.changes] == [(2, 1)]
     assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
+
+
+# -- key-value caches (decoders exported with past_key_values inputs and present outputs) ------------
+
+def cached_attention(heads=H, kv_heads=H):
+    """One decoder attention block with a cache: past_key / past_value (batch, kv, past, hd) are
+    concatenated with the new keys and values along the sequence; the sums are the outputs
+    present_key / present_value; repeat_kv when kv_heads < heads."""
+    model = gqa(heads, kv_heads)
+    graph = model.graph
+    for n in "kv":
+        concat_in = f"{n}_t"
+        for node in graph.node:  # read the concatenated keys where the new ones were read
+            for i, x in enumerate(node.input):
+                if x == concat_in:
+                    node.input[i] = f"present_{n}"
+        graph.node.insert(0, helper.make_node("Concat", [f"past_{n}", concat_in], [f"present_{n}"],
+                                              name=f"{n}_cache", axis=2))
+        graph.input.append(helper.make_tensor_value_info(f"past_{n}", onnx.TensorProto.FLOAT,
+                                                         ["batch", kv_heads, "past", HD]))
+        graph.output.append(helper.make_tensor_value_info(f"present_{n}", onnx.TensorProto.FLOAT,
+                                                          ["batch", kv_heads, "total", HD]))
+    nodes = _topological(list(graph.node))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _cache_analysis(model, prune_cache):
+    from onnxprune.analysis import analyze_graph
+    from onnxprune.ir.graph_view import GraphView
+    from onnxprune.ir.shapes import infer_shapes
+    from onnxprune.pipeline import prepare
+    working, _ = prepare(model)
+    return working, analyze_graph(GraphView(working, infer_shapes(working)), prune_cache=prune_cache)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+def test_heads_reaching_a_kv_cache_are_kept_unless_the_cache_may_change(heads, kv_heads):
+    _, analysis = _cache_analysis(cached_attention(heads, kv_heads), prune_cache=False)
+    units = group_of(analysis, "q_proj")
+    assert not units.prunable
+    assert any("past_" in r for r in units.blocked) and any("present_" in r for r in units.blocked)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+def test_with_prune_cache_heads_and_kv_groups_go_from_the_cache_inputs_and_outputs_too(heads, kv_heads):
+    """The pruned model reads and writes only the kept heads' keys and values; its logits are the
+    masked dense model's (fed the whole cache) and its presents are the dense ones' kept heads."""
+    from onnxprune.passes.apply_plan import apply_removal
+    from onnxprune.testing import masked_reference
+    working, analysis = _cache_analysis(cached_attention(heads, kv_heads), prune_cache=True)
+    units = group_of(analysis, "q_proj")
+    assert units.prunable and units.kind == ("heads" if heads == kv_heads else "kv groups")
+    assert analysis.state.cache_inputs == {"past_k": 1, "past_v": 1}
+    assert analysis.state.cache_outputs == {"present_k": 1, "present_v": 1}
+    removed = {int(units.roots[1])}
+    reference = masked_reference(working, analysis, removed)
+    pruned = apply_removal(working, analysis, removed)
+    keep = analysis.keep_masks(removed)[("past_k", 1)]
+    for vi in list(pruned.graph.input) + list(pruned.graph.output):  # the new interface
+        if vi.name in analysis.state.cache_inputs or vi.name in analysis.state.cache_outputs:
+            vi.type.tensor_type.shape.dim[1].dim_value = int(keep.sum())
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, S, D)).astype(np.float32)}
+    feeds.update({f"past_{n}": rng.standard_normal((2, kv_heads, 5, HD)).astype(np.float32) for n in "kv"})
+    want = dict(zip(["y", "present_k", "present_v"], run(reference, feeds)))
+    got = dict(zip(["y", "present_k", "present_v"], run(pruned, {k: v[:, keep] if k.startswith("past") else v
+                                                                 for k, v in feeds.items()})))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    for n in ("present_k", "present_v"):
+        assert got[n].shape == (2, int(keep.sum()), 5 + S, HD)
+        np.testing.assert_allclose(got[n], want[n][:, keep], atol=1e-6)
