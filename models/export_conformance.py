@@ -2,6 +2,13 @@
 """Conformance models: real Hugging Face ``transformers`` architectures, exported by both
 PyTorch exporters, with dead structure planted, and the same model with it physically removed.
 
+Models: BERT, ViT, GPT-2, Qwen2 (4 query heads over 2 KV heads), LLaMA (6 over 2), Swin, ResNet,
+MobileNetV2, ConvNeXt, EfficientNet, RegNetY, and qwen2_kv (Qwen2 as a decoder with a KV cache:
+past_key_values.* inputs, present.* outputs).  Exports: ``legacy`` (``dynamo=False``, opset 17,
+dynamic batch and sequence), ``dynamo`` (``dynamo=True`` with ``torch.export.Dim`` batch and
+sequence) and ``dynamo_static`` (``dynamo=True`` without dynamic shapes, its default; not for
+qwen2_kv, whose dynamo export is the one-token decode step).
+
 For issue 13 ("coverage of real exporter output"): `onnxprune prune --lossless` must keep the
 outputs of every model here and remove (nearly) every parameter the planted structure holds.
 ``benchmarks/bench_conformance.py`` measures that; ``tests/test_conformance.py`` checks it.
@@ -18,9 +25,10 @@ training leaves them, so that they compute exact zeros for every input:
   columns can go);
 * **neurons**: an FFN neuron's input row and bias are zero (GELU(0) = SiLU(0) = 0; in
   SwiGLU the gate's row: silu(0) * up = 0);
-* **channels** (CNNs): a conv's output channel and its BatchNorm gamma and beta are zero;
-* **residual branches**: the branch's last projection (weight and bias) is zero, so the
-  whole branch adds zero (everything in it can go, its pre-norm included).
+* **channels** (CNNs): a conv's output channel and its BatchNorm gamma and beta are zero (and
+  the BatchNorm after a depthwise or grouped conv that passes them on);
+* **residual branches**: the branch's last projection (weight and bias), BatchNorm or layer
+  scale is zero, so the whole branch adds zero (everything in it can go, its pre-norm included).
 
 The "removed" model is the dead model with those structures physically gone (smaller
 Linear and Conv layers, fewer heads, the branch replaced by nothing). It computes the same
@@ -28,14 +36,15 @@ function (checked here in PyTorch and onnxruntime), and the difference of the tw
 files' parameter counts is what `--lossless` can remove at most: the *removable* params.
 
 Writes ``models/conformance/<model>_<exporter>.onnx`` (dead structure planted),
-``<model>_<exporter>_removed.onnx`` and ``manifest.json`` (inputs, what was planted).
-Weights are stored inline (one file per model; the dynamo exporter's external data is
-read back in).
+``<model>_<exporter>_removed.onnx`` and ``manifest.json`` (inputs, what was planted, the
+cache's inputs and outputs).  Weights are stored inline (one file per model; the dynamo
+exporter's external data is read back in) and the dynamo exporter's per-node metadata is
+dropped.  A rerun writes byte-identical files.
 
 Only for regenerating the files (needs torch, onnxscript and transformers; not the
 package or its tests)::
 
-    python models/export_conformance.py [--only bert,gpt2] [--exporters legacy,dynamo] [--out DIR]
+    python models/export_conformance.py [--only bert,gpt2] [--exporters legacy,dynamo,dynamo_static] [--out DIR]
 """
 from __future__ import annotations
 
