@@ -160,7 +160,8 @@ class ZeroState:
                     result.add(r)
             self._set(out, result)
         self._same_positions(node, names)
-        data = [n for n in names if self._is_float(n)]
+        # float inputs computed at run time (a constant is a Clip bound or Resize scales), Concat's all
+        data = [n for n in names if self._is_float(n) and (node.op_type == "Concat" or not self.view.is_const(n))]
         if data and all(self.entirely_zero(n) for n in data):
             self.all_zero.update(o for o in node.output if o)
 
