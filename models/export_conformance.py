@@ -86,7 +86,8 @@ def randomise(model: nn.Module, seed: int) -> nn.Module:
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            if isinstance(owner, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)) or "norm" in name.lower() and p.dim() == 1:
+            is_norm = isinstance(owner, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm))
+            if is_norm or "norm" in name.lower() and p.dim() == 1:
                 if leaf == "weight":
                     p.copy_(torch.rand(p.shape, generator=g) + 0.5)
                 else:
@@ -619,7 +620,8 @@ class Qwen2KV(Qwen2):
                     os.remove(f)
             batch = torch.export.Dim("batch", min=1, max=64)
             past = torch.export.Dim("past", min=1, max=64)
-            shapes = ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, tuple({0: batch, 2: past} for _ in self.cache_names))
+            shapes = ({0: batch}, {0: batch, 1: past + 1}, {0: batch},
+                      tuple({0: batch, 2: past} for _ in self.cache_names))
             torch.onnx.export(wrapped, xs, path, dynamo=True, input_names=self.input_names,
                               output_names=self.output_names, dynamic_shapes=shapes)
         finish_file(path)

@@ -83,6 +83,10 @@ class ConcatRule(Rule):
                         pass  # a class token: the constant behind the Expand is sliced
                     elif s.prune_cache and _follow_cache(s, node, name, other_axis, merged):
                         pass  # a KV cache input: it takes the heads (the interface changes)
+                    elif y in s.view.graph_outputs and (source := _cache_source(s.view, name)) is not None \
+                            and not s.view.is_const(source):
+                        s.block(merged, f"{where} appends to the key-value cache '{source}', which the caller "
+                                        "feeds and reads with this many heads")
                     else:
                         s.block(merged, f"{where} joins it with '{name}', whose channels cannot be pruned")
             s.set_layout(y, other_axis, merged)

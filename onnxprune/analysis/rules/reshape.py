@@ -240,7 +240,8 @@ def _is_channel_shuffle(node, s) -> bool:
     if in_shape is None or out_shape is None or s.view.rank(after[0][0].output[0]) != len(in_shape):
         return False
     back = s.view.shape(after[0][0].output[0])
-    if back is not None and all(isinstance(d, int) for d in list(back) + list(in_shape)) and tuple(back) != tuple(in_shape):
+    static = back is not None and all(isinstance(d, int) for d in list(back) + list(in_shape))
+    if static and tuple(back) != tuple(in_shape):
         return False
     runs = axis_runs(list(in_shape), list(out_shape)) or []
     return any(len(ins) == 1 and set(swapped) <= set(outs) for ins, outs in runs)
