@@ -273,3 +273,50 @@ def write_llama_decoder(path: str | Path, shape: LlamaShape = LlamaShape(), *, s
     model.ir_version = 8
     onnx.save_model(model, str(path))  # the header: every weight already lies in its file
     return path
+
+
+# -- decoders with a key-value cache ------------------------------------------------------------------------
+
+def lossless_with_cache(model) -> tuple[onnx.ModelProto, object, set[int]]:
+    """What `prune --lossless` does, with the key-value cache allowed to shrink (the analysis's
+    opt-in `prune_cache`): all-zero residual branches bypassed, then dead units removed (heads and
+    KV groups with their cache entries), and the cache inputs' and outputs' declared head counts set
+    to the kept ones.  The pruned model reads and writes fewer heads: a caller slices nothing, it
+    starts from an empty cache of the new size.  Returns (pruned model, analysis, removed roots).
+
+    Not wired into `prune` yet: its validation feeds the dense model's input shapes."""
+    from onnxprune.analysis import analyze_graph
+    from onnxprune.analysis.zeros import ZeroState
+    from onnxprune.ir.graph_view import GraphView
+    from onnxprune.ir.prepare import prepare
+    from onnxprune.ir.shapes import infer_shapes
+    from onnxprune.passes.apply_plan import apply_removal
+    from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
+    from onnxprune.passes.lossless import bypass, dead_units, zero_branches
+
+    working, _ = prepare(model)
+    while True:
+        analysis = analyze_graph(GraphView(working, infer_shapes(working)), prune_cache=True)
+        zeros = ZeroState(analysis).run()
+        residuals = zero_branches(analysis, zeros)
+        if not residuals:
+            break
+        bypass(working, residuals)
+        working = remove_dead_nodes(working)
+    removed = dead_units(analysis, zeros)
+    pruned = apply_removal(working, analysis, removed)
+    drop_unused_initializers(pruned)
+    set_cache_dims(pruned, analysis, removed)
+    return pruned, analysis, removed
+
+
+def set_cache_dims(pruned: onnx.ModelProto, analysis, removed) -> None:
+    """Declare the kept head counts on the cache inputs and outputs that lost heads."""
+    masks = analysis.keep_masks(removed)
+    caches = {**analysis.state.cache_inputs, **analysis.state.cache_outputs}
+    for vi in list(pruned.graph.input) + list(pruned.graph.output):
+        axis = caches.get(vi.name)
+        if axis is not None and (vi.name, axis) in masks:
+            dim = vi.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_value = int(masks[(vi.name, axis)].sum())

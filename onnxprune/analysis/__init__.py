@@ -62,14 +62,17 @@ def _block_folded_inputs(node, state: AnalysisState) -> None:
                                     f"{axis} of '{name}' ({shape[axis]}); only Reshape and Transpose follow them")
 
 
-def analyze_graph(view: GraphView, hidden_width: bool = False) -> Analysis:
+def analyze_graph(view: GraphView, hidden_width: bool = False, prune_cache: bool = False) -> Analysis:
     """Walk the graph once in topological order, applying each node's rule.
 
     hidden_width: let units through LayerNorm, RMSNorm and other statistics over
     their axis (and open them at embedding lookups), so that the residual
     stream's width becomes a prunable group; not lossless (the statistics change).
+    prune_cache: let heads and KV groups reach a decoder's key-value cache inputs and
+    outputs (rules/concat.py); `state.cache_inputs` / `cache_outputs` name them, and the
+    pruned model reads and writes fewer heads there.
     """
-    state = AnalysisState(view, hidden_width=hidden_width)
+    state = AnalysisState(view, hidden_width=hidden_width, prune_cache=prune_cache)
     watch_shared_constants(state)
     for node in view.nodes:
         rule = rule_for(node)
@@ -86,6 +89,7 @@ def analyze_graph(view: GraphView, hidden_width: bool = False) -> Analysis:
         state.reader = None
     block_divergent_readers(state)
     for name in view.graph_outputs:
-        state.block_tensor(name, f"reaches graph output '{name}'")
+        if name not in state.cache_outputs:
+            state.block_tensor(name, f"reaches graph output '{name}'")
     groups, root_of = build_groups(state)
     return Analysis(view, state, groups, root_of)

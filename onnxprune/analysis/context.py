@@ -60,6 +60,14 @@ class AnalysisState:
     inexact_reasons: dict[int, list[str]] = field(default_factory=dict)
     #: (unit, width): a Reshape made `width` positions one unit (hidden -> heads x head_dim)
     splits: list[tuple[int, int]] = field(default_factory=list)
+    #: opt-in: let heads reach key-value cache inputs and outputs (past_key_values.* -> present.*): the
+    #: model's interface changes (a caller feeds and reads fewer heads), so the pipeline must know
+    prune_cache: bool = False
+    #: cache graph inputs and outputs that carry units: tensor -> the axis (the heads')
+    cache_inputs: dict[str, int] = field(default_factory=dict)
+    cache_outputs: dict[str, int] = field(default_factory=dict)
+    #: grouped-query attention by slot: unit -> the kv groups each of its query heads is one of
+    query_slots: dict[int, int] = field(default_factory=dict)
     #: opt-in: prune the hidden (residual-stream) width through norms and reductions (not lossless)
     hidden_width: bool = False
     hidden_units: set[int] = field(default_factory=set)

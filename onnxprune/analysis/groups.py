@@ -32,6 +32,7 @@ class Group:
     head_dim: int | None = None  # set when a Reshape split the units into heads of this width
     heads_per_unit: dict[str, int] = field(default_factory=dict)  # source node -> heads it has in one unit
     hidden: bool = False  # the residual-stream width, pruned through norms (opt-in, not lossless)
+    kv_groups: int | None = None  # grouped-query attention by slot: a unit is one query head of each kv group
 
     @property
     def size(self) -> int:
@@ -57,6 +58,8 @@ class Group:
     def describe_units(self) -> str:
         """'4 heads x 16', '2 kv groups (2 query + 1 kv heads x 16)', '256 neurons'."""
         kind = self.kind
+        if kind == "heads" and self.kv_groups:  # grouped-query attention by slot
+            return f"{self.size} query heads in each of {self.kv_groups} kv groups x {self.head_dim}"
         if kind == "heads":
             return f"{self.size} heads x {self.head_dim}"
         if kind == "kv groups":
@@ -148,6 +151,9 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
     for unit in state.hidden_units:
         if (g := group_of(unit)) is not None:
             g.hidden = True
+    for unit, kv in state.query_slots.items():
+        if (g := group_of(unit)) is not None:
+            g.kv_groups = kv
     for unit, width in state.splits:
         if (g := group_of(unit)) is None:
             continue

@@ -17,12 +17,17 @@ from onnxprune.ir.graph_view import GraphView, tensor_values
 
 @dataclass(frozen=True)
 class DimOf:
-    """dim(tensor, axis) * num / den."""
+    """dim(tensor, axis) * num / den.
+
+    scale: (node, input index) of the constant `num` came from when it is a Mul's own
+    one-element constant input, so the rewrite can change it (the legacy exporter's repeat_kv
+    reshape: Mul(Gather(Shape(k), 1), n_rep))."""
 
     tensor: str
     axis: int
     num: int = 1
     den: int = 1
+    scale: tuple[str, int] | None = None
 
     def scaled(self, num: int, den: int) -> "DimOf":
         return DimOf(self.tensor, self.axis, self.num * num, self.den * den)
@@ -93,7 +98,13 @@ def shape_elements(view: GraphView, name: str, depth: int = 0) -> list[Element] 
         if a is not None and b is not None and (len(a) == len(b) or 1 in (len(a), len(b))):
             n = max(len(a), len(b))
             combine = _equal if op == "Equal" else lambda x, y: _arith(op, x, y)
-            return [combine(a[i % len(a)], b[i % len(b)]) for i in range(n)]
+            out = [combine(a[i % len(a)], b[i % len(b)]) for i in range(n)]
+            if op == "Mul" and n == 1 and isinstance(out[0], DimOf) and out[0].den == 1:
+                index = 1 if isinstance(a[0], DimOf) else 0
+                const = view.const(node.input[index])
+                if const is not None and const.size == 1:
+                    out[0] = DimOf(out[0].tensor, out[0].axis, out[0].num, 1, (node.name, index))
+            return out
     if op == "Where":
         # torch's expand() writes Where(shape == -1, 1, shape): pick per element where the test is known
         cond, a, b = (shape_elements(view, i, depth + 1) for i in node.input[:3])
@@ -177,12 +188,36 @@ def rewrite_const_elements(rw, elements: list[Element], tensor: str, consumer, s
 
     `consumer` is the node reading the shape from its input `shape_input`: a shape Concat
     it shares with other nodes (exporters reuse one per model) gets a copy of its own.
+    A dimension times a Mul's constant (see DimOf.scale) gets the constant that makes it
+    the kept size (the dimension itself does not change: see scaled_dim_follows).
     """
     new_shape = None
     for k, e in enumerate(elements):
-        if is_rewritable(e) and rw.mask(tensor, k + shift) is not None:
+        if rw.mask(tensor, k + shift) is None:
+            continue
+        if is_rewritable(e):
             new_shape = new_shape or rw.new_shape(tensor)
             rw.set_const_element(e.node, e.index, e.offset, int(new_shape[k + shift]), reader=(consumer, shape_input))
+        elif isinstance(e, DimOf) and e.scale is not None and rw.mask(e.tensor, e.axis) is None:
+            new_shape = new_shape or rw.new_shape(tensor)  # (a pruned dimension follows by itself)
+            dim = rw.view.dim(e.tensor, e.axis)
+            rw.set_const_element(e.scale[0], e.scale[1], 0, int(new_shape[k + shift]) // dim)
+
+
+def scaled_dim_follows(state, e: Element, layout: np.ndarray) -> bool:
+    """dim(t, a) * c, with c a constant the rewrite can set, equals the kept size of an axis with
+    `layout` whatever is removed: dim(t, a) is static and never pruned (no units there, or only
+    blocked ones) and every unit covers a multiple of it (repeat_kv: kv heads x kept slots)."""
+    if not isinstance(e, DimOf) or e.scale is None:
+        return False
+    dim = state.view.dim(e.tensor, e.axis)
+    if not isinstance(dim, int) or dim < 1:
+        return False
+    source = state.layout(e.tensor, e.axis)
+    if source is not None and any(int(u) not in state.block_reasons for u in np.asarray(source).tolist() if u >= 0):
+        return False
+    counts = Counter(state.units.roots(np.asarray(layout)).tolist())
+    return all(n % dim == 0 for n in counts.values())
 
 
 _STATIC_ARITH = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}

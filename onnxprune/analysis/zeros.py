@@ -4,6 +4,14 @@ Tracked per tensor as a set of unit roots whose every position there is an
 exact 0 for every possible input.  Value-creating ops (Conv, Gemm, BN, Add,
 Mul...) decide from their parameters; unit-preserving ops (Relu, pooling,
 Reshape, Concat...) carry zeros through; every other op forgets them.
+
+A unit may be zero at only some of its positions in one tensor and at all of
+them in a slice of it: GPT-2's fused QKV projection computes a head's Q, K and
+V columns (one unit), and only its V columns are zero.  So sources also record
+which positions along their output axis are exactly zero (`zero_positions`);
+ops that keep positions (the same layout on an output axis: Reshape, Transpose,
+elementwise...) or slice them (Split, Slice) carry those masks, and a unit all
+of whose positions in a tensor are zero is zero there.
 """
 from __future__ import annotations
 
@@ -23,6 +31,11 @@ class ZeroState:
         self._const_cache: dict[str, set[int]] = {}
         self._positions: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = {}
         self._zero_rows: dict[tuple, np.ndarray] = {}
+        #: tensor -> axis -> positions along it that are exactly zero (at every index of the other axes)
+        self.zero_positions: dict[str, dict[int, np.ndarray]] = {}
+        #: tensors exactly zero everywhere, whether or not units reach them (a dead branch's output
+        #: through reshapes whose axes the analysis cannot follow: Swin's window reverse)
+        self.all_zero: set[str] = set()
 
     def run(self) -> "ZeroState":
         for node in self.view.nodes:
@@ -68,6 +81,8 @@ class ZeroState:
         """Every element is zero: some axis is fully covered by zero units."""
         if self.view.is_const(tensor):
             return self.is_zero_const(tensor)
+        if tensor in self.all_zero:
+            return True
         zero = self.zero_set(tensor)
         for layout in self.analysis.layouts.get(tensor, {}).values():
             if (layout != NO_UNIT).all() and all(int(self.analysis.root_of[u]) in zero for u in layout.tolist()):
@@ -77,7 +92,58 @@ class ZeroState:
     # -- rule helpers ---------------------------------------------------------------
     def _set(self, tensor: str, roots: set[int]) -> None:
         if roots:
-            self.zeros[tensor] = roots
+            self.zeros[tensor] = self.zeros.get(tensor, set()) | roots
+
+    def _layout(self, tensor: str, axis: int) -> np.ndarray | None:
+        return self.analysis.layouts.get(tensor, {}).get(axis)
+
+    def set_zero_positions(self, tensor: str, axis: int, mask: np.ndarray | None) -> None:
+        """Record the positions of `tensor` along `axis` that are exactly zero; units all of
+        whose positions there are among them become zero in `tensor`."""
+        layout = self._layout(tensor, axis)
+        if mask is None or layout is None or len(mask) != len(layout) or not np.any(mask):
+            return
+        mask = np.asarray(mask, dtype=bool)
+        axes = self.zero_positions.setdefault(tensor, {})
+        axes[axis] = mask | axes[axis] if axis in axes else mask
+        roots = {r for r, places in self.positions(tensor).items()
+                 if any(a == axis and axes[axis][pos].all() for a, pos in places)}
+        self._set(tensor, roots)
+
+    def position_zeros(self, tensor: str, axis: int) -> np.ndarray | None:
+        """Which positions of `tensor` along `axis` are known to be exactly zero (None: none known)."""
+        if self.view.is_const(tensor):
+            values = self.view.const(tensor)
+            if values is None or axis >= values.ndim:
+                return None
+            return ~np.moveaxis(values != 0, axis, 0).reshape(values.shape[axis], -1).any(axis=1)
+        known = self.zero_positions.get(tensor, {}).get(axis)
+        if known is not None:
+            return known
+        layout = self._layout(tensor, axis)
+        zero = self.zero_set(tensor)
+        if layout is None or not zero:
+            return None
+        roots = np.where(layout == NO_UNIT, -1, self.analysis.root_of[np.maximum(layout, 0)])
+        return np.isin(roots, list(zero))
+
+    def carry_positions(self, src: str, src_axis: int, dst: str, dst_axis: int, index=None) -> None:
+        """dst's positions along dst_axis are src's along src_axis (picked by `index`, a slice or
+        an index array, when dst holds a part of them: Split, Slice)."""
+        mask = self.position_zeros(src, src_axis)
+        if mask is not None:
+            self.set_zero_positions(dst, dst_axis, mask if index is None else mask[index])
+
+    def _same_positions(self, node: onnx.NodeProto, names: list[str]) -> None:
+        """Carry position masks to every output axis whose layout is the one an input has
+        (the positions are the same ones: Reshape of other axes, Transpose, Relu...)."""
+        for out in node.output:
+            for axis, layout in self.analysis.layouts.get(out, {}).items():
+                masks = [self.position_zeros(n, a) for n in names
+                         for a, l in self.analysis.layouts.get(n, {}).items()
+                         if len(l) == len(layout) and np.array_equal(l, layout)]
+                if masks and all(m is not None for m in masks):
+                    self.set_zero_positions(out, axis, np.logical_and.reduce(masks))
 
     def pass_through(self, node: onnx.NodeProto, inputs: list[int] | None = None) -> None:
         """Zero in the output where zero in every (selected) input carrying the unit."""
@@ -93,6 +159,18 @@ class ZeroState:
                 if having and all(r in zeros for zeros in having):
                     result.add(r)
             self._set(out, result)
+        self._same_positions(node, names)
+        # float inputs computed at run time (a constant is a Clip bound or Resize scales), Concat's all
+        data = [n for n in names if self._is_float(n) and (node.op_type == "Concat" or not self.view.is_const(n))]
+        if data and all(self.entirely_zero(n) for n in data):
+            self.all_zero.update(o for o in node.output if o)
+
+    def _is_float(self, tensor: str) -> bool:
+        """Data, not a shape, an index or a mask."""
+        entry = self.view.shapes.get(tensor)
+        if entry is None or not entry[0]:
+            return False
+        return onnx.helper.tensor_dtype_to_np_dtype(entry[0]).kind in "fc"
 
     def combine(self, node: onnx.NodeProto, need_all: bool) -> None:
         """Add-like (zero where every input is zero) or Mul-like (where any is)."""
@@ -105,6 +183,33 @@ class ZeroState:
             if (all(zero_here) if need_all else any(zero_here)):
                 result.add(r)
         self._set(out, result)
+        self._combine_positions(node, names, need_all)
+        whole = [self.entirely_zero(n) for n in names]
+        if whole and (all(whole) if need_all else any(whole)):
+            self.all_zero.add(out)
+
+    def _combine_positions(self, node: onnx.NodeProto, names: list[str], need_all: bool) -> None:
+        """Position masks through a broadcasting Add (zero where every input is) or Mul (where any
+        is): a fused projection's bias Add keeps the zero columns of its weight."""
+        out = node.output[0]
+        rank = self.view.rank(out)
+        if rank is None:
+            return
+        for axis in self.analysis.layouts.get(out, {}):
+            masks = []
+            for n in names:
+                n_rank = self.view.rank(n)
+                n_axis = axis - (rank - n_rank) if n_rank is not None else -1
+                size = self.view.dim(n, n_axis) if n_axis >= 0 else 1
+                if size == 1:  # broadcast along the axis: zero everywhere or nowhere
+                    whole = self.entirely_zero(n)
+                    masks.append(np.full(len(self.analysis.layouts[out][axis]), whole))
+                else:
+                    masks.append(self.position_zeros(n, n_axis))
+            if need_all and all(m is not None for m in masks):
+                self.set_zero_positions(out, axis, np.logical_and.reduce(masks))
+            elif not need_all and any(m is not None for m in masks):
+                self.set_zero_positions(out, axis, np.logical_or.reduce([m for m in masks if m is not None]))
 
     def product_zeros(self, node: onnx.NodeProto, contracted: dict[str, int]) -> None:
         """A product of two run-time tensors (MatMul): an output unit is zero where it is
@@ -192,6 +297,23 @@ class ZeroState:
             if produced_zero and (not biases or self._all_zero_at(biases, r)):
                 result.add(r)
         self._set(out, result)
+        self._source_positions(out, weights, biases, live)
+
+    def _source_positions(self, out: str, weights, biases, live) -> None:
+        """Output positions whose weights (over live inputs) and bias are zero, along the axis whose
+        layout the weight's output axis shares position for position."""
+        if not weights:
+            return
+        for axis, layout in self.analysis.layouts.get(out, {}).items():
+            masks = []
+            for p in list(weights) + list(biases):
+                p_layout = self._layout(p.tensor, p.axis)
+                if p_layout is None or len(p_layout) != len(layout) or not np.array_equal(p_layout, layout):
+                    break
+                masks.append(self._zero_positions(p.tensor, p.axis, (live or {}).get(p.tensor)
+                                                  if p in weights else None))
+            else:
+                self.set_zero_positions(out, axis, np.logical_and.reduce(masks))
 
     def batchnorm_zeros(self, node: onnx.NodeProto) -> None:
         """y = gamma (x - mean) / sqrt(var + eps) + beta is exactly 0 when

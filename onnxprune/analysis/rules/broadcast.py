@@ -3,11 +3,14 @@
 Residual Add, squeeze-excite Mul gates, Where, PRelu slopes: wherever two
 inputs meet on an axis of equal size, their units become one.  A constant on
 that axis (a per-channel scale or bias) is sliced with them; a run-time tensor
-that carries no units there (a graph input, say) pins them: blocked.
+that carries no units there (a graph input, say) pins them: blocked, unless every value it
+has along that axis comes from constants (Swin's relative position bias plus its shifted-window
+mask: see rules/constant_axis.py), which are then sliced with them.
 """
 from __future__ import annotations
 
 from onnxprune.analysis.rules.base import Rule, register
+from onnxprune.analysis.rules.constant_axis import follow_constant
 
 ADDITIVE = ("Add", "Sub", "Sum", "Mean", "Max", "Min")
 MULTIPLICATIVE = ("Mul", "And")
@@ -39,12 +42,13 @@ class Broadcast(Rule):
                 elif s.view.is_const(name):
                     consts.append((index, in_axis))
                 else:
-                    pinned.append(name)
+                    pinned.append((name, in_axis))
             if not layouts:
                 continue
             merged = s.couple(layouts, where)
-            for name in pinned:
-                s.block(merged, f"{where} combines it with '{name}', whose channels cannot be pruned")
+            for name, in_axis in pinned:
+                if not follow_constant(s, name, in_axis, merged):
+                    s.block(merged, f"{where} combines it with '{name}', whose channels cannot be pruned")
             for index, in_axis in consts:
                 s.param(node, index, in_axis, merged, "constant")
             s.set_layout(out, axis, merged)

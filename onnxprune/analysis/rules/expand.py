@@ -4,6 +4,16 @@ Expand to a shape read at run time (g.expand_as(x)) needs no rewrite, but each
 element must follow the pruned sizes: an axis that carries units must be
 broadcast (1) or read from a dimension with the same units; an axis of size 1
 expanded to such a dimension takes that dimension's units.
+
+Grouped-query attention's repeat_kv (k[:, :, None].expand(b, kv, rep, s, d).reshape(b, kv*rep,
+s, d)) lets each KV head serve `rep` query heads.  Query heads can go two ways, whichever
+leaves more units (as for grouped convs, rules/conv.py; a tie keeps KV groups):
+
+* whole KV groups (kv >= rep: LLaMA-3's 8 KV heads of 4): the KV head's units pass, and the
+  query heads that read it join them through the scores;
+* the same query head of every group (rep > kv: Qwen2's 2 KV heads of 7): the Expand opens
+  one unit per repeat slot, query head j of every group joins slot j, and the KV heads are
+  kept; the repeat count in the Expand and Reshape shapes shrinks.
 """
 from __future__ import annotations
 
@@ -24,14 +34,28 @@ class GrowOp(Rule):
             return
         shift = out_rank - rank
         out_dims = self.output_dims(node, s, out_rank)
+        slots = self.query_slots(node, s, out_dims) if shift == 0 else None
         for axis, layout in s.layouts_of(x).items():
-            if s.view.dim(x, axis) is not None and s.view.dim(x, axis) == out_dims[axis + shift]:
+            if slots is not None and axis == slots - 1:
+                s.block(layout, f"Expand '{node.name}' repeats each KV head for {out_dims[slots]} query heads "
+                                f"(repeat_kv), more than there are KV heads: the same query head of every "
+                                f"group goes together, and the KV heads are kept")
+            elif s.view.dim(x, axis) is not None and s.view.dim(x, axis) == out_dims[axis + shift]:
                 s.set_layout(y, axis + shift, layout)
             else:
                 s.block(layout, f"{node.op_type} '{node.name}' repeats axis {axis}")
+        if slots is not None:
+            units = s.fresh(node, y, slots, out_dims[slots], passive=True)
+            s.set_layout(y, slots, units)
+            kv = len(s.layout(x, slots - 1))
+            s.query_slots.update((int(u), kv) for u in units.tolist())
 
     def output_dims(self, node, s, out_rank: int) -> list:
         return [s.view.dim(node.output[0], k) for k in range(out_rank)]
+
+    def query_slots(self, node, s, out_dims) -> int | None:
+        """The repeat axis of repeat_kv when query heads go by slot (see the module docstring)."""
+        return None
 
 
 @register("Expand")
@@ -53,6 +77,33 @@ class ExpandRule(GrowOp):
         super().propagate(node, s)
         if not s.view.is_const(node.input[1]):
             _check_run_time_shape(node, s)
+
+    def query_slots(self, node, s, out_dims):
+        """repeat_kv: x (b, kv, 1, s, d) -> (b, kv, rep, s, d), read by one Reshape merging the kv and
+        rep axes into one; slots when rep is more than the KV heads' units."""
+        x, y = node.input[0], node.output[0]
+        rank = s.view.rank(x)
+        users = s.view.consumers.get(y, [])
+        if rank is None or len(users) != 1 or users[0][0].op_type != "Reshape" or y in s.view.graph_outputs:
+            return None
+        from onnxprune.analysis.rules.reshape import axis_runs
+        for axis in range(1, rank):
+            rep, kv = out_dims[axis], s.layout(x, axis - 1)
+            if s.view.dim(x, axis) != 1 or not isinstance(rep, int) or rep < 2 or kv is None:
+                continue
+            in_shape, out_shape = s.view.shape(y), s.view.shape(users[0][0].output[0])
+            runs = axis_runs(list(in_shape), list(out_shape)) if in_shape and out_shape else None
+            if not runs or not any({axis - 1, axis} <= set(ins) and len(outs) == 1 for ins, outs in runs):
+                return None  # (b, kv, rep, s, d) -> (b, kv*rep, s, d), or (b*kv*rep, s, d) in a static fold
+            target = s.view.const(node.input[1])
+            if target is None:  # the repeat count must be a constant the rewrite can set
+                elements = shape_elements(s.view, node.input[1]) or []
+                shift = len(out_dims) - len(elements)
+                if axis - shift < 0 or not is_rewritable(elements[axis - shift]):
+                    return None
+            kv_units = {int(u) for u in s.units.roots(kv).tolist() if u >= 0}
+            return axis if rep > len(kv_units) else None
+        return None
 
     def rewrite(self, node, rw):
         y = node.output[0]

@@ -7,6 +7,7 @@ and passes the outer axes through.
 from __future__ import annotations
 
 from onnxprune.analysis.rules.base import Rule, register
+from onnxprune.analysis.rules.constant_axis import follow_constant
 
 
 @register("Gemm")
@@ -67,12 +68,13 @@ class MatMulRule(Rule):
                     elif s.view.is_const(name):
                         consts.append((index, in_axis))
                     else:
-                        pinned.append(name)
+                        pinned.append((name, in_axis))
             if layouts:
                 merged = s.couple(layouts, where)
-                for name in pinned:
-                    s.block(merged, f"{where}: batch axis {out_axis} is shared with '{name}', "
-                                    "whose channels cannot be pruned")
+                for name, in_axis in pinned:
+                    if not follow_constant(s, name, in_axis, merged):
+                        s.block(merged, f"{where}: batch axis {out_axis} is shared with '{name}', "
+                                        "whose channels cannot be pruned")
                 for index, in_axis in consts:
                     s.param(node, index, in_axis, merged, "constant")
                 s.set_layout(y, out_axis, merged)

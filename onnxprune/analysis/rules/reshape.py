@@ -16,7 +16,8 @@ from collections import Counter
 import numpy as np
 
 from onnxprune.analysis.rules.base import Rule, norm_axis, register
-from onnxprune.analysis.shape_expr import DimOf, is_rewritable, match_dim, rewrite_const_elements, shape_elements
+from onnxprune.analysis.shape_expr import DimOf, is_rewritable, match_dim, rewrite_const_elements, \
+    scaled_dim_follows, shape_elements
 
 
 def dim_factors(d) -> tuple[int, tuple[str, ...]]:
@@ -220,7 +221,9 @@ def _one_unit_per_slice(grid: np.ndarray, axis: int) -> bool:
 
 
 def _is_channel_shuffle(node, s) -> bool:
-    """Reshape -> Transpose swapping two split axes -> Reshape back to the input rank."""
+    """Reshape splitting one axis in two -> Transpose swapping those two -> Reshape back to the
+    input's shape.  (Attention's head split followed by a swap of sequence and heads and a fold
+    of (batch, heads) is not one: the swapped axes come from two input axes.)"""
     y = node.output[0]
     users = s.view.consumers.get(y, [])
     if len(users) != 1 or users[0][0].op_type != "Transpose":
@@ -231,7 +234,17 @@ def _is_channel_shuffle(node, s) -> bool:
     if len(swapped) != 2 or abs(swapped[0] - swapped[1]) != 1:
         return False
     after = s.view.consumers.get(transpose.output[0], [])
-    return len(after) == 1 and after[0][0].op_type == "Reshape" and s.view.rank(after[0][0].output[0]) == s.view.rank(node.input[0])
+    if len(after) != 1 or after[0][0].op_type != "Reshape":
+        return False
+    in_shape, out_shape = s.view.shape(node.input[0]), s.view.shape(y)
+    if in_shape is None or out_shape is None or s.view.rank(after[0][0].output[0]) != len(in_shape):
+        return False
+    back = s.view.shape(after[0][0].output[0])
+    static = back is not None and all(isinstance(d, int) for d in list(back) + list(in_shape))
+    if static and tuple(back) != tuple(in_shape):
+        return False
+    runs = axis_runs(list(in_shape), list(out_shape)) or []
+    return any(len(ins) == 1 and set(swapped) <= set(outs) for ins, outs in runs)
 
 
 @register("Reshape")
@@ -335,7 +348,7 @@ def _element_follows(s, e, y_layout, in_unit_run: bool, where: str) -> bool:
         if isinstance(e, int) or (isinstance(e, DimOf) and e_layout is None):
             return True  # a size pruning does not change, on an axis it does not change
         return e is None and not in_unit_run  # unknown arithmetic on untouched axes (h * w)
-    return is_rewritable(e) or match_dim(s, e, y_layout, where)
+    return is_rewritable(e) or scaled_dim_follows(s, e, y_layout) or match_dim(s, e, y_layout, where)
 
 
 @register("Flatten")

@@ -86,6 +86,16 @@ class SliceRule(Rule):
                 start, stop, _ = params[axis]
                 s.set_layout(y, axis, layout[start:stop])
 
+    def zeros(self, node, z):
+        """The output keeps the zero positions of the range it takes."""
+        z.pass_through(node)
+        x, y = node.input[0], node.output[0]
+        rank = z.view.rank(x)
+        params = slice_params(node, z.view, rank) if rank is not None else None
+        for axis, p in (params or {}).items():
+            if p is not None and p[2] == 1:
+                z.carry_positions(x, axis, y, axis, slice(p[0], p[1]))
+
     def rewrite(self, node, rw):
         x = node.input[0]
         rank = rw.view.rank(x)

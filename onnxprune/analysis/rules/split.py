@@ -52,6 +52,22 @@ class SplitRule(Rule):
                     if out:
                         s.set_layout(out, a, layout[start:stop])
 
+    def zeros(self, node, z):
+        """Each piece keeps the zero positions of its range (a fused QKV's zero V columns)."""
+        z.pass_through(node)
+        x = node.input[0]
+        rank = z.view.rank(x)
+        if rank is None:
+            return
+        axis = norm_axis(int(z.view.attr(node, "axis", 0)), rank)
+        sizes = split_sizes(node, z.view, rank)
+        if sizes is None:
+            return
+        offsets = np.cumsum([0] + sizes)
+        for out, start, stop in zip(node.output, offsets[:-1], offsets[1:]):
+            if out:
+                z.carry_positions(x, axis, out, axis, slice(int(start), int(stop)))
+
     def rewrite(self, node, rw):
         x = node.input[0]
         rank = rw.view.rank(x)
