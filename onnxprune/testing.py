@@ -290,22 +290,15 @@ def lossless_with_cache(model) -> tuple[onnx.ModelProto, object, set[int]]:
     from onnxprune.ir.graph_view import GraphView
     from onnxprune.ir.prepare import prepare
     from onnxprune.ir.shapes import infer_shapes
-    from onnxprune.passes.apply_plan import apply_removal
-    from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
-    from onnxprune.passes.lossless import bypass, dead_units, zero_branches
+    from onnxprune.passes.apply_plan import ApplyPlan
+    from onnxprune.passes.cleanup import DropUnusedInitializers
+    from onnxprune.passes.lossless import dead_units, find_dead_structure
 
     working, _ = prepare(model)
-    while True:
-        analysis = analyze_graph(GraphView(working, infer_shapes(working)), prune_cache=True)
-        zeros = ZeroState(analysis).run()
-        residuals = zero_branches(analysis, zeros)
-        if not residuals:
-            break
-        bypass(working, residuals)
-        working = remove_dead_nodes(working)
-    removed = dead_units(analysis, zeros)
-    pruned = apply_removal(working, analysis, removed)
-    drop_unused_initializers(pruned)
+    working = find_dead_structure(working).model  # all-zero residual branches bypassed
+    analysis = analyze_graph(GraphView(working, infer_shapes(working)), prune_cache=True)
+    removed = dead_units(analysis, ZeroState(analysis).run())
+    pruned = DropUnusedInitializers()(ApplyPlan(analysis, removed)(working).model).model
     set_cache_dims(pruned, analysis, removed)
     return pruned, analysis, removed
 

@@ -336,7 +336,7 @@ def test_heads_reaching_a_kv_cache_are_kept_unless_the_cache_may_change(heads, k
 def test_with_prune_cache_heads_and_kv_groups_go_from_the_cache_inputs_and_outputs_too(heads, kv_heads):
     """The pruned model reads and writes only the kept heads' keys and values; its logits are the
     masked dense model's (fed the whole cache) and its presents are the dense ones' kept heads."""
-    from onnxprune.passes.apply_plan import apply_removal
+    from onnxprune.passes.apply_plan import ApplyPlan
     from onnxprune.testing import masked_reference
     working, analysis = _cache_analysis(cached_attention(heads, kv_heads), prune_cache=True)
     units = group_of(analysis, "q_proj")
@@ -345,7 +345,7 @@ def test_with_prune_cache_heads_and_kv_groups_go_from_the_cache_inputs_and_outpu
     assert analysis.state.cache_outputs == {"present_k": 1, "present_v": 1}
     removed = {int(units.roots[1])}
     reference = masked_reference(working, analysis, removed)
-    pruned = apply_removal(working, analysis, removed)
+    pruned = ApplyPlan(analysis, removed)(working).model
     keep = analysis.keep_masks(removed)[("past_k", 1)]
     for vi in list(pruned.graph.input) + list(pruned.graph.output):  # the new interface
         if vi.name in analysis.state.cache_inputs or vi.name in analysis.state.cache_outputs:
