@@ -10,6 +10,7 @@ that onnx's own inference leaves incomplete (custom or contrib ops).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import onnx
 from onnx import helper
@@ -96,13 +97,36 @@ def infer_shapes(
     """
     del model.graph.value_info[:]
     sk = skeleton(model, fixed_inputs)
+    key = sk.SerializeToString()  # the skeleton is all inference sees: equal bytes, equal answer
+    found = _memo.get(key)
+    if found is None:
+        found = _infer(sk)
+        _memo[key] = found
+        while len(_memo) > _MEMO_SIZE:
+            _memo.popitem(last=False)
+    else:
+        _memo.move_to_end(key)
+    shapes, value_info = found
+    model.graph.value_info.extend(value_info)
+    return dict(shapes)
+
+
+# The last few answers, by skeleton bytes: prune infers the dense model at its input shapes twice (its
+# cost and its output shapes), and the skeleton is small (weights over SMALL_CONSTANT elements are
+# left out of it).
+_MEMO_SIZE = 4
+_memo: OrderedDict[bytes, tuple[dict[str, tuple[int, Shape]], list[onnx.ValueInfoProto]]] = OrderedDict()
+
+
+def _infer(sk: onnx.ModelProto) -> tuple[dict[str, tuple[int, Shape]], list[onnx.ValueInfoProto]]:
+    """(shapes, the inferred value_info entries to keep) for a skeleton."""
     try:
         inferred = onnx.shape_inference.infer_shapes(sk, data_prop=True)
     except Exception as exc:  # inference errors on odd graphs: try the fallback
         log.debug("onnx shape inference failed: %s", exc)
         inferred = sk
     shapes = _collect(inferred)
-    missing = _missing_outputs(model, set(shapes))
+    missing = _missing_outputs(sk, set(shapes))
     if missing or any(_is_unknown(d) for _, shape in shapes.values() for d in shape):
         # onnxruntime's symbolic inference follows Shape->Concat->Reshape arithmetic
         # that onnx's leaves as unk__N dims (attention head splits with -1)
@@ -113,10 +137,13 @@ def infer_shapes(
                 merged = tuple(b if _is_unknown(a) and not _is_unknown(b) else a
                                for a, b in zip(shapes[name][1], shape))
                 shapes[name] = (shapes[name][0], merged)
+    value_info = []
     for vi in inferred.graph.value_info:
         if vi.name in shapes:
-            model.graph.value_info.append(vi)
-    return shapes
+            kept = onnx.ValueInfoProto()
+            kept.CopyFrom(vi)
+            value_info.append(kept)
+    return shapes, value_info
 
 
 def _is_unknown(d: Dim) -> bool:

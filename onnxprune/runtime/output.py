@@ -32,8 +32,36 @@ def save_verified(model: onnx.ModelProto, path: str | os.PathLike, validation: V
     path = check_output_path(path, source)
     external = wants_external_data(model, source)
     with StagedOutput(model, path, external_data=external, serialized=validation.serialized) as staged:
-        check_read_back(staged.path, validation, destination=path)
+        if validation.serialized is not None and not (external or has_external_data(model)):
+            # one self-contained file, written from the validated bytes (write_model): that the same
+            # bytes come back is the whole check; onnx.checker read exactly these, and onnxruntime
+            # ran the model they encode, with the same values
+            check_same_bytes(staged.path, validation.serialized, destination=path)
+        else:
+            check_read_back(staged.path, validation, destination=path)
         return staged.commit()
+
+
+def check_same_bytes(path: str | os.PathLike, expected: bytes, destination: os.PathLike | None = None,
+                     chunk: int = 4 << 20) -> None:
+    """The file at `path` holds exactly `expected`, read a few MB at a time (small blocks reuse the
+    same memory: no fresh pages to fault in for a second copy of the model)."""
+    shown = destination or path
+    offset, same = 0, True
+    try:
+        with open(path, "rb") as f:
+            while same:
+                block = f.read(chunk)
+                if not block:
+                    break
+                same = expected[offset:offset + len(block)] == block
+                offset += len(block)
+    except OSError as exc:
+        raise ValidationError(f"{shown}: the written file cannot be read back ({exc}); nothing was written.") \
+            from exc
+    if not same or offset != len(expected):
+        raise ValidationError(f"{shown}: the written file is not the validated model ({offset:,} bytes read, "
+                              f"{len(expected):,} expected); nothing was written.")
 
 
 def stage_if_on_disk(model: onnx.ModelProto, path: str | os.PathLike | None, source: SourceInfo | None

@@ -46,7 +46,8 @@ def runtime_only_ops(model: onnx.ModelProto) -> list[str]:
 def run_model(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], what: str = "model") -> list[np.ndarray]:
     try:
         # every core: a large model's validation pass is much of prune's time; the read-back check
-        # runs through here too, with the same settings, so its comparison stays exact
+        # of a file with external data runs through here too, with the same settings, so its
+        # comparison stays exact
         session = make_session(model, prepack=False, optimize=False, threads=0)
         return session.run(None, feeds)
     except Exception as exc:
@@ -82,7 +83,9 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
         outputs = run_model(str(run_from), feeds, f"pruned model as written to disk ({run_from}; nothing was "
                                                   "moved into place)")
     else:
-        outputs = run_model(result.serialized or model, feeds, "pruned model")
+        # the ModelProto, not the serialised bytes: make_session hands its weights over in place
+        # (what is written, `serialized`, is compared byte for byte when read back)
+        outputs = run_model(model, feeds, "pruned model")
     result.feeds, result.outputs = feeds, outputs
     result.checks.append("onnxruntime run" if run_from is None else "onnxruntime run of the written file")
     names = [o.name for o in model.graph.output]
