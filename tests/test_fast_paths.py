@@ -22,7 +22,7 @@ from onnxprune.ir import shapes
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.runtime.inputs import dense_input_shapes, plan_input_shapes
-from onnxprune.runtime.session import make_session
+from onnxprune.runtime.session import make_session, raw_data_places
 from onnxprune.strategy.estimate import CostEstimator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,9 +143,13 @@ def test_sessions_taking_weights_in_place_give_the_outputs_of_the_serialised_mod
 
     working, _ = analysed
     feeds = dense_input_shapes(working, None).feeds  # sizes the model runs at
-    session = make_session(working, optimize=optimize, prepack=False)
+    sessions = [make_session(working, optimize=optimize, prepack=False),
+                make_session(working, optimize=optimize, prepack=False, serialized=working.SerializeToString())]
     gc.collect()  # the buffers onnxruntime reads must outlive everything but the session
-    got = session.run(None, feeds)
+    for session in sessions[1:]:
+        for a, b in zip(session.run(None, feeds), sessions[0].run(None, feeds)):
+            assert np.array_equal(a, b, equal_nan=True)
+    got = sessions[0].run(None, feeds)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -177,3 +181,14 @@ def test_a_written_file_is_checked_byte_for_byte(tmp_path):
     assert "read back from disk" in report.checks
     model = onnx.load(str(tmp_path / "out.onnx"))
     assert report.after.file_size == (tmp_path / "out.onnx").stat().st_size == model.ByteSize()
+
+
+def test_raw_data_places_point_at_each_initializers_bytes(analysed):
+    working, _ = analysed
+    data = working.SerializeToString()
+    places = raw_data_places(data)
+    raw = {t.name: t.raw_data for t in working.graph.initializer if t.HasField("raw_data")}
+    assert set(places) == set(raw)
+    for name, (offset, length) in places.items():
+        assert data[offset:offset + length] == raw[name]
+    assert raw_data_places(data[: len(data) // 2]) == {}  # truncated: nothing, never a wrong place

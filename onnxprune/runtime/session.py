@@ -45,7 +45,7 @@ def check_provider(provider: str) -> None:
 
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads: int = 1, provider: str = "CPUExecutionProvider",
                  optimize: bool = True, prepack: bool = True, spinning: bool = True,
-                 profile_prefix: str | None = None) -> ort.InferenceSession:
+                 profile_prefix: str | None = None, serialized: bytes | None = None) -> ort.InferenceSession:
     """The one way onnxprune opens an onnxruntime session (bytes, a file, or a
     ModelProto, whose weights may still be on disk).
 
@@ -53,7 +53,9 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
     copy of every weight (a session run once or twice); spinning=False keeps
     idle threads from spin-waiting (calibration does numpy work between runs on
     the same cores); profile_prefix turns on onnxruntime's profiler, writing its
-    JSON trace to files starting with that prefix."""
+    JSON trace to files starting with that prefix. `serialized`: the ModelProto's
+    own bytes when the caller has them (validation does): its weights are then
+    read from there instead of copied out of the ModelProto."""
     check_provider(provider)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -72,7 +74,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
     if isinstance(model, (bytes, str, os.PathLike)):  # serialized, or a file (its external data beside it)
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=[provider])
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
-        return session_in_place(model, opts, provider)
+        return session_in_place(model, opts, provider, serialized)
     return session_through_file(model, opts, provider)
 
 
@@ -82,30 +84,35 @@ _IN_PLACE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16:
                    onnx.TensorProto.DOUBLE: np.float64}
 
 
-def session_in_place(model: onnx.ModelProto, opts: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+def session_in_place(model: onnx.ModelProto, opts: ort.SessionOptions, provider: str,
+                     serialized: bytes | None = None) -> ort.InferenceSession:
     """A session on an in-memory model without serialising its weights: the graph goes to onnxruntime
     as a small header whose large float initializers are marked external, and their values as
-    buffers over the tensors' bytes (SessionOptions.add_external_initializers), which onnxruntime
-    reads in place. Same graph, same values, same kernels as a session on the serialised model (the
-    outputs are bit-identical), without the serialisation and the parse of every weight: on
+    buffers (SessionOptions.add_external_initializers) over the tensors' bytes, or over their place
+    in `serialized` (the model's bytes, when given: no copy at all), which onnxruntime copies once
+    into its own tensors. Same graph, same values, same kernels as a session on the serialised model
+    (the outputs are bit-identical), without serialising every weight and parsing it back: on
     BERT-base this halves the cost of opening the session."""
-    header, names, buffers = _split_initializers(model)
+    header, names, buffers = _split_initializers(model, serialized)
     if not names:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+        return ort.InferenceSession(serialized or model.SerializeToString(), opts, providers=[provider])
     values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
     opts.add_external_initializers(names, values)
     session = ort.InferenceSession(header.SerializeToString(), opts, providers=[provider])
-    session._onnxprune_buffers = values  # read in place: they must live as long as the session
+    session._onnxprune_buffers = values  # they must live as long as the session
     return session
 
 
-def _split_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
+def _split_initializers(model: onnx.ModelProto, serialized: bytes | None = None
+                        ) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
     """(header, names, values): the header is `model` with its large raw float initializers marked
-    external (no bytes); `model` itself is not changed."""
+    external (no bytes); `model` itself is not changed. Values are views of `serialized` where it
+    holds the tensor, else copies of the tensors' raw bytes."""
     if sys.byteorder != "little":  # raw_data is little-endian: the buffers would need a byte swap
         return model, [], []
     graph = model.graph
     inputs = {i.name for i in graph.input}  # an initializer that is also an input is a default: left inline
+    places = raw_data_places(serialized) if serialized is not None else {}
     header = onnx.ModelProto()
     copy_fields(model, header, skip="graph")
     copy_fields(graph, header.graph, skip="initializer")
@@ -120,29 +127,100 @@ def _split_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
         numel = 1
         for d in t.dims:
             numel *= d
-        if numel * np.dtype(dtype).itemsize < EXTERNAL_MIN_BYTES:
+        size = numel * np.dtype(dtype).itemsize
+        if size < EXTERNAL_MIN_BYTES:
             header.graph.initializer.append(t)
             continue
-        raw = t.raw_data
-        if len(raw) != numel * np.dtype(dtype).itemsize:  # malformed: onnxruntime's own parse says so
-            header.graph.initializer.append(t)
-            continue
+        place = places.get(t.name)
+        if place is not None and place[1] == size:
+            values = np.frombuffer(serialized, dtype=dtype, count=numel, offset=place[0])
+        else:
+            raw = t.raw_data
+            if len(raw) != size:  # malformed: onnxruntime's own parse says so
+                header.graph.initializer.append(t)
+                continue
+            values = np.frombuffer(raw, dtype=dtype)
         ref = header.graph.initializer.add()
         ref.name = t.name
         ref.data_type = t.data_type
         ref.dims.extend(t.dims)
         ref.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", "onnxprune-in-memory"), ("offset", "0"), ("length", str(len(raw)))):
+        for key, value in (("location", "onnxprune-in-memory"), ("offset", "0"), ("length", str(size))):
             ref.external_data.add(key=key, value=value)
         names.append(t.name)
-        buffers.append(np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims)))
+        buffers.append(values.reshape(tuple(t.dims)))
     return header, names, buffers
 
 
-def session_through_file(model: onnx.ModelProto, opts: ort.SessionOptions, provider: str) -> ort.InferenceSession:
-    """>2 GB: protobuf cannot serialise it in memory, so go through a temporary
-    file with external data, written without changing `model`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        write_model(model, path, external_data=True)
-        return ort.InferenceSession(path, opts, providers=[provider])
+# -- where a serialised model keeps its initializers' raw bytes --------------------------------------------
+# Protobuf's wire format: a field is a varint key (number << 3 | wire type) and its value; wire type 2
+# (length-delimited: messages, strings, bytes) is a varint length and that many bytes.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
+
+
+def raw_data_places(data: bytes) -> dict[str, tuple[int, int]]:
+    """initializer name -> (offset, length) of its raw_data in `data`, a serialised ModelProto: the
+    main graph's initializers that hold raw bytes (a repeated field's last value wins, as in protobuf).
+    Empty when `data` does not parse as expected."""
+    try:
+        places: dict[str, tuple[int, int]] = {}
+        graph = None
+        for number, start, end in _fields(data, 0, len(data)):
+            if number == _MODEL_GRAPH and start >= 0:
+                graph = (start, end)
+        if graph is None:
+            return {}
+        for number, start, end in _fields(data, *graph):
+            if number != _GRAPH_INITIALIZER or start < 0:
+                continue
+            name = raw = None
+            for field, f_start, f_end in _fields(data, start, end):
+                if field == _TENSOR_NAME and f_start >= 0:
+                    name = data[f_start:f_end].decode("utf-8")
+                elif field == _TENSOR_RAW_DATA and f_start >= 0:
+                    raw = (f_start, f_end - f_start)
+            if name is not None and raw is not None:
+                places[name] = raw
+        return places
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(data: bytes, pos: int, end: int):
+    """(field number, start, end) of each field in data[pos:end]; start is -1 for a field that is not
+    length-delimited (its value is skipped)."""
+    while pos < end:
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > end:
+                raise ValueError("field runs past its message")
+            yield number, pos, pos + length
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(data, pos)
+            yield number, -1, -1
+        elif wire == 1:
+            pos += 8
+            yield number, -1, -1
+        elif wire == 5:
+            pos += 4
+            yield number, -1, -1
+        else:  # groups (3, 4) are not used by onnx.proto
+            raise ValueError(f"wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated field")

@@ -43,12 +43,13 @@ def runtime_only_ops(model: onnx.ModelProto) -> list[str]:
     return [op for op in unknown if op in known]
 
 
-def run_model(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], what: str = "model") -> list[np.ndarray]:
+def run_model(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], what: str = "model",
+              serialized: bytes | None = None) -> list[np.ndarray]:
     try:
         # every core: a large model's validation pass is much of prune's time; the read-back check
         # of a file with external data runs through here too, with the same settings, so its
         # comparison stays exact
-        session = make_session(model, prepack=False, optimize=False, threads=0)
+        session = make_session(model, prepack=False, optimize=False, threads=0, serialized=serialized)
         return session.run(None, feeds)
     except Exception as exc:
         raise ValidationError(f"onnxruntime could not run the {what}: {exc}") from exc
@@ -83,9 +84,9 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
         outputs = run_model(str(run_from), feeds, f"pruned model as written to disk ({run_from}; nothing was "
                                                   "moved into place)")
     else:
-        # the ModelProto, not the serialised bytes: make_session hands its weights over in place
-        # (what is written, `serialized`, is compared byte for byte when read back)
-        outputs = run_model(model, feeds, "pruned model")
+        # the ModelProto, its weights read in place from the serialised bytes (make_session): no parse
+        # of every weight; what is written, `serialized`, is compared byte for byte when read back
+        outputs = run_model(model, feeds, "pruned model", serialized=result.serialized)
     result.feeds, result.outputs = feeds, outputs
     result.checks.append("onnxruntime run" if run_from is None else "onnxruntime run of the written file")
     names = [o.name for o in model.graph.output]
