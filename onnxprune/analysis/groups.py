@@ -107,9 +107,10 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
     source_of = np.asarray(state.units.source_of, dtype=np.int64)
     # each (source, root's source) pair once; a set's representative is its smallest source, whatever the
     # order of the unions
-    pairs = np.unique(np.stack([source_of, source_of[root_of]], axis=1), axis=0)
-    for s, t in pairs.tolist():
-        a, b = find(s), find(t)
+    width = max(n_sources, 1)
+    pairs = np.unique(source_of * width + source_of[root_of])  # (source, root's source) as one number
+    for first, second in zip((pairs // width).tolist(), (pairs % width).tolist()):
+        a, b = find(first), find(second)
         if a != b:
             parent[max(a, b)] = min(a, b)
 

@@ -232,9 +232,6 @@ def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: in
 # session would double the memory of pruning); a caller that needs its outputs
 # (lossless mode compares with them) still runs it.
 PROBE_MAX_BYTES = 1 << 30
-# Above this size (ResNet-50: 100 MB, BERT-base: 440 MB) the probe runs on every core, as validation
-# does; below it on one, which is faster than starting a thread pool for a small model.
-PROBE_PARALLEL_BYTES = 32 << 20
 
 
 def dense_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None, seed: int = 0,
@@ -246,8 +243,7 @@ def dense_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | Non
         if planned.assumed:
             planned.assumed.append(f"not checked on the dense model (over {PROBE_MAX_BYTES >> 30} GiB)")
         return planned
-    threads = 0 if size > PROBE_PARALLEL_BYTES else 1
-    session = make_session(model, prepack=False, optimize=False, threads=threads)
+    session = make_session(model, prepack=False, optimize=False)
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a size the model cannot run is an expected answer, not an error to print
     return probe_input_shapes(model, given, lambda feeds: session.run(None, feeds, quiet), seed)
