@@ -57,6 +57,18 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
     own bytes when the caller has them (validation does): its weights are then
     read from there instead of copied out of the ModelProto."""
     check_provider(provider)
+    opts = session_options(threads=threads, optimize=optimize, prepack=prepack, spinning=spinning,
+                           profile_prefix=profile_prefix)
+    if isinstance(model, (bytes, str, os.PathLike)):  # serialized, or a file (its external data beside it)
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=[provider])
+    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
+        return session_in_place(model, opts, provider, serialized)
+    return session_through_file(model, opts, provider)
+
+
+def session_options(*, threads: int = 1, optimize: bool = True, prepack: bool = True, spinning: bool = True,
+                    profile_prefix: str | None = None) -> ort.SessionOptions:
+    """make_session's options (see there)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -71,11 +83,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    if isinstance(model, (bytes, str, os.PathLike)):  # serialized, or a file (its external data beside it)
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=[provider])
-    if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
-        return session_in_place(model, opts, provider, serialized)
-    return session_through_file(model, opts, provider)
+    return opts
 
 
 # Initializers handed to onnxruntime as buffers rather than inside the serialised model: float tensors
@@ -93,14 +101,34 @@ def session_in_place(model: onnx.ModelProto, opts: ort.SessionOptions, provider:
     into its own tensors. Same graph, same values, same kernels as a session on the serialised model
     (the outputs are bit-identical), without serialising every weight and parsing it back: on
     BERT-base this halves the cost of opening the session."""
-    header, names, buffers = _split_initializers(model, serialized)
-    if not names:
-        return ort.InferenceSession(serialized or model.SerializeToString(), opts, providers=[provider])
-    values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
-    opts.add_external_initializers(names, values)
-    session = ort.InferenceSession(header.SerializeToString(), opts, providers=[provider])
-    session._onnxprune_buffers = values  # they must live as long as the session
-    return session
+    return InPlaceModel.of(model, serialized).open(opts, provider)
+
+
+class InPlaceModel:
+    """A ModelProto taken apart for session_in_place: a header (the model less its large weights'
+    bytes) and the weights' buffers. Taking it apart reads the model; opening the session reads only
+    these, so it may happen later, or in another thread while the model changes."""
+
+    def __init__(self, header: onnx.ModelProto, names: list[str], buffers: list[np.ndarray],
+                 whole: bytes | None = None):
+        self.header, self.names, self.buffers = header, names, buffers
+        self._whole = whole  # the model serialised, when no weight could be handed over
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, serialized: bytes | None = None) -> "InPlaceModel":
+        header, names, buffers = _split_initializers(model, serialized)
+        if names:
+            return cls(header, names, buffers)
+        return cls(header, [], [], serialized or model.SerializeToString())
+
+    def open(self, opts: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+        if not self.names:
+            return ort.InferenceSession(self._whole, opts, providers=[provider])
+        values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
+        opts.add_external_initializers(self.names, values)
+        session = ort.InferenceSession(self.header.SerializeToString(), opts, providers=[provider])
+        session._onnxprune_buffers = values  # they must live as long as the session
+        return session
 
 
 def _split_initializers(model: onnx.ModelProto, serialized: bytes | None = None
