@@ -86,6 +86,15 @@ def session_options(*, threads: int = 1, optimize: bool = True, prepack: bool = 
     return opts
 
 
+def session_through_file(model: onnx.ModelProto, opts: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    """>2 GB: protobuf cannot serialise it in memory, so go through a temporary
+    file with external data, written without changing `model`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        write_model(model, path, external_data=True)
+        return ort.InferenceSession(path, opts, providers=[provider])
+
+
 # Initializers handed to onnxruntime as buffers rather than inside the serialised model: float tensors
 # stored as raw bytes, at least EXTERNAL_MIN_BYTES long (shape constants and small vectors stay inline).
 _IN_PLACE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
