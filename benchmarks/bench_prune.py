@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import onnxprune
-from onnxprune.report import human
+from onnxprune.text import human
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import benchmark_models, markdown_table, paired_latency  # noqa: E402

@@ -37,7 +37,7 @@ import onnx
 
 import onnxprune
 from onnxprune.pipeline import build_analysis, prepare
-from onnxprune.report import human
+from onnxprune.text import human
 from onnxprune.runtime.session import make_session
 from onnxprune.strategy.plan import Plan
 from onnxprune.testing import masked_reference

@@ -21,6 +21,7 @@ until the benchmark (or written to `output_dir`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +29,18 @@ from typing import Any, Sequence
 
 import onnx
 
-from onnxprune.cost import model_cost
 from onnxprune.errors import OnnxPruneError, PlanError, UsageError, ValidationError
-from onnxprune.pipeline import prepare, prune
-from onnxprune.report import POINT_METRICS, QualityStats, box_table, metric_label, threads_text
+from onnxprune.plotting import require_matplotlib
+from onnxprune.options import CalibrationOptions, PruneOptions, ReconstructionOptions, with_keywords
+from onnxprune.pipeline import finish
+from onnxprune.pipeline.runner import run_stages
+from onnxprune.pipeline.stages import DECIDE, LOAD, SCORE
+from onnxprune.pipeline.state import PruneState
+from onnxprune.runtime.measures import POINT_METRICS, QualityStats, metric_label
+from onnxprune.text import box_table, threads_text
 from onnxprune.runtime.gate import check_budget, compare_quality, pruned_outputs, reference_pass
-from onnxprune.runtime.inputs import dense_input_shapes
 from onnxprune.runtime.progress import Progress
-from onnxprune.runtime.session import check_provider, load_for_runtime
+from onnxprune.runtime.session import check_provider
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 TARGETS = {  # --target: prune() keyword, table column, what a ratio is a fraction of
@@ -43,7 +48,6 @@ TARGETS = {  # --target: prune() keyword, table column, what a ratio is a fracti
     "params": ("target_params", "params removed", "the model's parameters"),
     "ratio": ("ratio", "units removed", "every group's units"),
 }
-PLOT_HINT = "pip install 'onnxprune[plot]' (matplotlib)"
 
 
 @dataclass
@@ -200,105 +204,58 @@ def check_ratios(ratios: Sequence[float]) -> list[float]:
     return values
 
 
-def require_matplotlib():
-    """matplotlib.figure.Figure, or an error saying how to install the `plot` extra."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise OnnxPruneError(f"plotting needs matplotlib: {PLOT_HINT}") from None
-    return Figure
-
-
-CALIBRATION_DEFAULTS = {"calib_samples": 512, "least_squares": True, "bias_correction": True,
-                        "bn_recalibration": True, "ablation_samples": None}
-CALIBRATION_OPTIONS = {"calib", *CALIBRATION_DEFAULTS}
-
-
-def sweep(
-    model: ModelLike,
-    ratios: Sequence[float] | str,
-    *,
-    data: Any,
-    target: str = "flops",
-    criterion: str = "l1",
-    strategy: str = "uniform",
-    max_ratio: float = 0.9,
-    round_to: int = 8,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    prune_hidden: bool = False,
-    input_shapes: dict[str, list[int]] | None = None,
-    seed: int = 0,
-    max_accuracy_drop: float | None = None,
-    measure_latency: bool = True,
-    batch_size: int = 32,
-    provider: str = "CPUExecutionProvider",
-    threads: int = 1,
-    latency_runs: int = 50,
-    latency_warmup: int = 5,
-    output_dir: str | os.PathLike | None = None,
-    plot: str | os.PathLike | None = None,
-    progress: bool | None = None,
-    metric: Any = None,
-    batch_axis: int = 0,
-    class_axis: int | str | None = None,
-    **calibration: Any,
-) -> SweepResult:
+def sweep(model: ModelLike, ratios: Sequence[float] | str, *, data: Any, target: str = "flops",
+          output_dir: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+          options: PruneOptions | None = None, **keywords: Any) -> SweepResult:
     """Prune `model` at each of `ratios` (fractions REMOVED of `target`: "flops",
     "params" or "ratio" = units per group) and measure accuracy (or fidelity)
-    on `data` and latency; see the module docstring. `max_accuracy_drop` marks
-    which ratios stay within the budget (nothing is refused); `output_dir`
-    writes each pruned model as <stem>.<target><ratio>.onnx; `plot` writes
-    accuracy vs FLOPs and vs latency as an image (needs matplotlib).
-    `metric`, `batch_axis`, `class_axis`: as prune's gate (a custom
-    metric(outputs, labels) -> number to measure instead, higher is better;
-    the inputs' axis holding the samples; the class axis of outputs that hold
-    class scores, or "none").
-    `calibration`: prune()'s calibration keywords (calib=DATA, calib_samples,
-    least_squares, bias_correction, bn_recalibration, ablation_samples), used
-    at every ratio: data-aware criteria and the reconstruction passes."""
-    unknown = set(calibration) - CALIBRATION_OPTIONS
-    if unknown:
-        raise UsageError(f"sweep() got unexpected keyword(s) {', '.join(sorted(unknown))}")
+    on `data` and latency; see the module docstring. `output_dir` writes each
+    pruned model as <stem>.<target><ratio>.onnx; `plot` writes accuracy vs
+    FLOPs and vs latency as an image (needs matplotlib).
+
+    Options are prune's (a PruneOptions and/or its fields as keywords:
+    criterion, strategy, calib=DATA, ...), used at every ratio. Of the gate
+    options, `max_accuracy_drop` marks which ratios stay within the budget
+    (nothing is refused); `metric`, `batch_axis`, `class_axis` measure as
+    prune's gate does. Latency is measured unless measure_latency=False.
+
+    The model is loaded, sized, run over `data`, analysed and scored once;
+    each ratio then only allocates, rewrites, validates (and repairs, with
+    calibration data)."""
+    opts = PruneOptions.build(options, **keywords)
     if target not in TARGETS:
         raise UsageError(f"target '{target}' is not one of {', '.join(TARGETS)}")
     ratios = parse_ratios(ratios) if isinstance(ratios, str) else check_ratios(ratios)
-    check_budget(max_accuracy_drop, metric is not None)
+    if opts.target.width or opts.target.lossless or opts.target.plan is not None:
+        raise UsageError("sweep sets the ratio or target itself (--ratios, --target): do not give ratio, "
+                         "target_flops, target_params, lossless or plan")
+    check_budget(opts.gate.max_accuracy_drop, opts.gate.metric is not None)
     if plot is not None:
         require_matplotlib()  # before the long work
-    check_provider(provider)
-    dense, name = load_for_runtime(model)
-    working, _ = prepare(dense)
-    fixed = dense_input_shapes(working, input_shapes, seed).shapes  # sizes the dense model runs at
-    cost = model_cost(working, fixed)
-    reference = reference_pass(working, data, batch_size=batch_size, provider=provider, progress=progress,
-                               metric=metric, batch_axis=batch_axis, class_axis=class_axis)
-    del working
-    dense_point = SweepPoint(None, cost.flops, cost.params, 1.0, 1.0,
-                             compare_quality(reference, reference.outputs))
-    options = {"criterion": criterion, "strategy": strategy, "round_to": round_to}
-    if calibration.get("calib") is not None:
-        calib = calibration["calib"]
-        options["calibration"] = str(calib) if isinstance(calib, (str, os.PathLike)) else \
-            getattr(calib, "source", "given arrays")
-        options.update({k: v for k, v in calibration.items() if k in CALIBRATION_DEFAULTS
-                        and v != CALIBRATION_DEFAULTS[k]})  # what differs from prune's defaults
+    check_provider(opts.runtime.provider)
+    key = TARGETS[target][0]
+    quiet = with_keywords(opts, {key: ratios[0], "validate_data": None, "max_accuracy_drop": None,
+                                 "measure_latency": False, "progress": False})  # sweep measures all together
+    state = PruneState(quiet, model, None)
+    run_stages(state, LOAD + SCORE)
+    rt, gate = opts.runtime, opts.gate
+    reference = reference_pass(state.dense, _open(data, opts), batch_size=opts.data.batch_size,
+                               provider=rt.provider, progress=rt.progress, metric=gate.metric, batch_axis=opts.data.batch_axis,
+                               class_axis=gate.class_axis)
+    cost = state.dense_cost
+    dense_point = SweepPoint(None, cost.flops, cost.params, 1.0, 1.0, compare_quality(reference, reference.outputs))
+    name = str(model) if not isinstance(model, onnx.ModelProto) else model.graph.name or "<ModelProto>"
+    stem = Path(name).stem if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model")
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-    stem = Path(name).stem if not isinstance(model, onnx.ModelProto) else (dense.graph.name or "model")
-    key = TARGETS[target][0]
     points, pruned_models = [], []
-    with Progress(len(ratios), "sweep", enabled=progress) as bar:
+    with Progress(len(ratios), "sweep", enabled=rt.progress) as bar:
         for r in ratios:
             bar.update(0, label=f"sweep: pruning at {r:g}")
             point = SweepPoint(r)
             out = None if output_dir is None else Path(output_dir) / f"{stem}.{target}{r:g}.onnx"
             try:
-                pruned, report = prune(dense, out, **{key: r}, criterion=criterion, strategy=strategy,
-                                       max_ratio=max_ratio, round_to=round_to, include=list(include),
-                                       exclude=list(exclude), prune_hidden=prune_hidden,
-                                       input_shapes=input_shapes, seed=seed,
-                                       progress=False, **calibration)
+                pruned, report = finish(state.fork(with_keywords(quiet, {key: r}), out), DECIDE)
             except (PlanError, ValidationError) as exc:  # e.g. an unreachable target: report it, go on
                 point.error = str(exc)
                 points.append(point)
@@ -309,28 +266,62 @@ def sweep(
             point.params_kept = report.after.params / cost.params if cost.params else None
             point.output = None if out is None else str(out)
             point.quality = compare_quality(reference, pruned_outputs(reference, pruned, progress=False),
-                                            max_accuracy_drop)
+                                            gate.max_accuracy_drop)
             points.append(point)
             pruned_models.append((point, pruned))
             bar.update()
     result = SweepResult(name, reference.dataset.source, len(reference.dataset), target, reference.metric,
-                         dense_point, points, options, None, max_accuracy_drop)
+                         dense_point, points, _described(opts), None, gate.max_accuracy_drop)
     del reference
-    if measure_latency:
-        from onnxprune.runtime.bench import benchmark
-
-        bench = benchmark([dense, *(m for _, m in pruned_models)],
-                          names=["dense", *(f"{target} {p.ratio:g}" for p, _ in pruned_models)],
-                          provider=provider, threads=threads, runs=latency_runs, warmup=latency_warmup,
-                          input_shapes=fixed, progress=progress, seed=seed)
-        for p, entry in zip([dense_point, *(p for p, _ in pruned_models)], bench.entries):
-            p.latency_ms = dict(entry.latency.__dict__)
-            p.speedup = entry.speedup
-        result.latency = {"provider": provider, "threads": threads, "runs": latency_runs, "warmup": latency_warmup,
-                          "input_shapes": bench.entries[0].input_shapes, "onnxruntime": bench.onnxruntime}
+    if rt.measure_latency is not False:
+        _measure_latency(result, state, pruned_models, target, opts)
     if plot is not None:
         plot_sweep(result, plot)
     return result
+
+
+def _open(data: Any, opts: PruneOptions) -> Any:
+    if isinstance(data, (str, os.PathLike)):
+        from onnxprune.runtime.data import open_data
+
+        return open_data(data, **opts.data.reading())
+    return data
+
+
+def _described(opts: PruneOptions) -> dict[str, Any]:
+    """The options a sweep's header names: the selection, and calibration settings that differ from prune's."""
+    t = opts.target
+    out: dict[str, Any] = {"criterion": opts.scoring.criterion, "strategy": t.strategy, "round_to": t.round_to}
+    calib = opts.calibration.calib
+    if calib is not None:
+        out["calibration"] = str(calib) if isinstance(calib, (str, os.PathLike)) else \
+            getattr(calib, "source", "given arrays")
+        defaults = {**flat_fields(CalibrationOptions()), **flat_fields(ReconstructionOptions())}
+        given = {**flat_fields(opts.calibration), **flat_fields(opts.reconstruction)}
+        out.update({k: v for k, v in given.items() if k != "calib" and v != defaults[k]})
+    return out
+
+
+def flat_fields(group: Any) -> dict[str, Any]:
+    return {f.name: getattr(group, f.name) for f in dataclasses.fields(group)}
+
+
+def _measure_latency(result: SweepResult, state: PruneState, pruned_models: list, target: str,
+                     opts: PruneOptions) -> None:
+    """One interleaved benchmark of the dense model and every pruned one."""
+    from onnxprune.runtime.bench import benchmark
+
+    rt = opts.runtime
+    bench = benchmark([state.dense, *(m for _, m in pruned_models)],
+                      names=["dense", *(f"{target} {p.ratio:g}" for p, _ in pruned_models)],
+                      provider=rt.provider, threads=rt.threads, runs=rt.latency_runs, warmup=rt.latency_warmup,
+                      input_shapes=state.input_shapes.shapes, progress=rt.progress, seed=rt.seed)
+    for p, entry in zip([result.dense, *(p for p, _ in pruned_models)], bench.entries):
+        p.latency_ms = dict(entry.latency.__dict__)
+        p.speedup = entry.speedup
+    result.latency = {"provider": rt.provider, "threads": rt.threads, "runs": rt.latency_runs,
+                      "warmup": rt.latency_warmup, "input_shapes": bench.entries[0].input_shapes,
+                      "onnxruntime": bench.onnxruntime}
 
 
 def plot_sweep(result: SweepResult, path: str | os.PathLike) -> None:

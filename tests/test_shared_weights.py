@@ -297,7 +297,7 @@ def test_reshare_merges_only_equal_copies_of_one_tensor():
 def test_a_model_whose_distinct_parameters_grew_is_refused_before_writing(tmp_path, monkeypatch):
     """Simulate a rewrite that slices a shared weight per reader: nothing is written, the error
     names the tensor."""
-    import onnxprune.pipeline as pipeline
+    import onnxprune.pipeline.stages as pipeline
 
     real = pipeline.apply_removal
 

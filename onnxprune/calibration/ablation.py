@@ -48,6 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.analysis.units import NO_UNIT
 from onnxprune.calibration.capture import Capture, calibration_session
 from onnxprune.calibration.data import CalibrationSet
+from onnxprune.calibration.stats import calibration_statistics
 from onnxprune.errors import AblationBudgetError, OnnxPruneError
 from onnxprune.ir.graph_view import reads
 from onnxprune.ir.model_io import copy_fields
@@ -84,8 +85,11 @@ class GatedModel:
         return np.ones(self.units + 1, dtype=np.float32)
 
 
-def gated_model(model: onnx.ModelProto, analysis, groups: Sequence) -> GatedModel:
-    """Gate every sink position that carries a unit of `groups` (see the module docstring)."""
+def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
+                fill: dict[tuple[str, int], np.ndarray] | None = None) -> GatedModel:
+    """Gate every sink position that carries a unit of `groups` (see the module docstring). With
+    `fill[(tensor, axis)]` (one value per position of that axis, e.g. its mean on calibration data), a
+    gated-off position reads that value instead of zero: removal followed by bias compensation."""
     slots: dict[int, int] = {}
     slot_of_root: dict[int, int] = {}
     total = 0
@@ -152,6 +156,8 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence) -> GatedMode
                     nodes.append(helper.make_node("Mul", [current, mask], [f"{prefix}_out"], name=f"{prefix}_mul"))
                     muls[f"{prefix}_mul"] = index[(tensor, axis)]
                     current = f"{prefix}_out"
+                    if fill is not None and (tensor, axis) in fill:
+                        current = _fill_off(nodes, graph, prefix, current, mask, fill[(tensor, axis)], shape, elem)
                 done[(tensor, axes)] = current
             for i, name in enumerate(node.input):
                 if name == tensor:
@@ -160,6 +166,27 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence) -> GatedMode
     del graph.node[:]
     graph.node.extend(nodes)
     return GatedModel(gated, gate, total, slots, sorted(k for k, v in index.items() if (v < total).any()), used, muls)
+
+
+def _fill_off(nodes: list, graph, prefix: str, gated: str, mask: str, values: np.ndarray, shape: list[int],
+              elem) -> str:
+    """gated + values * (1 - mask): positions gated off read `values`."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem) if elem not in (0, None) else np.float32
+    graph.initializer.append(numpy_helper.from_array(np.ones((), dtype), f"{prefix}_one"))
+    graph.initializer.append(numpy_helper.from_array(values.astype(dtype).reshape(shape), f"{prefix}_fill"))
+    nodes.append(helper.make_node("Sub", [f"{prefix}_one", mask], [f"{prefix}_off"], name=f"{prefix}_off"))
+    nodes.append(helper.make_node("Mul", [f"{prefix}_fill", f"{prefix}_off"], [f"{prefix}_filled"],
+                                  name=f"{prefix}_filled"))
+    nodes.append(helper.make_node("Add", [gated, f"{prefix}_filled"], [f"{prefix}_sum"], name=f"{prefix}_sum"))
+    return f"{prefix}_sum"
+
+
+def sink_means(model: onnx.ModelProto, analysis, groups: Sequence, calib: CalibrationSet,
+               batch_size: int = 64, threads: int = 0) -> dict[tuple[str, int], np.ndarray]:
+    """The mean of every sink of `groups` along its unit axis, on the calibration samples (streamed a
+    chunk of tensors at a time under the statistics' memory cap)."""
+    stats = calibration_statistics(model, analysis, calib, groups=groups, batch_size=batch_size, threads=threads)
+    return {key: s.mean for key, s in stats.channels.items()}
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -313,6 +340,98 @@ def _plan_samples(per_sample_cost: float | None, available: int, samples: int, m
     return fit, [note]
 
 
+@dataclass
+class Probes:
+    """What every ablation of a set of groups shares: the gated model, the calibration batches (a seeded
+    subset) and, per group, the suffix of the model its gates can change (`plans`: group, the unit
+    indices that reach a gate, the suffix)."""
+
+    gm: GatedModel
+    plans: list[tuple[Any, list[int], Suffix]]
+    batches: list
+    samples: int
+    notes: list[str]
+    cost_per_sample: float | None  # FLOPs of one ablation of every unit, per sample
+    whole_flops: float | None
+
+    @property
+    def units(self) -> int:
+        return sum(len(a) for _, a, _ in self.plans)
+
+
+def plan_probes(model: onnx.ModelProto, analysis, data: Any, groups: Sequence, *, samples: int,
+                runs_per_group: int | None = None, min_samples: int = DEFAULT_MIN_SAMPLES,
+                budget_flops: float | None = DEFAULT_BUDGET_FLOPS, batch_size: int = 64,
+                max_samples: int | None = None, seed: int = 0, fill_means: bool = False) -> Probes:
+    """Gate `groups`, cut each group's suffix, and pick the calibration samples the FLOP budget allows
+    (the caller runs each group's suffix once per unit, or `runs_per_group` times). `fill_means`: a
+    gated-off position reads its mean on the calibration data (as after bias compensation)."""
+    calib = CalibrationSet.open(data, model, max_samples=max_samples)
+    fill = sink_means(model, analysis, groups, calib, batch_size) if fill_means else None
+    gm = gated_model(model, analysis, groups, fill)
+    node_flops = _node_flops(model)
+    dtypes = {name: entry[0] for name, entry in analysis.view.shapes.items() if entry and entry[0]}
+    plans = []
+    for g in groups:
+        lo, hi = gm.slots[g.id], gm.slots[g.id] + g.size
+        active = [k - lo for k in range(lo, hi) if gm.used[k]]
+        if not active:
+            continue
+        start = {name for name, idx in gm.muls.items() if ((idx >= lo) & (idx < hi)).any()}
+        plans.append((g, active, suffix(gm, start, node_flops, dtypes)))
+    units = sum(len(a) for _, a, _ in plans)
+    cost = None if node_flops is None else \
+        sum((runs_per_group or len(a)) * (s.flops or 0.0) for _, a, s in plans)
+    count, notes = _plan_samples(cost, len(calib), samples, min_samples, budget_flops, units)
+    if count < len(calib):
+        pick = np.sort(np.random.default_rng(seed).choice(len(calib), count, replace=False))
+        calib = CalibrationSet(calib.dataset, calib.specs, calib.indices[pick])
+    whole = None if node_flops is None else sum(node_flops.values())
+    return Probes(gm, plans, list(calib.batches(batch_size)), len(calib), notes, cost, whole)
+
+
+class GroupProbe:
+    """One group's suffix in an onnxruntime session, with the dense outputs it is compared against:
+    `loss(zeroed)` is the divergence of the outputs when the units `zeroed` of the group are gated off,
+    averaged over the calibration samples."""
+
+    def __init__(self, probes: Probes, group, part: Suffix, loss: str, threads: int):
+        self.probes, self.group, self.part = probes, group, part
+        gm = probes.gm
+        self.ones = gm.ones()
+        self.feeds = _frontier_feeds(gm, part, probes.batches, self.ones, threads) if part.outputs else []
+        self.session = calibration_session(part.model, threads=threads) if part.outputs else None
+        self.losses: list[tuple[int, _Divergence]] = []
+        if self.session is not None:
+            dense = _run(self.session, part.outputs, self.feeds, gm.gate, self.ones)
+            for j, name in enumerate(part.outputs):
+                kind = _kind(dense[0][j], loss)
+                if kind is not None:
+                    self.losses.append((j, _Divergence(name, [b[j] for b in dense], kind)))
+        self.runs = len(self.feeds)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        return {d.name: d.kind for _, d in self.losses}
+
+    def loss(self, zeroed: Sequence[int]) -> float:
+        if not self.losses:
+            return 0.0
+        gate = self.ones.copy()
+        gate[self.probes.gm.slots[self.group.id] + np.asarray(zeroed, dtype=np.int64)] = 0.0
+        total = 0.0
+        for b, values in enumerate(_run(self.session, self.part.outputs, self.feeds, self.probes.gm.gate, gate)):
+            total += sum(d.total(b, values[j]) for j, d in self.losses)
+        self.runs += len(self.feeds)
+        return max(total / self.probes.samples, 0.0)
+
+
+def check_float_outputs(model: onnx.ModelProto, probes: Probes, kinds: dict[str, str]) -> None:
+    if probes.plans and not kinds:
+        raise OnnxPruneError("ablation sensitivity needs a float model output to measure the divergence on; "
+                             f"the outputs are {[o.name for o in model.graph.output]}")
+
+
 def ablation_sensitivity(
     model: onnx.ModelProto,
     analysis,
@@ -339,69 +458,36 @@ def ablation_sensitivity(
     per group as its units x samples x the FLOPs of the part of the model
     after its first gate.
     """
-    if loss not in ("auto", "kl", "mse"):
-        raise OnnxPruneError(f"ablation loss must be 'auto', 'kl' or 'mse', got '{loss}'")
+    check_loss(loss)
     clock = time.perf_counter()
     groups = list(analysis.prunable_groups() if groups is None else groups)
-    gm = gated_model(model, analysis, groups)
-    calib = CalibrationSet.open(data, model, max_samples=max_samples)
-    node_flops = _node_flops(model)
-    dtypes = {name: entry[0] for name, entry in analysis.view.shapes.items() if entry and entry[0]}
-    plans = []  # (group, active unit indices, suffix)
-    for g in groups:
-        lo, hi = gm.slots[g.id], gm.slots[g.id] + g.size
-        active = [k - lo for k in range(lo, hi) if gm.used[k]]
-        if not active:
-            continue
-        start = {name for name, idx in gm.muls.items() if ((idx >= lo) & (idx < hi)).any()}
-        plans.append((g, active, suffix(gm, start, node_flops, dtypes)))
-    units = sum(len(a) for _, a, _ in plans)
-    cost = None if node_flops is None else sum(len(a) * (s.flops or 0.0) for _, a, s in plans)
-    count, notes = _plan_samples(cost, len(calib), samples, min_samples, budget_flops, units)
-    if count < len(calib):
-        pick = np.sort(np.random.default_rng(seed).choice(len(calib), count, replace=False))
-        calib = CalibrationSet(calib.dataset, calib.specs, calib.indices[pick])
-    batches = list(calib.batches(batch_size))
-    n = len(calib)
-    ones = gm.ones()
+    probes = plan_probes(model, analysis, data, groups, samples=samples, min_samples=min_samples,
+                         budget_flops=budget_flops, batch_size=batch_size, max_samples=max_samples, seed=seed)
     scores = {g.id: np.zeros(g.size) for g in groups}
     kinds: dict[str, str] = {}
     runs = 0
-    with Progress(units, "ablation", enabled=progress) as bar:
-        for g, active, part in plans:
-            if not part.outputs:
-                bar.update(len(active))
-                continue
-            feeds = _frontier_feeds(gm, part, batches, ones, threads)
-            session = calibration_session(part.model, threads=threads)
-            dense = _run(session, part.outputs, feeds, gm.gate, ones)
-            losses = []
-            for j, name in enumerate(part.outputs):
-                kind = _kind(dense[0][j], loss)
-                if kind is not None:
-                    losses.append((j, _Divergence(name, [b[j] for b in dense], kind)))
-                    kinds[name] = kind
-            runs += len(feeds) * (len(active) + 1)
-            if not losses:
-                bar.update(len(active))
-                continue
-            for i in active:
-                gate = ones.copy()
-                gate[gm.slots[g.id] + i] = 0.0
-                total = 0.0
-                for b, values in enumerate(_run(session, part.outputs, feeds, gm.gate, gate)):
-                    total += sum(d.total(b, values[j]) for j, d in losses)
-                scores[g.id][i] = max(total / n, 0.0)
+    with Progress(probes.units, "ablation", enabled=progress) as bar:
+        for g, active, part in probes.plans:
+            probe = GroupProbe(probes, g, part, loss, threads)
+            kinds.update(probe.kinds)
+            for i in active if probe.losses else ():
+                scores[g.id][i] = probe.loss([i])
                 bar.update()
-    if plans and not kinds:
-        raise OnnxPruneError("ablation sensitivity needs a float model output to measure the divergence on; "
-                             f"the outputs are {[o.name for o in model.graph.output]}")
-    whole = None if node_flops is None else sum(node_flops.values())
-    result = Sensitivity(scores, n, units, runs=runs, losses=kinds,
+            if not probe.losses:
+                bar.update(len(active))
+            runs += probe.runs
+    check_float_outputs(model, probes, kinds)
+    n, cost, whole = probes.samples, probes.cost_per_sample, probes.whole_flops
+    result = Sensitivity(scores, n, probes.units, runs=runs, losses=kinds,
                          flops=None if cost is None else cost * n,
-                         dense_flops=None if whole is None else whole * units * n, notes=notes)
+                         dense_flops=None if whole is None else whole * probes.units * n, notes=probes.notes)
     result.seconds = time.perf_counter() - clock
     return result
+
+
+def check_loss(loss: str) -> None:
+    if loss not in ("auto", "kl", "mse"):
+        raise OnnxPruneError(f"ablation loss must be 'auto', 'kl' or 'mse', got '{loss}'")
 
 
 def _run(session, outputs: list[str], feeds, gate_name: str, gate: np.ndarray) -> list[list[np.ndarray]]:

@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import OnnxPruneError, UsageError
-from onnxprune.report import box_table
+from onnxprune.text import box_table
 from onnxprune.runtime.data import model_inputs
 from onnxprune.runtime.inputs import concrete_input_shapes, random_inputs
 from onnxprune.runtime.progress import Progress

@@ -36,7 +36,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import DataError, OnnxPruneError
-from onnxprune.report import box_table
+from onnxprune.text import box_table
 from onnxprune.runtime.data import Dataset, ImageSpec, InputSpec, model_inputs, open_data
 from onnxprune.runtime.metrics import NO_CLASS_AXIS, Blocks, Metric, blocks_of, class_ids, custom_metrics, \
     fidelity, is_id_output, labelled_accuracy, score_axis

@@ -49,10 +49,10 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import AccuracyDropError, DataError, OnnxPruneError, UsageError, ValidationError  # noqa: F401 (AccuracyDropError: re-exported)
-from onnxprune.report import LatencyStats, QualityStats
+from onnxprune.runtime.measures import LatencyStats, QualityStats
 from onnxprune.runtime.data import Dataset, InputSpec, model_inputs, open_data
 from onnxprune.runtime.evaluate import bind_data, declared_class_axis, output_batch_axes, predict
-from onnxprune.runtime.metrics import NO_CLASS_AXIS, Blocks, Metric, aligned_blocks, blocks_of, class_ids, \
+from onnxprune.runtime.metrics import NO_CLASS_AXIS, Blocks, Metric, aligned_blocks, blocks_of, class_ids, load_metric, \
     custom_metrics, fidelity, labelled_accuracy, score_axis
 from onnxprune.runtime.session import check_provider, make_session
 
@@ -114,6 +114,8 @@ def reference_pass(model: onnx.ModelProto, data: Any, *, batch_size: int = 32,
     (the model's layout; "none": no output does; None: found as the module docstring says)."""
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(metric, str):  # "FILE.py:FUNCTION" or "module:function"
+        metric = load_metric(metric)
     dataset = open_data(data)
     specs = bind_data(dataset, model_inputs(model), batch_axis)
     names = _tensor_outputs(model)

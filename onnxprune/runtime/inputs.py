@@ -52,22 +52,6 @@ class InputShapes:
                 + f". Fix them with --input-shape {example}")
 
 
-def parse_input_shapes(spec: str | None) -> dict[str, list[int]]:
-    """'input:1x3x224x224,mask:1x128' -> {'input': [1, 3, 224, 224], 'mask': [1, 128]}."""
-    if not spec:
-        return {}
-    out = {}
-    for part in spec.split(","):
-        name, sep, dims = part.strip().rpartition(":")
-        if not sep or not name:
-            raise UsageError(f"--input-shape '{part}': expected NAME:D1xD2x..., e.g. input:1x3x224x224")
-        try:
-            out[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError as exc:
-            raise UsageError(f"--input-shape '{part}': dimensions must be integers") from exc
-    return out
-
-
 def _is_static(d) -> bool:
     return d.HasField("dim_value") and d.dim_value > 0  # -1 (paddle2onnx) and 0 are dynamic
 

@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from onnxprune.errors import DataError, OnnxPruneError
+from onnxprune.errors import DataError, OnnxPruneError, UsageError
 
 Metric = Callable[[np.ndarray, "np.ndarray | None"], "float | Mapping[str, float]"]
 Blocks = Union[np.ndarray, Sequence[np.ndarray]]  # one array, or blocks of consecutive samples (shapes differ)
@@ -283,3 +283,31 @@ def custom_metrics(metric: "Metric | Mapping[str, Metric] | None", outputs: np.n
                 raise OnnxPruneError(f"metric '{name}' returned {type(value).__name__}; return a number or a "
                                      "dict of numbers") from None
     return out
+
+
+def load_metric(spec: str) -> Callable:
+    """'package.module:function' or 'path/to/file.py:function' -> the function (a custom metric)."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise UsageError(f"--metric '{spec}': expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if where.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if loader is None or not Path(where).is_file():
+                raise UsageError(f"--metric '{spec}': no such file {where}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except OnnxPruneError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"--metric '{spec}': cannot import {where} ({type(exc).__name__}: {exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UsageError(f"--metric '{spec}': {where} has no function '{attr}'")
+    return fn

@@ -102,7 +102,8 @@ def progress_iter(items: Sequence[T], label: str, *, enabled: bool | None = None
 
 
 class StageClock:
-    """Seconds spent in each named stage: `lap(name)` closes the stage that ran since the last lap."""
+    """Seconds spent in each named stage: `lap(name)` closes the stage that ran since the last lap (and
+    adds to that name's seconds when it ran before)."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -110,5 +111,5 @@ class StageClock:
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
-        self.timings[stage] = now - self._last
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._last
         self._last = now

@@ -11,7 +11,7 @@ import argparse
 from typing import Any, Callable
 
 from onnxprune.report import print_report
-from onnxprune.runtime.inputs import parse_input_shapes
+from onnxprune.options import GateOptions, RuntimeOptions, add_options
 from onnxprune.sparsity.api import sparsify
 from onnxprune.sparsity.layers import CRITERIA
 from onnxprune.sparsity.sparsegpt import DEFAULT_BLOCK, DEFAULT_DAMP
@@ -52,19 +52,15 @@ def add_parser(sub, common_options: Callable[[Any], None]) -> argparse.ArgumentP
     s.add_argument("--damp", type=float, default=DEFAULT_DAMP,
                    help=f"SparseGPT: damping added to the Gram matrix's diagonal, as a fraction of its mean "
                         f"(default {DEFAULT_DAMP})")
-    s.add_argument("--input-shape", help="fix dynamic input dims for validation and latency, e.g. input:1x3x224x224")
-    s.add_argument("--seed", type=int, default=0)
+    add_options(s, RuntimeOptions, only=("input_shapes", "seed"))
     s.add_argument("--report", help="write the report as JSON")
     s.add_argument("--markdown", help="write the tables as Markdown")
     gate = s.add_argument_group(
         "validation gate", "As prune's: with --validate-data the dense and the sparsified model run over DATA "
                            "(accuracy with labels, else fidelity of every output), and --max-accuracy-drop X "
                            "writes nothing (exit code 9) past the budget.")
-    gate.add_argument("--validate-data", metavar="DATA", help="data as `eval` reads it")
-    gate.add_argument("--max-accuracy-drop", type=float, metavar="X",
-                      help="refuse to write the model if the gated number drops by more than X")
-    gate.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
-                      help="measure dense vs sparsified latency (default: on with --validate-data)")
+    add_options(gate, GateOptions, only=("validate_data", "max_accuracy_drop"))
+    add_options(gate, RuntimeOptions, only=("measure_latency",))
     common_options(gate)
     return s
 
@@ -76,11 +72,11 @@ def run(args, open_data: Callable[[Any, str], Any], load_metric: Callable[[str],
         args.input, args.output, sparsity=args.sparsity, pattern=args.pattern, criterion=args.criterion,
         calib=open_data(args, args.calib) if args.calib else None, calib_samples=args.calib_samples,
         positions_per_sample=args.positions_per_sample, include=args.include, exclude=args.exclude,
-        block_size=args.block_size, damp=args.damp, input_shapes=parse_input_shapes(args.input_shape),
+        block_size=args.block_size, damp=args.damp, input_shapes=args.input_shapes,
         seed=args.seed,
         validate_data=open_data(args, args.validate_data) if args.validate_data else None,
-        max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.latency, batch_size=args.batch_size,
-        provider=args.provider, threads=args.threads, latency_runs=args.runs, latency_warmup=args.warmup,
+        max_accuracy_drop=args.max_accuracy_drop, measure_latency=args.measure_latency, batch_size=args.batch_size,
+        provider=args.provider, threads=args.threads, latency_runs=args.latency_runs, latency_warmup=args.latency_warmup,
         progress=args.progress, metric=load_metric(args.metric) if args.metric else None,
         batch_axis=args.batch_axis, class_axis=args.class_axis)
     print_report(report, args.report, args.markdown)

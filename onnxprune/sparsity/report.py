@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onnxprune.report import LatencyStats, QualityStats, box_table, human, human_bytes
+from onnxprune.runtime.measures import LatencyStats, QualityStats
+from onnxprune.text import box_table, human, human_bytes
 from onnxprune.sparsity.layers import LayerResult
 
 # What onnxruntime does with zeros, said wherever the result is printed (measured: README).

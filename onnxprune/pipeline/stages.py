@@ -1,0 +1,398 @@
+"""The prune stages, in the order `prune` runs them; each reads and writes the PruneState.
+
+    load -> evaluate dense -> drop layers -> analyze -> calibrate -> score -> allocate
+         -> rewrite -> reconstruct -> clean up -> validate -> evaluate pruned -> latency -> gate -> save
+
+LOAD runs once per model; DECIDE and FINISH run per prune (a sweep forks the
+loaded state and runs them once per ratio).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from onnxprune.analysis import Analysis, analyze_graph
+from onnxprune.analysis.diagnose import explain
+from onnxprune.analysis.zeros import ZeroState
+from onnxprune.calibration.curves import removal_orders, sensitivity_curves
+from onnxprune.cost import model_cost
+from onnxprune.errors import PlanError, UsageError
+from onnxprune.importance import score_groups
+from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
+from onnxprune.ir.graph_view import GraphView
+from onnxprune.ir.model_io import check_no_growth, model_byte_size, reshare_initializers
+from onnxprune.ir.prepare import prepare
+from onnxprune.ir.shapes import infer_shapes, output_shapes
+from onnxprune.passes.apply_plan import apply_removal
+from onnxprune.passes.cleanup import drop_unused_initializers, remove_dead_nodes
+from onnxprune.passes.lossless import bypass, dead_units, zero_branches
+from onnxprune.passes.reconstruct import copy_model
+from onnxprune.passes.reconstruction import reconstruct
+from onnxprune.pipeline.runner import Stage
+from onnxprune.pipeline.state import PruneState
+from onnxprune.report import GroupChange, ModelStats, PruneReport
+from onnxprune.runtime.data import open_data
+from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
+    pruned_outputs, reference_pass
+from onnxprune.runtime.inputs import dense_input_shapes
+from onnxprune.runtime.metrics import load_metric
+from onnxprune.runtime.output import save_verified, stage_if_on_disk
+from onnxprune.runtime.validate import validate_model
+from onnxprune.strategy.adaptive import allocate_adaptive
+from onnxprune.strategy.allocate import Target, allocate, eligible_groups
+from onnxprune.strategy.depth import apply_depth
+from onnxprune.strategy.estimate import CostEstimator
+from onnxprune.strategy.plan import Plan
+
+
+def build_analysis(model, prune_hidden: bool = False) -> Analysis:
+    shapes = infer_shapes(model)
+    return analyze_graph(GraphView(model, shapes), hidden_width=prune_hidden)
+
+
+# ---- load ----
+
+def check_options(state: PruneState) -> None:
+    """Everything the options alone can refuse, before any model is read."""
+    o = state.options
+    o.check()
+    if o.target.strategy == "adaptive" and o.calibration.calib is None and o.target.width:
+        raise UsageError("--strategy adaptive measures each group's sensitivity on calibration data: give "
+                         "--calib DATA (unlabelled samples the model reads), or use --strategy uniform or global")
+    state.measure_latency = check_gate_options(o.gate.validate_data, o.gate.max_accuracy_drop, o.gate.metric,
+                                               o.runtime.measure_latency, o.runtime.latency_runs,
+                                               o.runtime.latency_warmup, o.runtime.threads, o.runtime.provider)
+    state.metric = load_metric(o.gate.metric) if isinstance(o.gate.metric, str) else o.gate.metric
+
+
+def load(state: PruneState) -> None:
+    o = state.options
+    state.dense, state.source = prepare(state.model, state.output)
+    state.working = state.dense
+    state.input_shapes = dense_input_shapes(state.dense, _shapes(o), o.runtime.seed, need_outputs=o.target.lossless)
+    state.dense_cost = model_cost(state.dense, state.input_shapes.shapes)
+    state.before = ModelStats.from_cost(state.dense_cost, state.source.file_size)
+    state.expected_shapes = output_shapes(state.dense, state.input_shapes.shapes)
+    state.validate_data = _open(state, o.gate.validate_data)
+    state.calib_data = _open(state, o.calibration.calib)
+    plan = o.target.plan
+    state.given_plan = plan if plan is None or isinstance(plan, Plan) else Plan.load(plan)
+
+
+def _shapes(options) -> dict | None:
+    shapes = options.runtime.input_shapes
+    return None if shapes is None else dict(shapes)
+
+
+def _open(state: PruneState, data):
+    """A path is opened with the data options (tokenizer, preprocessing); datasets and arrays pass."""
+    if isinstance(data, (str, os.PathLike)):
+        return open_data(data, **state.options.data.reading())
+    return data
+
+
+def evaluate_dense(state: PruneState) -> None:
+    """Before any pruning work: data that does not fit the model fails fast."""
+    o = state.options
+    state.dense_ref = reference_pass(state.dense, state.validate_data, batch_size=o.data.batch_size,
+                                     provider=o.runtime.provider, progress=o.runtime.progress, metric=state.metric,
+                                     batch_axis=o.data.batch_axis, class_axis=o.gate.class_axis)
+
+
+LOAD = [
+    Stage("check options", check_options, timing="load"),
+    Stage("load", load),
+    Stage("evaluate dense", evaluate_dense, applies=lambda s: s.validate_data is not None),
+]
+
+
+# ---- decide ----
+
+def _drops_layers(state: PruneState) -> bool:
+    return state.options.depth.drop_layers is not None or bool(state.given_plan and state.given_plan.drop)
+
+
+def drop_layers(state: PruneState) -> None:
+    o = state.options
+    if state.calib_data is not None:  # the repair restores the outputs from before the drop
+        state.reference = copy_model(state.working)
+    state.working, _, state.depth = apply_depth(
+        state.working, o.depth.drop_layers, o.depth.drop_unit, state.given_plan, calib=state.calib_data,
+        calib_samples=o.calibration.calib_samples, input_shapes=state.input_shapes.shapes, seed=o.runtime.seed,
+        batch_size=o.data.batch_size)
+    state.dense = None  # the drop rewrote it in place: no later stage (or fork) may take it for the dense model
+
+
+def analyze(state: PruneState) -> None:
+    plan = state.given_plan
+    hidden = state.options.target.prune_hidden or bool(plan and plan.meta.get("prune_hidden"))
+    state.analysis = build_analysis(state.working, hidden)
+    state.groups_total = len(state.analysis.groups)
+    state.groups_prunable = len(state.analysis.prunable_groups())
+
+
+def _scores_needed(state: PruneState) -> bool:
+    return state.width and state.given_plan is None
+
+
+def calibrate(state: PruneState) -> None:
+    o = state.options
+    state.statistics = criterion_statistics(o.scoring.criterion, state.working, state.analysis, state.calib_data,
+                                            max_samples=o.calibration.calib_samples, seed=o.runtime.seed,
+                                            ablation_samples=o.calibration.ablation_samples)
+
+
+def score(state: PruneState) -> None:
+    state.scores = score_groups(state.analysis, state.analysis.prunable_groups(), state.options.scoring.criterion,
+                                state.options.runtime.seed, stats=state.statistics)
+
+
+def _adaptive(state: PruneState) -> bool:
+    return state.options.target.strategy == "adaptive"
+
+
+def measure_curves(state: PruneState) -> None:
+    """Sensitivity curves of the eligible groups, their units removed in the criterion's order."""
+    o, analysis = state.options, state.analysis
+    t = o.target
+    groups = eligible_groups(analysis, list(t.include), list(t.exclude))
+    state.curves = sensitivity_curves(state.working, analysis, state.calib_data,
+                                      removal_orders({g.id: state.scores[g.id] for g in groups}),
+                                      grid=o.scoring.sensitivity_grid, samples=o.scoring.sensitivity_samples,
+                                      max_samples=o.calibration.calib_samples, seed=o.runtime.seed,
+                                      progress=o.runtime.progress)
+
+
+def allocate_units(state: PruneState) -> None:
+    """Scores and a target -> the units each group keeps; refuses a plan that removes nothing."""
+    o, analysis = state.options, state.analysis
+    t = o.target
+    target = Target(t.ratio, t.target_flops, t.target_params, t.strategy, t.max_ratio, t.round_to,
+                    list(t.include), list(t.exclude))
+    estimator = None if t.ratio is not None else CostEstimator(analysis, state.dense_cost)
+    if _adaptive(state):
+        chosen = allocate_adaptive(analysis, state.scores, state.curves, target, estimator)
+        state.keep = chosen.keep
+        state.notes.append(chosen.note("FLOPs" if t.target_flops is not None else "parameters"
+                                       if t.target_params is not None else "units"))
+        state.notes += state.curves.notes
+    else:
+        state.keep = allocate(analysis, state.scores, target, estimator)
+    state.removed = set()
+    for gid, kept in state.keep.items():
+        flags = np.ones(analysis.groups[gid].size, dtype=bool)
+        flags[kept] = False
+        state.removed.update(int(r) for r in analysis.groups[gid].roots[flags])
+    state.mode = t.describe(o.scoring.criterion)
+    if not state.removed:  # never hand back an unchanged copy as if it were pruned
+        eligible = len(state.keep)
+        hint = (f" after rounding kept counts up to multiples of {t.round_to} (--round-to): raise the ratio or "
+                "lower --round-to" if eligible else "")
+        raise PlanError(f"{state.mode}: nothing to remove in {eligible} eligible group(s){hint}." + explain(analysis))
+    meta = {"criterion": o.scoring.criterion, "strategy": t.strategy,
+            "ratio": dict(t.ratio) if isinstance(t.ratio, dict) else t.ratio, "target_flops": t.target_flops,
+            "target_params": t.target_params, "round_to": t.round_to,
+            "prune_hidden": t.prune_hidden or bool(state.given_plan and state.given_plan.meta.get("prune_hidden"))}
+    state.plan = Plan.from_keep(analysis, state.keep, meta)
+    state.notes += list(getattr(state.statistics, "notes", None) or [])
+
+
+def replay_plan(state: PruneState) -> None:
+    state.plan = state.given_plan
+    state.removed = state.plan.removed_roots(state.analysis)
+    state.mode = "plan replay"
+
+
+def eliminate_dead(state: PruneState) -> None:
+    """Lossless: remove zero residual branches (repeatedly, each exposing more), then dead units."""
+    working = state.working
+    branches = 0
+    while True:
+        analysis = build_analysis(working)
+        zeros = ZeroState(analysis).run()
+        residuals = zero_branches(analysis, zeros)
+        if not residuals:
+            break
+        if working is state.dense:  # bypass edits in place: keep the loaded model intact for forks
+            working = copy_model(working)
+        bypass(working, residuals)
+        branches += len(residuals)
+        working = remove_dead_nodes(working)
+    state.working, state.analysis = working, analysis
+    state.groups_total, state.groups_prunable = len(analysis.groups), len(analysis.prunable_groups())
+    state.removed = dead_units(analysis, zeros)
+    keep = {}
+    for g in analysis.groups:
+        flags = np.array([int(r) not in state.removed for r in g.roots.tolist()])
+        if not flags.all():
+            keep[g.id] = np.flatnonzero(flags)
+    state.plan = Plan.from_keep(analysis, keep, {"mode": "lossless"})
+    state.mode = "lossless elimination"
+    note = f"removed {branches} all-zero residual branch(es) and {len(state.removed)} dead unit(s)"
+    if not branches and not state.removed:
+        note = ("nothing exactly dead was found: the output computes the same as the input"
+                + explain(analysis).replace("\nWhy:\n  - ", "; only prunable groups were searched. ")
+                .replace("\n  - ", "; "))
+    state.notes.append(note)
+
+
+def _depth_only(state: PruneState) -> bool:
+    return state.depth is not None and not state.width and state.given_plan is None
+
+
+def depth_only(state: PruneState) -> None:
+    state.plan, state.removed, state.mode = Plan(meta={"mode": "drop layers"}), set(), ""
+
+
+SCORE = [  # skipped where a forked state already holds their results
+    Stage("analyze", analyze, applies=lambda s: not s.options.target.lossless and s.analysis is None),
+    Stage("calibrate", calibrate, applies=lambda s: _scores_needed(s) and s.scores is None
+          and s.calib_data is not None and needs_statistics(s.options.scoring.criterion)),
+    Stage("score", score, applies=lambda s: _scores_needed(s) and s.scores is None),
+]
+
+DECIDE = [
+    Stage("drop layers", drop_layers, applies=_drops_layers),
+    *SCORE,
+    Stage("sensitivity", measure_curves, applies=lambda s: _scores_needed(s) and _adaptive(s) and s.curves is None),
+    Stage("allocate", allocate_units, applies=_scores_needed),
+    Stage("replay plan", replay_plan, applies=lambda s: s.given_plan is not None, timing="analyze"),
+    Stage("eliminate dead structure", eliminate_dead, applies=lambda s: s.options.target.lossless,
+          timing="rewrite"),
+    Stage("depth only", depth_only, applies=_depth_only, timing="rewrite"),
+]
+
+
+# ---- rewrite and repair ----
+
+def rewrite(state: PruneState) -> None:
+    analysis = state.analysis
+    state.changes = [GroupChange(g.name, g.sources[0].op_type, g.size, g.size - gone) for g in analysis.groups
+                     if (gone := sum(1 for r in g.roots.tolist() if int(r) in state.removed))]
+    if state.removed or not _depth_only(state):
+        state.working = apply_removal(state.working, analysis, state.removed)
+
+
+def _repairs(state: PruneState) -> bool:
+    """With calibration data, after removing units or layers (never after lossless elimination: nothing
+    changed)."""
+    return (state.calib_data is not None and not state.options.target.lossless
+            and (bool(state.removed) or state.reference is not None))
+
+
+def repair(state: PruneState) -> None:
+    """The reconstruction passes, restoring the outputs of the model before any drop (else the dense)."""
+    o = state.options
+    dense = state.reference if state.reference is not None else state.dense
+    state.working, record = reconstruct(dense, state.working, state.analysis, state.removed, state.calib_data,
+                                        max_samples=o.calibration.calib_samples,
+                                        least_squares=o.reconstruction.least_squares,
+                                        bias_correction=o.reconstruction.bias_correction,
+                                        bn_recalibration=o.reconstruction.bn_recalibration, seed=o.runtime.seed)
+    state.notes += record.summary().splitlines()
+    if not _depth_only(state):
+        state.mode += ", reconstructed"
+
+
+def clean_up(state: PruneState) -> None:
+    """Shared vectors that kept the same units are shared again; a model whose distinct parameters grew
+    (a shared weight sliced per reader) is refused before anything is written."""
+    working = state.working
+    reshare_initializers(working)
+    drop_unused_initializers(working)
+    check_no_growth(working, state.dense_cost.param_bytes)
+    if state.source.value_info:  # shapes of intermediate tensors, for a model that listed them
+        infer_shapes(working)
+    else:  # analysis filled them in; written out, they would make a small model's file grow
+        del working.graph.value_info[:]
+    if state.depth is not None:
+        _add_depth(state)
+
+
+def _add_depth(state: PruneState) -> None:
+    state.plan.drop = list(state.depth.dropped)
+    width = state.width or (state.given_plan is not None and bool(state.given_plan.groups))
+    state.mode = state.depth.mode() + (f"; then {state.mode}" if width and state.mode else "")
+    state.notes = state.depth.notes() + state.notes
+
+
+REWRITE = [
+    Stage("rewrite", rewrite),
+    Stage("reconstruct", repair, applies=_repairs, timing="rewrite"),
+    Stage("clean up", clean_up, timing="rewrite",
+          releases=("analysis", "dense", "reference", "statistics", "scores", "curves")),
+]
+
+
+# ---- validate, measure, gate, save ----
+
+def validate(state: PruneState) -> None:
+    """Checker, strict shape inference and an onnxruntime run (from the staged file for a large model)."""
+    state.staged = stage_if_on_disk(state.working, state.output, state.source)
+    shapes = state.input_shapes
+    state.validation = validate_model(state.working, shapes.shapes,
+                                      reference_outputs=shapes.outputs if state.options.target.lossless else None,
+                                      expected_shapes=state.expected_shapes, seed=state.options.runtime.seed,
+                                      run_from=state.staged.path if state.staged is not None else None)
+    size = len(state.validation.serialized or b"") or model_byte_size(state.working)
+    state.after = ModelStats.from_cost(model_cost(state.working, shapes.shapes), size)
+
+
+def _runnable(state: PruneState):
+    staged = str(state.staged.path) if state.staged is not None else None
+    return state.validation.serialized or staged or state.working
+
+
+def evaluate_pruned(state: PruneState) -> None:
+    outputs = pruned_outputs(state.dense_ref, _runnable(state), progress=state.options.runtime.progress)
+    state.quality = compare_quality(state.dense_ref, outputs, state.options.gate.max_accuracy_drop)
+
+
+def measure_latency(state: PruneState) -> None:
+    r = state.options.runtime
+    on_disk = str(state.staged.path) if state.staged is not None else state.working
+    state.latency = compare_latency(state.model, on_disk, provider=r.provider, threads=r.threads,
+                                    runs=r.latency_runs, warmup=r.latency_warmup,
+                                    input_shapes=state.input_shapes.shapes, progress=r.progress, seed=r.seed)
+
+
+def build_report(state: PruneState) -> None:
+    notes = state.notes + [n for n in [state.input_shapes.note()] if n]
+    result = state.validation
+    state.report = PruneReport(
+        input=str(state.source.path) if state.source.path else "<ModelProto>",
+        output=str(state.output) if state.output is not None else None,
+        mode=state.mode, before=state.before, after=state.after, groups_total=state.groups_total,
+        groups_prunable=state.groups_prunable, changes=state.changes, checks=result.checks,
+        max_abs_diff=result.max_abs_diff, notes=notes, timings=state.clock.timings, quality=state.quality, latency=state.latency,
+        depth=state.depth.to_dict() if state.depth is not None else None)
+
+
+def gate(state: PruneState) -> None:
+    if state.quality is not None and state.quality.passed is False:
+        state.validation.serialized = None
+        raise AccuracyDropError(f"accuracy gate: {state.quality.verdict()} Nothing was written; prune less (a "
+                                "smaller ratio or target), exclude sensitive layers, or raise the budget.",
+                                state.report)
+
+
+def save(state: PruneState) -> None:
+    if state.options.save_plan is not None:
+        state.plan.save(state.options.save_plan)
+    if state.staged is not None:  # validation already ran the staged file from disk
+        state.after.file_size = state.staged.commit()
+    elif state.output is not None:
+        state.after.file_size = save_verified(state.working, state.output, state.validation, source=state.source)
+        state.validation.checks.append("read back from disk")
+    state.validation.serialized = None
+
+
+FINISH = [
+    Stage("validate", validate),
+    Stage("evaluate pruned", evaluate_pruned, applies=lambda s: s.dense_ref is not None),
+    Stage("latency", measure_latency, applies=lambda s: s.measure_latency),
+    Stage("report", build_report, timing="save"),
+    Stage("gate", gate, timing="save"),
+    Stage("save", save),
+]

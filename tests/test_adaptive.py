@@ -1,0 +1,100 @@
+"""Sensitivity curves and adaptive allocation: each group loses what costs the least predicted divergence
+per FLOP, within the rounding and max-ratio constraints, and the plan meets its target."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxprune
+from onnxprune.calibration.curves import Curve, removal_orders, sensitivity_curves
+from onnxprune.cli import main
+from onnxprune.cost import model_cost
+from onnxprune.errors import UsageError
+from onnxprune.importance import score_groups
+from onnxprune.pipeline import build_analysis, prepare
+from onnxprune.strategy.adaptive import allocate_adaptive, allowed_kept
+from onnxprune.strategy.allocate import Target, allocate, removed_flags
+from onnxprune.strategy.estimate import CostEstimator
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS, CALIB = ROOT / "models" / "digits_resnet.onnx", ROOT / "models" / "digits_calib.npz"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    working, _ = prepare(DIGITS)
+    analysis = build_analysis(working)
+    scores = score_groups(analysis, analysis.prunable_groups(), "l1", 0)
+    curves = sensitivity_curves(working, analysis, str(CALIB), removal_orders(scores), samples=16, max_samples=64)
+    estimator = CostEstimator(analysis, model_cost(working))
+    return analysis, scores, curves, estimator
+
+
+def test_a_curve_starts_at_zero_and_never_falls():
+    curve = Curve(0, "g", "channels", 10, removed=[1, 3, 5], losses=[0.1, 0.05, 0.4])
+    assert curve.loss_at(0) == 0.0
+    values = [curve.loss_at(k) for k in np.linspace(0, 9, 37)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert curve.loss_at(9) > curve.loss_at(5)  # past the last point the last slope continues
+
+
+def test_curves_grow_with_the_share_removed_on_a_trained_model(digits):
+    _, _, curves, _ = digits
+    assert len(curves.curves) == 6
+    for c in curves.curves.values():
+        assert c.losses[0] < c.losses[-1], c.name
+
+
+def test_adaptive_meets_the_flops_target_within_rounding_and_max_ratio(digits):
+    analysis, scores, curves, estimator = digits
+    target = Target(None, 0.5, None, "adaptive", 0.75, 8, [], [])
+    chosen = allocate_adaptive(analysis, scores, curves, target, estimator)
+    flops, _ = estimator.estimate(removed_flags(analysis, chosen.keep))
+    assert 0.5 <= 1 - flops / estimator.dense_flops <= 0.52
+    for gid, kept in chosen.keep.items():
+        g = analysis.groups[gid]
+        assert len(kept) in allowed_kept(g, 8, 0.75)
+        assert len(kept) == g.size or len(kept) % 8 == 0
+        assert len(kept) >= g.size * 0.25
+
+
+def test_adaptive_predicts_no_more_divergence_than_uniform_at_the_same_target(digits):
+    analysis, scores, curves, estimator = digits
+    for goal in (0.3, 0.5):
+        adaptive = allocate_adaptive(analysis, scores, curves, Target(None, goal, None, "adaptive", 0.9, 8, [], []),
+                                     estimator)
+        uniform = allocate(analysis, scores, Target(None, goal, None, "uniform", 0.9, 8, [], []), estimator)
+        predicted = sum(curves.curves[g].loss_at(analysis.groups[g].size - len(k)) for g, k in uniform.items())
+        assert adaptive.predicted_loss <= predicted + 1e-9, goal
+
+
+def test_adaptive_strategy_needs_calibration_data():
+    with pytest.raises(UsageError, match="--calib"):
+        onnxprune.prune(DIGITS, target_flops=0.5, strategy="adaptive")
+
+
+def test_prune_with_the_adaptive_strategy_records_it_in_the_plan(tmp_path):
+    plan = tmp_path / "plan.json"
+    _, report = onnxprune.prune(DIGITS, tmp_path / "out.onnx", target_flops=0.4, strategy="adaptive",
+                                calib=str(CALIB), calib_samples=32, sensitivity_samples=8, least_squares=False,
+                                save_plan=plan)
+    assert json.loads(plan.read_text())["meta"]["strategy"] == "adaptive"
+    assert any(n.startswith("adaptive allocation:") for n in report.notes)
+    assert report.after.flops <= 0.6 * report.before.flops
+
+
+def test_the_sensitivity_command_prints_one_row_per_group_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "curves.json"
+    assert main(["sensitivity", str(DIGITS), "--calib", str(CALIB), "--calib-samples", "32",
+                 "--sensitivity-samples", "8", "--sensitivity-grid", "0.25,0.5", "--report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "loss r=0.25" in text and "/stage3/conv1/Conv" in text
+    data = json.loads(out.read_text())
+    assert data["grid"] == [0.25, 0.5] and len(data["curves"]) == 6
+    assert all(len(c["points"]) == 2 and c["flops_per_unit"] > 0 for c in data["curves"])
+
+
+def test_the_sensitivity_command_without_calibration_data_exits_2(capsys):
+    assert main(["sensitivity", str(DIGITS)]) == 2
+    assert "--calib" in capsys.readouterr().err
