@@ -197,10 +197,10 @@ _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
 
 def raw_data_places(data: bytes) -> dict[str, tuple[int, int]]:
     """initializer name -> (offset, length) of its raw_data in `data`, a serialised ModelProto: the
-    main graph's initializers that hold raw bytes (a repeated field's last value wins, as in protobuf).
-    Empty when `data` does not parse as expected."""
+    main graph's initializers that hold raw bytes (within a tensor a field's last value wins, as in
+    protobuf; a name two initializers share is left out). Empty when `data` does not parse as expected."""
     try:
-        places: dict[str, tuple[int, int]] = {}
+        places: dict[str, tuple[int, int] | None] = {}
         graph = None
         for number, start, end in _fields(data, 0, len(data)):
             if number == _MODEL_GRAPH and start >= 0:
@@ -217,8 +217,8 @@ def raw_data_places(data: bytes) -> dict[str, tuple[int, int]]:
                 elif field == _TENSOR_RAW_DATA and f_start >= 0:
                     raw = (f_start, f_end - f_start)
             if name is not None and raw is not None:
-                places[name] = raw
-        return places
+                places[name] = None if name in places else raw  # a name given twice: neither is trusted
+        return {name: place for name, place in places.items() if place is not None}
     except (IndexError, ValueError, UnicodeDecodeError):
         return {}
 
