@@ -583,8 +583,9 @@ def _tensor_byte_size(t: onnx.TensorProto) -> int:
         itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except (KeyError, ValueError, TypeError):
         return t.ByteSize()
-    if t.data_type in _SUB_BYTE_TYPES or t.data_type == onnx.TensorProto.STRING:
-        return t.ByteSize()
+    length = _numel(t) * itemsize
+    if length < _ENCODE_BELOW or t.data_type in _SUB_BYTE_TYPES or t.data_type == onnx.TensorProto.STRING:
+        return t.ByteSize()  # small: encoding it costs less than taking it apart
     bare = onnx.TensorProto()
     for f in _RAW_FIELDS:
         value = getattr(t, f.name)
@@ -596,7 +597,6 @@ def _tensor_byte_size(t: onnx.TensorProto) -> int:
                 getattr(bare, f.name).CopyFrom(value)
             else:
                 setattr(bare, f.name, value)
-    length = _numel(t) * itemsize
     return bare.ByteSize() + 1 + _varint_size(length) + length  # field 9, wire type 2: a one-byte tag
 
 
@@ -604,6 +604,7 @@ def _varint_size(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
+_ENCODE_BELOW = 1 << 16
 _SUB_BYTE_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
                    if hasattr(onnx.TensorProto, n)}
 
