@@ -22,7 +22,7 @@ from onnxprune.ir import shapes
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.runtime.inputs import DenseProbe, dense_input_shapes, plan_input_shapes
-from onnxprune.runtime.session import make_session, raw_data_places
+from onnxprune.runtime.session import make_session, raw_data_places, session_in_place, session_options
 from onnxprune.strategy.estimate import CostEstimator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def test_shape_inference_memo_answers_like_a_fresh_inference(analysed):
     assert [vi.SerializeToString() for vi in other.graph.value_info] == infos
 
 
-@pytest.mark.parametrize("optimize", [False, True])
+@pytest.mark.parametrize("optimize", [False, True])  # True: make_session serialises; session_in_place still agrees
 def test_sessions_taking_weights_in_place_give_the_outputs_of_the_serialised_model(analysed, optimize):
     import gc
 
@@ -143,8 +143,11 @@ def test_sessions_taking_weights_in_place_give_the_outputs_of_the_serialised_mod
 
     working, _ = analysed
     feeds = dense_input_shapes(working, None).feeds  # sizes the model runs at
-    sessions = [make_session(working, optimize=optimize, prepack=False),
-                make_session(working, optimize=optimize, prepack=False, serialized=working.SerializeToString())]
+    opts = dict(threads=1, optimize=optimize, prepack=False)
+    sessions = [session_in_place(working, session_options(**opts), "CPUExecutionProvider"),
+                session_in_place(working, session_options(**opts), "CPUExecutionProvider",
+                                 serialized=working.SerializeToString()),
+                make_session(working, **opts)]
     gc.collect()  # the buffers onnxruntime reads must outlive everything but the session
     for session in sessions[1:]:
         for a, b in zip(session.run(None, feeds), sessions[0].run(None, feeds)):

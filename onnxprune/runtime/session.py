@@ -54,14 +54,18 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
     idle threads from spin-waiting (calibration does numpy work between runs on
     the same cores); profile_prefix turns on onnxruntime's profiler, writing its
     JSON trace to files starting with that prefix. `serialized`: the ModelProto's
-    own bytes when the caller has them (validation does): its weights are then
-    read from there instead of copied out of the ModelProto."""
+    own bytes when the caller has them (validation does), used instead of
+    serialising it again. An in-memory model run without graph optimisation
+    (validation, the dense probe) hands its weights over in place
+    (session_in_place)."""
     check_provider(provider)
     opts = session_options(threads=threads, optimize=optimize, prepack=prepack, spinning=spinning,
                            profile_prefix=profile_prefix)
     if isinstance(model, (bytes, str, os.PathLike)):  # serialized, or a file (its external data beside it)
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=[provider])
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
+        if optimize:  # graph optimisations see the weights as they are in a file: serialised
+            return ort.InferenceSession(serialized or model.SerializeToString(), opts, providers=[provider])
         return session_in_place(model, opts, provider, serialized)
     return session_through_file(model, opts, provider)
 
