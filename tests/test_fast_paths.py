@@ -130,7 +130,7 @@ def test_shape_inference_memo_answers_like_a_fresh_inference(analysed):
     del first["not a tensor"]
     assert again == first
     assert [vi.SerializeToString() for vi in other.graph.value_info] == infos
-    shapes._memo.clear()
+    shapes.forget_shapes()
     assert infer_shapes(other, fixed) == first  # a fresh inference
     assert [vi.SerializeToString() for vi in other.graph.value_info] == infos
 

@@ -104,11 +104,19 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
             i = parent[i]
         return i
 
-    source_of = np.asarray(state.units.source_of, dtype=np.int64)
-    # each (source, root's source) pair once; a set's representative is its smallest source, whatever the
-    # order of the unions
+    # each (source, root's source) pair once, as one number; a set's representative is its smallest
+    # source, whatever the order of the unions. In place: a large model has millions of units.
     width = max(n_sources, 1)
-    pairs = np.unique(source_of * width + source_of[root_of])  # (source, root's source) as one number
+    source_of = np.asarray(state.units.source_of, dtype=np.int64)
+    key = source_of[root_of]
+    source_of *= width
+    key += source_of
+    del source_of
+    key.sort()
+    distinct = np.ones(len(key), dtype=bool)
+    np.not_equal(key[1:], key[:-1], out=distinct[1:])
+    pairs = key[distinct]
+    del key, distinct
     for first, second in zip((pairs // width).tolist(), (pairs % width).tolist()):
         a, b = find(first), find(second)
         if a != b:
@@ -119,7 +127,7 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         members.setdefault(find(i), []).append(i)
 
     groups: list[Group] = []
-    gid_of_root = np.full(len(root_of), -1, dtype=np.int64)  # indexed by root id (a unit id)
+    gid_of_root = np.full(len(root_of), -1, dtype=np.int32)  # indexed by root id (a unit id)
     for source_ids in members.values():
         # fills (passive sources) prune only with a real source: they neither name nor number a group
         source_ids = [i for i in source_ids if not state.sources[i].passive]
@@ -137,19 +145,24 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         groups.append(Group(gid, first.node, [state.sources[i] for i in source_ids], np.array(roots, dtype=np.int64)))
         gid_of_root[roots] = gid
     # unit id -> group id, -1 for a fill's unit that met no real source's (it is never removed)
-    gid_of_unit = gid_of_root[root_of] if len(root_of) else np.zeros(0, dtype=np.int64)
-    gid_list = gid_of_unit.tolist()
+    gid_of_unit = gid_of_root[root_of]
+    del gid_of_root
 
     def group_of(unit: int) -> Group | None:
         """None for a fill's unit that met no real source's (it is never removed)."""
-        gid = gid_list[unit]
+        gid = int(gid_of_unit[unit])
         return None if gid < 0 else groups[gid]
 
-    for unit, reasons in state.block_reasons.items():
-        if (g := group_of(unit)) is not None:
+    def groups_of(units) -> list[Group | None]:
+        """group_of for many units at once."""
+        gids = gid_of_unit[np.fromiter(units, dtype=np.int64, count=len(units))].tolist()
+        return [None if gid < 0 else groups[gid] for gid in gids]
+
+    for reasons, g in zip(state.block_reasons.values(), groups_of(state.block_reasons)):
+        if g is not None:
             g.blocked.extend(r for r in reasons if r not in g.blocked)
-    for unit, reasons in state.inexact_reasons.items():
-        if (g := group_of(unit)) is not None:
+    for reasons, g in zip(state.inexact_reasons.values(), groups_of(state.inexact_reasons)):
+        if g is not None:
             g.inexact.extend(r for r in reasons if r not in g.inexact)
 
     seen_params: set[tuple] = set()

@@ -9,8 +9,8 @@ that onnx's own inference leaves incomplete (custom or contrib ops).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import OrderedDict
 
 import onnx
 from onnx import helper
@@ -97,29 +97,36 @@ def infer_shapes(
     """
     del model.graph.value_info[:]
     sk = skeleton(model, fixed_inputs)
-    key = sk.SerializeToString()  # the skeleton is all inference sees: equal bytes, equal answer
-    found = _memo.get(key)
-    if found is None:
-        found = _infer(sk)
-        _memo[key] = found
-        while len(_memo) > _MEMO_SIZE:
-            _memo.popitem(last=False)
+    # the skeleton is all inference sees: equal bytes, equal answer
+    key = hashlib.blake2b(sk.SerializeToString(), digest_size=32).digest()
+    if _last is not None and _last[0] == key:
+        shapes, value_info = _last[1], _last[2]
     else:
-        _memo.move_to_end(key)
-    shapes, value_info = found
-    model.graph.value_info.extend(value_info)
+        shapes, value_info = _infer(sk)
+        _remember(key, shapes, value_info)
+    model.graph.value_info.extend(value_info.value_info)
     return dict(shapes)
 
 
-# The last few answers, by skeleton bytes: prune infers the dense model at its input shapes twice (its
-# cost and its output shapes), and the skeleton is small (weights over SMALL_CONSTANT elements are
-# left out of it).
-_MEMO_SIZE = 4
-_memo: OrderedDict[bytes, tuple[dict[str, tuple[int, Shape]], list[onnx.ValueInfoProto]]] = OrderedDict()
+# The last answer, by a digest of the skeleton's bytes: prune infers the dense model at its input
+# shapes twice in a row (its cost, then its output shapes). The skeleton is small (weights over
+# SMALL_CONSTANT elements are left out of it), and the value_info is kept in one message.
+_last: tuple[bytes, dict[str, tuple[int, Shape]], onnx.GraphProto] | None = None
 
 
-def _infer(sk: onnx.ModelProto) -> tuple[dict[str, tuple[int, Shape]], list[onnx.ValueInfoProto]]:
-    """(shapes, the inferred value_info entries to keep) for a skeleton."""
+def _remember(key: bytes, shapes: dict[str, tuple[int, Shape]], value_info: onnx.GraphProto) -> None:
+    global _last
+    _last = (key, shapes, value_info)
+
+
+def forget_shapes() -> None:
+    """Drop the remembered answer (tests; a caller that wants the memory back)."""
+    global _last
+    _last = None
+
+
+def _infer(sk: onnx.ModelProto) -> tuple[dict[str, tuple[int, Shape]], onnx.GraphProto]:
+    """(shapes, a graph holding the inferred value_info entries to keep) for a skeleton."""
     try:
         inferred = onnx.shape_inference.infer_shapes(sk, data_prop=True)
     except Exception as exc:  # inference errors on odd graphs: try the fallback
@@ -137,12 +144,8 @@ def _infer(sk: onnx.ModelProto) -> tuple[dict[str, tuple[int, Shape]], list[onnx
                 merged = tuple(b if _is_unknown(a) and not _is_unknown(b) else a
                                for a, b in zip(shapes[name][1], shape))
                 shapes[name] = (shapes[name][0], merged)
-    value_info = []
-    for vi in inferred.graph.value_info:
-        if vi.name in shapes:
-            kept = onnx.ValueInfoProto()
-            kept.CopyFrom(vi)
-            value_info.append(kept)
+    value_info = onnx.GraphProto()
+    value_info.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in shapes)
     return shapes, value_info
 
 
