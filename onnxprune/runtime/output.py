@@ -43,8 +43,8 @@ def save_verified(model: onnx.ModelProto, path: str | os.PathLike, validation: V
     with StagedOutput(model, path, external_data=external, serialized=validation.serialized) as staged:
         if validation.serialized is not None and not (external or has_external_data(model)):
             # one self-contained file, written from the validated bytes (write_model): that the same
-            # bytes come back is the whole check; onnx.checker read exactly these, and onnxruntime
-            # ran the model they encode, with the same values
+            # bytes come back is the whole check (validation made them from the model it checked and
+            # ran; onnx.checker read these very bytes)
             check_same_bytes(staged.path, validation.serialized, destination=path)
         else:
             check_read_back(staged.path, validation, destination=path)
