@@ -135,8 +135,17 @@ def test_shape_inference_memo_answers_like_a_fresh_inference(analysed):
     assert [vi.SerializeToString() for vi in other.graph.value_info] == infos
 
 
+@pytest.fixture
+def in_place_always(monkeypatch):
+    """The fixtures are small: hand their weights over in place all the same."""
+    from onnxprune.runtime import session
+
+    monkeypatch.setattr(session, "IN_PLACE_MIN_BYTES", 0)
+
+
 @pytest.mark.parametrize("optimize", [False, True])  # True: make_session serialises; session_in_place still agrees
-def test_sessions_taking_weights_in_place_give_the_outputs_of_the_serialised_model(analysed, optimize):
+def test_sessions_taking_weights_in_place_give_the_outputs_of_the_serialised_model(analysed, optimize,
+                                                                                    in_place_always):
     import gc
 
     import onnxruntime as ort
@@ -205,7 +214,12 @@ def _same_probe(got, want) -> None:
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got.outputs, want.outputs))
 
 
-def test_the_background_probe_answers_like_the_probe_even_when_the_model_changes_meanwhile(analysed):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_background_probe_answers_like_the_probe_even_when_the_model_changes_meanwhile(analysed, in_place,
+                                                                                           monkeypatch):
+    from onnxprune.runtime import session
+
+    monkeypatch.setattr(session, "IN_PLACE_MIN_BYTES", 0 if in_place else 1 << 40)
     working, _ = analysed
     want = dense_input_shapes(working, None)
     copy = onnx.ModelProto()
@@ -217,7 +231,7 @@ def test_the_background_probe_answers_like_the_probe_even_when_the_model_changes
     _same_probe(probe.result(), want)
 
 
-def test_the_background_probe_settles_on_the_size_the_probe_finds_and_raises_what_it_raises():
+def test_the_background_probe_settles_on_the_size_the_probe_finds_and_raises_what_it_raises(in_place_always):
     from onnxprune.errors import UnsupportedModelError
     from test_input_shapes import detector_like
 
@@ -298,3 +312,21 @@ def test_a_model_with_external_data_is_not_written_early(tmp_path):
     writer = StagingWriter(working, tmp_path / "out.onnx", source)
     writer(b"whatever")
     assert writer.staged is None
+
+
+@pytest.mark.parametrize("model, options", [
+    (ROOT / "models" / "digits_resnet.onnx", {"target_flops": 0.5}),
+    (ROOT / "models" / "digits_resnet.onnx", {"lossless": True}),
+    (FIXTURES / "transformers" / "gpt2_decoder_legacy.onnx", {"ratio": {"heads": 0.25, "neurons": 0.3}}),
+])
+def test_prune_writes_the_same_file_and_report_whether_weights_go_in_place_or_not(tmp_path, monkeypatch, model,
+                                                                                   options):
+    from onnxprune.runtime import session
+
+    results = []
+    for limit in (0, 1 << 40):
+        monkeypatch.setattr(session, "IN_PLACE_MIN_BYTES", limit)
+        out = tmp_path / f"{limit}.onnx"
+        _, report = onnxprune.prune(model, out, **options)
+        results.append((out.read_bytes(), report.checks, report.max_abs_diff, report.after.file_size))
+    assert results[0] == results[1]
