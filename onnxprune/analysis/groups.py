@@ -98,6 +98,14 @@ def _root_array(units) -> np.ndarray:
 def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
     """Returns the groups and root_of (unit id -> root id)."""
     root_of = _root_array(state.units)
+    groups, gid_of_unit = _coupled_sources(state, root_of)
+    _annotate(state, groups, gid_of_unit)
+    return groups, root_of
+
+
+def _coupled_sources(state: AnalysisState, root_of: np.ndarray) -> tuple[list["Group"], np.ndarray]:
+    """The groups: sources whose units share roots, joined (union-find); and unit id -> group id (-1 for
+    a fill's unit that met no real source's: it is never removed)."""
     n_sources = len(state.sources)
     parent = list(range(n_sources))
 
@@ -147,9 +155,11 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         first = state.sources[source_ids[0]]
         groups.append(Group(gid, first.node, [state.sources[i] for i in source_ids], np.array(roots, dtype=np.int64)))
         gid_of_root[roots] = gid
-    # unit id -> group id, -1 for a fill's unit that met no real source's (it is never removed)
-    gid_of_unit = gid_of_root[root_of]
-    del gid_of_root
+    return groups, gid_of_root[root_of]
+
+
+def _annotate(state: AnalysisState, groups: list["Group"], gid_of_unit: np.ndarray) -> None:
+    """What each group carries: block and inexact reasons, parameter slices, head and KV layout."""
 
     def group_of(unit: int) -> Group | None:
         """None for a fill's unit that met no real source's (it is never removed)."""
@@ -203,4 +213,3 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
                     "shuffles force equal removal in every group); removing it would remove the layer")
             else:
                 g.blocked.append("a single unit: removing it would remove the layer")
-    return groups, root_of
