@@ -172,8 +172,7 @@ class _Measure:
     def _alone(self, g: Group) -> float:
         if self.kind == "units":
             return 1.0 / self.total_units
-        half = max(1, g.size // 2)
-        return self.removed({g.id: g.size - half}) / half
+        return self.estimator.saving_per_unit(g)[0 if self.kind == "flops" else 1]
 
     def removed(self, counts: dict[int, int]) -> float:
         """Fraction of the measure removed when each group in `counts` keeps that many (its first units:

@@ -94,6 +94,16 @@ class CostEstimator:
         self._flop_products = _Products(self.node_terms)
         self._param_products = _Products(self.param_terms)
 
+    def saving_per_unit(self, group) -> tuple[float, float]:
+        """(FLOPs, parameters) one unit of `group` saves when it goes alone, as fractions of the dense model's
+        (measured by removing half the group: a group's own terms shrink linearly)."""
+        half = max(1, group.size // 2)
+        removed = np.zeros(len(self.analysis.root_of), dtype=bool)
+        removed[group.roots[:half]] = True
+        flops, params = self.estimate(removed)
+        return ((1.0 - flops / self.dense_flops) / half if self.dense_flops > 0 else 0.0,
+                (1.0 - params / self.dense_params) / half if self.dense_params > 0 else 0.0)
+
     def estimate(self, removed: np.ndarray) -> tuple[float, float]:
         """(flops, params) after removing the roots flagged in `removed`."""
         frac = self._fractions(removed)
