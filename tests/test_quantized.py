@@ -253,7 +253,8 @@ def qoperator(model: onnx.ModelProto, tmp_path, input_shape: list[int], *, per_c
 
 def branchy() -> onnx.ModelProto:
     """x -> c1 (8) -> c2 (8) -> Add(c1, c2) -> c3 (6) -> x * Sigmoid(x); LeakyRelu(Add) -> Concat (8 + 6)
-    -> c4 (4) -> GlobalAveragePool -> Flatten -> Gemm fc (4): every QLinear op quantize_static writes."""
+    -> c4 (4) -> AveragePool (3x3, stride 2) -> GlobalAveragePool -> Flatten -> Gemm fc (4): every QLinear
+    op quantize_static writes for a CNN."""
     (c1, w1), (c2, w2), (c3, w3), (c4, w4) = (conv("c1", "x", "a", 3, 8), conv("c2", "a", "b", 8, 8),
                                               conv("c3", "s", "c", 8, 6), conv("c4", "cat", "d", 14, 4))
     nodes = [c1, c2, helper.make_node("Add", ["a", "b"], ["s"], name="residual"), c3,
@@ -261,7 +262,9 @@ def branchy() -> onnx.ModelProto:
              helper.make_node("Mul", ["c", "gate"], ["swish"], name="swish"),
              helper.make_node("LeakyRelu", ["s"], ["leaky"], name="leaky", alpha=0.1),
              helper.make_node("Concat", ["leaky", "swish"], ["cat"], name="cat", axis=1), c4,
-             helper.make_node("GlobalAveragePool", ["d"], ["g"], name="gap"),
+             helper.make_node("AveragePool", ["d"], ["dp"], name="pool", kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["dp"], ["g"], name="gap"),
              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1, name="fc")]
     return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4])],
@@ -299,7 +302,8 @@ def test_a_qoperator_cnn_prunes_like_the_masked_quantized_model_and_stays_int8(t
 def test_qoperator_add_concat_and_activations_carry_channels_to_the_next_conv(tmp_path):
     model = qoperator(branchy(), tmp_path, [1, 3, 8, 8], per_channel=True)
     assert {n.op_type for n in model.graph.node} >= {"QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
-                                                     "QLinearConcat", "QLinearGlobalAveragePool", "QGemm"}
+                                                     "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+                                                     "QGemm"}
     analysis, pruned, removed = prune_matches_oracle(model, 0.5, oracle=masked_quantized_reference, atol=0)
     residual = group_of(analysis, "c1_quant")
     assert {s.node for s in residual.sources} == {"c1_quant", "c2_quant"}  # QLinearAdd: one group

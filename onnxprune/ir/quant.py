@@ -244,7 +244,7 @@ def dequantize_nbits(layout: NBitsLayout, b: np.ndarray, scales: np.ndarray,
 # -- shapes of the com.microsoft quantized ops (no ONNX shape inference) -----------------------------------
 
 CONTRIB_SHAPE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearGlobalAveragePool",
-                     "QLinearConcat", "QGemm", "DynamicQuantizeLSTM")
+                     "QLinearAveragePool", "QLinearConcat", "QGemm", "DynamicQuantizeLSTM")
 
 
 def contrib_output_shapes(node: onnx.NodeProto, shapes: list, types: list[int]) -> list[tuple[int, list]] | None:
@@ -256,6 +256,8 @@ def contrib_output_shapes(node: onnx.NodeProto, shapes: list, types: list[int]) 
         return None if shapes[0] is None else [(types[0], list(shapes[0]))]
     if op == "QLinearGlobalAveragePool":
         return _global_pool_shape(node, shapes[0], types[0])
+    if op == "QLinearAveragePool":
+        return _pool_shape(node, shapes[0], types[0])
     if op == "QLinearConcat":
         return _concat_shape(node, shapes[2::3], types[2])
     if op == "QGemm":
@@ -276,6 +278,30 @@ def _global_pool_shape(node, x, elem) -> list[tuple[int, list]] | None:
     if int(_attr(node, "channels_last", 0)):
         return [(elem, [x[0]] + [1] * (len(x) - 2) + [x[-1]])]
     return [(elem, [x[0], x[1]] + [1] * (len(x) - 2))]
+
+
+def _pool_shape(node, x, elem) -> list[tuple[int, list]] | None:
+    """AveragePool's output size along each spatial axis (auto_pad, pads, strides, dilations, ceil_mode)."""
+    kernel = _attr(node, "kernel_shape")
+    if x is None or kernel is None or len(x) != len(kernel) + 2:
+        return None
+    channels_last = int(_attr(node, "channels_last", 0))
+    spatial = list(x[1:-1] if channels_last else x[2:])
+    n = len(kernel)
+    strides, dilations = _attr(node, "strides", [1] * n), _attr(node, "dilations", [1] * n)
+    pads, auto_pad = _attr(node, "pads", [0] * 2 * n), _attr(node, "auto_pad", b"NOTSET")
+    round_up = int(_attr(node, "ceil_mode", 0))
+    out = []
+    for i, size in enumerate(spatial):
+        if not isinstance(size, int):
+            out.append(f"{node.output[0]}_pool_{i}")
+        elif auto_pad in (b"SAME_UPPER", b"SAME_LOWER"):
+            out.append(-(-size // strides[i]))
+        else:
+            span = (kernel[i] - 1) * dilations[i] + 1
+            padded = size - span + (0 if auto_pad == b"VALID" else pads[i] + pads[i + n])
+            out.append((-(-padded // strides[i]) if round_up else padded // strides[i]) + 1)
+    return [(elem, [x[0]] + out + [x[-1]] if channels_last else [x[0], x[1]] + out)]
 
 
 def _concat_shape(node, inputs: list, elem) -> list[tuple[int, list]] | None:

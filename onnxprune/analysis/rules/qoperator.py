@@ -12,7 +12,8 @@ the output (those two are quantized.py's).
 * QLinearConcat (com.microsoft) is Concat over its tensors, which it interleaves with their
   scales and zero points.
 * QLinearSigmoid and QLinearLeakyRelu (com.microsoft) are elementwise; QLinearGlobalAveragePool
-  (com.microsoft) pools like GlobalAveragePool, channels first or last (`channels_last`).
+  and QLinearAveragePool (com.microsoft) pool like their float ops, channels first or last
+  (`channels_last`).
 
 An activation's scale and zero point are one number (the ops' specs say so; where one is not,
 the units it meets are blocked with the reason), so they never change.
@@ -120,8 +121,8 @@ class QLinearLeakyReluRule(Unary):
         z.pass_through(node, inputs=[0])
 
 
-@register(MS + "QLinearGlobalAveragePool")
-class QLinearGlobalAveragePoolRule(SpatialOp):
+@register(MS + "QLinearGlobalAveragePool", MS + "QLinearAveragePool")
+class QLinearPoolRule(SpatialOp):
     """X, x_scale, x_zero_point, y_scale, y_zero_point; channels on axis 1, or last with channels_last."""
 
     def kept_axes(self, node, s, rank):
