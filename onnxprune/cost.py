@@ -4,7 +4,8 @@ Conventions (used everywhere in reports):
 * MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul
   (and of their integer versions ConvInteger, MatMulInteger and MatMulNBits),
   of LSTM, GRU and RNN (X by W and the previous state by R, at every step
-  and in every direction; onnxruntime's int8 DynamicQuantizeLSTM likewise), and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
+  and in every direction; onnxruntime's int8 DynamicQuantizeLSTM likewise),
+  and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
   QKV projection, scores and context; MultiHeadAttention and
   GroupQueryAttention: scores and context, the full S x L square even when
   causal, as the decomposed MatMuls are counted).

@@ -359,7 +359,8 @@ def test_a_channels_last_qlinear_global_average_pool_passes_the_last_axis():
              helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="dequantize")]
     graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 2])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     analysis, pruned, removed = prune_matches_oracle(model, 0.5, oracle=masked_quantized_reference, atol=0)
     assert group_of(analysis, "fc1").prunable

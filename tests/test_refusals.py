@@ -27,7 +27,8 @@ def fused_int8_model() -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
                               [weight(4, 16, name="w0"), numpy_helper.from_array(np.ones((16, 8), np.int8), "w1"),
                                scale, zero])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     return model
 
