@@ -1,5 +1,6 @@
 """Quantized graphs: QDQ (QuantizeLinear/DequantizeLinear around float ops), dynamic
 quantization (DynamicQuantizeLinear + MatMulInteger/ConvInteger) and weight-only MatMulNBits.
+(The QOperator format's integer ops are qoperator.py's; the int8 DynamicQuantizeLSTM, recurrent.py's.)
 
 Weights stay integers.  A DequantizeLinear of constants is a weight (GraphView.dequantized):
 the float op after it slices it like any weight, and AnalysisState.param slices the integers
