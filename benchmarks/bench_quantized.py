@@ -1,14 +1,18 @@
 """Pruning an int8 model as it is vs pruning its float original and quantizing the result.
 
     python benchmarks/bench_quantized.py [--targets 0.1,0.3,0.5] [--models digits_resnet,clutter_vgg]
-                                         [--criterion l1] [--round-to 8]
+                                         [--criterion l1] [--round-to 8] [--format qdq|qoperator]
 
 For each trained model of `models/` and each FLOPs target, two int8 models made with the same
-onnxruntime quantization settings (quantize_static, QDQ format, per-tensor and per-channel
-weights, calibrated on 64 samples of the model's calibration split):
+onnxruntime quantization settings (quantize_static, QDQ or QOperator format, per-tensor and
+per-channel weights, calibrated on 64 samples of the model's calibration split):
 
 * int8 then pruned: `quantize(float)`, then `onnxprune prune --target-flops T` on the int8 model;
 * pruned then int8: `onnxprune prune --target-flops T` on the float model, then `quantize(pruned)`;
+
+With --format qoperator the targets are `--ratio`s (the same share of every layer's channels on
+both sides): FLOPs of a QOperator graph count one operation per output element of its integer ops,
+not their multiply-accumulates, so a FLOPs target would mean something else on each side.
 
 and their top-1 accuracy on the held-out split.  A data-aware criterion reads the calibration
 split; the reconstruction passes stay off on both sides (they refit float weights only, so they
@@ -45,10 +49,11 @@ class SplitReader(CalibrationDataReader):
         return next(self.samples, None)
 
 
-def quantize(model: onnx.ModelProto, calib: Path, per_channel: bool, folder: Path) -> onnx.ModelProto:
+def quantize(model: onnx.ModelProto, calib: Path, per_channel: bool, folder: Path,
+             quant_format: QuantFormat = QuantFormat.QDQ) -> onnx.ModelProto:
     src, dst = folder / "float.onnx", folder / "int8.onnx"
     onnx.save(model, src)
-    quantize_static(str(src), str(dst), SplitReader(calib, CALIBRATION_SAMPLES), quant_format=QuantFormat.QDQ,
+    quantize_static(str(src), str(dst), SplitReader(calib, CALIBRATION_SAMPLES), quant_format=quant_format,
                     per_channel=per_channel)
     return onnx.load(dst)
 
@@ -63,7 +68,10 @@ def main() -> None:
     parser.add_argument("--models", default="digits_resnet,clutter_vgg")
     parser.add_argument("--criterion", default="l1")
     parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--format", choices=("qdq", "qoperator"), default="qdq")
     args = parser.parse_args()
+    quant_format = QuantFormat.QOperator if args.format == "qoperator" else QuantFormat.QDQ
+    amount = "ratio" if args.format == "qoperator" else "target_flops"
     rows = []
     for name in args.models.split(","):
         stem = name.split("_")[0]
@@ -73,23 +81,23 @@ def main() -> None:
         for per_channel in (False, True):
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
-                int8 = quantize(dense, calib, per_channel, folder)
+                int8 = quantize(dense, calib, per_channel, folder, quant_format)
                 scales = "per-channel" if per_channel else "per-tensor"
                 rows.append([name, scales, "0 (dense)", f"{top1(dense, test):.2%}", f"{top1(int8, test):.2%}", ""])
                 for target in (float(t) for t in args.targets.split(",")):
-                    options = dict(target_flops=target, criterion=args.criterion, round_to=args.round_to)
+                    options = {amount: target, "criterion": args.criterion, "round_to": args.round_to}
                     if args.criterion not in ("l1", "l2", "fpgm", "bn_scale", "random"):
                         options.update(calib=str(calib), least_squares=False, bias_correction=False,
                                        bn_recalibration=False)
                     direct, _ = onnxprune.prune(int8, **options)
                     pruned_float, _ = onnxprune.prune(dense, **options)
-                    after = quantize(pruned_float, calib, per_channel, folder)
+                    after = quantize(pruned_float, calib, per_channel, folder, quant_format)
                     a, b = top1(direct, test), top1(after, test)
                     rows.append([name, scales, f"{target:g}", f"{b:.2%}", f"{a:.2%}", f"{(a - b) * 100:+.2f}"])
                     print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print(f"\nquantize_static QDQ, 64 calibration samples; --criterion {args.criterion}, --round-to {args.round_to}; "
-          "top-1 on the held-out split (dense row: float and int8 before pruning)\n")
-    print(markdown_table(["model", "weights", "--target-flops", "pruned then int8", "int8 then pruned",
+    print(f"\nquantize_static {args.format}, 64 calibration samples; --criterion {args.criterion}, "
+          f"--round-to {args.round_to}; top-1 on the held-out split (dense row: float and int8 before pruning)\n")
+    print(markdown_table(["model", "weights", "--" + amount.replace("_", "-"), "pruned then int8", "int8 then pruned",
                           "difference (points)"], rows))
 
 

@@ -4,7 +4,8 @@ Conventions (used everywhere in reports):
 * MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul
   (and of their integer versions ConvInteger, MatMulInteger and MatMulNBits),
   of LSTM, GRU and RNN (X by W and the previous state by R, at every step
-  and in every direction), and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
+  and in every direction; onnxruntime's int8 DynamicQuantizeLSTM likewise),
+  and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
   QKV projection, scores and context; MultiHeadAttention and
   GroupQueryAttention: scores and context, the full S x L square even when
   causal, as the decomposed MatMuls are counted).
@@ -34,7 +35,7 @@ from onnxprune.runtime.inputs import concrete_input_shapes
 # counted as their float op (MatMulNBits: com.microsoft, weight-only low-bit)
 INTEGER_LINEAR = {"ConvInteger": "Conv", "MatMulInteger": "MatMul", "MatMulNBits": "MatMul"}
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | set(INTEGER_LINEAR)
-RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
+RECURRENT_OPS = {"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}  # the last one com.microsoft
 CONTRIB_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}  # domain com.microsoft
 # QuantizeLinear/DequantizeLinear count nothing: onnxruntime fuses them into the integer kernel they
 # surround, and a QDQ model then costs what its float original does (the same --target-flops, the same plan)
@@ -87,7 +88,7 @@ def _numel(shape) -> int | None:
 
 def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
     op = INTEGER_LINEAR.get(node.op_type, node.op_type)
-    if op in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+    if _recurrent(node):
         return _recurrent_macs(node, view)
     y = view.shape(node.output[0])
     out = _numel(y)
@@ -116,6 +117,11 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
             return 0
         return out * a[-1]
     return 0
+
+
+def _recurrent(node: onnx.NodeProto) -> bool:
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    return node.op_type in RECURRENT_OPS and domain == ("com.microsoft" if node.op_type.startswith("Dynamic") else "")
 
 
 def _recurrent_macs(node: onnx.NodeProto, view: GraphView) -> int:
@@ -156,7 +162,7 @@ def _contrib_attention_macs(node: onnx.NodeProto, view: GraphView, y) -> int:
 def node_flops(node: onnx.NodeProto, view: GraphView, macs: int) -> int:
     if node.op_type in LINEAR_OPS or (node.domain == "com.microsoft" and node.op_type in CONTRIB_ATTENTION):
         return 2 * macs
-    if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+    if _recurrent(node):
         return 2 * macs
     if node.op_type in FREE_OPS:
         return 0

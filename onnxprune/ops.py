@@ -13,21 +13,15 @@ class OpFamily:
 
 
 # QDQ (QuantizeLinear/DequantizeLinear), dynamic quantization (DynamicQuantizeLinear, MatMulInteger,
-# ConvInteger) and MatMulNBits prune (analysis/rules/quantized.py); these do not yet (onnxruntime's
-# offline fusions MatMulIntegerToFloat and DynamicQuantizeMatMul also have no shape inference)
+# ConvInteger, DynamicQuantizeLSTM), MatMulNBits and the QOperator ops quantize_static writes for CNNs and
+# MLPs prune (analysis/rules/quantized.py, qoperator.py, recurrent.py); these do not yet (onnxruntime's offline
+# fusions MatMulIntegerToFloat and DynamicQuantizeMatMul also have no shape inference)
 QUANTIZED = OpFamily(
     "quantized operator ops",
-    frozenset({"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
-               "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm",
-               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QOrderedMatMul"}),
-    "their integer weights are not prunable yet: prune the float model, then quantize it "
-    "(QDQ format, or dynamic quantization: those prune as they are)",
-)
-RECURRENT = OpFamily(  # LSTM, GRU and RNN prune (analysis/rules/recurrent.py); int8 ones do not
-    "quantized recurrent ops",
-    frozenset({"DynamicQuantizeLSTM"}),
-    "their int8 weights are not prunable: prune the float model (LSTM hidden units are), then quantize it; "
-    "the layers around them still prune",
+    frozenset({"QLinearSoftmax", "QLinearWhere", "QLinearReduceMean", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+               "QAttention", "QOrderedMatMul"}),
+    "they have no pruning rule yet: prune the float model, then quantize it "
+    "(QDQ or QOperator format, or dynamic quantization: those prune as they are)",
 )
 SPECTRAL = OpFamily(
     "spectrogram front end",
@@ -35,4 +29,4 @@ SPECTRAL = OpFamily(
     "its frequency bins are a fixed transform, not learned channels",
 )
 
-UNSUPPORTED_FAMILIES = (QUANTIZED, RECURRENT, SPECTRAL)
+UNSUPPORTED_FAMILIES = (QUANTIZED, SPECTRAL)

@@ -7,6 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.ir.model_io import materialized
+from onnxprune.ir.quant import dequantize, weight_quantization
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.passes.apply_plan import ApplyPlan
 from onnxprune.passes.cleanup import DropUnusedInitializers
@@ -74,19 +75,21 @@ def feeds_for(model: onnx.ModelProto, seed: int = 0) -> dict:
 
 
 def prune_matches_oracle(model: onnx.ModelProto, fraction: float = 0.5, seed: int = 0, atol: float = 1e-4,
-                         optimize: bool = True):
+                         optimize: bool = True, oracle=masked_reference):
     """Prune random units and assert pruned == dense-with-units-masked.
 
     optimize=False compares the graphs as written: onnxruntime fuses DequantizeLinear -> Conv ->
     QuantizeLinear into integer kernels whose results differ from the float ops they replace, and
     the oracle's Mul-by-mask stops that fusion where it sits.
+    oracle(model, analysis, removed) builds the reference (masked_quantized_reference for graphs
+    whose integer ops read integer activations).
     Returns (analysis, pruned model, removed roots) for further assertions.
     """
     working, _ = prepare(model)
     analysis = build_analysis(working)
     removed = random_removal(analysis, fraction, seed)
     assert removed, "nothing was prunable"
-    reference = masked_reference(working, analysis, removed)
+    reference = oracle(working, analysis, removed)
     pruned = ApplyPlan(analysis, removed)(working).model
     pruned = DropUnusedInitializers()(pruned).model
     infer_shapes(pruned)
@@ -98,6 +101,50 @@ def prune_matches_oracle(model: onnx.ModelProto, fraction: float = 0.5, seed: in
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, atol=atol, rtol=1e-4)
     return analysis, pruned, removed
+
+
+def masked_quantized_reference(model: onnx.ModelProto, analysis, removed) -> onnx.ModelProto:
+    """The masking oracle of a quantized graph: the dense model with the removed units made inert
+    where they are consumed.  Float tensors are masked by a Mul (onnxprune.testing.masked_reference);
+    an integer op's integer input (QLinearConv, QLinearMatMul, QGemm) cannot be, so the slices of its
+    weight that read removed units (role weight_in) are set to the weight's zero point instead:
+    q - zero_point is then exactly 0, and a removed unit adds exactly 0 to the integer accumulator
+    whatever its activation, which is what removing it does.  The accumulators, and so the requantized
+    outputs, are the pruned model's bit for bit."""
+    reference = masked_reference(model, analysis, removed)
+    masks = analysis.keep_masks(removed)
+    for p in analysis.state.params:
+        if p.role == "weight_in" and (p.tensor, p.axis) in masks:
+            _to_zero_point(reference, analysis, p, ~masks[(p.tensor, p.axis)])
+    return reference
+
+
+def silence_removed_units(reference: onnx.ModelProto, analysis, removed, node_name: str) -> None:
+    """In `reference`, give the removed units of the source `node_name` zero weights (integers: their
+    zero point), biases and initial states, so they are exactly 0 at every step.  An op that quantizes
+    its own hidden state at run time (DynamicQuantizeLSTM) takes the range over every unit: masking
+    where they are consumed is not enough, they must not move that range either."""
+    masks = analysis.keep_masks(removed)
+    for p in analysis.state.params:
+        if p.node == node_name and p.role in ("weight_out", "bias", "constant") and (p.tensor, p.axis) in masks:
+            _to_zero_point(reference, analysis, p, ~masks[(p.tensor, p.axis)])
+
+
+def _to_zero_point(model: onnx.ModelProto, analysis, p, removed: np.ndarray) -> None:
+    """Set the `removed` positions along p.axis of initializer p.tensor to the zero point with which
+    node p.node reads it (0 for a float tensor)."""
+    tensor = next(t for t in model.graph.initializer if t.name == p.tensor)
+    values = numpy_helper.to_array(tensor).copy()
+    node = next(n for n in analysis.view.nodes if n.name == p.node)
+    q = weight_quantization(analysis.view, node, list(node.input).index(p.tensor))
+    zero = np.zeros(values.shape, values.dtype)
+    if q is not None and q.zero_point:  # values - (values - zero_point): the zero point, broadcast
+        offset = dequantize(q, values, None, analysis.view.const(q.zero_point))
+        zero = np.round(values - np.broadcast_to(offset, values.shape)).astype(values.dtype)
+    index = [slice(None)] * values.ndim
+    index[p.axis] = np.flatnonzero(removed)
+    values[tuple(index)] = zero[tuple(index)]
+    tensor.CopyFrom(numpy_helper.from_array(values, p.tensor))
 
 
 def blocked_reasons(model: onnx.ModelProto) -> list[str]:

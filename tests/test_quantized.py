@@ -1,19 +1,23 @@
-"""Quantized models prune as they are (issue 12): QDQ (static, per-tensor and per-channel) and
-dynamic quantization (DynamicQuantizeLinear + MatMulInteger/ConvInteger).  Weights stay integers;
-a channel goes with its per-channel scale and zero point; criteria read the dequantized weights.
-Models are made in the tests by onnxruntime's quantization tools from float models built here, and
-compared with the masking oracle unfused (see helpers.prune_matches_oracle)."""
+"""Quantized models prune as they are (issue 12): QDQ (static, per-tensor and per-channel),
+dynamic quantization (DynamicQuantizeLinear + MatMulInteger/ConvInteger), the QOperator format
+(QLinearConv, QLinearMatMul, QGemm and the com.microsoft QLinear* ops) and weight-only MatMulNBits.
+Weights stay integers; a channel goes with its per-channel scale and zero point; criteria read the
+dequantized weights.  Models are made in the tests by onnxruntime's quantization tools from float
+models built here, and compared with the masking oracle unfused (see helpers.prune_matches_oracle);
+QOperator graphs, whose activations between ops are integers, with the masked quantized model
+(helpers.masked_quantized_reference)."""
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 import onnxprune
 from onnxprune.calibration.removal_error import removal_errors
 from onnxprune.importance import score_groups
 from onnxprune.pipeline import build_analysis, prepare
-from helpers import analysis_of, conv, group_of, make_model, prune_matches_oracle, weight
+from helpers import (analysis_of, conv, group_of, make_model, masked_quantized_reference, prune_matches_oracle,
+                     weight)
 
 
 class RandomReader(CalibrationDataReader):
@@ -230,6 +234,160 @@ def test_a_dynamic_conv_integer_net_prunes_like_the_masked_oracle(tmp_path):
     kept1 = 16 - sum(int(r) in removed for r in c1.roots)
     assert list(initializer(pruned, "c1.w_quantized").dims) == [kept1, 3, 3, 3]
     assert list(initializer(pruned, "a_bias_reshape_output").dims) == [1, kept1, 1, 1]  # bias added after
+
+
+# -- the QOperator format ------------------------------------------------------------------------------------
+
+def qoperator(model: onnx.ModelProto, tmp_path, input_shape: list[int], *, per_channel: bool = False,
+              activations: QuantType = QuantType.QInt8) -> onnx.ModelProto:
+    """onnxruntime's quantize_static in the QOperator format: QLinearConv, QLinearMatMul, QGemm and the
+    com.microsoft QLinear* ops read and write integer activations.  7-bit weights (reduce_range), as for
+    dynamic quantization above: x86 u8s8 kernels saturate pairs of 8-bit products otherwise."""
+    src, dst = tmp_path / "float.onnx", tmp_path / "qop.onnx"
+    onnx.save(model, src)
+    quantize_static(str(src), str(dst), RandomReader(model.graph.input[0].name, input_shape),
+                    quant_format=QuantFormat.QOperator, per_channel=per_channel, reduce_range=True,
+                    activation_type=activations)
+    return onnx.load(dst)
+
+
+def branchy() -> onnx.ModelProto:
+    """x -> c1 (8) -> c2 (8) -> Add(c1, c2) -> c3 (6) -> x * Sigmoid(x); LeakyRelu(Add) -> Concat (8 + 6)
+    -> c4 (4) -> AveragePool (3x3, stride 2) -> GlobalAveragePool -> Flatten -> Gemm fc (4): every QLinear
+    op quantize_static writes for a CNN."""
+    (c1, w1), (c2, w2), (c3, w3), (c4, w4) = (conv("c1", "x", "a", 3, 8), conv("c2", "a", "b", 8, 8),
+                                              conv("c3", "s", "c", 8, 6), conv("c4", "cat", "d", 14, 4))
+    nodes = [c1, c2, helper.make_node("Add", ["a", "b"], ["s"], name="residual"), c3,
+             helper.make_node("Sigmoid", ["c"], ["gate"], name="sigmoid"),
+             helper.make_node("Mul", ["c", "gate"], ["swish"], name="swish"),
+             helper.make_node("LeakyRelu", ["s"], ["leaky"], name="leaky", alpha=0.1),
+             helper.make_node("Concat", ["leaky", "swish"], ["cat"], name="cat", axis=1), c4,
+             helper.make_node("AveragePool", ["d"], ["dp"], name="pool", kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["dp"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1, name="fc")]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4])],
+                      w1 + w2 + w3 + w4 + [weight(4, 4, name="fc.w"), weight(4, name="fc.b")], opset=13)
+
+
+def kept(analysis, removed: set[int], source: str) -> int:
+    group = group_of(analysis, source)
+    return group.size - sum(int(r) in removed for r in group.roots.tolist())
+
+
+ACTIVATIONS = [(False, QuantType.QInt8), (True, QuantType.QInt8), (True, QuantType.QUInt8)]
+
+
+@pytest.mark.parametrize("per_channel,activations", ACTIVATIONS,
+                         ids=["per_tensor-int8", "per_channel-int8", "per_channel-uint8"])
+def test_a_qoperator_cnn_prunes_like_the_masked_quantized_model_and_stays_int8(tmp_path, per_channel, activations):
+    model = qoperator(cnn(), tmp_path, [1, 3, 8, 8], per_channel=per_channel, activations=activations)
+    assert {n.op_type for n in model.graph.node} >= {"QLinearConv", "QLinearGlobalAveragePool", "QGemm"}
+    analysis, pruned, removed = prune_matches_oracle(model, 0.5, oracle=masked_quantized_reference, atol=0)
+    kept1, kept2 = kept(analysis, removed, "c1_quant"), kept(analysis, removed, "c2_quant")
+    assert kept1 < 16 and kept2 < 8
+    w1 = initializer(pruned, "c1.w_quantized")
+    assert w1.data_type == TensorProto.INT8 and list(w1.dims) == [kept1, 3, 3, 3]
+    assert list(initializer(pruned, "c2.w_quantized").dims) == [kept2, kept1, 3, 3]
+    assert list(initializer(pruned, "fc.w_quantized").dims) == [4, kept2]  # QGemm, transB: [N, K]
+    bias = initializer(pruned, "c1.b_quantized")
+    assert bias.data_type == TensorProto.INT32 and list(bias.dims) == [kept1]
+    # per channel: one scale and zero point per kept filter; per tensor: the one scale stays
+    for name in ("c1.w_scale", "c1.w_zero_point"):
+        assert np.prod(initializer(pruned, name).dims) == (kept1 if per_channel else 1)
+    assert np.prod(initializer(pruned, "fc.w_scale").dims) == (4 if per_channel else 1)  # fc's outputs stay
+
+
+def test_qoperator_add_concat_and_activations_carry_channels_to_the_next_conv(tmp_path):
+    model = qoperator(branchy(), tmp_path, [1, 3, 8, 8], per_channel=True)
+    assert {n.op_type for n in model.graph.node} >= {"QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+                                                     "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+                                                     "QGemm"}
+    analysis, pruned, removed = prune_matches_oracle(model, 0.5, oracle=masked_quantized_reference, atol=0)
+    residual = group_of(analysis, "c1_quant")
+    assert {s.node for s in residual.sources} == {"c1_quant", "c2_quant"}  # QLinearAdd: one group
+    kept_residual, kept3 = kept(analysis, removed, "c1_quant"), kept(analysis, removed, "c3_quant")
+    # c4 reads the concatenation: the residual's kept channels, then c3's
+    assert list(initializer(pruned, "c4.w_quantized").dims) == [kept(analysis, removed, "c4_quant"),
+                                                                  kept_residual + kept3, 3, 3]
+    concat = next(n for n in pruned.graph.node if n.op_type == "QLinearConcat")
+    assert helper.get_attribute_value(concat.attribute[0]) == 1
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_a_qoperator_mlp_slices_the_column_scales_and_the_constant_of_its_qlinear_add(tmp_path, per_channel):
+    model = qoperator(mlp(), tmp_path, [2, 3, 16], per_channel=per_channel)
+    assert [n.op_type for n in model.graph.node].count("QLinearMatMul") == 2
+    analysis, pruned, removed = prune_matches_oracle(model, 0.25, oracle=masked_quantized_reference, atol=0)
+    hidden = kept(analysis, removed, "fc1_quant")
+    assert list(initializer(pruned, "w1_quantized").dims) == [16, hidden]
+    assert list(initializer(pruned, "w2_quantized").dims) == [hidden, 8]
+    assert list(initializer(pruned, "b1_quantized").dims) == [hidden]  # the bias QLinearAdd adds, int8
+    assert np.prod(initializer(pruned, "w1_scale").dims) == (hidden if per_channel else 1)
+
+
+def test_a_depthwise_qlinear_conv_keeps_one_group_per_kept_channel(tmp_path):
+    (c1, w1), (c3, w3) = conv("c1", "x", "a", 3, 8), conv("c3", "d", "y", 8, 4)
+    depthwise = helper.make_node("Conv", ["a", "dw.w", "dw.b"], ["d"], name="dw", group=8, kernel_shape=[3, 3],
+                                 pads=[1] * 4)
+    model = make_model([c1, depthwise, c3], [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])],
+                       w1 + w3 + [weight(8, 1, 3, 3, name="dw.w"), weight(8, name="dw.b")], opset=13)
+    int8 = qoperator(model, tmp_path, [1, 3, 8, 8], per_channel=True)
+    analysis, pruned, removed = prune_matches_oracle(int8, 0.5, oracle=masked_quantized_reference, atol=0)
+    channels = kept(analysis, removed, "c1_quant")
+    dw = next(n for n in pruned.graph.node if n.name == "dw_quant")
+    assert next(helper.get_attribute_value(a) for a in dw.attribute if a.name == "group") == channels
+    assert list(initializer(pruned, "dw.w_scale").dims) == [channels]
+
+
+def test_a_channels_last_qlinear_global_average_pool_passes_the_last_axis():
+    """x [1, 4, 4, 3] -> QLinearMatMul (8 features, last axis) -> QLinearGlobalAveragePool channels_last
+    -> [1, 1, 1, 8] -> QLinearMatMul (2): the features are pooled over H and W, not mixed."""
+    rng = np.random.default_rng(0)
+
+    def const(name, values, dtype):
+        return numpy_helper.from_array(np.asarray(values, dtype), name)
+
+    inits = [const("s", 0.05, np.float32), const("z", 0, np.int8), const("w_s", 0.02, np.float32),
+             const("w1", rng.integers(-60, 60, (3, 8)), np.int8), const("w2", rng.integers(-60, 60, (8, 2)), np.int8)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="quantize"),
+             helper.make_node("QLinearMatMul", ["xq", "s", "z", "w1", "w_s", "z", "s", "z"], ["h"], name="fc1"),
+             helper.make_node("QLinearGlobalAveragePool", ["h", "s", "z", "s", "z"], ["p"], name="pool",
+                              domain="com.microsoft", channels_last=1),
+             helper.make_node("QLinearMatMul", ["p", "s", "z", "w2", "w_s", "z", "s", "z"], ["yq"], name="fc2"),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="dequantize")]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    analysis, pruned, removed = prune_matches_oracle(model, 0.5, oracle=masked_quantized_reference, atol=0)
+    assert group_of(analysis, "fc1").prunable
+    assert list(initializer(pruned, "w2").dims) == [8 - len(removed), 2]
+
+
+def test_criteria_read_qoperator_weights_dequantized(tmp_path):
+    """The integers times their per-channel scale are the float weights, to half a step."""
+    float_model = cnn()
+    model = qoperator(float_model, tmp_path, [1, 3, 8, 8], per_channel=True)
+    view = analysis_of(model).view
+    floats = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
+    for name, axis in (("c1.w", 0), ("fc.w", 0)):  # QLinearConv filters, QGemm rows (transB)
+        scale = numpy_helper.to_array(initializer(model, f"{name}_scale"))
+        shape = [1] * floats[name].ndim
+        shape[axis] = -1
+        error = np.abs(view.weight(f"{name}_quantized") - floats[name])
+        assert (error <= scale.reshape(shape) / 2 + 1e-6).all()
+
+
+def test_prune_writes_a_smaller_qoperator_model_that_stays_int8(tmp_path):
+    model = qoperator(branchy(), tmp_path, [1, 3, 8, 8], per_channel=True)
+    pruned, report = onnxprune.prune(model, tmp_path / "small.onnx", ratio=0.5, round_to=1)
+    written = onnx.load(tmp_path / "small.onnx")
+    assert report.after.params < 0.6 * report.before.params
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in model.graph.node]
+    assert all(initializer(written, f"{c}.w_quantized").data_type == TensorProto.INT8 for c in ("c1", "c2", "c3", "c4"))
 
 
 # -- weight-only MatMulNBits (com.microsoft) ------------------------------------------------------------

@@ -1,6 +1,8 @@
 """LSTM, GRU and RNN: the hidden size is one group. W, R (rows of every gate, and R's columns), B,
 peepholes and initial states are sliced together; Y, Y_h and Y_c carry the units to their consumers;
-both directions of a bidirectional op lose the same units, so hidden_size stays one number."""
+both directions of a bidirectional op lose the same units, so hidden_size stays one number.
+onnxruntime's int8 DynamicQuantizeLSTM prunes the same way, its transposed integer weights with
+their per-row scales and zero points."""
 import numpy as np
 import onnx
 import pytest
@@ -8,8 +10,8 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxprune
-from helpers import (analysis_of, const, feeds_for, group_of, make_model, prune_matches_oracle, random_removal,
-                     weight)
+from helpers import (analysis_of, const, feeds_for, group_of, make_model, masked_quantized_reference,
+                     prune_matches_oracle, random_removal, run, silence_removed_units, weight)
 from onnxprune.cost import model_cost
 from onnxprune.passes.apply_plan import ApplyPlan
 from onnxprune.pipeline import build_analysis, prepare
@@ -25,7 +27,7 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 def recurrent_node(model: onnx.ModelProto) -> onnx.NodeProto:
-    return next(n for n in model.graph.node if n.op_type in GATES)
+    return next(n for n in model.graph.node if n.op_type in GATES or n.op_type == "DynamicQuantizeLSTM")
 
 
 def hidden_size(model: onnx.ModelProto) -> int:
@@ -322,3 +324,100 @@ def test_lossless_removes_dead_features_feeding_the_op_and_keeps_its_hidden_unit
     pruned, _ = onnxprune.prune(model, lossless=True)
     assert initializer(pruned, "W").shape == (2, 4 * HIDDEN, WIDTH - 8)
     assert hidden_size(pruned) == HIDDEN
+
+
+# -- onnxruntime's int8 DynamicQuantizeLSTM (com.microsoft) ----------------------------------------------
+
+def int8_lstm(tmp_path, *, per_channel: bool = False, **kwargs) -> onnx.ModelProto:
+    """recurrent_model("LSTM", 2, ...) through onnxruntime's quantize_dynamic: the projection becomes a
+    MatMulInteger, the LSTM a DynamicQuantizeLSTM with int8 W [2, WIDTH, 4 x HIDDEN] and R [2, HIDDEN,
+    4 x HIDDEN] and their scales (per direction, or per direction and gate row with per_channel)."""
+    from onnxruntime.quantization import quantize_dynamic
+    src, dst = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(recurrent_model("LSTM", 2, **kwargs), src)
+    quantize_dynamic(str(src), str(dst), per_channel=per_channel, reduce_range=True)
+    model = onnx.load(dst)
+    assert [n.op_type for n in model.graph.node].count("DynamicQuantizeLSTM") == 1
+    return model
+
+
+def silenced_reference(model, analysis, removed):
+    """The masked quantized model (helpers.masked_quantized_reference) whose removed hidden units are
+    also exactly 0 at every step (helpers.silence_removed_units): DynamicQuantizeLSTM quantizes the
+    hidden state over the range of all its units at every step, so removed units must not move that
+    range, as they cannot once removed.  X is quantized over a range that always holds 0, so a removed
+    input feature masked to 0 is exact as it is."""
+    reference = masked_quantized_reference(model, analysis, removed)
+    silence_removed_units(reference, analysis, removed, "rnn_quant")
+    return reference
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_direction", "per_gate_row"])
+@pytest.mark.parametrize("head,initial", [("y_h", "none"), ("y", "const")])
+def test_an_int8_lstm_prunes_its_hidden_units_like_the_masked_int8_model(tmp_path, per_channel, head, initial):
+    model = int8_lstm(tmp_path, per_channel=per_channel, head=head, initial=initial)
+    analysis, pruned, removed = prune_matches_oracle(model, oracle=silenced_reference, atol=0)
+    group = group_of(analysis, "rnn_quant")
+    assert group.prunable and group.size == HIDDEN
+    hidden, features = kept_in(analysis, removed, "rnn_quant"), kept_in(analysis, removed, "proj_quant")
+    assert hidden_size(pruned) == hidden
+    node = recurrent_node(pruned)
+    w, r = initializer(pruned, node.input[1]), initializer(pruned, node.input[2])
+    assert w.dtype == np.int8 and w.shape == (2, features, 4 * hidden)  # transposed: [directions, input, rows]
+    assert r.shape == (2, hidden, 4 * hidden)
+    assert initializer(pruned, node.input[3]).shape == (2, 8 * hidden)
+    for index in (8, 9, 10, 11):  # W and R scales and zero points
+        assert initializer(pruned, node.input[index]).shape == ((2, 4 * hidden) if per_channel else (2,))
+
+
+def test_an_int8_lstm_loses_the_same_rows_of_every_gate_as_its_float_original(tmp_path):
+    model = int8_lstm(tmp_path, per_channel=True)
+    analysis, pruned, removed = prune_matches_oracle(model, oracle=silenced_reference, atol=0)
+    roots = group_of(analysis, "rnn_quant").roots.tolist()
+    kept = [j for j, r in enumerate(roots) if int(r) not in removed]
+    rows = [g * HIDDEN + j for g in range(4) for j in kept]
+    node = recurrent_node(model)
+    dense_r, dense_scale = initializer(model, node.input[2]), initializer(model, node.input[10])
+    pruned_node = recurrent_node(pruned)
+    np.testing.assert_array_equal(initializer(pruned, pruned_node.input[2]), dense_r[:, kept][:, :, rows])
+    np.testing.assert_array_equal(initializer(pruned, pruned_node.input[10]), dense_scale[:, rows])
+
+
+def test_run_time_initial_states_of_an_int8_lstm_are_gathered(tmp_path):
+    model = int8_lstm(tmp_path, initial="input", head="y")
+    working, _ = prepare(model)
+    analysis = build_analysis(working)
+    removed = random_removal(analysis, 0.5)
+    pruned = ApplyPlan(analysis, removed)(working).model
+    node = recurrent_node(pruned)
+    gathers = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Gather"}
+    assert [gathers[node.input[i]].input[0] for i in (5, 6)] == ["h0", "c0"]
+    feeds = {name: np.zeros_like(v) if name != "x" else v for name, v in feeds_for(working).items()}
+    reference = silenced_reference(working, analysis, removed)  # zero states: removed units stay 0
+    np.testing.assert_array_equal(run(pruned, feeds)[0], run(reference, feeds)[0])
+
+
+def test_criteria_read_int8_lstm_weights_dequantized(tmp_path):
+    """W and R as integers times their per-row scales are the float LSTM's weights (transposed)."""
+    model = int8_lstm(tmp_path, per_channel=True)
+    floats = onnx.load(tmp_path / "float.onnx")  # what int8_lstm quantized
+    view = analysis_of(model).view
+    node = recurrent_node(model)
+    for index, name in ((1, "W"), (2, "R")):
+        scale = initializer(model, node.input[8 if index == 1 else 10])
+        real = view.weight(node.input[index])
+        error = np.abs(real - initializer(floats, name).transpose(0, 2, 1))
+        assert (error <= scale[:, None, :] / 2 + 1e-6).all()
+
+
+def test_int8_lstm_flops_count_like_the_float_lstm_and_the_estimate_is_exact(tmp_path):
+    working, _ = prepare(int8_lstm(tmp_path, head="y"))
+    dense = model_cost(working)
+    node = recurrent_node(working)
+    assert dense.by_node()[node.name].macs == SEQ * BATCH * 2 * 4 * HIDDEN * (WIDTH + HIDDEN)
+    analysis = build_analysis(working)
+    removed = random_removal(analysis, 0.5)
+    flags = np.zeros(len(analysis.root_of), dtype=bool)
+    flags[list(removed)] = True
+    estimated, _ = CostEstimator(analysis, dense).estimate(flags)
+    assert estimated == pytest.approx(model_cost(ApplyPlan(analysis, removed)(working).model).flops)

@@ -12,30 +12,34 @@ from onnxprune.errors import PlanError, UsageError
 from helpers import conv, make_model, weight
 
 
-def qlinear_conv_model() -> onnx.ModelProto:
-    """Two QLinearConv (QOperator format: the convs themselves read int8): not prunable yet."""
-    def q(name, *shape):
-        return numpy_helper.from_array(np.ones(shape, np.int8), name)
-
+def fused_int8_model() -> onnx.ModelProto:
+    """x -> MatMul (16) -> DynamicQuantizeLinear -> MatMulIntegerToFloat (8): onnxruntime's offline fusion of
+    MatMulInteger and its scale, which has no pruning rule (nor shape inference)."""
     scale = numpy_helper.from_array(np.array(0.02, np.float32), "s")
     zero = numpy_helper.from_array(np.array(0, np.int8), "z")
     nodes = [
-        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"], name="q_x"),
-        helper.make_node("QLinearConv", ["x_q", "s", "z", "w1", "s", "z", "s", "z"], ["a_q"], pads=[1] * 4, name="c1"),
-        helper.make_node("QLinearConv", ["a_q", "s", "z", "w2", "s", "z", "s", "z"], ["y_q"], pads=[1] * 4, name="c2"),
-        helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["y"], name="dq_y"),
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+        helper.make_node("DynamicQuantizeLinear", ["h"], ["h_q", "h_s", "h_z"], name="quantize"),
+        helper.make_node("MatMulIntegerToFloat", ["h_q", "w1", "h_s", "s", "h_z", "z"], ["y"], name="fc1",
+                         domain="com.microsoft"),
     ]
-    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])],
-                      [q("w1", 8, 3, 3, 3), q("w2", 4, 8, 3, 3), scale, zero], opset=19)
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+                              [weight(4, 16, name="w0"), numpy_helper.from_array(np.ones((16, 8), np.int8), "w1"),
+                               scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
 
 
-def test_a_qoperator_model_is_refused_naming_its_ops_and_what_to_do():
+def test_a_fused_int8_model_is_refused_naming_its_ops_and_what_to_do():
     with pytest.raises(PlanError) as caught:
-        onnxprune.prune(qlinear_conv_model(), target_flops=0.3)
+        onnxprune.prune(fused_int8_model(), ratio=0.5)
     message = str(caught.value)
-    assert re.search(r"quantized operator ops \(QLinearConv ×2\)", message)
-    assert "prune the float model, then quantize it (QDQ format" in message
-    assert "QuantizeLinear" not in message.split("\n")[0]  # QDQ ops prune: they are not named as a cause
+    assert re.search(r"quantized operator ops \(MatMulIntegerToFloat ×1\)", message)
+    assert "prune the float model, then quantize it (QDQ or QOperator format" in message
+    assert "DynamicQuantizeLinear" not in message.split("\n")[0]  # dynamic quantization prunes: not named as a cause
 
 
 def lstm_tagger() -> onnx.ModelProto:
@@ -68,9 +72,10 @@ def int8_lstm_tagger() -> onnx.ModelProto:
     return model
 
 
-def test_an_int8_recurrent_model_names_the_quantized_recurrent_ops_and_what_to_do():
-    with pytest.raises(PlanError, match=r"quantized recurrent ops \(DynamicQuantizeLSTM ×1\): their int8 weights"):
-        onnxprune.prune(int8_lstm_tagger(), ratio=0.5)
+def test_an_int8_lstm_prunes_like_the_float_one():
+    pruned, report = onnxprune.prune(int8_lstm_tagger(), ratio=0.5, round_to=1)
+    lstm = next(n for n in pruned.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    assert helper.get_attribute_value(next(a for a in lstm.attribute if a.name == "hidden_size")) == 4
 
 
 def test_a_float_lstm_is_not_refused_as_recurrent():
@@ -106,20 +111,21 @@ def test_cli_exit_codes_for_usage_errors_and_refusals(tmp_path, capsys):
     onnx.save(two_convs(), src)
     assert main(["prune", str(src), str(out), "--ratio", "0"]) == 2
     assert main(["prune", str(src), str(out), "--ratio", "0.5", "--exclude", "Conv"]) == 2
-    onnx.save(qlinear_conv_model(), src)
-    assert main(["prune", str(src), str(out), "--target-flops", "0.3"]) == 5
+    onnx.save(fused_int8_model(), src)
+    assert main(["prune", str(src), str(out), "--ratio", "0.5"]) == 5
     assert "quantized operator ops" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_analyze_prints_the_causes(tmp_path, capsys):
     src = tmp_path / "lstm.onnx"
-    onnx.save(int8_lstm_tagger(), src)
+    onnx.save(fused_int8_model(), src)
     assert main(["analyze", str(src)]) == 0
-    assert "blocked: quantized recurrent ops (DynamicQuantizeLSTM ×1)" in capsys.readouterr().out
-    onnx.save(lstm_tagger(), src)
-    assert main(["analyze", str(src)]) == 0
-    assert "recurrent ops" not in capsys.readouterr().out
+    assert "blocked: quantized operator ops (MatMulIntegerToFloat ×1)" in capsys.readouterr().out
+    for model in (lstm_tagger(), int8_lstm_tagger()):
+        onnx.save(model, src)
+        assert main(["analyze", str(src)]) == 0
+        assert "quantized" not in capsys.readouterr().out
 
 
 def test_lossless_with_nothing_dead_says_so():

@@ -1,7 +1,7 @@
 """Why little or nothing is prunable, in words a user can act on.
 
 Two kinds of cause, most telling first: families of ops the pruner does not
-handle (QOperator int8 graphs, int8 LSTMs, spectrogram front ends), counted by op type with
+handle (onnxruntime's fused int8 ops, spectrogram front ends), counted by op type with
 advice (onnxprune.ops); then the most frequent blocking reasons over the groups,
 with how many groups each blocks and one example.
 """
@@ -19,7 +19,8 @@ _QUOTED = re.compile(r"'[^']*'")
 
 
 def op_family_causes(model: onnx.ModelProto) -> list[str]:
-    """'quantized operator ops (QLinearConv x12, QLinearAdd x4): ... prune the float model, then quantize it'."""
+    """'quantized operator ops (MatMulIntegerToFloat x12, QAttention x4): ... prune the float model, then
+    quantize it'."""
     counts = Counter(n.op_type for n in model.graph.node)
     lines = []
     for family in UNSUPPORTED_FAMILIES:

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from onnxprune.ir.model_io import external_values
 from onnxprune.ir.quant import Quantization, dequantize, dequantize_nbits, nbits_layout, quantized_weight, \
-    reads_quantized_weight
+    weight_quantization
 from onnxprune.ir.shapes import Shape, infer_shapes
 from onnxprune.ir.subgraphs import all_names, outer_reads, reads, rename_reads, subgraphs  # noqa: F401 (re-exported)
 
@@ -106,14 +106,13 @@ class GraphView:
 
     def weight(self, name: str) -> np.ndarray | None:
         """The real values of a weight: an integer initializer that a node reads as a quantized
-        weight (DequantizeLinear, ConvInteger, MatMulInteger) is dequantized with that node's
-        scale and zero point, MatMulNBits' packed B as [N, blocks, block_size]; anything else is
-        returned as stored."""
+        weight (DequantizeLinear, ConvInteger, MatMulInteger, the QOperator ops, DynamicQuantizeLSTM:
+        onnxprune.ir.quant) is dequantized with that node's scale and zero point, MatMulNBits' packed
+        B as [N, blocks, block_size]; anything else is returned as stored."""
         for reader, index in self.consumers.get(name, ()):
-            if index >= 0 and index == reads_quantized_weight(reader):
-                q = quantized_weight(self, reader)
-                if q is not None and all(not n or n in self.initializers for n in (q.scale, q.zero_point)):
-                    return self._dequantize(q)
+            q = weight_quantization(self, reader, index) if index >= 0 else None
+            if q is not None and all(not n or n in self.initializers for n in (q.scale, q.zero_point)):
+                return self._dequantize(q)
             layout = nbits_layout(self, reader) if index == 1 else None
             if layout is not None and all(self.is_const(i) for i in reader.input[1:4] if i):
                 zero_points = self.const_input(reader, 3)

@@ -2,14 +2,21 @@
 and zero point, and what its real values are.
 
 A quantized model stores a weight as integers q and reads it as (q - zero_point) * scale,
-in one of two places: a DequantizeLinear in front of a float op (QDQ), or the integer op
-itself (ConvInteger, MatMulInteger: dynamic quantization, whose scale is applied by a Mul
-after the op, only the zero point sitting on it). The scale and zero point are one value for
-the whole tensor (per-tensor), one per position along `axis` (per-channel), or one per
-`block_size` positions along `axis` and per position along the others (blocked, opset 21).
+in one of three places: a DequantizeLinear in front of a float op (QDQ), an integer op with
+no scale of its own (ConvInteger, MatMulInteger: dynamic quantization, whose scale is applied
+by a Mul after the op, only the zero point sitting on it), or an integer op that takes the
+weight's scale and zero point as inputs (the QOperator format: QLinearConv, QLinearMatMul,
+QGemm; and onnxruntime's int8 DynamicQuantizeLSTM, for W and for R). The scale and zero point
+are one value for the whole tensor (per-tensor), one per position along `axis` (per-channel),
+one per `block_size` positions along `axis` and per position along the others (blocked, opset
+21), or, for DynamicQuantizeLSTM, one per direction or one per direction and gate row.
 
 Pruning slices the integers and, along a per-channel axis, the scale and zero point with
 them; importance criteria and lossless dead-unit detection read the real values.
+
+The com.microsoft QOperator ops and DynamicQuantizeLSTM have no ONNX shape inference:
+`contrib_output_shapes` gives their outputs' types and shapes from their inputs' (the shape
+inference fallback, onnxprune.ir.shapes, asks it).
 """
 from __future__ import annotations
 
@@ -17,17 +24,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
-# op -> (weight input, scale input or None, zero point input, per-channel axis of the weight; None: the
-# op's `axis` attribute), for the ops that read a constant weight as integers and have a pruning rule
-_READERS: dict[tuple[str, str], tuple[int, int | None, int, int | None]] = {
-    ("", "DequantizeLinear"): (0, 1, 2, None),
-    ("com.microsoft", "DequantizeLinear"): (0, 1, 2, None),
-    ("", "MatMulInteger"): (1, None, 3, -1),  # the scale is applied after the op (a Mul)
-    ("", "ConvInteger"): (1, None, 3, 0),
+# the weight's per-channel axis, where it is not a fixed axis of the weight
+OP_AXIS = "axis"  # (De)QuantizeLinear: the op's `axis` attribute (default 1)
+TRANS_B = "transB"  # QGemm: B's output features, axis 0 when transB else 1
+GATE_ROWS = "gate rows"  # DynamicQuantizeLSTM: the scale runs along directions (and gate rows, the last axis)
+
+# op -> for each constant weight it reads as integers: (weight input, scale input or None, zero point input,
+# per-channel axis of the weight, or one of the markers above), for the ops that have a pruning rule
+_READERS: dict[tuple[str, str], tuple[tuple[int, int | None, int, int | str], ...]] = {
+    ("", "DequantizeLinear"): ((0, 1, 2, OP_AXIS),),
+    ("com.microsoft", "DequantizeLinear"): ((0, 1, 2, OP_AXIS),),
+    ("", "MatMulInteger"): ((1, None, 3, -1),),  # the scale is applied after the op (a Mul)
+    ("", "ConvInteger"): ((1, None, 3, 0),),
+    ("", "QLinearConv"): ((3, 4, 5, 0),),
+    ("", "QLinearMatMul"): ((3, 4, 5, -1),),
+    ("com.microsoft", "QGemm"): ((3, 4, 5, TRANS_B),),
+    ("com.microsoft", "DynamicQuantizeLSTM"): ((1, 8, 9, GATE_ROWS), (2, 10, 11, GATE_ROWS)),  # W, R
 }
 # ops that write integers with a scale and zero point of the same geometry (their input is float)
-_WRITERS = {("", "QuantizeLinear"): (0, 1, 2, None), ("com.microsoft", "QuantizeLinear"): (0, 1, 2, None)}
+_WRITERS = {("", "QuantizeLinear"): ((0, 1, 2, OP_AXIS),), ("com.microsoft", "QuantizeLinear"): ((0, 1, 2, OP_AXIS),)}
 
 
 def _domain(node: onnx.NodeProto) -> str:
@@ -35,9 +52,9 @@ def _domain(node: onnx.NodeProto) -> str:
 
 
 def reads_quantized_weight(node: onnx.NodeProto) -> int | None:
-    """The input index at which `node` reads integers it dequantizes, or None."""
-    spec = _READERS.get((_domain(node), node.op_type))
-    return None if spec is None else spec[0]
+    """The (first) input index at which `node` reads integers it dequantizes, or None."""
+    specs = _READERS.get((_domain(node), node.op_type))
+    return None if specs is None else specs[0][0]
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,9 @@ class Quantization:
     axis: int  # the per-channel (or blocked) axis of `data`, normalised; meaningless when per-tensor
     block_size: int  # > 0: blocked quantization along `axis`
     shape: tuple  # of data (an activation's may hold symbolic dims)
+    #: when set, the axes of `data` that the scale's dims run along, one each (DynamicQuantizeLSTM's
+    #: [directions] or [directions, 4 x hidden]); otherwise its shape says (see `kind`)
+    param_axes: tuple[int, ...] = ()
 
     def kind(self, param_shape: tuple[int, ...]) -> str:
         """'tensor', 'channel' or 'block', from the shape of the scale (or zero point)."""
@@ -82,17 +102,26 @@ class Quantization:
 
 
 def quantized_weight(view, node: onnx.NodeProto) -> Quantization | None:
-    """How `node` reads its integer weight, when it reads one and its data is a constant."""
-    q = quantization(view, node) if reads_quantized_weight(node) is not None else None
+    """How `node` reads its (first) integer weight, when it reads one and its data is a constant."""
+    index = reads_quantized_weight(node)
+    return None if index is None else weight_quantization(view, node, index)
+
+
+def weight_quantization(view, node: onnx.NodeProto, index: int) -> Quantization | None:
+    """How `node` reads the constant integers at input `index` as a weight, or None when it does not."""
+    spec = next((s for s in _READERS.get((_domain(node), node.op_type), ()) if s[0] == index), None)
+    q = _quantization(view, node, spec) if spec is not None else None
     return q if q is not None and q.data in view.initializers else None
 
 
 def quantization(view, node: onnx.NodeProto) -> Quantization | None:
     """The scale, zero point and axis with which `node` (de)quantizes its data input, if its shape is known."""
     key = (_domain(node), node.op_type)
-    spec = _READERS.get(key) or _WRITERS.get(key)
-    if spec is None:
-        return None
+    specs = _READERS.get(key) or _WRITERS.get(key)
+    return None if specs is None else _quantization(view, node, specs[0])
+
+
+def _quantization(view, node: onnx.NodeProto, spec) -> Quantization | None:
     data_index, scale_index, zp_index, axis = spec
     data = node.input[data_index] if data_index < len(node.input) else ""
     shape = _dims(view, data) if data in view.initializers else (view.shape(data) if data else None)
@@ -104,11 +133,18 @@ def quantization(view, node: onnx.NodeProto) -> Quantization | None:
 
     scale, zero_point = optional(scale_index), optional(zp_index)
     rank = len(shape)
-    if axis is None:  # (De)QuantizeLinear: the axis attribute (default 1), for per-channel and blocked
+    param_axes: tuple[int, ...] = ()
+    if axis == OP_AXIS:  # (De)QuantizeLinear: the axis attribute (default 1), for per-channel and blocked
         axis = int(view.attr(node, "axis", 1))
+    elif axis == TRANS_B:
+        axis = 0 if int(view.attr(node, "transB", 0)) else 1
+    elif axis == GATE_ROWS:
+        axis = rank - 1
+        param = _dims(view, scale or zero_point) if scale or zero_point else None
+        param_axes = (0, axis)[:len(param)] if param is not None and len(param) in (1, 2) else ()
     axis = axis + rank if axis < 0 else axis
     block_size = int(view.attr(node, "block_size", 0)) if node.op_type in ("QuantizeLinear", "DequantizeLinear") else 0
-    return Quantization(node, data, scale, zero_point, axis, block_size, shape)
+    return Quantization(node, data, scale, zero_point, axis, block_size, shape, param_axes)
 
 
 def _dims(view, name: str) -> tuple[int, ...] | None:
@@ -131,6 +167,11 @@ def dequantize(q: Quantization, values: np.ndarray, scale: np.ndarray | None,
 
 
 def _broadcastable(q: Quantization, param: np.ndarray) -> np.ndarray:
+    if q.param_axes and param.ndim == len(q.param_axes) and param.size > 1:
+        shape = [1] * len(q.shape)
+        for size, axis in zip(param.shape, q.param_axes):
+            shape[axis] = size
+        return param.reshape(shape)
     kind = q.kind(param.shape)
     if kind == "tensor":
         return param.reshape(())
@@ -198,3 +239,104 @@ def dequantize_nbits(layout: NBitsLayout, b: np.ndarray, scales: np.ndarray,
         zero = np.asarray(zero_points, dtype=np.float32).reshape(n, blocks, 1)
     return (q - zero) * scales
 
+
+
+# -- shapes of the com.microsoft quantized ops (no ONNX shape inference) -----------------------------------
+
+CONTRIB_SHAPE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearGlobalAveragePool",
+                     "QLinearAveragePool", "QLinearConcat", "QGemm", "DynamicQuantizeLSTM")
+
+
+def contrib_output_shapes(node: onnx.NodeProto, shapes: list, types: list[int]) -> list[tuple[int, list]] | None:
+    """(element type, shape) of each output of a com.microsoft QOperator op or DynamicQuantizeLSTM, from
+    its inputs' shapes and types (a dim may be symbolic, a str); None when it is not one of them or an
+    input it needs is unknown."""
+    op = node.op_type if _domain(node) == "com.microsoft" else ""
+    if op in ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"):
+        return None if shapes[0] is None else [(types[0], list(shapes[0]))]
+    if op == "QLinearGlobalAveragePool":
+        return _global_pool_shape(node, shapes[0], types[0])
+    if op == "QLinearAveragePool":
+        return _pool_shape(node, shapes[0], types[0])
+    if op == "QLinearConcat":
+        return _concat_shape(node, shapes[2::3], types[2])
+    if op == "QGemm":
+        return _qgemm_shape(node, shapes, types)
+    if op == "DynamicQuantizeLSTM":
+        return _lstm_shapes(node, shapes[0])
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
+def _global_pool_shape(node, x, elem) -> list[tuple[int, list]] | None:
+    if x is None or len(x) < 3:
+        return None
+    if int(_attr(node, "channels_last", 0)):
+        return [(elem, [x[0]] + [1] * (len(x) - 2) + [x[-1]])]
+    return [(elem, [x[0], x[1]] + [1] * (len(x) - 2))]
+
+
+def _pool_shape(node, x, elem) -> list[tuple[int, list]] | None:
+    """AveragePool's output size along each spatial axis (auto_pad, pads, strides, dilations, ceil_mode)."""
+    kernel = _attr(node, "kernel_shape")
+    if x is None or kernel is None or len(x) != len(kernel) + 2:
+        return None
+    channels_last = int(_attr(node, "channels_last", 0))
+    spatial = list(x[1:-1] if channels_last else x[2:])
+    n = len(kernel)
+    strides, dilations = _attr(node, "strides", [1] * n), _attr(node, "dilations", [1] * n)
+    pads, auto_pad = _attr(node, "pads", [0] * 2 * n), _attr(node, "auto_pad", b"NOTSET")
+    round_up = int(_attr(node, "ceil_mode", 0))
+    out = []
+    for i, size in enumerate(spatial):
+        if not isinstance(size, int):
+            out.append(f"{node.output[0]}_pool_{i}")
+        elif auto_pad in (b"SAME_UPPER", b"SAME_LOWER"):
+            out.append(-(-size // strides[i]))
+        else:
+            span = (kernel[i] - 1) * dilations[i] + 1
+            padded = size - span + (0 if auto_pad == b"VALID" else pads[i] + pads[i + n])
+            out.append((-(-padded // strides[i]) if round_up else padded // strides[i]) + 1)
+    return [(elem, [x[0]] + out + [x[-1]] if channels_last else [x[0], x[1]] + out)]
+
+
+def _concat_shape(node, inputs: list, elem) -> list[tuple[int, list]] | None:
+    if not inputs or any(s is None for s in inputs) or len({len(s) for s in inputs}) != 1:
+        return None
+    rank = len(inputs[0])
+    axis = int(_attr(node, "axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    out = list(inputs[0])
+    sizes = [s[axis] for s in inputs]
+    out[axis] = sum(sizes) if all(isinstance(d, int) for d in sizes) else f"{node.output[0]}_concat_{axis}"
+    return [(elem, out)]
+
+
+def _qgemm_shape(node, shapes: list, types: list[int]) -> list[tuple[int, list]] | None:
+    a, b = shapes[0], shapes[3] if len(shapes) > 3 else None
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return None
+    m = a[1] if int(_attr(node, "transA", 0)) else a[0]
+    n = b[0] if int(_attr(node, "transB", 0)) else b[1]
+    if len(node.input) <= 7 or not node.input[7]:
+        elem = TensorProto.FLOAT  # no y_scale: the output is float
+    elif len(node.input) > 8 and node.input[8]:
+        elem = types[8]
+    else:
+        elem = TensorProto.UINT8
+    return [(elem, [m, n])]
+
+
+def _lstm_shapes(node, x) -> list[tuple[int, list]] | None:
+    """Y [seq, directions, batch, hidden], Y_h and Y_c [directions, batch, hidden], float (X is)."""
+    hidden = _attr(node, "hidden_size")
+    if x is None or len(x) != 3 or hidden is None:
+        return None
+    direction = _attr(node, "direction", b"forward")
+    directions = 2 if direction in (b"bidirectional", "bidirectional") else 1
+    state = [directions, x[1], int(hidden)]
+    return [(TensorProto.FLOAT, [x[0]] + state)] + [(TensorProto.FLOAT, list(state))] * (len(node.output) - 1)

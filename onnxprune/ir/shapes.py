@@ -15,6 +15,8 @@ import logging
 import onnx
 from onnx import helper
 
+from onnxprune.ir.quant import CONTRIB_SHAPE_OPS, contrib_output_shapes
+
 log = logging.getLogger(__name__)
 
 # Initializers up to this many elements keep their values in the skeleton:
@@ -178,6 +180,7 @@ def _symbolic(sk: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
         return {}
     try:
         inference = SymbolicShapeInference(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank, verbose
+        _add_quantized_ops(inference)
         inference._preprocess(sk)
         while inference.run_:
             inference._infer_impl()
@@ -187,6 +190,21 @@ def _symbolic(sk: onnx.ModelProto) -> dict[str, tuple[int, Shape]]:
         log.debug("symbolic shape inference failed: %s", exc)
         return {}
     return _collect(out)
+
+
+def _add_quantized_ops(inference) -> None:
+    """onnxruntime's inference guesses the outputs of com.microsoft QOperator ops it does not know from
+    input 0 (QLinearConcat's size, DynamicQuantizeLSTM's rank come out wrong): onnxprune.ir.quant says."""
+    def infer(node):
+        shapes = [inference._get_shape(node, i) if name else None for i, name in enumerate(node.input)]
+        types = [(inference.known_vi_[n].type.tensor_type.elem_type if n in inference.known_vi_
+                  else inference.initializers_[n].data_type) if n else 0 for n in node.input]
+        for name, (elem, shape) in zip(node.output, contrib_output_shapes(node, shapes, types) or []):
+            if name:
+                inference.known_vi_[name].CopyFrom(helper.make_tensor_value_info(name, elem, shape))
+
+    for op in CONTRIB_SHAPE_OPS:
+        inference.dispatcher_.setdefault(op, infer)
 
 
 _warned_no_symbolic = False

@@ -11,6 +11,7 @@ from onnxprune.analysis.rules import (  # noqa: F401
     linear,
     normalization,
     pooling,
+    qoperator,
     quantized,
     recurrent,
     reduce,

@@ -40,16 +40,21 @@ class ConcatRule(Rule):
                     z._set(n, set.intersection(*fresh))
         z.pass_through(node)
 
+    @staticmethod
+    def data_inputs(node) -> list[str]:
+        """The tensors joined (QLinearConcat interleaves them with their scales and zero points)."""
+        return [n for n in node.input if n]
+
     def propagate(self, node, s):
         y = node.output[0]
         rank = s.view.rank(y)
-        where = f"Concat '{node.name}'"
+        where = f"{node.op_type} '{node.name}'"
         if rank is None:
             for name in node.input:
                 s.block_tensor(name, f"{where}: output shape unknown")
             return
         axis = norm_axis(int(s.view.attr(node, "axis", 1)), rank)
-        inputs = [n for n in node.input if n]
+        inputs = self.data_inputs(node)
         pieces, any_units, unknown = [], False, None
         for name in inputs:
             layout = s.layout(name, axis)

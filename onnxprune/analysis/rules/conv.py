@@ -22,17 +22,17 @@ from onnxprune.analysis.rules.base import Rule, register
 from onnxprune.analysis.units import NO_UNIT
 
 
-def _in_channels(s, node, transposed: bool) -> int | None:
+def _in_channels(s, node, transposed: bool, weight_index: int = 1) -> int | None:
     """From the input's shape, or, when inference lost it, from the weight."""
     known = s.view.dim(node.input[0], 1)
-    weight = s.view.const_input(node, 1)
+    weight = s.view.const_input(node, weight_index)
     if known is not None or weight is None:
         return known
     return weight.shape[0] if transposed else weight.shape[1] * int(s.view.attr(node, "group", 1))
 
 
-def _conv_kind(s, node, in_channels: int | None, transposed: bool):
-    weight = s.view.const_input(node, 1)
+def _conv_kind(s, node, in_channels: int | None, transposed: bool, weight_index: int = 1):
+    weight = s.view.const_input(node, weight_index)
     group = int(s.view.attr(node, "group", 1))
     if weight is None or in_channels is None:
         return None, group
@@ -84,7 +84,8 @@ def _whole_groups_keep_more(s, in_layout: np.ndarray, group: int, per_group_out:
 
 class ConvLike(Rule):
     transposed = False
-    bias_index: int | None = 2  # ConvInteger has none (its inputs 2 and 3 are zero points)
+    weight_index = 1  # QLinearConv: 3
+    bias_index: int | None = 2  # ConvInteger has none (its inputs 2 and 3 are zero points); QLinearConv: 8
 
     def consume(self, s, node, tensor: str, axis: int) -> None:
         """Record where input channels are consumed (ConvInteger: the float tensor before quantization)."""
@@ -99,8 +100,9 @@ class ConvLike(Rule):
             elif axis != 1:
                 s.block(layout, f"{where} mixes spatial positions")
         in_layout = s.layout(x, 1)
-        in_channels = _in_channels(s, node, self.transposed)
-        kind, group = _conv_kind(s, node, in_channels, self.transposed)
+        w = self.weight_index
+        in_channels = _in_channels(s, node, self.transposed, w)
+        kind, group = _conv_kind(s, node, in_channels, self.transposed, w)
         if kind is None:
             s.block(in_layout, f"{where}: weight is not a constant or input channels unknown")
             return
@@ -108,10 +110,10 @@ class ConvLike(Rule):
         w_in_axis, w_out_axis = (0, 1) if self.transposed else (1, 0)
         if kind == "dense":
             if in_layout is not None:
-                s.param(node, 1, w_in_axis, in_layout, "weight_in")
+                s.param(node, w, w_in_axis, in_layout, "weight_in")
                 self.consume(s, node, x, 1)
             out_layout = s.fresh(node, y, 1, out_channels)
-            s.param(node, 1, w_out_axis, out_layout, "weight_out")
+            s.param(node, w, w_out_axis, out_layout, "weight_out")
         elif kind == "depthwise":
             if in_layout is None:
                 return  # channels tied one-to-one to channels nobody can prune
@@ -119,7 +121,7 @@ class ConvLike(Rule):
             out_layout = np.repeat(in_layout, multiplier)
             # Conv weight (C*m, 1, k..): axis 0 follows the outputs.
             # ConvTranspose weight (C, m, k..): axis 0 follows the inputs.
-            s.param(node, 1, 0, in_layout if self.transposed else out_layout, "weight_out")
+            s.param(node, w, 0, in_layout if self.transposed else out_layout, "weight_out")
         elif in_layout is not None and _whole_groups_keep_more(s, in_layout, group, out_channels // group):
             per_group_in, per_group_out = in_channels // group, out_channels // group
             s.union_positions(in_layout, np.arange(in_channels) // per_group_in, where)
@@ -127,19 +129,19 @@ class ConvLike(Rule):
             out_layout = np.repeat(group_units, per_group_out)
             # Conv weight (C_out, C_in/g, k..): axis 0 follows the outputs.
             # ConvTranspose weight (C_in, C_out/g, k..): axis 0 follows the inputs.
-            s.param(node, 1, 0, in_layout if self.transposed else out_layout, "weight_out")
+            s.param(node, w, 0, in_layout if self.transposed else out_layout, "weight_out")
         else:
             per_group_in, per_group_out = in_channels // group, out_channels // group
             if in_layout is not None:
                 s.union_positions(in_layout, np.arange(in_channels) % per_group_in, where)
                 if self.transposed:
-                    s.param(node, 1, 0, in_layout, "weight_in")
+                    s.param(node, w, 0, in_layout, "weight_in")
                 else:
-                    s.param(node, 1, 1, in_layout[:per_group_in], "weight_in")
+                    s.param(node, w, 1, in_layout[:per_group_in], "weight_in")
                 self.consume(s, node, x, 1)
             fresh = s.fresh(node, y, 1, per_group_out)
             out_layout = np.tile(fresh, group)
-            s.param(node, 1, 1 if self.transposed else 0, fresh if self.transposed else out_layout, "weight_out")
+            s.param(node, w, 1 if self.transposed else 0, fresh if self.transposed else out_layout, "weight_out")
         if self.bias_index is not None and s.view.has_input(node, self.bias_index):
             s.param(node, self.bias_index, 0, out_layout, "bias")
         s.set_layout(y, 1, out_layout)
@@ -150,7 +152,7 @@ class ConvLike(Rule):
         mask = rw.mask(x, 1)
         if group == 1 or mask is None:
             return
-        in_channels = _in_channels(rw, node, self.transposed)
+        in_channels = _in_channels(rw, node, self.transposed, self.weight_index)
         if group == in_channels:
             rw.set_attr(node, "group", rw.kept(x, 1))
             return

@@ -12,34 +12,41 @@ from onnxprune.analysis.rules.constant_axis import follow_constant
 
 @register("Gemm")
 class GemmRule(Rule):
+    weight_index, bias_index = 1, 2  # QGemm: 3 and 6
+
+    def consume(self, s, node, tensor: str, axis: int) -> None:
+        """Record where input features are consumed (QGemm: the float tensor before quantization)."""
+        s.sink(node, tensor, axis)
+
     def propagate(self, node, s):
         a, y = node.input[0], node.output[0]
-        where = f"Gemm '{node.name}'"
-        for index in (1, 2):  # units reaching B or C at run time: no rule to follow them through
+        w, c = self.weight_index, self.bias_index
+        where = f"{node.op_type} '{node.name}'"
+        for index in (w, c):  # units reaching B or C at run time: no rule to follow them through
             if s.view.has_input(node, index) and not s.view.is_const(node.input[index]):
                 s.block_tensor(node.input[index], f"{where} uses '{node.input[index]}' as a run-time weight or bias")
         trans_a = int(s.view.attr(node, "transA", 0))
         trans_b = int(s.view.attr(node, "transB", 0))
         k_axis_a, m_axis_a = (0, 1) if trans_a else (1, 0)
-        c_shape = s.view.shape(node.input[2]) if s.view.has_input(node, 2) else None
+        c_shape = s.view.shape(node.input[c]) if s.view.has_input(node, c) else None
         m_layout = s.layout(a, m_axis_a)
         if m_layout is not None:
             s.set_layout(y, 0, m_layout)
             if c_shape and len(c_shape) == 2 and c_shape[0] != 1:
-                s.param(node, 2, 0, m_layout, "bias")  # a bias with one row per row of A
+                s.param(node, c, 0, m_layout, "bias")  # a bias with one row per row of A
         k_layout = s.layout(a, k_axis_a)
-        weight = s.view.const_input(node, 1)
+        weight = s.view.const_input(node, w)
         if weight is None:
-            s.block(k_layout, f"{where}: weight '{node.input[1]}' is computed at run time")
+            s.block(k_layout, f"{where}: weight '{node.input[w]}' is computed at run time")
             return
         k_axis_b, n_axis_b = (1, 0) if trans_b else (0, 1)
         if k_layout is not None:
-            s.param(node, 1, k_axis_b, k_layout, "weight_in")
-            s.sink(node, a, k_axis_a)
+            s.param(node, w, k_axis_b, k_layout, "weight_in")
+            self.consume(s, node, a, k_axis_a)
         out_layout = s.fresh(node, y, 1, weight.shape[n_axis_b])
-        s.param(node, 1, n_axis_b, out_layout, "weight_out")
+        s.param(node, w, n_axis_b, out_layout, "weight_out")
         if c_shape and c_shape[-1] == weight.shape[n_axis_b] and weight.shape[n_axis_b] != 1:
-            s.param(node, 2, len(c_shape) - 1, out_layout, "bias")
+            s.param(node, c, len(c_shape) - 1, out_layout, "bias")
         s.set_layout(y, 1, out_layout)
 
     def zeros(self, node, z):

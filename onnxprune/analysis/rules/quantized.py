@@ -1,5 +1,6 @@
 """Quantized graphs: QDQ (QuantizeLinear/DequantizeLinear around float ops), dynamic
 quantization (DynamicQuantizeLinear + MatMulInteger/ConvInteger) and weight-only MatMulNBits.
+(The QOperator format's integer ops are qoperator.py's; the int8 DynamicQuantizeLSTM, recurrent.py's.)
 
 Weights stay integers.  A DequantizeLinear of constants is a weight (GraphView.dequantized):
 the float op after it slices it like any weight, and AnalysisState.param slices the integers
@@ -83,14 +84,15 @@ class DynamicQuantizeRule(Rule):
 
 class IntegerMatMul(Rule):
     """A [.., K] x B [K, N] with B constant integers: K consumed, N new units.  Subclasses give the
-    input indices of B's zero point and scale (per column: sliced with N) and of a bias."""
+    input index of B, of the parameters that may run along its columns (one per column: sliced with
+    N), and of A's parameters, which may run along A's rows (those rows then cannot move)."""
 
-    zero_point_index: int | None = None
-    scale_index: int | None = None
-    bias_index: int | None = None
+    weight_index = 1
+    column_params: tuple[tuple[int, str], ...] = ()  # (input index, role)
+    row_params: tuple[int, ...] = ()
 
     def propagate(self, node, s):
-        a, b, y = node.input[0], node.input[1], node.output[0]
+        a, b, y = node.input[0], node.input[self.weight_index], node.output[0]
         where = f"{node.op_type} '{node.name}'"
         ra, rb, ry = s.view.rank(a), s.view.rank(b), s.view.rank(y)
         if not s.view.is_const(b):
@@ -105,33 +107,27 @@ class IntegerMatMul(Rule):
             s.block_tensor(a, f"{where}: {why}")
             return
         for axis, layout in s.layouts_of(a).items():
-            if axis < ra - 2 or (axis == ra - 2 and self._scalar_input_zero_point(node, s)):
+            if axis < ra - 2 or (axis == ra - 2 and self._scalar_row_params(node, s)):
                 s.set_layout(y, axis + ry - ra, layout)
             elif axis == ra - 2:
-                s.block(layout, f"{where}: the zero point of '{a}' runs along these rows")
+                s.block(layout, f"{where}: the scale or zero point of '{a}' runs along these rows")
         k_layout = s.layout(a, ra - 1)
         if k_layout is not None:
-            s.param(node, 1, 0, k_layout, "weight_in")
+            s.param(node, self.weight_index, 0, k_layout, "weight_in")
             consume_quantized(s, node, a, ra - 1)
         n = s.view.dim(b, 1)
         out = s.fresh(node, y, ry - 1, n)
-        s.param(node, 1, 1, out, "weight_out")
-        for index, role in ((self.zero_point_index, "quant_zero_point"), (self.scale_index, "quant_scale"),
-                            (self.bias_index, "bias")):
-            if index is not None and s.view.has_input(node, index) and _numel(s.view.shape(node.input[index])) == n > 1:
-                s.param(node, index, 0, out, role)
+        s.param(node, self.weight_index, 1, out, "weight_out")
+        slice_per_unit(s, node, out, self.column_params)
         s.set_layout(y, ry - 1, out)
         self.follow_column_scale(node, s, out)
 
     def follow_column_scale(self, node, s, out) -> None:
         """Where the op applies no scale of its own."""
 
-    @staticmethod
-    def _scalar_input_zero_point(node, s) -> bool:
-        """MatMulInteger may give A one zero point per row: rows cannot then move without it."""
-        if not s.view.has_input(node, 2) or node.op_type != "MatMulInteger":
-            return True
-        return _numel(s.view.shape(node.input[2])) == 1
+    def _scalar_row_params(self, node, s) -> bool:
+        """A may have one zero point (QLinearMatMul: and scale) per row: rows cannot then move without it."""
+        return all(numel(s.view.shape(node.input[i])) == 1 for i in self.row_params if s.view.has_input(node, i))
 
     def zeros(self, node, z):
         z.source_zeros(node)
@@ -139,7 +135,8 @@ class IntegerMatMul(Rule):
 
 @register("MatMulInteger")
 class MatMulIntegerRule(IntegerMatMul):
-    zero_point_index = 3
+    column_params = ((3, "quant_zero_point"),)
+    row_params = (2,)
 
     def follow_column_scale(self, node, s, out):
         """Dynamic quantization applies B's scale after the op: Cast, then Mul by (A's scale x B's
@@ -152,10 +149,10 @@ class MatMulIntegerRule(IntegerMatMul):
                 other = next((i for i in mul.input if i != cast.output[0]), "")
                 product = s.view.producer.get(other)
                 if mul.op_type != "Mul" or product is None or product.op_type != "Mul" \
-                        or _numel(s.view.shape(other)) != len(out):
+                        or numel(s.view.shape(other)) != len(out):
                     continue
                 for index, name in enumerate(product.input):
-                    if s.view.is_const(name) and _numel(s.view.shape(name)) == len(out) > 1:
+                    if s.view.is_const(name) and numel(s.view.shape(name)) == len(out) > 1:
                         s.param(product, index, 0, out, "quant_scale")
                         s.set_layout(other, 0, out)
 
@@ -171,12 +168,20 @@ class ConvIntegerRule(ConvLike):
 
     def propagate(self, node, s):
         super().propagate(node, s)
-        out = s.layout(node.output[0], 1)
-        if out is not None and s.view.has_input(node, 3) and _numel(s.view.shape(node.input[3])) == len(out) > 1:
-            s.param(node, 3, 0, out, "quant_zero_point")
+        slice_per_unit(s, node, s.layout(node.output[0], 1), ((3, "quant_zero_point"),))
 
 
-def _numel(shape) -> int | None:
+def slice_per_unit(s, node, units, params: tuple[tuple[int, str], ...]) -> None:
+    """Slice the parameters that hold one value per output unit (a weight's per-channel scale and zero
+    point: (input index, role)) with `units`; one value for the whole tensor stays."""
+    if units is None:
+        return
+    for index, role in params:
+        if s.view.has_input(node, index) and numel(s.view.shape(node.input[index])) == len(units) > 1:
+            s.param(node, index, 0, units, role)
+
+
+def numel(shape) -> int | None:
     if shape is None or not all(isinstance(d, int) for d in shape):
         return None
     return int(np.prod(shape, dtype=np.int64)) if shape else 1
