@@ -67,6 +67,21 @@ class Group:
             return f"{self.size} kv groups ({query} query + {kv} kv heads x {self.head_dim})"
         return f"{self.size} {kind}"
 
+    def head_counts(self, units: int | None = None) -> tuple[int, int] | None:
+        """(query heads, KV heads) of the attention this group's units are, with `units` of them kept
+        (default: all); None when its units are not attention heads. What a runtime config calls
+        num_attention_heads and num_key_value_heads for this layer."""
+        kind = self.kind
+        units = self.size if units is None else units
+        if kind == "heads" and self.kv_groups:  # a unit is one query head of each kv group; the kv heads stay
+            return units * self.kv_groups, self.kv_groups
+        if kind == "heads":
+            per_unit = max(self.heads_per_unit.values())
+            return units * per_unit, units * per_unit
+        if kind == "kv groups":
+            return units * max(self.heads_per_unit.values()), units * min(self.heads_per_unit.values())
+        return None
+
     def to_dict(self) -> dict:
         return {
             "id": self.id,

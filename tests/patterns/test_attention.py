@@ -347,9 +347,9 @@ def test_with_prune_cache_heads_and_kv_groups_go_from_the_cache_inputs_and_outpu
     reference = masked_reference(working, analysis, removed)
     pruned = ApplyPlan(analysis, removed)(working).model
     keep = analysis.keep_masks(removed)[("past_k", 1)]
-    for vi in list(pruned.graph.input) + list(pruned.graph.output):  # the new interface
-        if vi.name in analysis.state.cache_inputs or vi.name in analysis.state.cache_outputs:
-            vi.type.tensor_type.shape.dim[1].dim_value = int(keep.sum())
+    declared = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value
+                for vi in [*pruned.graph.input, *pruned.graph.output] if vi.name.startswith(("past", "present"))}
+    assert declared == dict.fromkeys(["past_k", "past_v", "present_k", "present_v"], int(keep.sum()))  # the interface
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((2, S, D)).astype(np.float32)}
     feeds.update({f"past_{n}": rng.standard_normal((2, kv_heads, 5, HD)).astype(np.float32) for n in "kv"})
