@@ -33,6 +33,7 @@ class Group:
     heads_per_unit: dict[str, int] = field(default_factory=dict)  # source node -> heads it has in one unit
     hidden: bool = False  # the residual-stream width, pruned through norms (opt-in, not lossless)
     kv_groups: int | None = None  # grouped-query attention by slot: a unit is one query head of each kv group
+    slot_kv: bool = False  # the KV heads of grouped-query attention by slot: they stay, the slots' group counts them
 
     @property
     def size(self) -> int:
@@ -73,11 +74,12 @@ class Group:
         num_attention_heads and num_key_value_heads for this layer."""
         kind = self.kind
         units = self.size if units is None else units
+        if self.slot_kv:
+            return None
         if kind == "heads" and self.kv_groups:  # a unit is one query head of each kv group; the kv heads stay
             return units * self.kv_groups, self.kv_groups
-        if kind == "heads":
-            per_unit = max(self.heads_per_unit.values())
-            return units * per_unit, units * per_unit
+        if kind == "heads":  # one head a unit (a fused QKV projection's unit spans its Q, K and V columns)
+            return units, units
         if kind == "kv groups":
             return units * max(self.heads_per_unit.values()), units * min(self.heads_per_unit.values())
         return None
@@ -169,6 +171,9 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
     for unit, kv in state.query_slots.items():
         if (g := group_of(unit)) is not None:
             g.kv_groups = kv
+    for unit in state.slot_kv_units:
+        if (g := group_of(unit)) is not None:
+            g.slot_kv = True
     for unit, width in state.splits:
         if (g := group_of(unit)) is None:
             continue
