@@ -165,6 +165,33 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         gids = {g.id for u in set(layout.tolist()) if u != NO_UNIT and (g := group_of(u)) is not None}
         for gid in sorted(gids):
             groups[gid].params.append(p)
+    _mark_kinds(state, group_of)
+    for g in groups:
+        _measure(g, state)
+    return groups, root_of
+
+
+def _measure(g: Group, state: AnalysisState) -> None:
+    """Channels per unit, heads per unit of each source (attention), and a single unit blocked."""
+    first = g.sources[0]
+    g.channels_per_unit = max(1, len(state.layout(first.tensor, first.axis)) // max(g.size, 1))
+    if g.head_dim is not None and all(s.op_type in HEAD_SOURCES for s in g.sources):
+        per_unit = {s.node: len(state.layout(s.tensor, s.axis)) // max(g.size, 1) for s in g.sources}
+        if all(c % g.head_dim == 0 for c in per_unit.values()):
+            g.heads_per_unit = {node: c // g.head_dim for node, c in per_unit.items()}
+    if g.size < 2 and not g.blocked:
+        channels = max(len(state.layout(s.tensor, s.axis)) for s in g.sources)
+        if channels > 1:
+            g.blocked.append(
+                f"its {channels} channels are coupled into a single unit (grouped convolutions or channel "
+                "shuffles force equal removal in every group); removing it would remove the layer")
+        else:
+            g.blocked.append("a single unit: removing it would remove the layer")
+
+
+def _mark_kinds(state: AnalysisState, group_of) -> None:
+    """What the rules noted about units, on their groups: the hidden width, grouped-query attention by
+    slot (the slots' kv groups, the KV heads that stay), and the head width of units a Reshape split."""
     for unit in state.hidden_units:
         if (g := group_of(unit)) is not None:
             g.hidden = True
@@ -175,22 +202,5 @@ def build_groups(state: AnalysisState) -> tuple[list[Group], np.ndarray]:
         if (g := group_of(unit)) is not None:
             g.slot_kv = True
     for unit, width in state.splits:
-        if (g := group_of(unit)) is None:
-            continue
-        g.head_dim = width if g.head_dim is None else min(g.head_dim, width)
-    for g in groups:
-        first = g.sources[0]
-        g.channels_per_unit = max(1, len(state.layout(first.tensor, first.axis)) // max(g.size, 1))
-        if g.head_dim is not None and all(s.op_type in HEAD_SOURCES for s in g.sources):
-            per_unit = {s.node: len(state.layout(s.tensor, s.axis)) // max(g.size, 1) for s in g.sources}
-            if all(c % g.head_dim == 0 for c in per_unit.values()):
-                g.heads_per_unit = {node: c // g.head_dim for node, c in per_unit.items()}
-        if g.size < 2 and not g.blocked:
-            channels = max(len(state.layout(s.tensor, s.axis)) for s in g.sources)
-            if channels > 1:
-                g.blocked.append(
-                    f"its {channels} channels are coupled into a single unit (grouped convolutions or channel "
-                    "shuffles force equal removal in every group); removing it would remove the layer")
-            else:
-                g.blocked.append("a single unit: removing it would remove the layer")
-    return groups, root_of
+        if (g := group_of(unit)) is not None:
+            g.head_dim = width if g.head_dim is None else min(g.head_dim, width)
