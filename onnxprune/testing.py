@@ -182,97 +182,113 @@ def write_llama_decoder(path: str | Path, shape: LlamaShape = LlamaShape(), *, s
     models over 2 GB) or one `<name>.data` file. Weights are generated and written
     one tensor at a time, so a 4.4 GB model never sits in memory."""
     path = Path(path)
-    rng = np.random.default_rng(seed)
-    folder = path.parent
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    data_name = path.name + ".data"
-    shared = None if per_tensor_files else open(folder / data_name, "wb")
-    offset = 0
-
-    def tensor(name: str, *dims: int, scale: float = 0.02, value: float | None = None) -> str:
-        nonlocal offset
-        data = (np.full(dims, value, np.float32) if value is not None
-                else (rng.standard_normal(dims, dtype=np.float32) * scale))
-        ref = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(dims))
-        ref.data_location = onnx.TensorProto.EXTERNAL
-        if per_tensor_files:
-            location, start = name.replace("/", "_") + ".bin", 0
-            data.tofile(folder / location)
-        else:
-            location, start = data_name, offset
-            shared.write(data.tobytes())
-            offset += data.nbytes
-        for key, val in (("location", location), ("offset", str(start)), ("length", str(data.nbytes))):
-            ref.external_data.add(key=key, value=val)
-        inits.append(ref)
-        return name
-
-    def const(name: str, values, dtype=np.int64) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
-        return name
-
-    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
-        return name
-
-    def rms_norm(x: str, prefix: str) -> str:
-        sq = node("Pow", [x, "two"], f"{prefix}/pow")
-        mean = node("ReduceMean", [sq, "last_axis"], f"{prefix}/mean", keepdims=1)
-        std = node("Sqrt", [node("Add", [mean, "eps"], f"{prefix}/add_eps")], f"{prefix}/sqrt")
-        return node("Mul", [node("Div", [x, std], f"{prefix}/div"), tensor(f"{prefix}.weight", shape.hidden,
-                                                                           value=1.0)], f"{prefix}/scale")
-
-    d, hd, heads, kv = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads
-    const("two", 2.0, np.float32), const("eps", 1e-6, np.float32), const("last_axis", [-1])
-    const("scale", np.sqrt(hd), np.float32)
-    const("q_shape", [0, 0, heads, hd]), const("kv_shape", [0, 0, kv, hd]), const("merge", [0, 0, heads * hd])
-    const("unsqueeze_axis", [2]), const("repeat", [1, 1, heads // kv, 1, 1]), const("fold", [0, heads, -1, hd])
+    w = _DecoderWriter(path, shape, seed, per_tensor_files)
     try:
-        x = node("Gather", [tensor("embed_tokens.weight", shape.vocab, d), "input_ids"], "embed")
+        x = w.node("Gather", [w.tensor("embed_tokens.weight", shape.vocab, shape.hidden), "input_ids"], "embed")
         for i in range(shape.layers):
-            p = f"layers.{i}"
-            h = rms_norm(x, f"{p}.input_layernorm")
-            q = node("Reshape", [node("MatMul", [h, tensor(f"{p}.q_proj", d, heads * hd)], f"{p}/q"), "q_shape"],
-                     f"{p}/q_heads")
-            q = node("Transpose", [q], f"{p}/q_t", perm=[0, 2, 1, 3])
-            kv_out = {}
-            for name in ("k", "v"):
-                t = node("Reshape", [node("MatMul", [h, tensor(f"{p}.{name}_proj", d, kv * hd)], f"{p}/{name}"),
-                                     "kv_shape"], f"{p}/{name}_heads")
-                t = node("Transpose", [t], f"{p}/{name}_t", perm=[0, 2, 1, 3])
-                t = node("Unsqueeze", [t, "unsqueeze_axis"], f"{p}/{name}_5d")  # repeat_kv
-                t = node("Expand", [t, "repeat"], f"{p}/{name}_rep")
-                kv_out[name] = node("Reshape", [t, "fold"], f"{p}/{name}_all")
-            k_t = node("Transpose", [kv_out["k"]], f"{p}/k_tt", perm=[0, 1, 3, 2])
-            scores = node("Div", [node("MatMul", [q, k_t], f"{p}/qk"), "scale"], f"{p}/scaled")
-            probs = node("Softmax", [scores], f"{p}/softmax", axis=-1)
-            ctx = node("Transpose", [node("MatMul", [probs, kv_out["v"]], f"{p}/ctx")], f"{p}/ctx_t",
-                       perm=[0, 2, 1, 3])
-            ctx = node("Reshape", [ctx, "merge"], f"{p}/ctx_merged")
-            x = node("Add", [x, node("MatMul", [ctx, tensor(f"{p}.o_proj", heads * hd, d)], f"{p}/o")],
-                     f"{p}/residual1")
-            h = rms_norm(x, f"{p}.post_attention_layernorm")
-            gate = node("MatMul", [h, tensor(f"{p}.gate_proj", d, shape.intermediate)], f"{p}/gate")
-            up = node("MatMul", [h, tensor(f"{p}.up_proj", d, shape.intermediate)], f"{p}/up")
-            act = node("Mul", [gate, node("Sigmoid", [gate], f"{p}/sigmoid")], f"{p}/silu")
-            down = node("MatMul", [node("Mul", [act, up], f"{p}/gated"),
-                                   tensor(f"{p}.down_proj", shape.intermediate, d)], f"{p}/down")
-            x = node("Add", [x, down], f"{p}/residual2")
-        x = rms_norm(x, "norm")
-        node("MatMul", [x, tensor("lm_head.weight", d, shape.vocab)], "logits")
+            x = w.mlp(w.attention(x, f"layers.{i}"), f"layers.{i}")
+        w.node("MatMul", [w.rms_norm(x, "norm"), w.tensor("lm_head.weight", shape.hidden, shape.vocab)], "logits")
     finally:
-        if shared is not None:
-            shared.close()
+        w.close()
     graph = helper.make_graph(
-        nodes, "llama_decoder",
+        w.nodes, "llama_decoder",
         [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "sequence"])],
         [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", "sequence", shape.vocab])],
-        inits)
+        w.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.save_model(model, str(path))  # the header: every weight already lies in its file
     return path
+
+
+class _DecoderWriter:
+    """write_llama_decoder's builder: nodes and initializers in order, weights straight to their files."""
+
+    def __init__(self, path: Path, shape: LlamaShape, seed: int, per_tensor_files: bool):
+        self.shape, self.rng, self.folder = shape, np.random.default_rng(seed), path.parent
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.data_name = path.name + ".data"
+        self.shared = None if per_tensor_files else open(self.folder / self.data_name, "wb")
+        self.offset = 0
+        hd, heads, kv = shape.head_dim, shape.heads, shape.kv_heads
+        self.const("two", 2.0, np.float32), self.const("eps", 1e-6, np.float32), self.const("last_axis", [-1])
+        self.const("scale", np.sqrt(hd), np.float32)
+        self.const("q_shape", [0, 0, heads, hd]), self.const("kv_shape", [0, 0, kv, hd])
+        self.const("merge", [0, 0, heads * hd])
+        self.const("unsqueeze_axis", [2]), self.const("repeat", [1, 1, heads // kv, 1, 1])
+        self.const("fold", [0, heads, -1, hd])
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+
+    def tensor(self, name: str, *dims: int, scale: float = 0.02, value: float | None = None) -> str:
+        data = (np.full(dims, value, np.float32) if value is not None
+                else (self.rng.standard_normal(dims, dtype=np.float32) * scale))
+        ref = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(dims))
+        ref.data_location = onnx.TensorProto.EXTERNAL
+        if self.shared is None:
+            location, start = name.replace("/", "_") + ".bin", 0
+            data.tofile(self.folder / location)
+        else:
+            location, start = self.data_name, self.offset
+            self.shared.write(data.tobytes())
+            self.offset += data.nbytes
+        for key, val in (("location", location), ("offset", str(start)), ("length", str(data.nbytes))):
+            ref.external_data.add(key=key, value=val)
+        self.inits.append(ref)
+        return name
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def rms_norm(self, x: str, prefix: str) -> str:
+        node = self.node
+        sq = node("Pow", [x, "two"], f"{prefix}/pow")
+        mean = node("ReduceMean", [sq, "last_axis"], f"{prefix}/mean", keepdims=1)
+        std = node("Sqrt", [node("Add", [mean, "eps"], f"{prefix}/add_eps")], f"{prefix}/sqrt")
+        return node("Mul", [node("Div", [x, std], f"{prefix}/div"),
+                            self.tensor(f"{prefix}.weight", self.shape.hidden, value=1.0)], f"{prefix}/scale")
+
+    def attention(self, x: str, p: str) -> str:
+        node, tensor = self.node, self.tensor
+        d, hd, heads, kv = self.shape.hidden, self.shape.head_dim, self.shape.heads, self.shape.kv_heads
+        h = self.rms_norm(x, f"{p}.input_layernorm")
+        q = node("Reshape", [node("MatMul", [h, tensor(f"{p}.q_proj", d, heads * hd)], f"{p}/q"), "q_shape"],
+                 f"{p}/q_heads")
+        q = node("Transpose", [q], f"{p}/q_t", perm=[0, 2, 1, 3])
+        kv_out = {}
+        for name in ("k", "v"):
+            t = node("Reshape", [node("MatMul", [h, tensor(f"{p}.{name}_proj", d, kv * hd)], f"{p}/{name}"),
+                                 "kv_shape"], f"{p}/{name}_heads")
+            t = node("Transpose", [t], f"{p}/{name}_t", perm=[0, 2, 1, 3])
+            t = node("Unsqueeze", [t, "unsqueeze_axis"], f"{p}/{name}_5d")  # repeat_kv
+            t = node("Expand", [t, "repeat"], f"{p}/{name}_rep")
+            kv_out[name] = node("Reshape", [t, "fold"], f"{p}/{name}_all")
+        k_t = node("Transpose", [kv_out["k"]], f"{p}/k_tt", perm=[0, 1, 3, 2])
+        scores = node("Div", [node("MatMul", [q, k_t], f"{p}/qk"), "scale"], f"{p}/scaled")
+        probs = node("Softmax", [scores], f"{p}/softmax", axis=-1)
+        ctx = node("Transpose", [node("MatMul", [probs, kv_out["v"]], f"{p}/ctx")], f"{p}/ctx_t",
+                   perm=[0, 2, 1, 3])
+        ctx = node("Reshape", [ctx, "merge"], f"{p}/ctx_merged")
+        return node("Add", [x, node("MatMul", [ctx, tensor(f"{p}.o_proj", heads * hd, d)], f"{p}/o")],
+                    f"{p}/residual1")
+
+    def mlp(self, x: str, p: str) -> str:
+        node, tensor, d, inner = self.node, self.tensor, self.shape.hidden, self.shape.intermediate
+        h = self.rms_norm(x, f"{p}.post_attention_layernorm")
+        gate = node("MatMul", [h, tensor(f"{p}.gate_proj", d, inner)], f"{p}/gate")
+        up = node("MatMul", [h, tensor(f"{p}.up_proj", d, inner)], f"{p}/up")
+        act = node("Mul", [gate, node("Sigmoid", [gate], f"{p}/sigmoid")], f"{p}/silu")
+        down = node("MatMul", [node("Mul", [act, up], f"{p}/gated"), tensor(f"{p}.down_proj", inner, d)],
+                    f"{p}/down")
+        return node("Add", [x, down], f"{p}/residual2")
 
 
 # -- decoders with a key-value cache ------------------------------------------------------------------------

@@ -206,25 +206,37 @@ def evaluate(
             result.notes.append(f"No top-k accuracy: {exc}.")  # labels meant for the custom metric only
     result.custom = custom_metrics(metric, outputs, labels)
     if reference is not None:
-        ref_session = make_session(session_source(reference, ref_proto), threads=threads, provider=provider)
-        ref_run = predict(ref_session, ref_specs, dataset, ref_out, run.batch_size, batch_axis=batch_axis,
-                          output_axes=output_batch_axes(ref_proto, [ref_out], batch_axis), progress=progress,
-                          label=f"{ref_name} on data")
-        ref_outputs = ref_run.outputs[ref_out]
-        del ref_session
-        result.reference = ref_name
-        if result.accuracy:
-            _, result.reference_accuracy = labelled_accuracy(ref_outputs, labels, None if ids_output else axis,
-                                                             top_k, f"reference '{ref_out}'")
-        result.reference_custom = custom_metrics(metric, ref_outputs, labels)
-        fid_axis = axis if result.accuracy and not ids_output else score_axis(outputs, axis)
-        fid = fidelity(outputs, ref_outputs, fid_axis, f"output '{out_name}'")
-        applied = fid.pop("softmax_applied", None)
-        if applied is not None:
-            result.notes.append("KL divergence on softmax of the outputs (they are not probabilities)."
-                                if applied else "KL divergence on the outputs as given (they are probabilities).")
-        result.fidelity = fid
+        ref_outputs = _reference_outputs(reference, ref_proto, ref_specs, dataset, ref_out, run.batch_size,
+                                         batch_axis, threads, provider, progress, ref_name)
+        _compare(result, outputs, ref_outputs, labels, axis, ids_output, metric, top_k, ref_name, ref_out, out_name)
     return result
+
+
+def _reference_outputs(reference, ref_proto, ref_specs, dataset, ref_out: str, batch_size: int, batch_axis: int,
+                       threads: int, provider: str, progress, ref_name: str):
+    """The reference model's `ref_out` over the same data, in the same batches."""
+    session = make_session(session_source(reference, ref_proto), threads=threads, provider=provider)
+    run = predict(session, ref_specs, dataset, ref_out, batch_size, batch_axis=batch_axis,
+                  output_axes=output_batch_axes(ref_proto, [ref_out], batch_axis), progress=progress,
+                  label=f"{ref_name} on data")
+    return run.outputs[ref_out]
+
+
+def _compare(result: "EvalResult", outputs, ref_outputs, labels, axis, ids_output: bool, metric, top_k,
+             ref_name: str, ref_out: str, out_name: str) -> None:
+    """The reference's accuracy and custom metrics, and the model's fidelity to it, into `result`."""
+    result.reference = ref_name
+    if result.accuracy:
+        _, result.reference_accuracy = labelled_accuracy(ref_outputs, labels, None if ids_output else axis,
+                                                         top_k, f"reference '{ref_out}'")
+    result.reference_custom = custom_metrics(metric, ref_outputs, labels)
+    fid_axis = axis if result.accuracy and not ids_output else score_axis(outputs, axis)
+    fid = fidelity(outputs, ref_outputs, fid_axis, f"output '{out_name}'")
+    applied = fid.pop("softmax_applied", None)
+    if applied is not None:
+        result.notes.append("KL divergence on softmax of the outputs (they are not probabilities)."
+                            if applied else "KL divergence on the outputs as given (they are probabilities).")
+    result.fidelity = fid
 
 
 def _output_name(proto: onnx.ModelProto, output: str | None, name: str, index: int = 0) -> str:
