@@ -32,12 +32,18 @@ def criterion(name: str):
 
 def unit_index(analysis: Analysis, group: Group, p: ParamSlice) -> np.ndarray:
     """For each position of the slice's axis: the group's unit index, or -1."""
-    layout = analysis.layouts[p.tensor][p.axis]
-    index_of = {int(r): i for i, r in enumerate(group.roots)}
-    return np.array(
-        [index_of.get(int(analysis.root_of[u]), -1) if u != NO_UNIT else -1 for u in layout.tolist()],
-        dtype=np.int64,
-    )
+    layout = np.asarray(analysis.layouts[p.tensor][p.axis], dtype=np.int64)
+    roots = np.asarray(group.roots, dtype=np.int64)
+    out = np.full(len(layout), -1, dtype=np.int64)
+    if not len(roots):
+        return out
+    owned = layout != NO_UNIT
+    found = analysis.root_of[layout[owned]]
+    sorter = np.argsort(roots, kind="stable")
+    at = np.minimum(np.searchsorted(roots, found, sorter=sorter), len(roots) - 1)
+    index = sorter[at]
+    out[owned] = np.where(roots[index] == found, index, -1)
+    return out
 
 
 def other_axes(values: np.ndarray, axis: int) -> tuple[int, ...]:
@@ -63,10 +69,9 @@ def combine(size: int, members, how: str = "sum") -> np.ndarray | None:
         mine = idx >= 0
         if not mine.any():
             continue
-        per_unit = np.zeros(size)
-        np.add.at(per_unit, idx[mine], np.asarray(scores, dtype=np.float64)[mine])
-        hits = np.zeros(size)
-        np.add.at(hits, idx[mine], 1.0)
+        # bincount adds each unit's positions in order, as np.add.at did
+        per_unit = np.bincount(idx[mine], weights=np.asarray(scores, dtype=np.float64)[mine], minlength=size)
+        hits = np.bincount(idx[mine], minlength=size).astype(np.float64)
         touched = hits > 0
         if how == "mean":
             per_unit[touched] /= hits[touched]

@@ -9,6 +9,7 @@ that onnx's own inference leaves incomplete (custom or contrib ops).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import onnx
@@ -96,13 +97,43 @@ def infer_shapes(
     """
     del model.graph.value_info[:]
     sk = skeleton(model, fixed_inputs)
+    # the skeleton is all inference sees: equal bytes, equal answer
+    key = hashlib.blake2b(sk.SerializeToString(), digest_size=32).digest()
+    if _last is not None and _last[0] == key:
+        shapes, value_info = _last[1], _last[2]
+    else:
+        shapes, value_info = _infer(sk)
+        _remember(key, shapes, value_info)
+    model.graph.value_info.extend(value_info.value_info)
+    return dict(shapes)
+
+
+# The last answer, by a digest of the skeleton's bytes: prune infers the dense model at its input
+# shapes twice in a row (its cost, then its output shapes). The skeleton is small (weights over
+# SMALL_CONSTANT elements are left out of it), and the value_info is kept in one message.
+_last: tuple[bytes, dict[str, tuple[int, Shape]], onnx.GraphProto] | None = None
+
+
+def _remember(key: bytes, shapes: dict[str, tuple[int, Shape]], value_info: onnx.GraphProto) -> None:
+    global _last
+    _last = (key, shapes, value_info)
+
+
+def forget_shapes() -> None:
+    """Drop the remembered answer (tests; a caller that wants the memory back)."""
+    global _last
+    _last = None
+
+
+def _infer(sk: onnx.ModelProto) -> tuple[dict[str, tuple[int, Shape]], onnx.GraphProto]:
+    """(shapes, a graph holding the inferred value_info entries to keep) for a skeleton."""
     try:
         inferred = onnx.shape_inference.infer_shapes(sk, data_prop=True)
     except Exception as exc:  # inference errors on odd graphs: try the fallback
         log.debug("onnx shape inference failed: %s", exc)
         inferred = sk
     shapes = _collect(inferred)
-    missing = _missing_outputs(model, set(shapes))
+    missing = _missing_outputs(sk, set(shapes))
     if missing or any(_is_unknown(d) for _, shape in shapes.values() for d in shape):
         # onnxruntime's symbolic inference follows Shape->Concat->Reshape arithmetic
         # that onnx's leaves as unk__N dims (attention head splits with -1)
@@ -113,10 +144,9 @@ def infer_shapes(
                 merged = tuple(b if _is_unknown(a) and not _is_unknown(b) else a
                                for a, b in zip(shapes[name][1], shape))
                 shapes[name] = (shapes[name][0], merged)
-    for vi in inferred.graph.value_info:
-        if vi.name in shapes:
-            model.graph.value_info.append(vi)
-    return shapes
+    value_info = onnx.GraphProto()
+    value_info.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in shapes)
+    return shapes, value_info
 
 
 def _is_unknown(d: Dim) -> bool:

@@ -1,11 +1,14 @@
 """Writing the output: what is written is what was validated.
 
 The pruned model is staged beside its destination (onnxprune.ir.model_io.
-StagedOutput), read back from disk by a fresh onnxruntime session, run on the
-validation inputs and compared with the outputs the validated in-memory model
-gave. Only a file that reproduces them is moved into place; anything else is
-deleted and the command fails. This is what catches a graph pointing at an
-external data file that is not there, or a data file written empty.
+StagedOutput) and checked from disk before it is moved into place. A
+self-contained file is written from the very bytes validation checked and ran,
+so reading back the same bytes is the whole check. A file with external data
+is read back by a fresh onnxruntime session, run on the validation inputs and
+compared with the outputs the validated in-memory model gave: this is what
+catches a graph pointing at an external data file that is not there, or a data
+file written empty. Only a file that passes is moved into place; anything else
+is deleted and the command fails.
 """
 from __future__ import annotations
 
@@ -27,13 +30,70 @@ READ_BACK_ATOL = 1e-6
 
 
 def save_verified(model: onnx.ModelProto, path: str | os.PathLike, validation: ValidationResult, *,
-                  source: SourceInfo | None = None) -> int:
-    """Stage `model`, check it from disk against `validation`, move it into place; returns bytes written."""
+                  source: SourceInfo | None = None, staged: StagedOutput | None = None) -> int:
+    """Stage `model`, check it from disk against `validation`, move it into place; returns bytes written.
+    `staged`: the validated bytes, already being written (StagingWriter): checked and moved."""
     path = check_output_path(path, source)
+    if staged is not None and validation.serialized is not None:
+        with staged:
+            staged.wait()
+            check_same_bytes(staged.path, validation.serialized, destination=path)
+            return staged.commit()
     external = wants_external_data(model, source)
     with StagedOutput(model, path, external_data=external, serialized=validation.serialized) as staged:
-        check_read_back(staged.path, validation, destination=path)
+        if validation.serialized is not None and not (external or has_external_data(model)):
+            # one self-contained file, written from the validated bytes (write_model): that the same
+            # bytes come back is the whole check (validation made them from the model it checked and
+            # ran; onnx.checker read these very bytes)
+            check_same_bytes(staged.path, validation.serialized, destination=path)
+        else:
+            check_read_back(staged.path, validation, destination=path)
         return staged.commit()
+
+
+class StagingWriter:
+    """validate_model's `on_serialized` for a self-contained output: writes the bytes beside `path`
+    (a hidden staging folder, onnxprune.ir.model_io.StagedOutput) in a background thread while
+    validation goes on, for save_verified(..., staged=writer.staged) to check byte for byte and move
+    into place. A model written with external data is left to save_verified (staged stays None).
+    discard() deletes what was not committed; call it on every way out (a failed check, a failed
+    gate, an interrupt)."""
+
+    def __init__(self, model: onnx.ModelProto, path: str | os.PathLike | None, source: SourceInfo | None = None):
+        self.path = None if path is None else check_output_path(path, source)
+        self._inline = path is not None and not (wants_external_data(model, source) or has_external_data(model))
+        self.staged: StagedOutput | None = None
+
+    def __call__(self, serialized: bytes) -> None:
+        if self._inline and self.staged is None:
+            self.staged = StagedOutput(onnx.ModelProto(), self.path, external_data=False, serialized=serialized,
+                                       background=True)
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            self.staged.discard()
+
+
+def check_same_bytes(path: str | os.PathLike, expected: bytes, destination: os.PathLike | None = None,
+                     chunk: int = 4 << 20) -> None:
+    """The file at `path` holds exactly `expected`, read a few MB at a time (small blocks reuse the
+    same memory: no fresh pages to fault in for a second copy of the model)."""
+    shown = destination or path
+    offset, same = 0, True
+    try:
+        with open(path, "rb") as f:
+            while same:
+                block = f.read(chunk)
+                if not block:
+                    break
+                same = expected[offset:offset + len(block)] == block
+                offset += len(block)
+    except OSError as exc:
+        raise ValidationError(f"{shown}: the written file cannot be read back ({exc}); nothing was written.") \
+            from exc
+    if not same or offset != len(expected):
+        raise ValidationError(f"{shown}: the written file is not the validated model ({offset:,} bytes read, "
+                              f"{len(expected):,} expected); nothing was written.")
 
 
 def stage_if_on_disk(model: onnx.ModelProto, path: str | os.PathLike | None, source: SourceInfo | None

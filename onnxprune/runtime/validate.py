@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -43,11 +44,13 @@ def runtime_only_ops(model: onnx.ModelProto) -> list[str]:
     return [op for op in unknown if op in known]
 
 
-def run_model(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], what: str = "model") -> list[np.ndarray]:
+def run_model(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], what: str = "model",
+              serialized: bytes | None = None) -> list[np.ndarray]:
     try:
         # every core: a large model's validation pass is much of prune's time; the read-back check
-        # runs through here too, with the same settings, so its comparison stays exact
-        session = make_session(model, prepack=False, optimize=False, threads=0)
+        # of a file with external data runs through here too, with the same settings, so its
+        # comparison stays exact
+        session = make_session(model, prepack=False, optimize=False, threads=0, serialized=serialized)
         return session.run(None, feeds)
     except Exception as exc:
         raise ValidationError(f"onnxruntime could not run the {what}: {exc}") from exc
@@ -57,14 +60,19 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
                    reference_outputs: list[np.ndarray] | None = None, expected_shapes: list[tuple] | None = None,  # None: a dim not to compare
                    atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0,
                    run_from: str | os.PathLike | None = None,
+                   on_serialized: Callable[[bytes], object] | None = None,
                    feeds: dict[str, np.ndarray] | None = None) -> ValidationResult:
-    """`run_from`: the model's file, already written (a model with weights on disk is run from there);
-    `feeds`: what to run it on (default: random inputs at `input_shapes`, from `seed`)."""
+    """`run_from`: the model's file, already written (a model with weights on disk is run from there).
+    `on_serialized` is called with the model's bytes as soon as they exist, before any check (e.g.
+    runtime.output.StagingWriter: the output is written while the checks run). `feeds`: what to run it
+    on (default: random inputs at `input_shapes`, from `seed`)."""
     result = ValidationResult()
     runtime_only = runtime_only_ops(model)
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
         # serialise once: the checker, onnxruntime and the final write share these bytes
         result.serialized = model.SerializeToString()
+        if on_serialized is not None:
+            on_serialized(result.serialized)
     if result.serialized is not None and not runtime_only:
         try:
             onnx.checker.check_model(result.serialized)
@@ -85,7 +93,9 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
         outputs = run_model(str(run_from), feeds, f"pruned model as written to disk ({run_from}; nothing was "
                                                   "moved into place)")
     else:
-        outputs = run_model(result.serialized or model, feeds, "pruned model")
+        # the ModelProto, its weights read in place from the serialised bytes (make_session): no parse
+        # of every weight; what is written, `serialized`, is compared byte for byte when read back
+        outputs = run_model(model, feeds, "pruned model", serialized=result.serialized)
     result.feeds, result.outputs = feeds, outputs
     result.checks.append("onnxruntime run" if run_from is None else "onnxruntime run of the written file")
     names = [o.name for o in model.graph.output]

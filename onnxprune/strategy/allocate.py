@@ -114,17 +114,18 @@ def _uniform(groups, scores, ratio, t: Target) -> dict[int, int]:
 
 
 def _global(groups, scores, ratio, t: Target) -> dict[int, int]:
-    entries = [(s, g.id) for g in groups for s in scores[g.id]]
-    if not entries:
+    values = [np.asarray(scores[g.id], dtype=np.float64).ravel() for g in groups]
+    owners = np.repeat(np.array([g.id for g in groups], dtype=np.int64), [len(v) for v in values]).tolist()
+    if not owners:
         return {}
-    order = np.argsort(np.array([e[0] for e in entries]), kind="stable")
-    budget = int(np.floor(len(entries) * ratio))
+    order = np.argsort(np.concatenate(values), kind="stable")
+    budget = int(np.floor(len(owners) * ratio))
     caps = {g.id: min(int(np.floor(g.size * t.max_ratio)), g.size - 1) for g in groups}
     removed = {g.id: 0 for g in groups}
-    for i in order:
+    for i in order.tolist():
         if budget == 0:
             break
-        gid = entries[i][1]
+        gid = owners[i]
         if removed[gid] < caps[gid]:
             removed[gid] += 1
             budget -= 1
@@ -133,11 +134,14 @@ def _global(groups, scores, ratio, t: Target) -> dict[int, int]:
             for gid, r in removed.items()}
 
 
-def _keep_indices(groups, scores, kept_counts) -> dict[int, np.ndarray]:
+def _keep_indices(groups, scores, kept_counts, orders: dict[int, np.ndarray] | None = None
+                  ) -> dict[int, np.ndarray]:
+    """The `kept_counts[g.id]` best-scored units of each group, ascending; `orders`: each group's units
+    best first, when the caller already ranked them (a target's search asks many times)."""
     out = {}
     for g in groups:
         k = kept_counts[g.id]
-        order = np.argsort(-scores[g.id], kind="stable")
+        order = orders[g.id] if orders is not None else np.argsort(-scores[g.id], kind="stable")
         out[g.id] = np.sort(order[:k])
     return out
 
@@ -158,9 +162,10 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
     target.check()
     groups = eligible_groups(analysis, target.include, target.exclude)
     by_ratio = _uniform if target.strategy == "uniform" else _global
+    orders = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
 
     def plan_for(ratio: float) -> dict[int, np.ndarray]:
-        return _keep_indices(groups, scores, by_ratio(groups, scores, ratio, target))
+        return _keep_indices(groups, scores, by_ratio(groups, scores, ratio, target), orders)
 
     if target.ratio is not None:
         return plan_for(target.ratio)
@@ -205,8 +210,9 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
     # rounding makes the ratio move in coarse steps (a 16-channel layer kept in multiples of 8 loses 0 or
     # half): start just below the target and add single rounding steps where they cost least
     start = {g.id: len(kept) for g, kept in zip(groups, plan_for(lo).values())}
-    counts = _top_up(groups, scores, start, goal, lambda c: removed_by(_keep_indices(groups, scores, c)), target)
-    refined = _keep_indices(groups, scores, counts)
+    counts = _top_up(groups, scores, start, goal, lambda c: removed_by(_keep_indices(groups, scores, c, orders)),
+                     target)
+    refined = _keep_indices(groups, scores, counts, orders)
     return refined if goal <= removed_by(refined) < removed_fraction(hi) else plan_for(hi)
 
 

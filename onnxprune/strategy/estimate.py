@@ -36,6 +36,7 @@ class CostEstimator:
         for name, t in view.initializers.items():
             numel = float(np.prod(t.dims, dtype=np.float64))
             self.param_terms.append((numel, [self._slot(name, a) for a in analysis.layouts.get(name, {})]))
+        self._flat = None  # the slots' roots end to end, built at the first estimate
         self.dense_flops = sum(f for f, _ in self.node_terms)
         self.dense_params = sum(p for p, _ in self.param_terms)
 
@@ -75,12 +76,58 @@ class CostEstimator:
         return [self._slot(out, a) for a in layouts.get(out, {})]
 
     def _fractions(self, removed: np.ndarray) -> np.ndarray:
+        """Kept fraction of every slot: the mean of its positions' keep flags, as a count over a length
+        (the same float64 division numpy's mean of booleans does)."""
+        if self._flat is None:
+            self._prepare()
         keep = ~np.append(removed, False)  # sentinel (NO_UNIT) always kept
-        return np.array([keep[r].mean() for r in self._slot_roots])
+        kept = np.concatenate(([0], np.cumsum(keep[self._flat], dtype=np.int64)))
+        with np.errstate(invalid="ignore", divide="ignore"):  # an empty slot: nan, as the mean of nothing
+            return (kept[self._ends] - kept[self._starts]) / self._lengths
+
+    def _prepare(self) -> None:
+        lengths = np.array([len(r) for r in self._slot_roots], dtype=np.int64)
+        self._ends = np.cumsum(lengths)
+        self._starts = self._ends - lengths
+        self._lengths = lengths
+        self._flat = np.concatenate(self._slot_roots) if self._slot_roots else np.zeros(0, dtype=np.int64)
+        self._flop_products = _Products(self.node_terms)
+        self._param_products = _Products(self.param_terms)
 
     def estimate(self, removed: np.ndarray) -> tuple[float, float]:
         """(flops, params) after removing the roots flagged in `removed`."""
         frac = self._fractions(removed)
-        flops = sum(f * np.prod(frac[s]) for f, s in self.node_terms)
-        params = sum(p * np.prod(frac[s]) for p, s in self.param_terms)
-        return float(flops), float(params)
+        return self._flop_products.total(frac), self._param_products.total(frac)
+
+
+class _Products:
+    """sum(f * prod(frac[slots]) for f, slots in terms), vectorised over the terms but rounded exactly as
+    that loop rounds: each product multiplies its slots' fractions left to right (np.prod's order), is
+    then scaled by f, and the terms are added one after another in their order."""
+
+    def __init__(self, terms: list[tuple[float, list[int]]]):
+        self.size = len(terms)
+        self.factors = np.array([f for f, _ in terms], dtype=np.float64)
+        by_length: dict[int, list[int]] = {}
+        for i, (_, slots) in enumerate(terms):
+            by_length.setdefault(len(slots), []).append(i)
+        self.parts = []
+        for length, rows in by_length.items():
+            rows_arr = np.array(rows, dtype=np.int64)
+            slots = np.array([terms[i][1] for i in rows], dtype=np.int64).reshape(len(rows), length)
+            self.parts.append((rows_arr, slots))
+
+    def total(self, frac: np.ndarray) -> float:
+        values = np.empty(self.size, dtype=np.float64)
+        for rows, slots in self.parts:
+            if slots.shape[1] == 0:
+                values[rows] = self.factors[rows]  # np.prod of nothing is 1.0
+                continue
+            product = frac[slots[:, 0]]
+            for k in range(1, slots.shape[1]):
+                product = product * frac[slots[:, k]]
+            values[rows] = self.factors[rows] * product
+        total = 0.0
+        for v in values.tolist():  # one after another: np.sum's pairwise sum would round differently
+            total += v
+        return total
