@@ -14,9 +14,9 @@ whole residual branches planted) is pruned with `--lossless`.  Per model and exp
   bar is 95 %.
 
 Decoders with a key-value cache (qwen2_kv: past_key_values.* inputs, present.* outputs) are pruned
-with the cache allowed to shrink (onnxprune.testing.lossless_with_cache: `prune` itself does not do
-that yet) and compared over three generation steps from an empty cache: logits, and the presents'
-kept heads.
+with the cache allowed to shrink (`--lossless --prune-cache`) and compared over three generation
+steps from an empty cache: logits, and the presents' kept heads (the pruned model's presents hold
+the heads the planted dead KV groups leave).
 
 --why prints, for models below the bar, the reasons the analysis gives for the groups it keeps.
 """
@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 import onnxprune  # noqa: E402
 from onnxprune.cost import unique_parameters  # noqa: E402
 from onnxprune.runtime.session import make_session  # noqa: E402
-from onnxprune.testing import lossless_with_cache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, markdown_table  # noqa: E402
@@ -117,10 +116,11 @@ def generate(session, model: onnx.ModelProto, cache: dict, batch: int, steps, se
 
 
 def measure_cached(row: dict, dense: onnx.ModelProto, entry: dict, start: float) -> dict:
-    pruned, analysis, removed = lossless_with_cache(dense)
+    pruned, _ = onnxprune.prune(dense, lossless=True, prune_cache=True)
     row["seconds"] = time.perf_counter() - start
     row["removed"] = row["params"] - params(pruned)
-    masks, cache = analysis.keep_masks(removed), entry["cache"]
+    cache = entry["cache"]
+    masks = {(n, cache["axis"]): keep for n, keep in kept_heads(entry).items()}
     steps = (1, 1, 1) if cache["sequence"] == 1 else (4, 2, 1)
     worst = 0.0
     for batch in (1, 3):
@@ -136,6 +136,14 @@ def measure_cached(row: dict, dense: onnx.ModelProto, entry: dict, start: float)
                 worst = max(worst, float(np.max(np.abs(w - g)) / max(float(np.max(np.abs(w))), 1e-12)))
     row.update(rel_diff=worst, equal=worst <= REL_TOL, notes=[])
     return row
+
+
+def kept_heads(entry: dict) -> dict[str, np.ndarray]:
+    """Cache output -> the heads it keeps once the planted dead KV groups are gone."""
+    kv = entry["inputs"][-1]["shape"][1]
+    dead = {int(layer): groups for layer, groups in entry["planted"]["kv_groups"].items()}
+    return {n: np.array([h not in dead.get(int(n.split(".")[1]), []) for h in range(kv)])
+            for n in entry["cache"]["outputs"]}
 
 
 def share(row: dict) -> float:

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a.add_argument("--all", action="store_true", help="list every blocked reason, not only the first")
     add_options(a, RuntimeOptions, only=("input_shapes",))
-    add_options(a, TargetOptions, only=("prune_hidden",))
+    add_options(a, TargetOptions, only=("prune_hidden", "prune_cache"))
 
     p = sub.add_parser("prune", help="remove channels/neurons and write a validated smaller model")
     p.add_argument("input")
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "passes through. Alone, or before --ratio/--target-flops/--target-params.")
     add_options(depth, DepthOptions)
     _add_pruning_options(p)
+    add_options(p, TargetOptions, only=("prune_cache",))
     progressive = p.add_argument_group(
         "progressive pruning", "Reach the target in steps, each re-scoring the model the last one left, removing "
                                "its share, repairing (with --calib) and measuring (with --validate-data); past "
@@ -120,7 +121,7 @@ def _add_measure_options(g) -> None:
 
 
 def cmd_analyze(args) -> int:
-    report = analyze(args.model, args.input_shapes, prune_hidden=args.prune_hidden)
+    report = analyze(args.model, args.input_shapes, prune_hidden=args.prune_hidden, prune_cache=args.prune_cache)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0

@@ -148,6 +148,11 @@ class TargetOptions:
     prune_hidden: bool = option(False, "also prune the hidden (residual-stream) width of transformers through "
                                        "LayerNorm/RMSNorm: not lossless, their statistics change; name it in a "
                                        "ratio as hidden=R", switch=True)
+    prune_cache: bool = option(False, "let heads and KV groups go from a decoder's key-value cache too "
+                                      "(past_key_values.* inputs, present.* outputs): the pruned model reads and "
+                                      "writes fewer heads per layer, and the report states the "
+                                      "num_attention_heads / num_key_value_heads a generation config needs",
+                               switch=True)
 
     @property
     def width(self) -> bool:
@@ -165,6 +170,9 @@ class TargetOptions:
                              "(--drop-layers)")
         if self.steps < 1:
             raise UsageError(f"steps (--steps) must be at least 1, got {self.steps}")
+        if self.prune_cache and self.steps > 1:
+            raise UsageError("prune_cache (--prune-cache) changes the model's cache inputs and outputs, which the "
+                             "steps of a progressive run (--steps) would each change again: prune in one step")
         if self.steps > 1 and not self.width:
             raise UsageError("steps (--steps) divide a ratio or target (--ratio, --target-flops, --target-params) "
                              "into parts; lossless elimination and plans are applied at once")
@@ -386,6 +394,10 @@ class PruneOptions:
     def check(self) -> None:
         self.target.check(self.depth)
         self.calibration.check()
+        if self.target.prune_cache and (self.calibration.calib is not None or self.gate.validate_data is not None):
+            raise UsageError("prune_cache (--prune-cache) gives the pruned model a key-value cache of fewer heads, "
+                             "so data holding the dense model's past_key_values cannot feed it: drop --calib and "
+                             "--validate-data (check the pruned model with a generation loop of your own)")
 
 
 def groups_of(options: Any) -> dict[str, Any]:

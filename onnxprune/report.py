@@ -41,6 +41,47 @@ class GroupChange:
 
 
 @dataclass
+class AttentionChange:
+    """One attention layer's head counts before and after pruning: what a runtime config calls
+    num_attention_heads and num_key_value_heads (a generation loop allocates its cache from them)."""
+
+    name: str                # the group: its first source node (the layer's query projection)
+    heads: tuple[int, int]     # num_attention_heads: before, after
+    kv_heads: tuple[int, int]  # num_key_value_heads: before, after
+
+    @classmethod
+    def of_groups(cls, groups, removed: set[int]) -> list["AttentionChange"]:
+        """Every attention group (analysis.Group) in graph order, or [] when none lost heads."""
+        out = []
+        for g in groups:
+            before = g.head_counts()
+            if before is None:
+                continue
+            after = g.head_counts(sum(1 for r in g.roots.tolist() if int(r) not in removed))
+            out.append(cls(g.name, (before[0], after[0]), (before[1], after[1])))
+        return out if any(c.heads[0] != c.heads[1] or c.kv_heads[0] != c.kv_heads[1] for c in out) else []
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "num_attention_heads": list(self.heads), "num_key_value_heads": list(self.kv_heads)}
+
+
+def attention_summary(changes: list[AttentionChange], cache: dict[str, int] | None) -> str:
+    """One paragraph: the head counts per layer a runtime config needs, and whether the cache changed."""
+    def counts(which: int) -> str:
+        pairs = [(c.heads[which], c.kv_heads[which]) for c in changes]
+        if len(set(pairs)) == 1:
+            return f"{pairs[0][0]}/{pairs[0][1]} in each of {len(pairs)} layer(s)"
+        return ", ".join(f"{q}/{kv}" for q, kv in pairs)
+
+    text = (f"Attention heads per layer (num_attention_heads/num_key_value_heads), in graph order: {counts(1)} "
+            f"(were {counts(0)}).")
+    if cache:
+        text += (" The key-value cache inputs and outputs now hold these KV heads: a generation loop allocates "
+                 "past_key_values from them (per layer).")
+    return text
+
+
+@dataclass
 class PruneReport:
     input: str
     output: str | None
@@ -59,6 +100,8 @@ class PruneReport:
     depth: dict | None = None  # with drop_layers: strategy.depth.DepthReport.to_dict()
     steps: list[dict] | None = None  # a progressive run's steps (onnxprune.pipeline.progressive)
     passes: list[dict] = field(default_factory=list)  # every pass that ran, in order: PassRecord.to_dict()
+    attention: list[AttentionChange] = field(default_factory=list)  # head counts per layer, when heads went
+    cache: dict[str, int] | None = None  # prune_cache: cache input/output -> the heads it now holds
 
     @property
     def gate_passed(self) -> bool | None:
@@ -80,6 +123,8 @@ class PruneReport:
             "depth": self.depth,
             "steps": self.steps,
             "passes": self.passes,
+            "attention": [c.to_dict() for c in self.attention],
+            "cache": self.cache,
             "notes": self.notes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -119,6 +164,8 @@ class PruneReport:
                 f"Checks passed: {', '.join(self.checks)}.")
         if self.max_abs_diff is not None:
             text += f" Max |difference| from the dense model: {self.max_abs_diff:.3g}."
+        if self.attention:
+            text += "\n" + attention_summary(self.attention, self.cache)
         if self.quality is not None:
             text += "\n" + ("Accuracy gate: " if self.quality.max_drop is not None else "Validation: ") + \
                 self.quality.verdict()

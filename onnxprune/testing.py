@@ -293,39 +293,32 @@ class _DecoderWriter:
 
 # -- decoders with a key-value cache ------------------------------------------------------------------------
 
-def lossless_with_cache(model) -> tuple[onnx.ModelProto, object, set[int]]:
-    """What `prune --lossless` does, with the key-value cache allowed to shrink (the analysis's
-    opt-in `prune_cache`): all-zero residual branches bypassed, then dead units removed (heads and
-    KV groups with their cache entries), and the cache inputs' and outputs' declared head counts set
-    to the kept ones.  The pruned model reads and writes fewer heads: a caller slices nothing, it
-    starts from an empty cache of the new size.  Returns (pruned model, analysis, removed roots).
+def greedy_generate(model: onnx.ModelProto, prompt: np.ndarray, new_tokens: int, cache_inputs: list[str], *,
+                    chunk: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Greedy decoding, as a generation loop runs a decoder exported with a key-value cache (inputs
+    input_ids, attention_mask, position_ids and `cache_inputs`; outputs the logits, then the presents
+    in the same order). The cache starts empty, shaped as the model declares it (batch, heads, 0,
+    head_dim): a model pruned with `prune_cache` gets its fewer heads. The prompt (batch, length) goes
+    first (`chunk` tokens a step for a model that takes a fixed number, e.g. 1 for a decode-step
+    export), then one token a step, the argmax of the last logits; each step's presents are the
+    next step's past. Returns the new tokens (batch, new_tokens) and every step's logits."""
+    from onnxprune.runtime.session import make_session
 
-    Not wired into `prune` yet: its validation feeds the dense model's input shapes."""
-    from onnxprune.analysis import analyze_graph
-    from onnxprune.analysis.zeros import ZeroState
-    from onnxprune.ir.graph_view import GraphView
-    from onnxprune.ir.prepare import prepare
-    from onnxprune.ir.shapes import infer_shapes
-    from onnxprune.passes.apply_plan import ApplyPlan
-    from onnxprune.passes.cleanup import DropUnusedInitializers
-    from onnxprune.passes.lossless import dead_units, find_dead_structure
-
-    working, _ = prepare(model)
-    working = find_dead_structure(working).model  # all-zero residual branches bypassed
-    analysis = analyze_graph(GraphView(working, infer_shapes(working)), prune_cache=True)
-    removed = dead_units(analysis, ZeroState(analysis).run())
-    pruned = DropUnusedInitializers()(ApplyPlan(analysis, removed)(working).model).model
-    set_cache_dims(pruned, analysis, removed)
-    return pruned, analysis, removed
-
-
-def set_cache_dims(pruned: onnx.ModelProto, analysis, removed) -> None:
-    """Declare the kept head counts on the cache inputs and outputs that lost heads."""
-    masks = analysis.keep_masks(removed)
-    caches = {**analysis.state.cache_inputs, **analysis.state.cache_outputs}
-    for vi in list(pruned.graph.input) + list(pruned.graph.output):
-        axis = caches.get(vi.name)
-        if axis is not None and (vi.name, axis) in masks:
-            dim = vi.type.tensor_type.shape.dim[axis]
-            dim.Clear()
-            dim.dim_value = int(masks[(vi.name, axis)].sum())
+    session = make_session(model)
+    batch = prompt.shape[0]
+    declared = {vi.name: vi.type.tensor_type.shape.dim for vi in model.graph.input}
+    past = {n: np.zeros((batch, declared[n][1].dim_value, 0, declared[n][3].dim_value), np.float32)
+            for n in cache_inputs}
+    steps = [prompt[:, i:i + (chunk or prompt.shape[1])] for i in range(0, prompt.shape[1], chunk or prompt.shape[1])]
+    start, tokens, logits = 0, [], []
+    while len(tokens) < new_tokens:
+        ids = steps.pop(0) if steps else tokens[-1]
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, start + ids.shape[1]), np.int64),
+                 "position_ids": np.tile(np.arange(start, start + ids.shape[1]), (batch, 1)).astype(np.int64), **past}
+        out = session.run(None, feeds)
+        logits.append(out[0])
+        past = dict(zip(cache_inputs, out[1:]))
+        start += ids.shape[1]
+        if not steps:  # the prompt is in: every step from here on adds the token it predicts
+            tokens.append(out[0][:, -1:].argmax(axis=-1))
+    return np.concatenate(tokens, axis=1), logits

@@ -15,7 +15,6 @@ import pytest
 import onnxprune
 from helpers import prune_matches_oracle, run
 from onnxprune.cost import unique_parameters
-from onnxprune.testing import lossless_with_cache
 
 FOLDER = Path(__file__).resolve().parent.parent / "models" / "conformance"
 MANIFEST = json.loads((FOLDER / "manifest.json").read_text())
@@ -93,24 +92,30 @@ def generate(model, entry: dict, batch: int, steps, seed: int = 0) -> list[list[
     return outs
 
 
+def kept_heads(entry: dict) -> dict[str, np.ndarray]:
+    """Cache output -> the heads it keeps once the planted dead KV groups are gone."""
+    kv = entry["inputs"][-1]["shape"][1]
+    dead = {int(layer): groups for layer, groups in entry["planted"]["kv_groups"].items()}
+    return {n: np.array([h not in dead.get(int(n.split(".")[1]), []) for h in range(kv)])
+            for n in entry["cache"]["outputs"]}
+
+
 @pytest.mark.parametrize("name", CACHED)
 def test_lossless_with_a_kv_cache_removes_a_dead_kv_group_from_the_cache_too(name):
-    """The dead KV group goes with its cache entries (the pruned model reads and writes one KV head in
-    that layer); over three generation steps its logits are the dense model's and its presents the
-    dense ones' kept heads."""
+    """With prune_cache the dead KV group goes with its cache entries (the pruned model reads and writes
+    one KV head in that layer, and says so); over three generation steps its logits are the dense
+    model's and its presents the dense ones' kept heads."""
     entry = MANIFEST[name]
     dense = onnx.load(str(FOLDER / entry["file"]))
     floor = unique_parameters(onnx.load(str(FOLDER / entry["removed"])))[0]
     before = unique_parameters(dense)[0]
-    pruned, analysis, removed = lossless_with_cache(dense)
+    pruned, report = onnxprune.prune(dense, lossless=True, prune_cache=True)
     assert before - unique_parameters(pruned)[0] >= 0.95 * (before - floor)
-    masks = analysis.keep_masks(removed)
-    axis = entry["cache"]["axis"]
-    shrunk = {n for n in entry["cache"]["outputs"] if (n, axis) in masks}
-    assert shrunk == {"present.0.key", "present.0.value"}
+    keep = kept_heads(entry)
+    assert report.cache == {n: 1 for n in ("past_key_values.0.key", "past_key_values.0.value", "present.0.key",
+                                           "present.0.value")}
     steps = (1, 1, 1) if entry["cache"]["sequence"] == 1 else (4, 2, 1)
     for step_dense, step_pruned in zip(generate(dense, entry, 2, steps), generate(pruned, entry, 2, steps)):
         np.testing.assert_allclose(step_pruned[0], step_dense[0], atol=1e-4 * np.max(np.abs(step_dense[0])))
         for n, d, p in zip(entry["cache"]["outputs"], step_dense[1:], step_pruned[1:]):
-            want = d[:, masks[(n, axis)]] if n in shrunk else d
-            np.testing.assert_allclose(p, want, atol=1e-5)
+            np.testing.assert_allclose(p, d[:, keep[n]], atol=1e-5)

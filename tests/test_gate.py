@@ -326,7 +326,9 @@ def test_every_output_gets_its_fidelity_and_the_worst_is_gated():
     assert "top1_agreement" in q.outputs["logits"] and "top1_agreement" not in q.outputs["feat"]
     feeds = {"x": data["x"]}
     dense, small = run(model, feeds)[1].reshape(40, -1), run(pruned, feeds)[1].reshape(40, -1)
-    cos = np.sum(dense * small, axis=1) / np.linalg.norm(dense, axis=1) / np.linalg.norm(small, axis=1)
+    norms = np.linalg.norm(dense, axis=1) * np.linalg.norm(small, axis=1)
+    # a sample whose pruned 'feat' is all zero (its kept fc1 units all below zero) has a cosine of 0
+    cos = np.divide(np.sum(dense * small, axis=1), norms, out=np.zeros(len(norms)), where=norms > 0)
     assert q.outputs["feat"]["cosine_similarity"] == pytest.approx(cos.mean(), rel=1e-5)
     drops = {"logits": 1 - q.outputs["logits"]["top1_agreement"], "feat": 1 - q.outputs["feat"]["cosine_similarity"]}
     assert q.drop == pytest.approx(max(drops.values())) and q.output == max(drops, key=drops.get)

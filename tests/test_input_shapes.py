@@ -1,4 +1,6 @@
 """Sizes for dynamic inputs: never validate at a size the dense model cannot run, and say what was assumed."""
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -96,3 +98,30 @@ def test_an_output_whose_length_depends_on_the_data_is_not_compared():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     _, report = onnxprune.prune(model, ratio=0.5)
     assert "output shapes unchanged" in report.checks
+
+
+def cache_inputs(mask_dim: str) -> onnx.ModelProto:
+    """The inputs a decoder with a key-value cache declares (only the shapes matter here)."""
+    graph = helper.make_graph([], "decoder", [
+        helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", mask_dim]),
+        helper.make_tensor_value_info("past_key_values.0.key", onnx.TensorProto.FLOAT, ["batch", 2, "past", 8]),
+    ], [])
+    return helper.make_model(graph)
+
+
+def test_a_key_value_cache_starts_empty_and_a_dim_named_by_arithmetic_follows_the_dims_it_names():
+    """The first generation step (past length 0), not an image: the attention mask then covers the
+    new tokens only, whether it is its own symbol or written as 'past + sequence' (dynamo)."""
+    for mask_dim in ("total", "past + sequence"):
+        planned = plan_input_shapes(cache_inputs(mask_dim))
+        assert planned.shapes == {"input_ids": [1, 128], "attention_mask": [1, 128],
+                                  "past_key_values.0.key": [1, 2, 0, 8]}
+    assert "past=0 (past length: an empty key-value cache" in plan_input_shapes(cache_inputs("total")).note()
+
+
+def test_the_kv_decoders_run_at_their_planned_sizes_without_input_shape():
+    folder = Path(__file__).resolve().parent.parent / "models" / "conformance"
+    for name in ("qwen2_kv_legacy", "qwen2_kv_dynamo"):  # dynamo: input_ids (batch, 1), mask (batch, past + 1)
+        _, report = onnxprune.prune(folder / f"{name}.onnx", lossless=True)
+        assert "outputs equal the dense model" in report.checks

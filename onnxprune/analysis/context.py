@@ -68,6 +68,8 @@ class AnalysisState:
     cache_outputs: dict[str, int] = field(default_factory=dict)
     #: grouped-query attention by slot: unit -> the kv groups each of its query heads is one of
     query_slots: dict[int, int] = field(default_factory=dict)
+    #: grouped-query attention by slot: units of the KV heads, which stay (counted with the slots' group)
+    slot_kv_units: set[int] = field(default_factory=set)
     #: opt-in: prune the hidden (residual-stream) width through norms and reductions (not lossless)
     hidden_width: bool = False
     hidden_units: set[int] = field(default_factory=set)

@@ -33,6 +33,7 @@ class Group:
     heads_per_unit: dict[str, int] = field(default_factory=dict)  # source node -> heads it has in one unit
     hidden: bool = False  # the residual-stream width, pruned through norms (opt-in, not lossless)
     kv_groups: int | None = None  # grouped-query attention by slot: a unit is one query head of each kv group
+    slot_kv: bool = False  # the KV heads of grouped-query attention by slot: they stay, the slots' group counts them
 
     @property
     def size(self) -> int:
@@ -66,6 +67,22 @@ class Group:
             query, kv = max(self.heads_per_unit.values()), min(self.heads_per_unit.values())
             return f"{self.size} kv groups ({query} query + {kv} kv heads x {self.head_dim})"
         return f"{self.size} {kind}"
+
+    def head_counts(self, units: int | None = None) -> tuple[int, int] | None:
+        """(query heads, KV heads) of the attention this group's units are, with `units` of them kept
+        (default: all); None when its units are not attention heads. What a runtime config calls
+        num_attention_heads and num_key_value_heads for this layer."""
+        kind = self.kind
+        units = self.size if units is None else units
+        if self.slot_kv:
+            return None
+        if kind == "heads" and self.kv_groups:  # a unit is one query head of each kv group; the kv heads stay
+            return units * self.kv_groups, self.kv_groups
+        if kind == "heads":  # one head a unit (a fused QKV projection's unit spans its Q, K and V columns)
+            return units, units
+        if kind == "kv groups":
+            return units * max(self.heads_per_unit.values()), units * min(self.heads_per_unit.values())
+        return None
 
     def to_dict(self) -> dict:
         return {
@@ -194,6 +211,9 @@ def _annotate(state: AnalysisState, groups: list["Group"], gid_of_unit: np.ndarr
     for unit, kv in state.query_slots.items():
         if (g := group_of(unit)) is not None:
             g.kv_groups = kv
+    for unit in state.slot_kv_units:
+        if (g := group_of(unit)) is not None:
+            g.slot_kv = True
     for unit, width in state.splits:
         if (g := group_of(unit)) is None:
             continue

@@ -53,9 +53,31 @@ class ApplyPlan(Pass):
         for node in pruned.graph.node:
             rule_for(node).rewrite(node, rw)
         rw.finish()
+        declared = _declare_kept_dims(pruned, masks)
         units = len(self.removed_roots)
-        return self.changed(pruned, f"removed {units} unit(s); {sliced} initializer(s) sliced",
-                            units=units, axes=len(masks), initializers_sliced=sliced)
+        summary = f"removed {units} unit(s); {sliced} initializer(s) sliced"
+        if declared:  # a key-value cache that lost heads: the model's interface changed
+            summary += f"; {len(declared)} graph input(s)/output(s) now declare fewer heads"
+            return self.changed(pruned, summary, units=units, axes=len(masks), initializers_sliced=sliced,
+                                interface=declared)
+        return self.changed(pruned, summary, units=units, axes=len(masks), initializers_sliced=sliced)
+
+
+def _declare_kept_dims(pruned: onnx.ModelProto, masks) -> dict[str, list]:
+    """Graph inputs and outputs that lose positions declare the kept count on that axis. Only a
+    key-value cache does (`prune_cache`): other graph inputs carry no units and the analysis blocks
+    units that reach other graph outputs. Returns name -> its declared dims now."""
+    declared = {}
+    for vi in list(pruned.graph.input) + list(pruned.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        for axis in range(len(dims)):
+            keep = masks.get((vi.name, axis))
+            if keep is not None:
+                dims[axis].Clear()
+                dims[axis].dim_value = int(keep.sum())
+        if any((vi.name, axis) in masks for axis in range(len(dims))):
+            declared[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+    return declared
 
 
 def _slice_initializers(model, pruned, analysis, masks) -> int:

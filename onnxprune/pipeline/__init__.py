@@ -58,11 +58,11 @@ class AnalysisReport:
 
 
 def analyze(model: ModelLike, input_shapes: dict[str, list[int]] | None = None,
-            prune_hidden: bool = False) -> AnalysisReport:
+            prune_hidden: bool = False, prune_cache: bool = False) -> AnalysisReport:
     working, source = prepare(model)
     planned = plan_input_shapes(working, input_shapes)  # no run: analyze stays cheap on huge models
     stats = ModelStats.from_cost(model_cost(working, planned.shapes), source.file_size)
-    return AnalysisReport(build_analysis(working, prune_hidden), stats, planned.note())
+    return AnalysisReport(build_analysis(working, prune_hidden, prune_cache), stats, planned.note())
 
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, options: PruneOptions | None = None,
@@ -85,6 +85,13 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, options: Pr
     prune_hidden: also prune the hidden (residual-stream) width of transformers
     through LayerNorm / RMSNorm (not lossless: their statistics then cover the
     kept dims only); a ratio may name it: {"hidden": 0.25}.
+
+    prune_cache: heads and KV groups of a decoder with a key-value cache
+    (past_key_values.* inputs, present.* outputs) go from the cache too: the
+    pruned model declares and reads fewer heads there, is validated with a
+    cache of that size, and the report's `attention` lists the
+    num_attention_heads / num_key_value_heads per layer a generation config
+    needs (`cache`: the heads each cache input and output now holds).
 
     Validation gate (onnxprune.runtime.gate): `validate_data` (a path in any
     format `eval` reads, read with the data options — tokenizer, preprocess —,

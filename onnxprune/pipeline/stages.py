@@ -30,14 +30,15 @@ from onnxprune.passes.lossless import find_dead_structure
 from onnxprune.passes.reconstruction import reconstruct
 from onnxprune.pipeline.runner import Stage
 from onnxprune.pipeline.state import PruneState
-from onnxprune.report import GroupChange, ModelStats, PruneReport
+from onnxprune.report import AttentionChange, GroupChange, ModelStats, PruneReport
+from onnxprune.runtime.cache import CacheChange
 from onnxprune.runtime.data import open_data
 from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
 from onnxprune.runtime.inputs import dense_input_shapes
 from onnxprune.runtime.metrics import load_metric
 from onnxprune.runtime.output import save_verified, stage_if_on_disk
-from onnxprune.runtime.validate import validate_model
+from onnxprune.runtime.validate import run_model, validate_model
 from onnxprune.strategy.adaptive import allocate_adaptive
 from onnxprune.strategy.allocate import Target, allocate, eligible_groups
 from onnxprune.strategy.depth import choose_drops
@@ -45,9 +46,9 @@ from onnxprune.strategy.estimate import CostEstimator
 from onnxprune.strategy.plan import Plan
 
 
-def build_analysis(model, prune_hidden: bool = False) -> Analysis:
+def build_analysis(model, prune_hidden: bool = False, prune_cache: bool = False) -> Analysis:
     shapes = infer_shapes(model)
-    return analyze_graph(GraphView(model, shapes), hidden_width=prune_hidden)
+    return analyze_graph(GraphView(model, shapes), hidden_width=prune_hidden, prune_cache=prune_cache)
 
 
 # ---- load ----
@@ -133,9 +134,19 @@ def drop_layers(state: PruneState) -> None:
 def analyze(state: PruneState) -> None:
     plan = state.given_plan
     hidden = state.options.target.prune_hidden or bool(plan and plan.meta.get("prune_hidden"))
-    state.analysis = build_analysis(state.working, hidden)
+    state.analysis = build_analysis(state.working, hidden, _prunes_cache(state))
     state.groups_total = len(state.analysis.groups)
     state.groups_prunable = len(state.analysis.prunable_groups())
+
+
+def _prunes_cache(state: PruneState) -> bool:
+    """Heads may go from a key-value cache: asked for, or the replayed plan was made so."""
+    return state.options.target.prune_cache or bool(state.given_plan and state.given_plan.meta.get("prune_cache"))
+
+
+def _cache_meta(state: PruneState) -> dict:
+    """What a saved plan records so that a replay analyses the model the same way."""
+    return {"prune_cache": True} if _prunes_cache(state) else {}
 
 
 def _scores_needed(state: PruneState) -> bool:
@@ -199,7 +210,8 @@ def allocate_units(state: PruneState) -> None:
     meta = {"criterion": o.scoring.criterion, "strategy": t.strategy,
             "ratio": dict(t.ratio) if isinstance(t.ratio, dict) else t.ratio, "target_flops": t.target_flops,
             "target_params": t.target_params, "round_to": t.round_to,
-            "prune_hidden": t.prune_hidden or bool(state.given_plan and state.given_plan.meta.get("prune_hidden"))}
+            "prune_hidden": t.prune_hidden or bool(state.given_plan and state.given_plan.meta.get("prune_hidden")),
+            **_cache_meta(state)}
     state.plan = Plan.from_keep(analysis, state.keep, meta)
     state.notes += list(getattr(state.statistics, "notes", None) or [])
 
@@ -212,7 +224,7 @@ def replay_plan(state: PruneState) -> None:
 
 def eliminate_dead(state: PruneState) -> None:
     """Lossless: remove zero residual branches (repeatedly, each exposing more), then dead units."""
-    found = find_dead_structure(state.working)
+    found = find_dead_structure(state.working, _prunes_cache(state))
     analysis, branches = found.analysis, found.branches
     state.working, state.analysis = found.model, analysis
     state.passes.append(found.record)
@@ -223,7 +235,7 @@ def eliminate_dead(state: PruneState) -> None:
         flags = np.array([int(r) not in state.removed for r in g.roots.tolist()])
         if not flags.all():
             keep[g.id] = np.flatnonzero(flags)
-    state.plan = Plan.from_keep(analysis, keep, {"mode": "lossless"})
+    state.plan = Plan.from_keep(analysis, keep, {"mode": "lossless", **_cache_meta(state)})
     state.mode = "lossless elimination"
     note = f"removed {branches} all-zero residual branch(es) and {len(state.removed)} dead unit(s)"
     if not branches and not state.removed:
@@ -270,6 +282,21 @@ def rewrite(state: PruneState) -> None:
         applied = ApplyPlan(analysis, state.removed)(state.working)
         state.working = applied.model
         state.passes.append(applied.record)
+    state.cache = CacheChange.of(analysis, state.removed)
+    state.attention = AttentionChange.of_groups(analysis.groups, state.removed)
+
+
+def _zeroes_cache(state: PruneState) -> bool:
+    """Lossless, with a cache that lost heads, validated on a past that holds values."""
+    return state.lossless and state.cache is not None and state.cache.holds_values(state.input_shapes.feeds)
+
+
+def cache_reference(state: PruneState) -> None:
+    """The lossless reference for a cache that lost heads: the dense model on a cache it could have
+    written, the removed heads' entries zero (a dead KV group caches zero values; random ones there
+    would change the dense outputs, not the pruned model's)."""
+    feeds = state.cache.zeroed(state.input_shapes.feeds)
+    state.cache.reference = (feeds, run_model(state.dense, feeds, "dense model"))
 
 
 def _repairs(state: PruneState) -> bool:
@@ -318,6 +345,7 @@ def _add_depth(state: PruneState) -> None:
 
 REWRITE = [
     Stage("rewrite", rewrite),
+    Stage("cache reference", cache_reference, applies=_zeroes_cache, timing="validate"),
     Stage("reconstruct", repair, applies=_repairs, timing="rewrite"),
     Stage("clean up", clean_up, timing="rewrite",
           releases=("analysis", "dense", "reference", "statistics", "scores", "curves")),
@@ -329,13 +357,33 @@ REWRITE = [
 def validate(state: PruneState) -> None:
     """Checker, strict shape inference and an onnxruntime run (from the staged file for a large model)."""
     state.staged = stage_if_on_disk(state.working, state.output, state.source)
-    shapes = state.input_shapes
-    state.validation = validate_model(state.working, shapes.shapes,
-                                      reference_outputs=shapes.outputs if state.lossless else None,
-                                      expected_shapes=state.expected_shapes, seed=state.options.runtime.seed,
+    shapes, cache = _pruned_shapes(state), state.cache
+    feeds, reference = _lossless_reference(state)
+    names = [o.name for o in state.working.graph.output]
+    expected = state.expected_shapes if cache is None else cache.output_shapes(names, state.expected_shapes)
+    state.validation = validate_model(state.working, shapes, reference_outputs=reference, feeds=feeds,
+                                      expected_shapes=expected, seed=state.options.runtime.seed,
                                       run_from=state.staged.path if state.staged is not None else None)
     size = len(state.validation.serialized or b"") or model_byte_size(state.working)
-    state.after = ModelStats.from_cost(model_cost(state.working, shapes.shapes), size)
+    state.after = ModelStats.from_cost(model_cost(state.working, shapes), size)
+
+
+def _pruned_shapes(state: PruneState) -> dict[str, list[int]]:
+    """The input shapes the pruned model runs at: the dense model's, with a pruned cache's kept heads."""
+    shapes = state.input_shapes.shapes
+    return shapes if state.cache is None else state.cache.input_shapes(shapes)
+
+
+def _lossless_reference(state: PruneState) -> tuple[dict | None, list | None]:
+    """(feeds, outputs) lossless validation runs the pruned model on and expects back; (None, None) otherwise
+    (feeds None: random ones, from the seed the dense model's outputs were computed with)."""
+    shapes, cache = state.input_shapes, state.cache
+    if not state.lossless:
+        return None, None
+    if cache is None:
+        return None, shapes.outputs
+    feeds, outputs = cache.reference or (shapes.feeds, shapes.outputs)
+    return cache.kept_feeds(feeds), cache.kept_outputs([o.name for o in state.working.graph.output], outputs)
 
 
 def _runnable(state: PruneState):
@@ -353,7 +401,8 @@ def measure_latency(state: PruneState) -> None:
     on_disk = str(state.staged.path) if state.staged is not None else state.working
     state.latency = compare_latency(state.model, on_disk, provider=r.provider, threads=r.threads,
                                     runs=r.latency_runs, warmup=r.latency_warmup,
-                                    input_shapes=state.input_shapes.shapes, progress=r.progress, seed=r.seed)
+                                    input_shapes=state.input_shapes.shapes, progress=r.progress, seed=r.seed,
+                                    pruned_shapes=_pruned_shapes(state) if state.cache is not None else None)
 
 
 def build_report(state: PruneState) -> None:
@@ -366,7 +415,8 @@ def build_report(state: PruneState) -> None:
         groups_prunable=state.groups_prunable, changes=state.changes, checks=result.checks,
         max_abs_diff=result.max_abs_diff, notes=notes, timings=state.clock.timings, quality=state.quality, latency=state.latency,
         depth=state.depth.to_dict() if state.depth is not None else None,
-        passes=[r.to_dict() for r in state.passes])
+        passes=[r.to_dict() for r in state.passes], attention=state.attention,
+        cache=state.cache.heads() if state.cache is not None else None)
 
 
 def gate(state: PruneState) -> None:

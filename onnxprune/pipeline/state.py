@@ -20,6 +20,7 @@ from onnxprune.cost import ModelCost
 from onnxprune.ir.model_io import SourceInfo
 from onnxprune.options import PruneOptions
 from onnxprune.report import GroupChange, ModelStats
+from onnxprune.runtime.cache import CacheChange
 from onnxprune.runtime.inputs import InputShapes
 from onnxprune.runtime.progress import StageClock
 from onnxprune.strategy.plan import Plan
@@ -64,6 +65,8 @@ class PruneState:
     notes: list[str] = field(default_factory=list)
     reconstructed: bool = False
     passes: list = field(default_factory=list)  # PassRecords of the passes that ran, in order (the report's)
+    cache: CacheChange | None = None        # a key-value cache that lost heads (prune_cache): the new interface
+    attention: list = field(default_factory=list)  # AttentionChange per attention layer, when heads went
     # validate, measure, save
     staged: Any = None                      # a large model's output, written once and validated from disk
     validation: Any = None
@@ -103,6 +106,7 @@ class PruneState:
         same = self.options
         unchanged_model = options.depth.drop_layers is None and same.depth.drop_layers is None
         if (unchanged_model and options.target.prune_hidden == same.target.prune_hidden
+                and options.target.prune_cache == same.target.prune_cache
                 and options.target.plan is None and same.target.plan is None):
             kept.analysis = self.analysis
             if options.scoring == same.scoring and options.calibration == same.calibration:

@@ -187,13 +187,14 @@ def benchmark(
     runs: int = 50,
     warmup: int = 5,
     batch: int | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
+    input_shapes: dict[str, list[int]] | Sequence[dict[str, list[int]] | None] | None = None,
     profile: bool = False,
     seed: int = 0,
     progress: bool | None = None,
 ) -> BenchResult:
     """Latency of each model (see the module docstring); speed-ups relative to the first.
-    progress: a bar of rounds done on stderr (None: only when stderr is a terminal)."""
+    progress: a bar of rounds done on stderr (None: only when stderr is a terminal). input_shapes: one
+    dict for every model, or one per model (a pruned key-value cache holds fewer heads than the dense one)."""
     if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
         models = [models]
     if not models:
@@ -203,7 +204,8 @@ def benchmark(
     check_provider(provider)
     loaded = [load_for_runtime(m)[0] for m in models]
     labels = _names(models, names)
-    shapes = [input_shapes_for(m, batch, input_shapes) for m in loaded]
+    given = list(input_shapes) if isinstance(input_shapes, (list, tuple)) else [input_shapes] * len(loaded)
+    shapes = [input_shapes_for(m, batch, g) for m, g in zip(loaded, given)]
     stubs = [_stub(m) for m in loaded]
     feeds = [random_inputs(stub, s, seed) for stub, s in zip(stubs, shapes)]
     sessions = []

@@ -257,12 +257,14 @@ def compare_quality(reference: DenseReference, outputs: dict[str, Blocks],
 def compare_latency(dense: ModelLike, pruned: ModelLike, *, provider: str = "CPUExecutionProvider",
                     threads: int = 1, runs: int = 50, warmup: int = 5,
                     input_shapes: dict[str, list[int]] | None = None, progress: bool | None = None,
-                    seed: int = 0) -> LatencyStats:
-    """Median/p90 latency of both models from one interleaved benchmark."""
+                    seed: int = 0, pruned_shapes: dict[str, list[int]] | None = None) -> LatencyStats:
+    """Median/p90 latency of both models from one interleaved benchmark. pruned_shapes: the pruned model's
+    input shapes where they differ from the dense model's (a key-value cache of fewer heads)."""
     from onnxprune.runtime.bench import benchmark
 
+    shapes = input_shapes if pruned_shapes is None else [input_shapes, pruned_shapes]
     result = benchmark([dense, pruned], names=["dense", "pruned"], provider=provider, threads=threads, runs=runs,
-                       warmup=warmup, input_shapes=input_shapes, progress=progress, seed=seed)
+                       warmup=warmup, input_shapes=shapes, progress=progress, seed=seed)
     first, second = result.entries
     return LatencyStats(provider, threads, runs, warmup, first.input_shapes, dict(first.latency.__dict__),
                         dict(second.latency.__dict__), result.onnxruntime)

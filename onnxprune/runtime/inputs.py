@@ -88,16 +88,72 @@ def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
+def _is_cache_input(vi: onnx.ValueInfoProto) -> bool:
+    """A decoder's key-value cache as optimum and onnxruntime-genai name it (past_key_values.0.key,
+    past_key.0, past_0): float, named past..."""
+    dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    return dtype.kind == "f" and vi.name.lower().startswith("past")
+
+
+def _evaluate(expression: str, symbols: dict[str, int]) -> int | None:
+    """A dim named by arithmetic over other dims' names, as the dynamo exporter writes them ('past + 1'),
+    from their planned values; None if it is not one (or names a dim not planned)."""
+    try:
+        tree = ast.parse(expression, mode="eval").body
+    except SyntaxError:
+        return None
+    operators = {ast.Add: int.__add__, ast.Sub: int.__sub__, ast.Mult: int.__mul__, ast.FloorDiv: int.__floordiv__}
+
+    def value(node) -> int | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return symbols.get(node.id)
+        if isinstance(node, ast.BinOp) and type(node.op) in operators:
+            left, right = value(node.left), value(node.right)
+            if left is None or right is None or (isinstance(node.op, ast.FloorDiv) and right == 0):
+                return None
+            return operators[type(node.op)](left, right)
+        return None
+
+    return value(tree) if isinstance(tree, ast.BinOp) else None
+
+
+def _has_expression(vi: onnx.ValueInfoProto) -> bool:
+    """Some dim is named by arithmetic ('past + 1'), not by a plain name."""
+    def arithmetic(text: str) -> bool:
+        try:
+            return isinstance(ast.parse(text, mode="eval").body, ast.BinOp)
+        except SyntaxError:
+            return False
+
+    return any(d.HasField("dim_param") and arithmetic(d.dim_param) for d in vi.type.tensor_type.shape.dim)
+
+
+def _default_size(vi, axis: int, spatial: set[int], image_size, sizes: tuple[int, int]) -> tuple[int, str]:
+    """The size of a dynamic dim no given size or shared symbol fixes, and why."""
+    if axis == 0:
+        return DEFAULT_BATCH, "batch"
+    if _is_cache_input(vi):
+        return 0, "past length: an empty key-value cache, the first generation step"
+    if axis in spatial and image_size is not None:
+        return image_size[sorted(spatial).index(axis)], "imgsz metadata"
+    if axis in spatial:
+        return sizes[0], "image size"
+    return sizes[1], "length"
+
+
 def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None = None,
                       profile: int = 0) -> InputShapes:
-    """Shapes from --input-shape, static dims, metadata, then SIZE_PROFILES[profile]; nothing is run."""
+    """Shapes from --input-shape, static dims, metadata, then SIZE_PROFILES[profile]; nothing is run.
+    A cache input's past length is 0; a dim named by an expression of others ('past + 1') is planned
+    after them."""
     given = given or {}
     inputs = _real_inputs(model)
     names = [i.name for i in inputs]
     unknown = set(given) - set(names)
     if unknown:
         raise UsageError(f"--input-shape names {sorted(unknown)}, but the model's inputs are {names}")
-    spatial_size, other_size = SIZE_PROFILES[profile]
     image_size = _metadata_image_size(model) if profile == 0 else None
     symbols: dict[str, int] = {}
     for vi in inputs:  # given sizes fix their symbols first, wherever the symbol appears
@@ -105,7 +161,7 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
             if d.HasField("dim_param"):
                 symbols.setdefault(d.dim_param, v)
     result = InputShapes({})
-    for vi in inputs:
+    for vi in sorted(inputs, key=_has_expression):  # stable: expressions after the dims they name
         dims = vi.type.tensor_type.shape.dim
         if vi.name in given:
             if len(given[vi.name]) != len(dims):
@@ -114,7 +170,7 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
                 )
             result.shapes[vi.name] = list(given[vi.name])
             continue
-        spatial = _spatial_axes(vi)
+        spatial = set() if _is_cache_input(vi) else _spatial_axes(vi)
         shape, why = [], []
         for axis, d in enumerate(dims):
             if _is_static(d):
@@ -124,15 +180,11 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
             if key in symbols:
                 shape.append(symbols[key])
                 continue
-            if axis == 0:
-                value, reason = DEFAULT_BATCH, "batch"
-            elif axis in spatial and image_size is not None:
-                value = image_size[sorted(spatial).index(axis)]
-                reason = "imgsz metadata"
-            elif axis in spatial:
-                value, reason = spatial_size, "image size"
+            derived = _evaluate(key, symbols) if key else None
+            if derived is not None:
+                value, reason = derived, "from the dims it names"
             else:
-                value, reason = other_size, "length"
+                value, reason = _default_size(vi, axis, spatial, image_size, SIZE_PROFILES[profile])
             if key:
                 symbols[key] = value
             shape.append(value)
@@ -140,6 +192,7 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
         result.shapes[vi.name] = shape
         if why:
             result.assumed.append(f"{vi.name} {'x'.join(map(str, shape))} [{', '.join(why)}]")
+    result.shapes = {name: result.shapes[name] for name in names}
     return result
 
 

@@ -60,10 +60,12 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
                    reference_outputs: list[np.ndarray] | None = None, expected_shapes: list[tuple] | None = None,  # None: a dim not to compare
                    atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0,
                    run_from: str | os.PathLike | None = None,
-                   on_serialized: Callable[[bytes], object] | None = None) -> ValidationResult:
+                   on_serialized: Callable[[bytes], object] | None = None,
+                   feeds: dict[str, np.ndarray] | None = None) -> ValidationResult:
     """`run_from`: the model's file, already written (a model with weights on disk is run from there).
     `on_serialized` is called with the model's bytes as soon as they exist, before any check (e.g.
-    runtime.output.StagingWriter: the output is written while the checks run)."""
+    runtime.output.StagingWriter: the output is written while the checks run). `feeds`: what to run it
+    on (default: random inputs at `input_shapes`, from `seed`)."""
     result = ValidationResult()
     runtime_only = runtime_only_ops(model)
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
@@ -85,7 +87,8 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
         raise ValidationError(f"shape inference failed on the pruned model: {exc}") from exc
     result.checks.append("shape inference" if not runtime_only else
                          f"shape inference (lenient: onnxruntime-only ops {', '.join(runtime_only)})")
-    feeds = random_inputs(model, input_shapes, seed)
+    if feeds is None:
+        feeds = random_inputs(model, input_shapes, seed)
     if run_from is not None:
         outputs = run_model(str(run_from), feeds, f"pruned model as written to disk ({run_from}; nothing was "
                                                   "moved into place)")

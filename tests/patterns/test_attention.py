@@ -88,6 +88,36 @@ def test_lossless_removes_a_head_whose_value_columns_in_a_fused_projection_are_z
     assert w.shape == (D, 3 * (D - 2 * HD))
 
 
+def zero_rows(model, weight_name: str, heads) -> onnx.ModelProto:
+    """The rows of `weight_name` (an output projection, heads x head_dim rows) that read `heads`, zeroed."""
+    w = next(t for t in model.graph.initializer if t.name == weight_name)
+    values = numpy_helper.to_array(w).copy()
+    for h in heads:
+        values[h * HD:(h + 1) * HD] = 0
+    w.CopyFrom(numpy_helper.from_array(values, w.name))
+    return model
+
+
+def test_lossless_removes_a_query_head_whose_output_projection_rows_are_zero():
+    """The head computes values (its Q, K and V columns are not zero), but o_proj never reads them."""
+    pruned, report = onnxprune.prune(zero_rows(fused_qkv("matmul"), "c_proj.weight", [2]), lossless=True)
+    assert [(c.before, c.after) for c in report.changes] == [(H, H - 1)]
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
+    assert [(c.heads, c.kv_heads) for c in report.attention] == [((H, H - 1), (H, H - 1))]
+
+
+def test_lossless_removes_a_query_head_slot_only_when_no_group_reads_it():
+    """6 query heads over 2 KV heads: a unit is query head j of both groups (heads j and 3 + j). With
+    o_proj's rows of heads 1 and 4 zero, slot 1 goes and the KV heads stay; with only head 1's, the
+    slot is still read by the other group and stays."""
+    _, report = onnxprune.prune(zero_rows(gqa(6, 2), "wo", [1, 4]), lossless=True)
+    assert [(c.before, c.after) for c in report.changes] == [(3, 2)]
+    assert [(c.heads, c.kv_heads) for c in report.attention] == [((6, 4), (2, 2))]
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
+    _, report = onnxprune.prune(zero_rows(gqa(6, 2), "wo", [1]), lossless=True)
+    assert report.changes == []
+
+
 def test_lossless_keeps_a_head_whose_values_are_only_partly_zero():
     model = fused_qkv("conv1d")
     w = next(t for t in model.graph.initializer if t.name == "c_attn.weight")
@@ -347,9 +377,9 @@ def test_with_prune_cache_heads_and_kv_groups_go_from_the_cache_inputs_and_outpu
     reference = masked_reference(working, analysis, removed)
     pruned = ApplyPlan(analysis, removed)(working).model
     keep = analysis.keep_masks(removed)[("past_k", 1)]
-    for vi in list(pruned.graph.input) + list(pruned.graph.output):  # the new interface
-        if vi.name in analysis.state.cache_inputs or vi.name in analysis.state.cache_outputs:
-            vi.type.tensor_type.shape.dim[1].dim_value = int(keep.sum())
+    declared = {vi.name: vi.type.tensor_type.shape.dim[1].dim_value
+                for vi in [*pruned.graph.input, *pruned.graph.output] if vi.name.startswith(("past", "present"))}
+    assert declared == dict.fromkeys(["past_k", "past_v", "present_k", "present_v"], int(keep.sum()))  # the interface
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((2, S, D)).astype(np.float32)}
     feeds.update({f"past_{n}": rng.standard_normal((2, kv_heads, 5, HD)).astype(np.float32) for n in "kv"})

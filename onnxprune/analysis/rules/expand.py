@@ -40,6 +40,7 @@ class GrowOp(Rule):
                 s.block(layout, f"Expand '{node.name}' repeats each KV head for {out_dims[slots]} query heads "
                                 f"(repeat_kv), more than there are KV heads: the same query head of every "
                                 f"group goes together, and the KV heads are kept")
+                s.slot_kv_units.update(int(u) for u in layout.tolist() if u >= 0)
             elif s.view.dim(x, axis) is not None and s.view.dim(x, axis) == out_dims[axis + shift]:
                 s.set_layout(y, axis + shift, layout)
             else:
