@@ -130,13 +130,3 @@ def test_a_progressive_run_cannot_save_one_plan(tmp_path):
     with pytest.raises(UsageError, match="--save-plan"):
         onnxprune.prune(DIGITS, tmp_path / "p.onnx", ratio=0.3, steps=2, save_plan=tmp_path / "plan.json")
 
-
-def test_a_global_flops_target_ranks_units_by_score_per_flop_saved(digits):
-    """With every unit scored alike, the units that save the most FLOPs go first."""
-    analysis, _, _, estimator = digits
-    flat = {g.id: np.ones(g.size) for g in analysis.prunable_groups()}
-    keep = allocate(analysis, flat, Target(None, 0.3, None, "global", 0.9, 1, [], []), estimator)
-    removed = {gid: 1 - len(k) / analysis.groups[gid].size for gid, k in keep.items()}
-    saving = {gid: estimator.saving_per_unit(analysis.groups[gid])[0] for gid in keep}
-    costly, cheap = max(saving, key=saving.get), min(saving, key=saving.get)
-    assert removed[costly] > removed[cheap]

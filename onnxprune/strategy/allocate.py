@@ -134,17 +134,6 @@ def _global(groups, scores, ratio, t: Target) -> dict[int, int]:
             for gid, r in removed.items()}
 
 
-def _per_cost(groups: list[Group], scores: dict[int, np.ndarray], estimator: CostEstimator, *,
-              flops: bool) -> dict[int, np.ndarray]:
-    """Scores per share of the model one unit saves: a global ranking then removes first what costs the
-    least importance per FLOP (or parameter) it buys. Each group's own order is unchanged."""
-    out = {}
-    for g in groups:
-        saving = estimator.saving_per_unit(g)[0 if flops else 1]
-        out[g.id] = np.asarray(scores[g.id], dtype=np.float64) / max(saving, 1e-12)
-    return out
-
-
 def _keep_indices(groups, scores, kept_counts, orders: dict[int, np.ndarray] | None = None
                   ) -> dict[int, np.ndarray]:
     """The `kept_counts[g.id]` best-scored units of each group, ascending; `orders`: each group's units
@@ -173,9 +162,6 @@ def allocate(analysis: Analysis, scores: dict[int, np.ndarray], target: Target,
     target.check()
     groups = eligible_groups(analysis, target.include, target.exclude)
     by_ratio = _uniform if target.strategy == "uniform" else _global
-    if target.strategy == "global" and estimator is not None:  # a FLOP or parameter target: cost-aware
-        ranked = _per_cost(groups, scores, estimator, flops=target.target_flops is not None)
-        by_ratio = lambda gs, _, ratio, t: _global(gs, ranked, ratio, t)  # noqa: E731 (keeps each group's order)
     orders = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
 
     def plan_for(ratio: float) -> dict[int, np.ndarray]:
