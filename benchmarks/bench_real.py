@@ -38,7 +38,8 @@ Settings (`--settings` takes comma-separated globs over these names):
 
 Each (model, target, setting) is one `onnxprune.prune(model, out, target_flops=T, ...)` call in
 a fresh process (default round_to 8, seed 0); "prune s" is that call's wall time, "peak RSS" the
-process's own peak (`ru_maxrss` from os.wait4), imports included. The FLOPs removed column is
+process's own peak (`ru_maxrss` from os.wait4, taken by a small launcher process: a child of this
+large process would count this process's memory too), imports included. The FLOPs removed column is
 measured on the written model (the report's before/after), not the target asked. The pruned model
 is then scored by this process (onnxruntime, CPU, one thread). A setting that raises is recorded
 as failed with the error's first line.
@@ -476,31 +477,39 @@ def prune_worker(model: str, out: str, options_json: str, result: str) -> None:
                                         "timings": report.timings}))
 
 
+# The worker's peak RSS must be its own: a child spawned by this (large) process starts as a copy of
+# it (vfork/fork, then exec), and Linux keeps that copy's high-water mark in the child's ru_maxrss.
+# A small launcher process (standard library only) spawns the worker and reports the worker's rusage.
+LAUNCHER = ("import json,os,subprocess,sys\n"
+            "p=subprocess.Popen(sys.argv[2:])\n"
+            "_,status,usage=os.wait4(p.pid,0)\n"
+            "code=os.waitstatus_to_exitcode(status)\n"
+            "open(sys.argv[1],'w').write(json.dumps({'code':code,'maxrss_kib':usage.ru_maxrss}))\n"
+            "sys.exit(code if code>=0 else 1)\n")
+
+
 def run_prune(model: Path, out: Path, options: dict, timeout: float, tmp: Path) -> dict:
-    result = tmp / "result.json"
+    result, usage = tmp / "result.json", tmp / "usage.json"
     result.unlink(missing_ok=True)
+    usage.unlink(missing_ok=True)
     env = dict(os.environ, ONNXPRUNE_PROGRESS="0", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--prune-worker", str(model), str(out), json.dumps(options), str(result)]
+    worker = [sys.executable, __file__, "--prune-worker", str(model), str(out), json.dumps(options), str(result)]
     start = time.perf_counter()
     with open(tmp / "stderr", "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - start > timeout:
-                os.killpg(proc.pid, 9)
-                pid, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                return {"error": f"timeout after {timeout:.0f} s", "peak_mib": usage.ru_maxrss / 1024}
-            time.sleep(0.1)
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage)] + worker, stdout=subprocess.DEVNULL,
+                                stderr=err, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the launcher and the worker: one session
+            proc.wait()
+            return {"error": f"timeout after {timeout:.0f} s", "peak_mib": float("nan")}
+    ran = json.loads(usage.read_text()) if usage.exists() else {"code": proc.returncode, "maxrss_kib": float("nan")}
     row = json.loads(result.read_text()) if result.exists() else {}
-    row["peak_mib"] = usage.ru_maxrss / 1024
-    if code != 0 and "error" not in row:
+    row["peak_mib"] = ran["maxrss_kib"] / 1024
+    if ran["code"] != 0 and "error" not in row:
         lines = [x for x in (tmp / "stderr").read_text(errors="replace").splitlines() if x.strip()]
-        row["error"] = f"exit {code}: {lines[-1].strip() if lines else '(no output)'}"
+        row["error"] = f"exit {ran['code']}: {lines[-1].strip() if lines else '(no output)'}"
     return row
 
 
@@ -575,7 +584,8 @@ def table(task: Task, rows: list[dict], dense: dict) -> str:
         else:
             metrics = [cell(c, r["metrics"], dense) for c in task.columns]
         seconds = f"{r['seconds']:.1f}" if r.get("seconds") is not None else ""
-        lines.append(head + metrics + [seconds, f"{r['peak_mib']:.0f}"])
+        peak = r.get("peak_mib", float("nan"))
+        lines.append(head + metrics + [seconds, "" if peak != peak else f"{peak:.0f}"])
     return markdown_table(header, lines)
 
 
