@@ -27,6 +27,7 @@ import numpy as np
 from onnxprune.analysis import Analysis, Group
 from onnxprune.analysis.diagnose import explain, headline
 from onnxprune.errors import PlanError, UsageError
+from onnxprune.options import DepthOptions, TargetOptions
 from onnxprune.strategy.estimate import CostEstimator
 
 
@@ -49,28 +50,10 @@ class Target:
     exclude: list[str] = field(default_factory=list)
 
     def check(self) -> None:
-        given = [v for v in (self.ratio, self.target_flops, self.target_params) if v is not None]
-        if len(given) != 1:
-            raise UsageError("give exactly one of ratio, target_flops, target_params")
-        if isinstance(self.ratio, dict):
-            unknown = sorted(set(self.ratio) - set(KINDS))
-            if unknown:
-                raise UsageError(f"unknown unit kind(s) {unknown} in the ratio; use {', '.join(KINDS)}")
-            if self.strategy != "uniform":
-                raise UsageError("ratios per unit kind need the uniform strategy")
-        values = list(given[0].values()) if isinstance(given[0], dict) else given
-        for value in values:
-            if not 0.0 <= value < 1.0:
-                raise UsageError(f"target {value} must be a fraction to remove, in [0, 1)")
-        if not any(values):
-            raise UsageError("a ratio or target of 0 removes nothing; give a fraction to REMOVE, e.g. --ratio 0.3 "
-                             "or --target-flops 0.3 (--lossless removes only exactly-dead structure)")
-        if not 0.0 < self.max_ratio <= 1.0:
-            raise UsageError("max_ratio must be in (0, 1]")
-        if self.round_to < 1:
-            raise UsageError("round_to must be >= 1")
-        if self.strategy not in ("uniform", "global"):
-            raise UsageError(f"unknown strategy '{self.strategy}' (uniform or global)")
+        """The option checks (onnxprune.options.TargetOptions.check), for a target built without them."""
+        TargetOptions(ratio=self.ratio, target_flops=self.target_flops, target_params=self.target_params,
+                      strategy=self.strategy, max_ratio=self.max_ratio, round_to=self.round_to,
+                      include=tuple(self.include), exclude=tuple(self.exclude)).check(DepthOptions())
 
 
 def eligible_groups(analysis: Analysis, include: list[str], exclude: list[str]) -> list[Group]:
