@@ -18,6 +18,7 @@ from onnxprune.errors import (
     UsageError,
     ValidationError,
 )
+from onnxprune.options import EvalOptions, PruneOptions
 from onnxprune.pipeline import AnalysisReport, analyze, prune
 from onnxprune.report import PruneReport
 from onnxprune.runtime.bench import BenchResult, benchmark
@@ -34,6 +35,7 @@ __all__ = [
     "AnalysisReport",
     "BenchResult",
     "DataError",
+    "EvalOptions",
     "EvalResult",
     "ModelLoadError",
     "OnnxPruneError",
@@ -41,6 +43,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "ProviderError",
+    "PruneOptions",
     "PruneReport",
     "SweepResult",
     "UnsupportedModelError",

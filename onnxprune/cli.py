@@ -24,12 +24,11 @@ from pathlib import Path
 from onnxprune.errors import AccuracyDropError, OnnxPruneError, UsageError
 from onnxprune.importance import CRITERIA
 from onnxprune.pipeline import analyze, prune
-from onnxprune.options import CalibrationOptions, DataOptions, DepthOptions, GateOptions, PruneOptions, \
+from onnxprune.options import CalibrationOptions, DataOptions, DepthOptions, EvalOptions, GateOptions, PruneOptions, \
     ReconstructionOptions, RuntimeOptions, ScoringOptions, TargetOptions, add_options, options_from, parser_of, \
     positive
 from onnxprune.report import print_report
 from onnxprune.text import box_table, human
-from onnxprune.runtime.metrics import load_metric
 from onnxprune.sparsity import cli as sparsify_cli
 
 
@@ -267,14 +266,10 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from onnxprune.runtime.data import open_data
     from onnxprune.runtime.evaluate import evaluate
 
-    data = open_data(args.data, **options_from(args, PruneOptions()).data.reading())
-    metrics = {spec.rpartition(":")[2]: load_metric(spec) for spec in args.metric} or None
-    result = evaluate(args.model, data, reference=args.reference, metric=metrics, batch_size=args.batch_size,
-                      batch_axis=args.batch_axis, output=args.output, axis=args.class_axis, provider=args.provider,
-                      threads=args.threads, progress=args.progress)
+    result = evaluate(args.model, args.data, options_from(args, EvalOptions()), reference=args.reference,
+                      output=args.output)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

@@ -372,6 +372,24 @@ class SparsifyOptions:
 
 
 @dataclass(frozen=True)
+class EvalOptions:
+    """Everything `evaluate` takes besides the model, the data and the reference: how data is read, the class
+    axis and custom metrics, and how onnxruntime runs. A PruneOptions serves too (its groups of those names)."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    gate: GateOptions = field(default_factory=GateOptions)
+    # throughput over a data set, not single-stream latency: onnxruntime picks the threads
+    runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(threads=0))
+
+    @classmethod
+    def build(cls, base: Any = None, **keywords: Any) -> "EvalOptions":
+        """`base` (an EvalOptions or a PruneOptions; default all defaults) with flat or group keywords applied."""
+        if base is not None and not isinstance(base, cls):
+            base = cls(data=base.data, gate=base.gate, runtime=base.runtime)
+        return with_keywords(base if base is not None else cls(), keywords)
+
+
+@dataclass(frozen=True)
 class PruneOptions:
     """Everything `prune` takes besides the model and the output path."""
 

@@ -127,6 +127,19 @@ def test_custom_metric_from_python(small):
     assert both.reference_custom == both.custom
 
 
+
+def test_evaluate_takes_the_options_prune_ran_with_and_their_fields_as_keywords(small, tmp_path):
+    metric_file = tmp_path / "my_metric.py"
+    metric_file.write_text("def errors(outputs, labels):\n    return float((outputs.argmax(1) != labels).sum())\n")
+    options = onnxprune.PruneOptions.build(batch_size=7, metric=f"{metric_file}:errors")
+    result = onnxprune.evaluate(EXAMPLE, small, options)
+    assert result.batch_size == 7
+    assert result.custom["errors"] == pytest.approx(90 * (1 - result.accuracy["top1"]))
+    again = onnxprune.evaluate(EXAMPLE, small, onnxprune.EvalOptions(), batch_size=30)
+    assert again.batch_size == 30 and again.accuracy == result.accuracy
+    with pytest.raises(onnxprune.UsageError, match="did you mean batch_size"):
+        onnxprune.evaluate(EXAMPLE, small, batch_sise=30)
+
 # -- .npz / .npy matching the model's inputs -----------------------------------------------------
 def test_single_input_model_accepts_any_array_name(tmp_path, digits):
     path = tmp_path / "any.npz"

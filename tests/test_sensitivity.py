@@ -14,15 +14,15 @@ from onnx import helper, numpy_helper
 
 import onnxprune
 from onnxprune.calibration import calibration_statistics, consumers_of, expose, rows
-from onnxprune.calibration.ablation import AblationBudgetError, ablation_sensitivity, gated_model
-from onnxprune.calibration.removal_error import removal_errors
+from onnxprune.calibration.ablation import AblationBudgetError, Sensitivity, ablation_sensitivity, gated_model
+from onnxprune.calibration.removal_error import RemovalErrors, removal_errors
+from onnxprune.calibration.stats import CalibrationStats
 from onnxprune.errors import OnnxPruneError
-from onnxprune.importance import CRITERIA, score_groups
+from onnxprune.importance import CRITERIA, Criterion, Needs, score_groups
 from onnxprune.importance.data_aware import (
     CalibrationRequired,
     criterion_statistics,
     greedy_removal_order,
-    needs_statistics,
     unit_error_matrix,
 )
 from onnxprune.passes.apply_plan import ApplyPlan
@@ -200,7 +200,7 @@ def test_the_ablation_sample_count_is_the_callers_choice():
 def test_sensitivity_criteria_need_their_own_statistics():
     model, _ = prepare(planted_mlp())
     analysis = build_analysis(model)
-    assert {"ablation", "thinet"} <= set(CRITERIA) and needs_statistics("ablation") and needs_statistics("thinet")
+    assert CRITERIA["ablation"].needs is Needs.ABLATION and CRITERIA["thinet"].needs is Needs.REMOVAL_ERRORS
     feeds = {"x": np.zeros((4, 4), np.float32)}
     for name in ("ablation", "thinet"):
         with pytest.raises(CalibrationRequired, match="calibration"):
@@ -209,6 +209,26 @@ def test_sensitivity_criteria_need_their_own_statistics():
             score_groups(analysis, analysis.prunable_groups(), name,
                          stats=calibration_statistics(model, analysis, feeds))
 
+
+
+@pytest.mark.parametrize("needs, measured", [(Needs.NOTHING, type(None)), (Needs.STATISTICS, CalibrationStats),
+                                             (Needs.REMOVAL_ERRORS, RemovalErrors), (Needs.ABLATION, Sensitivity)])
+def test_prune_measures_what_the_criterion_declares_it_needs(monkeypatch, needs, measured):
+    """A criterion is a class whose `needs` says what calibration must measure; prune measures that, and only that."""
+    given = []
+
+    class Probe(Criterion):
+        name = "probe"
+
+        def score(self, analysis, group, rng, stats=None):
+            given.append(stats)
+            return None
+
+    Probe.needs = needs
+    monkeypatch.setitem(CRITERIA, "probe", Probe())
+    onnxprune.prune(conv_bn_classifier(), ratio=0.5, round_to=1, criterion="probe", calib=images(16),
+                    ablation_samples=4)
+    assert given and all(type(stats) is measured for stats in given)
 
 # -- thinet ---------------------------------------------------------------------------------------
 def test_channel_matrix_is_the_consumers_output_error():

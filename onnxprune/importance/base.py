@@ -7,27 +7,57 @@ parameters that go with it, not only its producing layer (DepGraph's lesson).
 """
 from __future__ import annotations
 
-from typing import Callable
+import enum
+from typing import Callable, ClassVar
 
 import numpy as np
 
 from onnxprune.analysis import Analysis, Group, ParamSlice
 from onnxprune.analysis.units import NO_UNIT
 
-Criterion = Callable[[Analysis, Group, np.random.Generator], np.ndarray]
+
+class Needs(enum.Enum):
+    """What a criterion reads besides the weights; the pipeline measures it on calibration data first."""
+
+    NOTHING = "data-free"                # weights only
+    STATISTICS = "statistics"            # per-channel activation statistics at the sinks (one pass)
+    REMOVAL_ERRORS = "removal errors"    # the consumers' channel Gram matrices (one pass)
+    ABLATION = "ablation"                # the model run again with each unit removed (a pass per unit)
+
+
+class Criterion:
+    """A way to rank the units of a group: one score per unit, higher = more important.
+
+    Subclasses set `name` and `needs`, and implement `score`; `same_scale` says the scores of
+    different groups share one scale (divergences of the same outputs) and compare as they are.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[Needs] = Needs.NOTHING
+    same_scale: ClassVar[bool] = False
+
+    @property
+    def needs_data(self) -> bool:
+        return self.needs is not Needs.NOTHING
+
+    def score(self, analysis: Analysis, group: Group, rng: np.random.Generator,
+              stats=None) -> np.ndarray | None:
+        """Scores of the group's units (None: no opinion, the units score alike)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<criterion {self.name} ({self.needs.value})>"
+
+
 CRITERIA: dict[str, Criterion] = {}
 
 
-def criterion(name: str):
-    """Function decorator: registers a criterion under `name`; a name is taken once."""
-
-    def wrap(fn: Criterion) -> Criterion:
-        if name in CRITERIA:
-            raise RuntimeError(f"criterion '{name}' is already registered ({CRITERIA[name].__name__})")
-        CRITERIA[name] = fn
-        return fn
-
-    return wrap
+def register(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: registers one instance of the criterion under its name; a name is taken once."""
+    if cls.name in CRITERIA:
+        raise RuntimeError(f"criterion '{cls.name}' is already registered ({type(CRITERIA[cls.name]).__name__})")
+    CRITERIA[cls.name] = cls()
+    return cls
 
 
 def unit_index(analysis: Analysis, group: Group, p: ParamSlice) -> np.ndarray:

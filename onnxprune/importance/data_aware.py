@@ -47,55 +47,67 @@ import numpy as np
 
 from onnxprune.analysis import Analysis, Group
 from onnxprune.errors import CalibrationRequired
-from onnxprune.importance.base import CRITERIA, combine, criterion, unit_index
-from onnxprune.importance.criteria import l1
+from onnxprune.importance.base import CRITERIA, Criterion, Needs, combine, register, unit_index
+from onnxprune.importance.criteria import l1_scores
 
 
-def _channel_statistics(model, analysis, data, **kwargs):
+def _channel_statistics(model, analysis, data, *, groups=None, max_samples=None, seed=0, samples=None):
     from onnxprune.calibration import calibration_statistics
 
-    return calibration_statistics(model, analysis, data, **kwargs)
+    return calibration_statistics(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
 
 
-def data_criterion(name: str, collect=None):
-    """Register a criterion that needs calibration statistics (`stats=`).
+def _removal_errors(model, analysis, data, *, groups=None, max_samples=None, seed=0, samples=None):
+    from onnxprune.calibration.removal_error import removal_errors
 
-    collect(model, analysis, data, *, groups=None, max_samples=None, seed=0) -> stats
-    gathers what it reads (default: the channel statistics of every sink).
-    """
+    return removal_errors(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
 
-    def wrap(fn):
-        fn.needs_stats = True
-        fn.collect = collect or _channel_statistics
-        return criterion(name)(fn)
 
-    return wrap
+def _ablation(model, analysis, data, *, groups=None, max_samples=None, seed=0, samples=None):
+    from onnxprune.calibration.ablation import DEFAULT_SAMPLES, ablation_sensitivity
+
+    return ablation_sensitivity(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed,
+                                samples=samples or DEFAULT_SAMPLES)
+
+
+# What each need is measured by, and the attribute that tells its result apart (None: channel statistics).
+COLLECTORS = {
+    Needs.STATISTICS: (_channel_statistics, None, "channel statistics (calibration.calibration_statistics)"),
+    Needs.REMOVAL_ERRORS: (_removal_errors, "matrices", "next-layer removal errors (calibration.removal_errors)"),
+    Needs.ABLATION: (_ablation, "scores", "zero-ablation sensitivities (calibration.ablation_sensitivity)"),
+}
 
 
 def criterion_statistics(name: str, model, analysis: Analysis, data, *, groups=None,
                          max_samples: int | None = None, seed: int = 0, ablation_samples: int | None = None):
     """What data-aware criterion `name` reads (pass it as score_groups(..., stats=...)), measured on `model`
     (the model `analysis` was built on) with calibration `data`; None for a data-free criterion.
-    ablation_samples: samples per unit for `ablation` (default 64; the FLOP budget may lower it)."""
-    fn = CRITERIA.get(name)
-    if fn is None or not getattr(fn, "needs_stats", False):
+    ablation_samples: samples per unit for an ablation criterion (default 64; the FLOP budget may lower it)."""
+    found = CRITERIA.get(name)
+    if found is None or not found.needs_data:
         return None
-    extra = {"samples": ablation_samples} if name == "ablation" and ablation_samples is not None else {}
-    return fn.collect(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed, **extra)
+    collect = COLLECTORS[found.needs][0]
+    return collect(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed,
+                   samples=ablation_samples)
 
 
-def needs_statistics(name: str) -> bool:
-    """Whether criterion `name` needs calibration statistics (the pipeline collects them only then)."""
-    return bool(getattr(CRITERIA.get(name), "needs_stats", False))
+class DataCriterion(Criterion):
+    """A criterion that reads what calibration data measured (`stats`); it refuses to score without it."""
 
+    needs = Needs.STATISTICS
 
-def _require(name: str, stats) -> None:
-    if stats is None:
-        raise CalibrationRequired(
-            f"criterion '{name}' ranks units by what they do on calibration data and needs calibration "
-            "statistics: give calibration data (prune --calib DATA), or pass score_groups(..., stats="
-            f"onnxprune.importance.data_aware.criterion_statistics('{name}', model, analysis, data)); "
-            "data-free criteria: l1, l2, bn_scale, fpgm, random")
+    def require(self, stats) -> None:
+        if stats is None:
+            raise CalibrationRequired(
+                f"criterion '{self.name}' ranks units by what they do on calibration data and needs calibration "
+                "statistics: give calibration data (prune --calib DATA), or pass score_groups(..., stats="
+                f"onnxprune.importance.data_aware.criterion_statistics('{self.name}', model, analysis, data)); "
+                f"data-free criteria: {', '.join(n for n, c in sorted(CRITERIA.items()) if not c.needs_data)}")
+        _, attribute, what = COLLECTORS[self.needs]
+        if attribute is not None and not hasattr(stats, attribute):
+            raise CalibrationRequired(
+                f"criterion '{self.name}' reads {what}, not channel statistics: pass score_groups(..., stats="
+                f"onnxprune.importance.data_aware.criterion_statistics('{self.name}', model, analysis, data))")
 
 
 def group_sinks(analysis: Analysis, group: Group):
@@ -162,77 +174,75 @@ def sink_aggregate(analysis: Analysis, group: Group, stats, position_scores, how
     return combine(group.size, members(), how)
 
 
-def _or_magnitude(scores, analysis, group, rng):
-    return scores if scores is not None else l1(analysis, group, rng)
+def _or_magnitude(scores, analysis, group):
+    return scores if scores is not None else l1_scores(analysis, group)
 
 
-@data_criterion("apoz")
-def apoz(analysis, group, rng, stats=None):
+@register
+class APoZ(DataCriterion):
     """1 - Average Percentage of Zeros of the unit's activations at its consumers' inputs."""
-    _require("apoz", stats)
-    return _or_magnitude(sink_aggregate(analysis, group, stats, lambda s, cs: 1.0 - cs.apoz), analysis, group, rng)
+
+    name = "apoz"
+
+    def score(self, analysis, group, rng, stats=None):
+        self.require(stats)
+        return _or_magnitude(sink_aggregate(analysis, group, stats, lambda s, cs: 1.0 - cs.apoz), analysis, group)
 
 
-@data_criterion("mean_act")
-def mean_act(analysis, group, rng, stats=None):
+@register
+class MeanActivation(DataCriterion):
     """Mean |activation| of the unit at its consumers' inputs."""
-    _require("mean_act", stats)
-    return _or_magnitude(sink_aggregate(analysis, group, stats, lambda s, cs: cs.mean_abs), analysis, group, rng)
+
+    name = "mean_act"
+
+    def score(self, analysis, group, rng, stats=None):
+        self.require(stats)
+        return _or_magnitude(sink_aggregate(analysis, group, stats, lambda s, cs: cs.mean_abs), analysis, group)
 
 
-@data_criterion("flap")
-def flap(analysis, group, rng, stats=None):
+@register
+class FLAP(DataCriterion):
     """FLAP fluctuation: Var(x_j) x ||W[:, j]||^2 summed over the unit's input positions of each consumer."""
-    _require("flap", stats)
 
-    def scores(sink, cs):
-        energy = column_weights(analysis, sink, lambda cols: np.square(cols).sum(axis=1))
-        return None if energy is None or len(energy) != cs.size else cs.var * energy
+    name = "flap"
 
-    return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group, rng)
+    def score(self, analysis, group, rng, stats=None):
+        self.require(stats)
+
+        def scores(sink, cs):
+            energy = column_weights(analysis, sink, lambda cols: np.square(cols).sum(axis=1))
+            return None if energy is None or len(energy) != cs.size else cs.var * energy
+
+        return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group)
 
 
-@data_criterion("wanda")
-def wanda(analysis, group, rng, stats=None):
+@register
+class Wanda(DataCriterion):
     """Structured Wanda: mean over output rows of |W_ij| x ||X_j|| (RMS over calibration samples)."""
-    _require("wanda", stats)
 
-    def scores(sink, cs):
-        mean_abs = column_weights(analysis, sink, lambda cols: np.abs(cols).mean(axis=1))
-        return None if mean_abs is None or len(mean_abs) != cs.size else mean_abs * cs.rms
+    name = "wanda"
 
-    return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group, rng)
+    def score(self, analysis, group, rng, stats=None):
+        self.require(stats)
 
+        def scores(sink, cs):
+            mean_abs = column_weights(analysis, sink, lambda cols: np.abs(cols).mean(axis=1))
+            return None if mean_abs is None or len(mean_abs) != cs.size else mean_abs * cs.rms
 
-def _collect_sensitivity(model, analysis, data, *, groups=None, max_samples=None, seed=0, samples=None):
-    from onnxprune.calibration.ablation import DEFAULT_SAMPLES, ablation_sensitivity
-
-    return ablation_sensitivity(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed,
-                                samples=samples or DEFAULT_SAMPLES)
+        return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group)
 
 
-def _collect_removal_errors(model, analysis, data, *, groups=None, max_samples=None, seed=0):
-    from onnxprune.calibration.removal_error import removal_errors
-
-    return removal_errors(model, analysis, data, groups=groups, max_samples=max_samples, seed=seed)
-
-
-def _require_kind(name: str, stats, attribute: str, collector: str) -> None:
-    _require(name, stats)
-    if not hasattr(stats, attribute):
-        raise CalibrationRequired(
-            f"criterion '{name}' reads {collector}, not channel statistics: pass score_groups(..., stats="
-            f"onnxprune.importance.data_aware.criterion_statistics('{name}', model, analysis, data))")
-
-
-@data_criterion("ablation", collect=_collect_sensitivity)
-def ablation(analysis, group, rng, stats=None):
+@register
+class Ablation(DataCriterion):
     """Zero-ablation sensitivity: divergence from the dense outputs when the unit alone is removed."""
-    _require_kind("ablation", stats, "scores", "zero-ablation sensitivities (calibration.ablation_sensitivity)")
-    return _or_magnitude(stats.scores.get(group.id), analysis, group, rng)
 
+    name = "ablation"
+    needs = Needs.ABLATION
+    same_scale = True  # every score is a divergence of the same outputs: comparable across groups
 
-ablation.same_scale = True  # every score is a divergence of the same outputs: comparable across groups
+    def score(self, analysis, group, rng, stats=None):
+        self.require(stats)
+        return _or_magnitude(stats.scores.get(group.id), analysis, group)
 
 
 def unit_error_matrix(analysis: Analysis, group: Group, stats) -> np.ndarray | None:
@@ -267,16 +277,19 @@ def greedy_removal_order(errors: np.ndarray) -> np.ndarray:
     return order
 
 
-@data_criterion("thinet", collect=_collect_removal_errors)
-def thinet(analysis, group, rng, stats=None):
+@register
+class ThiNet(DataCriterion):
     """ThiNet greedy removal order by next-layer reconstruction error; score = rank (removed first = lowest)."""
-    _require_kind("thinet", stats, "matrices", "next-layer removal errors (calibration.removal_errors)")
-    errors = unit_error_matrix(analysis, group, stats)
-    if errors is None:
-        return l1(analysis, group, rng)
-    scores = np.empty(group.size)
-    scores[greedy_removal_order(errors)] = np.arange(1, group.size + 1, dtype=np.float64)
-    return scores
 
+    name = "thinet"
+    needs = Needs.REMOVAL_ERRORS
 
-DATA_AWARE = ("apoz", "mean_act", "flap", "wanda", "ablation", "thinet")
+    def score(self, analysis, group, rng, stats=None):
+        self.require(stats)
+        errors = unit_error_matrix(analysis, group, stats)
+        if errors is None:
+            return l1_scores(analysis, group)
+        scores = np.empty(group.size)
+        scores[greedy_removal_order(errors)] = np.arange(1, group.size + 1, dtype=np.float64)
+        return scores
+

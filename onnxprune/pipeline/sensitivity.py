@@ -18,8 +18,8 @@ import onnx
 
 from onnxprune.calibration.curves import SensitivityCurves, units_at
 from onnxprune.errors import UsageError
-from onnxprune.importance.data_aware import needs_statistics
 from onnxprune.options import PruneOptions
+from onnxprune.importance import criterion
 from onnxprune.pipeline.runner import Stage, run_stages
 from onnxprune.pipeline.stages import analyze, calibrate, load, measure_curves, score
 from onnxprune.pipeline.state import PruneState
@@ -92,7 +92,7 @@ SENSITIVITY = [
     Stage("check options", _check, timing="load"),
     Stage("load", load),
     Stage("analyze", analyze),
-    Stage("calibrate", calibrate, applies=lambda s: needs_statistics(s.options.scoring.criterion)),
+    Stage("calibrate", calibrate, applies=lambda s: criterion(s.options.scoring.criterion).needs_data),
     Stage("score", score),
     Stage("sensitivity", measure_curves),
 ]

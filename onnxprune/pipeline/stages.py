@@ -17,8 +17,8 @@ from onnxprune.analysis.diagnose import explain
 from onnxprune.calibration.curves import removal_orders, sensitivity_curves
 from onnxprune.cost import model_cost
 from onnxprune.errors import PlanError, UsageError
-from onnxprune.importance import score_groups
-from onnxprune.importance.data_aware import criterion_statistics, needs_statistics
+from onnxprune.importance import criterion, score_groups
+from onnxprune.importance.data_aware import criterion_statistics
 from onnxprune.ir.graph_view import GraphView
 from onnxprune.ir.model_io import check_no_growth, model_byte_size
 from onnxprune.ir.prepare import prepare
@@ -256,7 +256,7 @@ def depth_only(state: PruneState) -> None:
 SCORE = [  # skipped where a forked state already holds their results
     Stage("analyze", analyze, applies=lambda s: not s.options.target.lossless and s.analysis is None),
     Stage("calibrate", calibrate, applies=lambda s: _scores_needed(s) and s.scores is None
-          and s.calib_data is not None and needs_statistics(s.options.scoring.criterion)),
+          and s.calib_data is not None and criterion(s.options.scoring.criterion).needs_data),
     Stage("score", score, applies=lambda s: _scores_needed(s) and s.scores is None),
 ]
 

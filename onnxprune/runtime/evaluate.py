@@ -36,10 +36,11 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import DataError, OnnxPruneError
+from onnxprune.options import EvalOptions, PruneOptions
 from onnxprune.text import box_table
-from onnxprune.runtime.data import Dataset, ImageSpec, InputSpec, model_inputs, open_data
+from onnxprune.runtime.data import Dataset, InputSpec, model_inputs, open_data
 from onnxprune.runtime.metrics import NO_CLASS_AXIS, Blocks, Metric, blocks_of, class_ids, custom_metrics, \
-    fidelity, is_id_output, labelled_accuracy, score_axis
+    fidelity, is_id_output, labelled_accuracy, load_metric, score_axis
 from onnxprune.runtime.progress import Progress
 from onnxprune.runtime.session import load_for_runtime, make_session, session_source
 
@@ -134,36 +135,40 @@ def _num(value: float | None, sign: str = "") -> str:
 def evaluate(
     model: ModelLike,
     data: Any,
+    options: EvalOptions | PruneOptions | None = None,
     *,
     reference: ModelLike | None = None,
     metric: Metric | Mapping[str, Metric] | None = None,
-    batch_size: int = 32,
-    batch_axis: int = 0,
     output: str | None = None,
-    axis: int | str | None = None,
-    provider: str = "CPUExecutionProvider",
-    threads: int = 0,
-    preprocess: ImageSpec | str | Mapping | None = None,
-    tokenizer: Any = None,
-    max_length: int | None = None,
     top_k: tuple[int, ...] = (1, 5),
-    progress: bool | None = None,
+    **keywords: Any,
 ) -> EvalResult:
     """Accuracy of `model` on `data` (top-1/top-5 when there are labels, plus
     `metric`), and its fidelity to `reference` when one is given.
 
     data: a path (.npz, .npy, image folder, .jsonl: see onnxprune.runtime.data),
     a dict of arrays (labels under "labels"), or a Dataset. output: the output
-    to evaluate (default the first); axis: its class axis in the model's
-    layout (default: from the labels, else only a [batch, classes] output has
-    one; "none": it holds no class scores). batch_axis: the inputs' axis
-    holding the samples. threads=0 lets onnxruntime choose. progress: a bar on
-    stderr per data pass (None: only when stderr is a terminal).
+    to evaluate (default the first). metric: a custom metric(outputs, labels)
+    or a dict of them (default: the options' `metric` spec, if any).
+
+    options: an EvalOptions (or the PruneOptions a prune ran with), and/or its
+    fields as keywords: batch_size, batch_axis (the inputs' axis holding the
+    samples), preprocess, tokenizer, max_length, class_axis (the output's
+    class axis in the model's layout; default: from the labels, else only a
+    [batch, classes] output has one; "none": it holds no class scores),
+    provider, threads (0: onnxruntime chooses), progress (a bar on stderr per
+    data pass; None: only when stderr is a terminal).
     """
+    o = EvalOptions.build(options, **keywords)
+    batch_size, batch_axis = o.data.batch_size, o.data.batch_axis
+    threads, provider, progress, axis = o.runtime.threads, o.runtime.provider, o.runtime.progress, o.gate.class_axis
+    if metric is None and o.gate.metric:
+        specs = [o.gate.metric] if isinstance(o.gate.metric, str) else list(o.gate.metric)
+        metric = {spec.rpartition(":")[2]: load_metric(spec) for spec in specs}
     if batch_size < 1:
         raise OnnxPruneError(f"batch size must be at least 1, got {batch_size}")
     proto, name = load_for_runtime(model)
-    dataset = open_data(data, preprocess=preprocess, tokenizer=tokenizer, max_length=max_length)
+    dataset = open_data(data, **o.data.reading())
     specs = bind_data(dataset, model_inputs(proto), batch_axis)
     out_name = _output_name(proto, output, name)
     labels = dataset.labels
@@ -189,27 +194,36 @@ def evaluate(
     rank = blocks_of(outputs)[0].ndim
     axis = declared_class_axis(axis, out_axis[out_name], rank, f"output '{out_name}'")
     labels = class_ids(labels)
-    ids_output = False
-    if labels is not None and labels.dtype.kind not in "iu":
-        result.notes.append(f"No top-k accuracy: the labels ({labels.dtype}) are not class ids.")
-    elif labels is not None:
-        try:
-            if axis == NO_CLASS_AXIS:
-                raise DataError(f"--class-axis {NO_CLASS_AXIS}: output '{out_name}' holds no class scores to "
-                                "score the labels with")
-            label_axis, result.accuracy = labelled_accuracy(outputs, labels, axis, top_k, f"output '{out_name}'")
-            ids_output = is_id_output(outputs, labels)
-            axis = axis if ids_output else label_axis
-        except DataError as exc:
-            if metric is None:
-                raise
-            result.notes.append(f"No top-k accuracy: {exc}.")  # labels meant for the custom metric only
+    axis, ids_output = _score_labels(result, outputs, labels, axis, top_k, metric is not None)
     result.custom = custom_metrics(metric, outputs, labels)
     if reference is not None:
         ref_outputs = _reference_outputs(reference, ref_proto, ref_specs, dataset, ref_out, run.batch_size,
                                          batch_axis, threads, provider, progress, ref_name)
         _compare(result, outputs, ref_outputs, labels, axis, ids_output, metric, top_k, ref_name, ref_out, out_name)
     return result
+
+
+def _score_labels(result: "EvalResult", outputs, labels, axis, top_k, has_metric: bool) -> tuple[Any, bool]:
+    """Top-k accuracy against class-id labels into `result`; returns the class axis the labels settled and
+    whether the output holds class ids itself. Labels that are not class ids only feed a custom metric."""
+    out_name = result.output
+    if labels is None:
+        return axis, False
+    if labels.dtype.kind not in "iu":
+        result.notes.append(f"No top-k accuracy: the labels ({labels.dtype}) are not class ids.")
+        return axis, False
+    try:
+        if axis == NO_CLASS_AXIS:
+            raise DataError(f"--class-axis {NO_CLASS_AXIS}: output '{out_name}' holds no class scores to "
+                            "score the labels with")
+        label_axis, result.accuracy = labelled_accuracy(outputs, labels, axis, top_k, f"output '{out_name}'")
+        ids_output = is_id_output(outputs, labels)
+        return (axis if ids_output else label_axis), ids_output
+    except DataError as exc:
+        if not has_metric:
+            raise
+        result.notes.append(f"No top-k accuracy: {exc}.")  # labels meant for the custom metric only
+        return axis, False
 
 
 def _reference_outputs(reference, ref_proto, ref_specs, dataset, ref_out: str, batch_size: int, batch_axis: int,

@@ -159,7 +159,9 @@ def test_an_op_type_has_one_rule_and_a_second_registration_fails_loudly():
 def test_a_criterion_name_is_taken_once():
     import pytest as _pytest
 
-    from onnxprune.importance.base import criterion
+    from onnxprune.importance.base import Criterion, register
 
     with _pytest.raises(RuntimeError, match="'l1' is already registered"):
-        criterion("l1")(lambda analysis, group, rng: None)
+        @register
+        class AnotherL1(Criterion):
+            name = "l1"
