@@ -34,7 +34,7 @@ Settings (`--settings` takes comma-separated globs over these names):
   bn_recalibration=False`): the data then only ranks (flap, wanda) or allocates (adaptive);
 * `{uniform,adaptive}:{l1,flap,wanda,fpgm}:stats`: least squares off, the statistics passes on
   (bias compensation, BN recalibration / output statistics matching). Not in the default list
-  except for minilm, where least squares fails (an onnxprune bug, see README).
+  except for minilm (what least squares adds on a transformer).
 
 Each (model, target, setting) is one `onnxprune.prune(model, out, target_flops=T, ...)` call in
 a fresh process (default round_to 8, seed 0); "prune s" is that call's wall time, "peak RSS" the
@@ -410,7 +410,7 @@ TASKS = {
                    minilm_score, [Column("recall@1", "recall@1"), Column("% of dense", "recall@1", "ratio"),
                                   Column("MRR", "mrr", "num"), Column("cosine to dense", "cosine", "num")],
                    "recall@1", inputs=("input_ids", "attention_mask"),
-                   # least squares fails on its Gemms (see README): the statistics passes alone as well
+                   # what least squares adds on a transformer: the statistics passes alone as well
                    extra_settings=("*:*:stats",)),
     "crnn": Task("crnn", "CRNN captcha reader", crnn_model, crnn_build, crnn_reduce, crnn_score,
                  [Column("exact match", "exact"), Column("% of dense", "exact", "ratio"),

@@ -101,16 +101,23 @@ def worker(models: dict[str, str], options: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_tree(tree: Path, models: dict[str, str], options: dict) -> dict[str, dict]:
+def run_worker(tree: Path, script: str, worker_args: list[str]) -> list[dict]:
+    """Runs `script worker_args...` in a fresh process that imports onnxprune from `tree`; the JSON lines it
+    prints (each with the onnxprune module it imported under "module")."""
     env = dict(os.environ, PYTHONPATH=str(tree), ONNXPRUNE_PROGRESS="0")
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(models), "--options", json.dumps(options)],
-                          env=env, cwd=str(tree), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, script, *worker_args], env=env, cwd=str(tree), capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker in {tree} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     for r in rows:  # an installed onnxprune shadowing PYTHONPATH would time the wrong tree
         if not Path(r["module"]).resolve().is_relative_to(tree.resolve()):
             raise SystemExit(f"the worker for {tree} imported onnxprune from {r['module']}")
+    return rows
+
+
+def _run_tree(tree: Path, models: dict[str, str], options: dict) -> dict[str, dict]:
+    rows = run_worker(tree, __file__, ["--worker", json.dumps(models), "--options", json.dumps(options)])
     return {r["model"]: r for r in rows}
 
 

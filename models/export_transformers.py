@@ -99,12 +99,15 @@ PATCH = 4
 
 # --size base: the widths and depths of the published base models (BERT-base, ViT-B/16, GPT-2 small;
 # LLaMA at that width with 4 KV heads; one 30522-token vocabulary), for benchmarks/bench_transformers.py.
-# Not committed: BERT-base alone is 440 MB.
+# --size small: a 22 M-parameter sentence encoder's shape (6 layers of 12 heads x 32, FFN 1536, as
+# all-MiniLM-L6-v2), for benchmarks/bench_repair.py. Not committed: BERT-base alone is 440 MB.
 SIZES = {
     "tiny": dict(HIDDEN=64, HEADS=4, KV_HEADS=2, FFN=256, LAYERS=2, VOCAB=128, MAX_POS=16,
                  NUM_CLASSES=10, IMAGE=16, PATCH=4, LLAMA_FFN=256),
     "base": dict(HIDDEN=768, HEADS=12, KV_HEADS=4, FFN=3072, LAYERS=12, VOCAB=30522, MAX_POS=512,
                  NUM_CLASSES=1000, IMAGE=224, PATCH=16, LLAMA_FFN=2048),
+    "small": dict(HIDDEN=384, HEADS=12, KV_HEADS=4, FFN=1536, LAYERS=6, VOCAB=30522, MAX_POS=512,
+                  NUM_CLASSES=1000, IMAGE=224, PATCH=16, LLAMA_FFN=1024),
 }
 LLAMA_FFN = FFN
 
@@ -114,7 +117,7 @@ def configure(size: str) -> None:
     global ATOL, HEAD_DIM
     globals().update(SIZES[size])
     HEAD_DIM = HIDDEN // HEADS
-    ATOL = 1e-4 if size == "tiny" else 2e-3  # 12 layers of 768-wide float32 sums drift more
+    ATOL = 1e-4 if size == "tiny" else 2e-3  # layers of 384- and 768-wide float32 sums drift more
 
 
 # --------------------------------------------------------------------------
@@ -782,7 +785,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(MODELS))
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
-                    help="tiny: the committed test fixtures; base: BERT-base-sized, for benchmarks")
+                    help="tiny: the committed test fixtures; base: BERT-base-sized, small: 22 M parameters "
+                         "(benchmarks)")
     ap.add_argument("--exporters", default="legacy,dynamo", help="comma-separated subset of: legacy,dynamo")
     args = ap.parse_args(argv)
     configure(args.size)

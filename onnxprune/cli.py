@@ -232,7 +232,7 @@ def _add_sensitivity_parser(sub) -> None:
                     "r of its units, r on --sensitivity-grid, the criterion choosing which units; and what one unit "
                     "costs as a share of the model's FLOPs. --plot draws the curves (needs onnxprune[plot]).")
     n.add_argument("model")
-    add_options(n, CalibrationOptions, only=("calib", "calib_samples"))
+    add_options(n, CalibrationOptions, only=("calib", "calib_samples", "mask_input"))
     add_options(n, ScoringOptions, choices={"criterion": tuple(sorted(CRITERIA))})
     add_options(n, TargetOptions, only=("include", "exclude", "prune_hidden"))
     add_options(n, RuntimeOptions, only=("input_shapes", "seed", "progress"))

@@ -249,6 +249,10 @@ class CalibrationOptions:
     ablation_samples: int | None = option(None, "calibration samples per ablated unit for --criterion ablation "
                                                 "(default 64; lowered, with a note, when all ablations would exceed "
                                                 "the FLOP budget)", parse=positive, metavar="N")
+    mask_input: str | None = option(None, "the model input that marks padded token positions (an attention mask: "
+                                          "1/0, or additive 0/-large), which then enter no statistic or fit "
+                                          "(default: the one [batch, sequence] input whose name says 'mask')",
+                                    metavar="NAME")
 
     def check(self) -> None:
         if self.ablation_samples is not None and self.ablation_samples < 1:

@@ -120,3 +120,73 @@ def test_a_least_squares_refit_is_the_same_whatever_the_padding():
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         np.testing.assert_allclose(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def flattened_token_mlp(seq: int) -> onnx.ModelProto:
+    """A fixed-batch export (MiniLM's esp32 build): tokens flattened into the rows of Gemms, and an additive
+    float mask [1, 1, 1, seq] (0 for a token, -30 for padding) that the graph adds to its outputs."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, HIDDEN)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B1"),
+             numpy_helper.from_array(rng.standard_normal((OUT, 8)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([-1, HIDDEN], np.int64), "rows"),
+             numpy_helper.from_array(np.array([1, seq, OUT], np.int64), "back"),
+             numpy_helper.from_array(np.array([1, seq, 1], np.int64), "mask_shape")]
+    nodes = [
+        helper.make_node("Reshape", ["x", "rows"], ["tokens"], name="flatten"),
+        helper.make_node("Gemm", ["tokens", "W1", "B1"], ["h"], name="up", transB=1),
+        helper.make_node("Relu", ["h"], ["a"], name="act"),
+        helper.make_node("Gemm", ["a", "W2"], ["o"], name="down", transB=1),
+        helper.make_node("Reshape", ["o", "back"], ["o3"], name="unflatten"),
+        helper.make_node("Reshape", ["attention_mask", "mask_shape"], ["m"], name="mask_rows"),
+        helper.make_node("Add", ["o3", "m"], ["y"], name="masked"),
+    ]
+    graph = helper.make_graph(
+        nodes, "flat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, HIDDEN]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, [1, 1, 1, seq])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, OUT])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def additive(data):
+    return {"x": data["x"], "attention_mask": np.where(data["attention_mask"] > 0, 0.0, -30.0)
+            .astype(np.float32)[:, None, None, :]}
+
+
+def test_an_additive_mask_marks_padding_too():
+    calib = CalibrationSet.open(additive(samples([2, 4, 3], 4)), flattened_token_mlp(4))
+    assert calib.mask_input == "attention_mask"
+    found = [calib.real_positions(feeds, n) for feeds, n in calib.batches(2)]  # batches of 1: a fixed batch
+    assert found[1] is None  # nothing padded: all of it counts
+    assert found[0].sum() + found[2].sum() == 5
+
+
+def test_gemms_on_flattened_tokens_of_a_fixed_batch_are_refit_and_padding_is_left_out():
+    """One sample is `seq` rows of each Gemm: the refit reads every real row, whatever the padding."""
+    import onnxprune
+
+    lengths = list(np.random.default_rng(5).integers(2, 6, size=40))
+    weights = []
+    for padded_to in (6, 11):
+        pruned, report = onnxprune.prune(flattened_token_mlp(padded_to), ratio=0.25, round_to=1,
+                                         calib=additive(samples(lengths, padded_to)),
+                                         bias_correction=False, bn_recalibration=False)
+        assert any("least_squares: applied" in n for n in report.notes)
+        weights.append({t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer})
+    for name in ("W1", "B1", "W2"):
+        found = [next(v for k, v in w.items() if k.startswith(name)) for w in weights]
+        np.testing.assert_allclose(found[0], found[1], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_a_named_mask_input_must_exist():
+    import pytest
+
+    import onnxprune
+    from onnxprune.errors import DataError
+
+    with pytest.raises(DataError, match="--mask-input 'mask' is not an input of the model"):
+        onnxprune.prune(flattened_token_mlp(4), ratio=0.25, round_to=1, calib=additive(samples([2, 3], 4)),
+                        mask_input="mask")

@@ -147,10 +147,10 @@ class Capture:
         fed = max((len(v) for v in feeds.values() if np.ndim(v)), default=0)
         if n is None or n >= fed:
             return dict(zip(self.names, values))
-        return {name: _real_rows(v, n, fed) for name, v in zip(self.names, values)}
+        return {name: first_samples(v, n, fed) for name, v in zip(self.names, values)}
 
 
-def _real_rows(value: np.ndarray, n: int, fed: int) -> np.ndarray:
+def first_samples(value: np.ndarray, n: int, fed: int) -> np.ndarray:
     """The rows of the first `n` of `fed` samples: a tensor whose axis 0 holds several rows per
     sample (a Gemm reading [batch * tokens, hidden]) keeps n samples' worth of rows, not n rows."""
     rows = value.shape[0] if value.ndim else 0

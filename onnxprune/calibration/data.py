@@ -31,11 +31,13 @@ class CalibrationSet:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def open(cls, data: Any, model: onnx.ModelProto, *, max_samples: int | None = None,
-             preprocess: Any = None, tokenizer: Any = None, max_length: int | None = None) -> "CalibrationSet":
+             preprocess: Any = None, tokenizer: Any = None, max_length: int | None = None,
+             mask_input: str | None = None) -> "CalibrationSet":
         """Open `data` (anything `open_data` takes, or a CalibrationSet) for `model`'s inputs.
 
         max_samples keeps the first N samples (the data's own order: shuffle the
-        file if it is sorted by class).
+        file if it is sorted by class). mask_input: the input marking padded positions
+        (default: found by name, onnxprune.calibration.padding).
         """
         if isinstance(data, CalibrationSet):
             subset = data if max_samples is None else data.take(max_samples)
@@ -50,7 +52,7 @@ class CalibrationSet:
             if max_samples < 1:
                 raise DataError(f"the calibration sample limit must be at least 1, got {max_samples}")
             n = min(n, int(max_samples))
-        return cls(dataset, specs, np.arange(n))
+        return cls(dataset, specs, np.arange(n), find_mask_input(specs, mask_input))
 
     def take(self, count: int) -> "CalibrationSet":
         return CalibrationSet(self.dataset, self.specs, self.indices[:count], self.mask_input)

@@ -215,6 +215,12 @@ def pick_positions(c: Consumer, out_shape: tuple[int, ...], per_sample: int | No
     return _pick(rng, batch, total, per_sample)
 
 
+def sample_rows(c: Consumer, x: np.ndarray) -> int:
+    """How many rows of picks (`pick_positions`' first axis) the consumer's input `x` stands for: its
+    samples, or for a Gemm its rows (tokens flattened into rows count as samples of one position)."""
+    return output_positions(c, _output_shape(c, x))[0]
+
+
 def input_rows(c: Consumer, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
     """Rows of X (rows, features) at the picked output positions."""
     if c.op_type == "Conv":
@@ -308,37 +314,81 @@ def _gather(t: np.ndarray, b: np.ndarray, spatial_idx: list[np.ndarray]) -> np.n
 
 
 # -- accumulation ---------------------------------------------------------------------------------
-@dataclass
+FLUSH_ROWS = 4096  # rows multiplied at once: a product of a few rows costs little beside its float64 sum
+
+
 class GramStats:
-    """Streaming sums for least squares: X^T X, sum X, n (and X^T Y, sum Y, sum Y^2 with targets)."""
+    """Streaming sums for least squares: X^T X, sum X, n (and X^T Y, sum Y, sum Y^2 with targets).
 
-    features: int
-    targets: int = 0
-    n: int = 0
-    xtx: np.ndarray = field(init=False)
-    xsum: np.ndarray = field(init=False)
-    xty: np.ndarray | None = field(init=False)
-    ysum: np.ndarray | None = field(init=False)
-    ysq: np.ndarray | None = field(init=False)
+    Rows are multiplied in float32 (BLAS syrk/gemm) by the few thousand, and the products summed in
+    float64: a batch of one sample of 64 tokens would otherwise spend its time converting a
+    features x features product to float64, not computing it."""
 
-    def __post_init__(self):
-        self.xtx = np.zeros((self.features, self.features))
-        self.xsum = np.zeros(self.features)
-        self.xty = np.zeros((self.features, self.targets)) if self.targets else None
-        self.ysum = np.zeros(self.targets) if self.targets else None
-        self.ysq = np.zeros(self.targets) if self.targets else None
+    def __init__(self, features: int, targets: int = 0):
+        self.features, self.targets, self.n = features, targets, 0
+        self._xtx = np.zeros((features, features))
+        self._xsum = np.zeros(features)
+        self._xty = np.zeros((features, targets)) if targets else None
+        self._ysum = np.zeros(targets) if targets else None
+        self._ysq = np.zeros(targets) if targets else None
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_rows = 0
 
     def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
-        # products of one batch in float32 (BLAS syrk/gemm), sums across batches in float64
         x = np.ascontiguousarray(x, dtype=np.float32)
-        self.xtx += x.T @ x
-        self.xsum += x.sum(axis=0, dtype=np.float64)
+        y = np.ascontiguousarray(y, dtype=np.float32) if self.targets else None
         self.n += x.shape[0]
+        self._pending.append((x, y))
+        self._pending_rows += x.shape[0]
+        if self._pending_rows >= FLUSH_ROWS:
+            self._flush()
+
+    def add(self, xtx: np.ndarray, xsum: np.ndarray, xty: np.ndarray | None = None,
+            ysum: np.ndarray | None = None, ysq: np.ndarray | None = None) -> None:
+        """Add sums computed elsewhere (a grouped conv's groups); `n` is the caller's to count."""
+        self._xtx += xtx
+        self._xsum += xsum
         if self.targets:
-            y = np.ascontiguousarray(y, dtype=np.float32)
-            self.xty += x.T @ y
-            self.ysum += y.sum(axis=0, dtype=np.float64)
-            self.ysq += np.square(y, dtype=np.float64).sum(axis=0)
+            self._xty += xty
+            self._ysum += ysum
+            self._ysq += ysq
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        x = np.concatenate([p[0] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
+        y = None
+        if self.targets:
+            y = np.concatenate([p[1] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][1]
+        self._pending, self._pending_rows = [], 0
+        self.add(x.T @ x, x.sum(axis=0, dtype=np.float64), *(
+            (x.T @ y, y.sum(axis=0, dtype=np.float64), np.square(y, dtype=np.float64).sum(axis=0))
+            if y is not None else ()))
+
+    @property
+    def xtx(self) -> np.ndarray:
+        self._flush()
+        return self._xtx
+
+    @property
+    def xsum(self) -> np.ndarray:
+        self._flush()
+        return self._xsum
+
+    @property
+    def xty(self) -> np.ndarray | None:
+        self._flush()
+        return self._xty
+
+    @property
+    def ysum(self) -> np.ndarray | None:
+        self._flush()
+        return self._ysum
+
+    @property
+    def ysq(self) -> np.ndarray | None:
+        self._flush()
+        return self._ysq
 
     def augmented(self) -> tuple[np.ndarray, np.ndarray | None]:
         """([X 1]^T [X 1], [X 1]^T Y): the normal equations with a bias column last."""
@@ -394,13 +444,12 @@ class GroupedGramStats:
             yg = np.ascontiguousarray(np.asarray(y, np.float32).reshape(len(y), g, o).transpose(1, 0, 2))
             xty = np.matmul(xg.transpose(0, 2, 1), yg)  # (g, f, o)
         for i, part in enumerate(self.parts):
-            part.xtx += xtx[i]
-            part.xsum += xsum[i]
             part.n += len(x)
-            if yg is not None:
-                part.xty += xty[i]
-                part.ysum += yg[i].sum(axis=0, dtype=np.float64)
-                part.ysq += np.square(yg[i], dtype=np.float64).sum(axis=0)
+            if yg is None:
+                part.add(xtx[i], xsum[i])
+            else:
+                part.add(xtx[i], xsum[i], xty[i], yg[i].sum(axis=0, dtype=np.float64),
+                         np.square(yg[i], dtype=np.float64).sum(axis=0))
 
     def squared_error(self, w: np.ndarray, bias: np.ndarray) -> float:
         o = self.targets // self.groups

@@ -47,6 +47,7 @@ from onnx import helper
 
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP, Capture, plan_chunks, sample_bytes
 from onnxprune.calibration.data import CalibrationSet
+from onnxprune.calibration.incremental import IncrementalCapture
 from onnxprune.calibration.features import (
     Consumer,
     GramStats,
@@ -58,6 +59,7 @@ from onnxprune.calibration.features import (
     output_rows,
     pick_positions,
     real_rows,
+    sample_rows,
 )
 from onnxprune.calibration.padding import row_mask
 from onnxprune.calibration.stats import GramRequest, collect_statistics
@@ -373,7 +375,7 @@ class DenseTargets:
                     for node, cd, ch in wanted:
                         y = got[cd.output] if ch is None else np.take(got[cd.output], ch, axis=cd.output_axis)
                         pick = pick_positions(cd, y.shape, ctx.per_sample, rngs[node])
-                        real = real_rows(cd, y, pick, valid) if cd.op_type == "MatMul" else None
+                        real = real_rows(cd, y, pick, valid)
                         parts.setdefault((node, split), []).append(
                             (np.array(pick), np.ascontiguousarray(output_rows(cd, y, pick), np.float32),
                              np.ones(pick.shape, bool) if real is None else real.reshape(pick.shape)))
@@ -385,35 +387,47 @@ class DenseTargets:
             self.rows[key] = (np.concatenate([p for p, _, _ in chunks]), np.concatenate([y for _, y, _ in chunks]))
             self.real[key] = np.concatenate([r for _, _, r in chunks])
 
-    def grams(self, model: onnx.ModelProto, specs: list[Consumer]) -> list[dict[str, GramStats]]:
-        """[fit grams, held-out grams] of `specs` (consumers of the pruned `model`) against the cached targets."""
+    def grams(self, model: onnx.ModelProto, specs: list[Consumer],
+              runner: IncrementalCapture | None = None) -> list[dict[str, GramStats]]:
+        """[fit grams, held-out grams] of `specs` (consumers of the pruned `model`) against the cached targets.
+        The consumers' inputs come from `runner` when it can resume from what the levels before ran,
+        else from running the model's prefix."""
         ctx = self.ctx
         out: list[dict[str, GramStats]] = [{}, {}]
         names = [c.input for c in specs]
+        if runner is not None and runner.advance(model, names):
+            for split in (0, 1):
+                self._accumulate(out[split], split, specs, runner.batches(split, names))
+            return out
         plan = plan_chunks(sample_bytes(model, names), ctx.batch_size, ctx.memory_cap, ctx.fit.static_batch())
         for chunk in plan.chunks:
             capture = Capture(model, chunk, threads=ctx.threads)
             mine = [c for c in specs if c.input in chunk]
             for split, data in enumerate((ctx.fit, ctx.holdout)):
-                for c in mine:
-                    cached = self.rows.get((c.node, split))
-                    out[split][c.node] = gram_for(c, cached[1].shape[1] if cached else 0)
-                start = 0
-                for feeds, n in data.batches(plan.batch_size):
-                    got = capture.run(feeds, n)
-                    for c in mine:
-                        picks, targets = self.rows[(c.node, split)]
-                        m = picks.shape[1]
-                        real = self.real[(c.node, split)][start:start + n].reshape(-1)
-                        x = input_rows(c, got[c.input], picks[start:start + n])
-                        y = targets[start * m:(start + n) * m]
-                        if not real.all():  # padded positions are not fitted
-                            x, y = x[real], y[real]
-                        out[split][c.node].update(x, y)
-                    start += n
-                    del got
+                batches = ((n, capture.run(feeds, n)) for feeds, n in data.batches(plan.batch_size))
+                self._accumulate(out[split], split, mine, batches)
             del capture
         return out
+
+    def _accumulate(self, grams: dict[str, GramStats], split: int, specs: list[Consumer], batches) -> None:
+        """Gram matrices of `specs` from (n, {input tensor: value}) batches against the cached targets at the
+        same picks; the picks are read by rows (a Gemm on flattened tokens has several per sample)."""
+        for c in specs:
+            cached = self.rows.get((c.node, split))
+            grams[c.node] = gram_for(c, cached[1].shape[1] if cached else 0)
+        start = dict.fromkeys((c.node for c in specs), 0)  # rows of picks read so far, per consumer
+        for _, got in batches:
+            for c in specs:
+                picks, targets = self.rows[(c.node, split)]
+                m, at = picks.shape[1], start[c.node]
+                end = start[c.node] = at + sample_rows(c, got[c.input])
+                real = self.real[(c.node, split)][at:end].reshape(-1)
+                x = input_rows(c, got[c.input], picks[at:end])
+                y = targets[at * m:end * m]
+                if not real.all():  # padded positions are not fitted
+                    x, y = x[real], y[real]
+                grams[c.node].update(x, y)
+            del got
 
 
 class LeastSquaresRefit(ReconstructionPass):
@@ -447,10 +461,12 @@ class LeastSquaresRefit(ReconstructionPass):
         cached = size is not None and size <= ctx.memory_cap // 2
         if cached:
             cache.collect()
+            # the pruned model's inputs of each level, resumed from what the level before ran
+            runner = IncrementalCapture((ctx.fit, ctx.holdout), ctx.batch_size, ctx.memory_cap // 2, ctx.threads)
         for level in progress_iter(levels(model, [n for n in targets if n in plan]), "least squares, level"):
             specs = [edit.consumer(name) for name in level]
             if cached:
-                g_fits, g_holds = cache.grams(model, specs)
+                g_fits, g_holds = cache.grams(model, specs, runner)
             else:
                 requests = [GramRequest(cp, plan[cp.node][0].output, plan[cp.node][1]) for cp in specs]
                 g_fits = ctx.collect(model, ctx.fit, grams=requests, target_model=ctx.dense).grams

@@ -14,6 +14,7 @@ import numpy as np
 
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.diagnose import explain
+from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.curves import removal_orders, sensitivity_curves
 from onnxprune.cost import model_cost
 from onnxprune.errors import PlanError, UsageError
@@ -76,6 +77,8 @@ def load(state: PruneState) -> None:
     state.expected_shapes = output_shapes(state.dense, state.input_shapes.shapes)
     state.validate_data = _open(state, o.gate.validate_data)
     state.calib_data = _open(state, o.calibration.calib)
+    if state.calib_data is not None and o.calibration.mask_input is not None:
+        state.calib_data = CalibrationSet.open(state.calib_data, state.dense, mask_input=o.calibration.mask_input)
 
 
 def read_plan(state: PruneState) -> None:
