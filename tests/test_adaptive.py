@@ -1,6 +1,7 @@
 """Sensitivity curves and adaptive allocation: each group loses what costs the least predicted divergence
 per FLOP, within the rounding and max-ratio constraints, and the plan meets its target."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +75,21 @@ def test_adaptive_strategy_needs_calibration_data():
         onnxprune.prune(DIGITS, target_flops=0.5, strategy="adaptive")
 
 
-def test_prune_with_the_adaptive_strategy_records_it_in_the_plan(tmp_path):
+def test_adaptive_allocation_is_repaired_beside_uniform_and_the_closer_one_is_kept(tmp_path):
+    """The curves predict each group alone; both allocations are repaired and measured on held-out samples."""
     plan = tmp_path / "plan.json"
     _, report = onnxprune.prune(DIGITS, tmp_path / "out.onnx", target_flops=0.4, strategy="adaptive",
                                 calib=str(CALIB), calib_samples=32, sensitivity_samples=8, least_squares=False,
                                 save_plan=plan)
-    assert json.loads(plan.read_text())["meta"]["strategy"] == "adaptive"
     assert any(n.startswith("adaptive allocation:") for n in report.notes)
+    note = next(n for n in report.notes if n.startswith("allocations repaired and compared"))
+    errors = {name: float(value) for name, value in re.findall(r"(adaptive|uniform) ([0-9.e+-]+)", note)}
+    assert errors.keys() == {"adaptive", "uniform"}
+    kept = json.loads(plan.read_text())["meta"]["strategy"]
+    assert kept == min(errors, key=errors.get) and note.endswith(f"kept {kept}")
+    repair = next(p for p in report.passes if p["name"] == "reconstruction")
+    assert repair["details"]["fidelity_after"] == pytest.approx(errors[kept], rel=1e-3)
+    assert [p["name"] for p in report.passes].count("reconstruction") == 1  # the loser's passes are gone
     assert report.after.flops <= 0.6 * report.before.flops
 
 

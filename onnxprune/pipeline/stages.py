@@ -9,6 +9,7 @@ loaded state and runs them once per ratio).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 
@@ -191,32 +192,41 @@ def allocate_units(state: PruneState) -> None:
     target = Target(t.ratio, t.target_flops, t.target_params, t.strategy, t.max_ratio, t.round_to,
                     list(t.include), list(t.exclude))
     estimator = None if t.ratio is not None else CostEstimator(analysis, state.dense_cost)
+    state.mode = t.describe(o.scoring.criterion)
     if _adaptive(state):
         chosen = allocate_adaptive(analysis, state.scores, state.curves, target, estimator)
-        state.keep = chosen.keep
         state.notes.append(chosen.note("FLOPs" if t.target_flops is not None else "parameters"
                                        if t.target_params is not None else "units"))
         state.notes += state.curves.notes
+        state.candidates = {"adaptive": chosen.keep}
+        if _repairs_with_held_out(state):  # the curves predict each group alone: check the sum after the repair
+            state.candidates["uniform"] = allocate(analysis, state.scores, replace(target, strategy="uniform"),
+                                                   estimator)
+        keep_units(state, chosen.keep, "adaptive")
     else:
-        state.keep = allocate(analysis, state.scores, target, estimator)
-    state.removed = set()
-    for gid, kept in state.keep.items():
+        keep_units(state, allocate(analysis, state.scores, target, estimator), t.strategy)
+    state.notes += list(getattr(state.statistics, "notes", None) or [])
+
+
+def keep_units(state: PruneState, keep: dict[int, np.ndarray], strategy: str) -> None:
+    """The plan of an allocation (group id -> kept unit indices); refuses one that removes nothing."""
+    o, analysis, t = state.options, state.analysis, state.options.target
+    state.keep, state.removed = keep, set()
+    for gid, kept in keep.items():
         flags = np.ones(analysis.groups[gid].size, dtype=bool)
         flags[kept] = False
         state.removed.update(int(r) for r in analysis.groups[gid].roots[flags])
-    state.mode = t.describe(o.scoring.criterion)
     if not state.removed:  # never hand back an unchanged copy as if it were pruned
-        eligible = len(state.keep)
+        eligible = len(keep)
         hint = (f" after rounding kept counts up to multiples of {t.round_to} (--round-to): raise the ratio or "
                 "lower --round-to" if eligible else "")
         raise PlanError(f"{state.mode}: nothing to remove in {eligible} eligible group(s){hint}." + explain(analysis))
-    meta = {"criterion": o.scoring.criterion, "strategy": t.strategy,
+    meta = {"criterion": o.scoring.criterion, "strategy": strategy,
             "ratio": dict(t.ratio) if isinstance(t.ratio, dict) else t.ratio, "target_flops": t.target_flops,
             "target_params": t.target_params, "round_to": t.round_to,
             "prune_hidden": t.prune_hidden or bool(state.given_plan and state.given_plan.meta.get("prune_hidden")),
             **_cache_meta(state)}
-    state.plan = Plan.from_keep(analysis, state.keep, meta)
-    state.notes += list(getattr(state.statistics, "notes", None) or [])
+    state.plan = Plan.from_keep(analysis, keep, meta)
 
 
 def replay_plan(state: PruneState) -> None:
@@ -346,10 +356,43 @@ def _add_depth(state: PruneState) -> None:
     state.notes = state.depth.notes() + state.notes
 
 
+def _repairs_with_held_out(state: PruneState) -> bool:
+    o = state.options.reconstruction
+    return state.calib_data is not None and (o.least_squares or o.bias_correction or o.bn_recalibration)
+
+
+def _candidates(state: PruneState) -> bool:
+    return len(state.candidates) > 1
+
+
+def rewrite_candidates(state: PruneState) -> None:
+    """Rewrite and repair every candidate allocation (adaptive, and uniform of the same target); keep the one
+    whose repaired outputs are closest to the dense model's on the held-out calibration samples (ties: the
+    first, adaptive). Sensitivity curves measure each group alone, so their sum can misjudge a whole plan;
+    this makes adaptive allocation never worse than uniform on that measure."""
+    best = None
+    measured = []
+    for name, keep in state.candidates.items():
+        trial = replace(state, notes=list(state.notes), passes=list(state.passes))
+        keep_units(trial, keep, name)
+        rewrite(trial)
+        repair(trial)
+        error = trial.passes[-1].details.get("fidelity_after")
+        measured.append(f"{name} {error:.4g}" if error is not None else f"{name} unmeasured")
+        if best is None or (error is not None and (best[0] is None or error < best[0])):
+            best = (error, name, trial)
+    _, name, trial = best
+    for f in ("keep", "removed", "plan", "changes", "working", "cache", "attention", "notes", "passes", "mode"):
+        setattr(state, f, getattr(trial, f))
+    state.notes.append(f"allocations repaired and compared on the held-out calibration samples (relative output "
+                       f"error): {', '.join(measured)}; kept {name}")
+
+
 REWRITE = [
-    Stage("rewrite", rewrite),
+    Stage("rewrite and repair the candidates", rewrite_candidates, applies=_candidates, timing="rewrite"),
+    Stage("rewrite", rewrite, applies=lambda s: not _candidates(s)),
     Stage("cache reference", cache_reference, applies=_zeroes_cache, timing="validate"),
-    Stage("reconstruct", repair, applies=_repairs, timing="rewrite"),
+    Stage("reconstruct", repair, applies=lambda s: _repairs(s) and not _candidates(s), timing="rewrite"),
     Stage("clean up", clean_up, timing="rewrite",
           releases=("analysis", "dense", "reference", "statistics", "scores", "curves")),
 ]

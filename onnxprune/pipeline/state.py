@@ -56,6 +56,7 @@ class PruneState:
     scores: dict[int, np.ndarray] | None = None
     curves: Any = None                      # sensitivity curves (adaptive allocation)
     keep: dict[int, np.ndarray] | None = None
+    candidates: dict[str, dict] = field(default_factory=dict)  # allocations to repair and compare (adaptive)
     removed: set[int] | None = None
     plan: Plan | None = None
     mode: str = ""
