@@ -68,6 +68,7 @@ def test_the_written_file_declares_and_runs_with_a_cache_of_the_kept_heads(name,
     _, report = onnxprune.prune(FOLDER / MANIFEST[name]["file"], out, ratio=HALF_THE_KV_GROUPS, prune_cache=True)
     written = onnx.load(str(out))
     assert declared_heads(written) == report.cache == dict.fromkeys(declared_heads(written), 1)
+    assert "output shapes as expected (the caches at their kept heads)" in report.checks
     tokens, _ = generate(written, name, new_tokens=3)
     assert tokens.shape == (2, 3)
     assert [(c.heads, c.kv_heads) for c in report.attention] == [((4, 2), (2, 1))] * 3

@@ -14,6 +14,12 @@ rounding steps, each where it costs the least predicted loss per FLOP.
 
 Groups without a curve (nothing of theirs reaches a consumer that matters)
 are left whole.
+
+The curves measure each group alone, before any repair, so their sum can
+misjudge a whole plan. The pipeline therefore rewrites and repairs this
+allocation and the uniform one of the same target, and keeps the one whose
+outputs are closer to the dense model's on the held-out calibration samples
+(`pipeline.stages.rewrite_candidates`).
 """
 from __future__ import annotations
 
