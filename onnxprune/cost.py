@@ -2,7 +2,8 @@
 
 Conventions (used everywhere in reports):
 * MACs count multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul
-  (and of their integer versions ConvInteger, MatMulInteger and MatMulNBits),
+  (and of their integer versions: ConvInteger, MatMulInteger, MatMulNBits, and
+  the QOperator format's QLinearConv, QLinearMatMul and QGemm),
   of LSTM, GRU and RNN (X by W and the previous state by R, at every step
   and in every direction; onnxruntime's int8 DynamicQuantizeLSTM likewise),
   and of onnxruntime's fused attention contrib ops (com.microsoft Attention:
@@ -32,8 +33,18 @@ from onnxprune.ir.model_io import unique_parameters
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.runtime.inputs import concrete_input_shapes
 
-# counted as their float op (MatMulNBits: com.microsoft, weight-only low-bit)
-INTEGER_LINEAR = {"ConvInteger": "Conv", "MatMulInteger": "MatMul", "MatMulNBits": "MatMul"}
+# counted as their float op (MatMulNBits: com.microsoft, weight-only low-bit; QGemm: com.microsoft)
+INTEGER_LINEAR = {"ConvInteger": "Conv", "MatMulInteger": "MatMul", "MatMulNBits": "MatMul",
+                  "QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm"}
+# the inputs of a linear op that are its operands (the others are scales and zero points); the
+# weight is the constant one (a MatMul's may be either)
+OPERANDS = {"QLinearConv": (0, 3), "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
+
+
+def linear_operands(node: onnx.NodeProto) -> tuple[str, str]:
+    """(input, weight) names of a linear op, integer versions included: what its MACs are read from."""
+    a, b = OPERANDS.get(node.op_type, (0, 1))
+    return (node.input[a] if len(node.input) > a else "", node.input[b] if len(node.input) > b else "")
 LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | set(INTEGER_LINEAR)
 RECURRENT_OPS = {"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"}  # the last one com.microsoft
 CONTRIB_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}  # domain com.microsoft
@@ -97,11 +108,11 @@ def node_macs(node: onnx.NodeProto, view: GraphView) -> int:
     if node.domain == "com.microsoft" and node.op_type not in INTEGER_LINEAR:
         return _contrib_attention_macs(node, view, y) if op in CONTRIB_ATTENTION else 0
     if op == "Conv":
-        w = view.shape(node.input[1])
+        w = view.shape(linear_operands(node)[1])
         k = _numel(w[1:]) if w else None
         return out * (k or 0)
     if op == "ConvTranspose":
-        x, w = view.shape(node.input[0]), view.shape(node.input[1])
+        x, w = (view.shape(t) for t in linear_operands(node))
         if not x or not w:
             return 0
         return (_numel(x) or 0) * w[1] * (_numel(w[2:]) or 0)  # w: (Cin, Cout/group, k...)

@@ -390,6 +390,20 @@ def test_prune_writes_a_smaller_qoperator_model_that_stays_int8(tmp_path):
     assert all(initializer(written, f"{c}.w_quantized").data_type == TensorProto.INT8 for c in ("c1", "c2", "c3", "c4"))
 
 
+
+def test_a_qoperator_model_costs_the_macs_of_its_float_original_and_meets_a_flops_target(tmp_path):
+    """QLinearConv, QLinearMatMul and QGemm read their weight at input 3: counted like Conv, MatMul and Gemm."""
+    from onnxprune.cost import model_cost
+
+    float_model = branchy()
+    model = qoperator(float_model, tmp_path, [1, 3, 8, 8], per_channel=True)
+    linear = {"Conv", "Gemm", "QLinearConv", "QGemm"}
+    macs = [{n.name.removesuffix("_quant"): n.macs for n in model_cost(m).nodes if n.op_type in linear}
+            for m in (float_model, model)]
+    assert macs[0] == macs[1] and all(macs[0].values())
+    _, report = onnxprune.prune(model, tmp_path / "half.onnx", target_flops=0.5, round_to=1)
+    assert 0.45 <= 1 - report.after.flops / report.before.flops <= 0.6
+
 # -- weight-only MatMulNBits (com.microsoft) ------------------------------------------------------------
 
 def nbits(w: np.ndarray, block: int, zero_points: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:

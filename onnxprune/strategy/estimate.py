@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxprune.analysis import Analysis
 from onnxprune.analysis.units import NO_UNIT
-from onnxprune.cost import LINEAR_OPS, RECURRENT_OPS, ModelCost
+from onnxprune.cost import LINEAR_OPS, RECURRENT_OPS, ModelCost, linear_operands
 
 
 class CostEstimator:
@@ -63,7 +63,7 @@ class CostEstimator:
         layouts = self.analysis.layouts
         view = self.analysis.view
         if node.op_type in LINEAR_OPS:
-            weights = [i for i in node.input[:2] if i and view.is_const(i)]
+            weights = [i for i in linear_operands(node) if i and view.is_const(i)]
             if weights:
                 return [self._slot(weights[0], a) for a in layouts.get(weights[0], {})]
             slots = [self._slot(node.output[0], a) for a in layouts.get(node.output[0], {})]
