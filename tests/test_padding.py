@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibration.ablation import _Divergence
+from onnxprune.calibration.ablation import Divergence
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.features import consumers_of
 from onnxprune.calibration.stats import GramRequest, collect_statistics
@@ -76,7 +76,7 @@ def test_a_divergence_counts_real_positions_only():
     valid = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
     changed = reference.copy()
     changed[~valid] += 100.0  # only padding moves
-    loss = _Divergence("y", [reference], "mse", [valid])
+    loss = Divergence("y", [reference], "mse", [valid])
     assert loss.total(0, changed) == 0.0
     changed[0, 0] += 1.0
     assert loss.total(0, changed) > 0.0

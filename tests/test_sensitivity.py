@@ -327,3 +327,21 @@ def test_sensitivity_criteria_prune_digits_at_least_as_well_as_magnitude(tmp_pat
     for criterion in ("ablation", "thinet"):
         for kind in ("full", "light"):
             assert results[criterion][kind] >= results["l1"][kind], (criterion, kind, results)
+
+
+# -- residual layers -------------------------------------------------------------------------------
+def test_sensitivity_gives_each_residual_layer_the_divergence_of_dropping_it_alone():
+    from onnxprune.passes.depth import DropLayers
+    from onnxprune.pipeline.sensitivity import sensitivity
+    from onnxprune.strategy.depth import scan_blocks
+
+    with np.load(CALIB) as d:
+        calib = {"input": d["input"][:16]}
+    report = sensitivity(DIGITS, calib=calib, sensitivity_samples=16, sensitivity_grid=(0.5,))
+    model, _ = prepare(str(DIGITS))
+    [unit] = scan_blocks(model).candidates("layer")
+    [row] = report.layers
+    assert row["name"] == unit.name and row["influence"] > 0
+    dense, dropped = run(model, calib)[0], run(DropLayers([unit])(model).model, calib)[0]
+    assert row["loss"] == pytest.approx(kl(dense, dropped), rel=1e-3)
+    assert report.to_dict()["layers"] == report.layers and "loss dropped" in report.render_table()

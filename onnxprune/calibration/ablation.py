@@ -198,7 +198,7 @@ def sink_means(model: onnx.ModelProto, analysis, groups: Sequence, calib: Calibr
 
 
 # -- the loss -------------------------------------------------------------------------------------
-class _Divergence:
+class Divergence:
     """Divergence of one output from its dense value: 'kl' (rank-2 class scores) or relative 'mse'."""
 
     def __init__(self, name: str, reference: list[np.ndarray], kind: str,
@@ -248,7 +248,8 @@ class _Divergence:
         return float((per.sum(axis=1) / np.maximum(positions, 1)).sum()) * self.scale
 
 
-def _kind(values: np.ndarray, loss: str) -> str | None:
+def divergence_kind(values: np.ndarray, loss: str) -> str | None:
+    """The divergence an output is measured by: 'kl' for class scores, 'mse' for other floats, None otherwise."""
     if values.dtype.kind != "f":
         return None
     if loss != "auto":
@@ -430,13 +431,13 @@ class GroupProbe:
         self.ones = gm.ones()
         self.feeds = _frontier_feeds(gm, part, probes.batches, self.ones, threads) if part.outputs else []
         self.session = calibration_session(part.model, threads=threads) if part.outputs else None
-        self.losses: list[tuple[int, _Divergence]] = []
+        self.losses: list[tuple[int, Divergence]] = []
         if self.session is not None:
             dense = _run(self.session, part.outputs, self.feeds, gm.gate, self.ones)
             for j, name in enumerate(part.outputs):
-                kind = _kind(dense[0][j], loss)
+                kind = divergence_kind(dense[0][j], loss)
                 if kind is not None:
-                    self.losses.append((j, _Divergence(name, [b[j] for b in dense], kind, probes.valid)))
+                    self.losses.append((j, Divergence(name, [b[j] for b in dense], kind, probes.valid)))
         self.runs = len(self.feeds)
 
     @property

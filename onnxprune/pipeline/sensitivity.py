@@ -5,7 +5,9 @@ outputs move from the dense model's on calibration data when the group loses
 a fraction r of its units, r on a grid, the criterion choosing which units go
 (onnxprune.calibration.curves); and what one of its units costs, as a share
 of the model's FLOPs (removed alone). Steep curves on cheap groups are what
-`--strategy adaptive` spares.
+`--strategy adaptive` spares. And for every residual layer --drop-layers could
+remove: the same divergence when that layer alone is dropped, beside its
+block influence (what --drop-layers ranks by).
 """
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxprune.calibration.ablation import Divergence, divergence_kind
+from onnxprune.calibration.capture import Capture
 from onnxprune.calibration.curves import SensitivityCurves, units_at
+from onnxprune.calibration.data import CalibrationSet
+from onnxprune.calibration.influence import block_influence
 from onnxprune.errors import UsageError
 from onnxprune.options import PruneOptions
 from onnxprune.importance import criterion
@@ -24,7 +30,9 @@ from onnxprune.pipeline.runner import Stage, run_stages
 from onnxprune.pipeline.stages import analyze, calibrate, load, measure_curves, score
 from onnxprune.pipeline.state import PruneState
 from onnxprune.plotting import require_matplotlib
+from onnxprune.passes.depth import DropLayers
 from onnxprune.strategy.allocate import removed_flags
+from onnxprune.strategy.depth import scan_blocks
 from onnxprune.strategy.estimate import CostEstimator
 from onnxprune.text import box_table
 
@@ -39,10 +47,11 @@ class SensitivityReport:
     flops_per_unit: dict[int, float]  # group id -> share of the model's FLOPs one unit saves alone
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)  # name, kind, influence, loss when dropped alone
 
     def to_dict(self) -> dict:
         out = {"model": self.model, "criterion": self.criterion, **self.curves.to_dict(),
-               "timings_s": {k: round(v, 3) for k, v in self.timings.items()}}
+               "timings_s": {k: round(v, 3) for k, v in self.timings.items()}, "layers": self.layers}
         for entry in out["curves"]:
             entry["flops_per_unit"] = self.flops_per_unit.get(entry["group"])
         return out
@@ -60,9 +69,15 @@ class SensitivityReport:
     def render_table(self) -> str:
         header, rows = self.rows()
         kinds = ", ".join(f"{o}: {k}" for o, k in self.curves.losses.items())
-        return (f"{self.model}: divergence from the dense outputs ({kinds}) on {self.curves.samples} calibration "
+        text = (f"{self.model}: divergence from the dense outputs ({kinds}) on {self.curves.samples} calibration "
                 f"samples when a group loses a fraction r of its units ({self.criterion} order)\n"
                 + box_table(header, rows))
+        if self.layers:
+            rows = [(d["name"], d["kind"], f"{d['influence']:.4g}", f"{d['loss']:.3g}") for d in self.layers]
+            text += ("\nResidual layers: the divergence when one alone is dropped (--drop-layers), and its block "
+                     "influence (1 - cosine of its input and output, what --drop-layers ranks by)\n"
+                     + box_table(("layer", "kind", "block influence", "loss dropped"), rows))
+        return text
 
     def plot(self, path: str | os.PathLike) -> None:
         Figure = require_matplotlib()
@@ -88,6 +103,34 @@ def _check(state: PruneState) -> None:
         raise UsageError("sensitivity is measured on calibration data: give calib= (--calib DATA)")
 
 
+def layer_losses(model: onnx.ModelProto, data: Any, samples: int, seed: int = 0) -> list[dict]:
+    """Every droppable residual layer of `model`: the divergence of its outputs from the dense ones on
+    `samples` calibration samples when that layer alone is dropped, and its block influence there."""
+    candidates = scan_blocks(model).candidates("layer")
+    if not candidates:
+        return []
+    calib = CalibrationSet.open(data, model, max_samples=samples)
+    influence = block_influence(model, candidates, calib, seed=seed)
+    names = [o.name for o in model.graph.output]
+    batches = list(calib.batches(32))
+    valid = [calib.real_positions(feeds, n) for feeds, n in batches]
+
+    def outputs(m: onnx.ModelProto) -> list[list[np.ndarray]]:
+        capture = Capture(m, names)
+        return [[v for v in capture.run(feeds, n).values()] for feeds, n in batches]
+
+    dense = outputs(model)
+    losses = [Divergence(name, [b[j] for b in dense], kind, valid) for j, name in enumerate(names)
+              if (kind := divergence_kind(dense[0][j], "auto")) is not None]
+    rows = []
+    for unit, unit_influence in zip(candidates, influence.scores):
+        dropped = outputs(DropLayers([unit])(model).model)
+        loss = sum(d.total(b, dropped[b][j]) for j, d in enumerate(losses) for b in range(len(batches)))
+        rows.append({"name": unit.name, "kind": unit.kind, "influence": float(unit_influence),
+                     "loss": max(loss / max(len(calib), 1), 0.0)})
+    return rows
+
+
 SENSITIVITY = [
     Stage("check options", _check, timing="load"),
     Stage("load", load),
@@ -103,6 +146,9 @@ def sensitivity(model: ModelLike, options: PruneOptions | None = None, **keyword
     calib, criterion, sensitivity_grid, sensitivity_samples, include, exclude, prune_hidden, ...)."""
     state = PruneState(PruneOptions.build(options, **keywords), model, None)
     run_stages(state, SENSITIVITY)
+    o = state.options
+    layers = layer_losses(state.working, state.calib_data, o.scoring.sensitivity_samples, o.runtime.seed)
+    state.clock.lap("layers")
     estimator = CostEstimator(state.analysis, state.dense_cost)
     dense = estimator.dense_flops
     per_unit = {}
@@ -113,4 +159,4 @@ def sensitivity(model: ModelLike, options: PruneOptions | None = None, **keyword
     name = str(model) if not isinstance(model, onnx.ModelProto) else model.graph.name or "<ModelProto>"
     notes = [n for n in [state.input_shapes.note()] if n] + state.curves.notes
     return SensitivityReport(name, state.options.scoring.criterion, state.curves, per_unit, state.clock.timings,
-                             notes)
+                             notes, layers)
