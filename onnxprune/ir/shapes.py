@@ -4,8 +4,10 @@ ONNX shape inference copies the whole model; on a 100 MB network that costs a
 second copy of every weight.  We infer on a *skeleton* instead: large
 initializers become typed graph inputs (only their shapes matter), small ones
 stay (they may be Reshape targets or Slice bounds).  The inferred value_info is
-copied back.  onnxruntime's symbolic shape inference is the fallback for graphs
-that onnx's own inference leaves incomplete (custom or contrib ops).
+copied back.  Where onnx's own inference leaves dims open, the shape
+computations are folded at concrete sizes (onnxprune.ir.shape_folding);
+onnxruntime's symbolic shape inference is the fallback for graphs that still
+leave them open (custom or contrib ops, dims that are expressions).
 """
 from __future__ import annotations
 
