@@ -21,7 +21,7 @@ from onnxprune.ir import model_io
 from onnxprune.ir import shapes
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.pipeline import build_analysis, prepare
-from onnxprune.runtime.inputs import DenseProbe, dense_input_shapes, plan_input_shapes
+from onnxprune.runtime.inputs import dense_input_shapes, plan_input_shapes
 from onnxprune.runtime.session import make_session, raw_data_places, session_in_place, session_options
 from onnxprune.strategy.estimate import CostEstimator
 
@@ -204,114 +204,6 @@ def test_raw_data_places_point_at_each_initializers_bytes(analysed):
     for name, (offset, length) in places.items():
         assert data[offset:offset + length] == raw[name]
     assert raw_data_places(data[: len(data) // 2]) == {}  # truncated: nothing, never a wrong place
-
-
-def _same_probe(got, want) -> None:
-    assert got.shapes == want.shapes and got.assumed == want.assumed
-    assert sorted(got.feeds) == sorted(want.feeds)
-    assert all(np.array_equal(got.feeds[k], want.feeds[k]) for k in want.feeds)
-    assert len(got.outputs) == len(want.outputs)
-    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got.outputs, want.outputs))
-
-
-@pytest.mark.parametrize("in_place", [True, False])
-def test_the_background_probe_answers_like_the_probe_even_when_the_model_changes_meanwhile(analysed, in_place,
-                                                                                           monkeypatch):
-    from onnxprune.runtime import session
-
-    monkeypatch.setattr(session, "IN_PLACE_MIN_BYTES", 0 if in_place else 1 << 40)
-    working, _ = analysed
-    want = dense_input_shapes(working, None)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(working)
-    probe = DenseProbe(copy, None)
-    assert probe.planned.shapes == plan_input_shapes(working).shapes
-    del copy.graph.node[:]  # what the caller does meanwhile is its own business
-    del copy.graph.initializer[:]
-    _same_probe(probe.result(), want)
-
-
-def test_the_background_probe_settles_on_the_size_the_probe_finds_and_raises_what_it_raises(in_place_always):
-    from onnxprune.errors import UnsupportedModelError
-    from test_input_shapes import detector_like
-
-    from helpers import const, make_model, weight
-    from onnx import helper
-
-    model = detector_like()
-    probe = DenseProbe(model, None)
-    assert probe.planned.shapes == {"images": [1, 3, 224, 224]}
-    _same_probe(probe.result(), dense_input_shapes(model, None))
-    assert probe.result().shapes == {"images": [1, 3, 320, 320]}
-
-    nodes = [helper.make_node("Reshape", ["images", "fixed"], ["r"], name="needs_100x100"),
-             helper.make_node("Conv", ["r", "w"], ["y"], name="conv")]
-    never = make_model(nodes, [("images", [1, 3, "h", "w"])], [("y", [1, 8, 100, 100])],
-                       [const([1, 3, 100, 100], "fixed"), weight(8, 3, 3, 3, name="w")])
-    with pytest.raises(UnsupportedModelError) as direct:
-        dense_input_shapes(never, None)
-    with pytest.raises(UnsupportedModelError) as background:
-        DenseProbe(never, None).result()
-    assert str(background.value) == str(direct.value)
-
-
-def _validated(model_path):
-    from onnxprune.runtime.validate import validate_model
-
-    working, _ = prepare(model_path)
-    seen = []
-    result = validate_model(working, plan_input_shapes(working).shapes, on_serialized=seen.append)
-    assert seen == [result.serialized]
-    return working, result
-
-
-def test_the_output_written_while_validation_runs_is_the_file_save_verified_writes(tmp_path):
-    from onnxprune.runtime.output import StagingWriter, save_verified
-
-    working, result = _validated(ROOT / "models" / "digits_resnet.onnx")
-    size = save_verified(working, tmp_path / "plain.onnx", result)
-    writer = StagingWriter(working, tmp_path / "early.onnx")
-    writer(result.serialized)
-    assert writer.staged is not None
-    assert save_verified(working, tmp_path / "early.onnx", result, staged=writer.staged) == size
-    writer.discard()
-    assert (tmp_path / "early.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes() == result.serialized
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["early.onnx", "plain.onnx"]
-
-
-def test_a_background_write_that_fails_or_is_discarded_leaves_nothing(tmp_path, monkeypatch):
-    from onnxprune.errors import OutputError
-    from onnxprune.runtime.output import StagingWriter, save_verified
-
-    working, result = _validated(ROOT / "models" / "digits_resnet.onnx")
-    writer = StagingWriter(working, tmp_path / "dropped.onnx")
-    writer(result.serialized)
-    writer.discard()  # validation failed, say
-    assert list(tmp_path.iterdir()) == []
-
-    def full_disk(model, path, **kwargs):
-        Path(path).write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(model_io, "write_model", full_disk)
-    writer = StagingWriter(working, tmp_path / "out.onnx")
-    writer(result.serialized)
-    with pytest.raises(OutputError, match="No space left"):
-        save_verified(working, tmp_path / "out.onnx", result, staged=writer.staged)
-    writer.discard()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_model_with_external_data_is_not_written_early(tmp_path):
-    from onnxprune.runtime.output import StagingWriter
-
-    src = tmp_path / "ext.onnx"
-    onnx.save(onnx.load(str(ROOT / "models" / "digits_resnet.onnx")), str(src), save_as_external_data=True,
-              location="ext.onnx.data", size_threshold=0)
-    working, source = prepare(src)
-    writer = StagingWriter(working, tmp_path / "out.onnx", source)
-    writer(b"whatever")
-    assert writer.staged is None
 
 
 @pytest.mark.parametrize("model, options", [

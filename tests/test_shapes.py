@@ -2,7 +2,7 @@
 from onnx import helper
 
 from onnxprune.ir.shapes import infer_shapes
-from helpers import make_model, weight
+from helpers import const, make_model, weight
 
 
 def model_with_contrib_op():
@@ -61,3 +61,54 @@ def test_sympy_is_a_declared_dependency():
     from importlib.metadata import requires
 
     assert any(r.split(">")[0].split("=")[0].strip() == "sympy" for r in requires("onnxprune"))
+
+
+
+def position_embeddings(positions: int):
+    """BERT's embeddings: word table + position table sliced to the sequence length computed at run
+    time, Slice(ids, 0, Unsqueeze(Gather(Shape(input_ids), 1))) (weights zero: only shapes matter here)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    def table(rows, name, dtype=np.float32):
+        return numpy_helper.from_array(np.zeros((rows, 8), dtype) if dtype == np.float32
+                                       else np.arange(rows, dtype=dtype)[None], name)
+
+    nodes = [helper.make_node("Shape", ["input_ids"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+             helper.make_node("Unsqueeze", ["length", "zero"], ["end"]),
+             helper.make_node("Slice", ["ids", "zero", "end", "one_axis"], ["positions"]),
+             helper.make_node("Gather", ["pos_table", "positions"], ["pos"]),
+             helper.make_node("Gather", ["word_table", "input_ids"], ["words"]),
+             helper.make_node("Add", ["words", "pos"], ["y"])]
+    inits = [const(1, "one"), const([0], "zero"), const([1], "one_axis"), table(positions, "ids", np.int64),
+             table(positions, "pos_table"), table(10, "word_table")]
+    return make_model(nodes, [("input_ids", ["batch", "sequence"])], [("y", ["batch", "sequence", 8])], inits)
+
+
+def _no_symbolic(monkeypatch):
+    import onnxprune.ir.shapes as shapes_module
+
+    calls = []
+    real = shapes_module._symbolic
+    monkeypatch.setattr(shapes_module, "_symbolic", lambda sk: calls.append(1) or real(sk))
+    shapes_module.forget_shapes()
+    return calls
+
+
+def test_run_time_slice_bounds_are_folded_without_the_symbolic_fallback(monkeypatch):
+    model = position_embeddings(512)
+    model.graph.input[0].type.tensor_type.elem_type = 7  # int64 ids
+    calls = _no_symbolic(monkeypatch)
+    assert infer_shapes(model)["y"][1] == ("batch", "sequence", 8)
+    assert infer_shapes(model, {"input_ids": [2, 16]})["y"][1] == (2, 16, 8)
+    assert calls == []
+
+
+def test_a_size_clamped_by_a_short_table_is_left_to_the_symbolic_fallback(monkeypatch):
+    # at made-up sizes past the table's 16 rows the slice stops at 16: that dim does not follow the name
+    model = position_embeddings(16)
+    model.graph.input[0].type.tensor_type.elem_type = 7
+    calls = _no_symbolic(monkeypatch)
+    assert infer_shapes(model)["y"][1] == ("batch", "sequence", 8)
+    assert calls == [1]

@@ -48,14 +48,20 @@ def correlated(n: int, features: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal((n, features)) @ mixing + 0.3).astype(np.float32)
 
 
-def mlp(transb: int = 0) -> onnx.ModelProto:
-    """x (N, 32) -> Gemm 32->64 -> Relu -> MatMul 64->16 -> Gemm 16->8 (transB)."""
+def mlp(transb: int = 0, rng: np.random.Generator | None = None) -> onnx.ModelProto:
+    """x (N, 32) -> Gemm 32->64 -> Relu -> MatMul 64->16 -> Gemm 16->8 (transB). `rng`: weights from a
+    generator of the test's own (else helpers' shared one, whose draws depend on the tests run before)."""
+    def draw(*shape, name):
+        if rng is None:
+            return weight(*shape, name=name)
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32), name)
+
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w2"], ["m"], name="mm"),
              helper.make_node("Gemm", ["m", "w3", "b3"], ["y"], name="fc3", transB=transb)]
-    w3 = weight(8, 16, name="w3") if transb else weight(16, 8, name="w3")
-    inits = [weight(32, 64, name="w1"), weight(64, name="b1"), weight(64, 16, name="w2"), w3, weight(8, name="b3")]
+    w3 = draw(8, 16, name="w3") if transb else draw(16, 8, name="w3")
+    inits = [draw(32, 64, name="w1"), draw(64, name="b1"), draw(64, 16, name="w2"), w3, draw(8, name="b3")]
     return make_model(nodes, [("x", ["N", 32])], [("y", ["N", 8])], inits)
 
 
@@ -154,7 +160,7 @@ def test_every_layer_reaches_the_stated_sparsity(fraction, criterion):
 
 def test_sparsegpt_moves_each_layer_less_than_magnitude_and_wanda_on_calibration_data():
     calib = {"x": correlated(512, 32)}
-    errors, model = {}, mlp()
+    errors, model = {}, mlp(rng=np.random.default_rng(0))
     for criterion in ("magnitude", "wanda", "sparsegpt"):
         for pattern in ("2:4", None):
             _, report = sparsify(model, pattern=pattern, sparsity=None if pattern else 0.6, criterion=criterion,

@@ -15,7 +15,6 @@ import atexit
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -641,24 +640,12 @@ class StagedOutput:
     """
 
     def __init__(self, model: onnx.ModelProto, destination: str | os.PathLike, *, external_data: bool,
-                 serialized: bytes | None = None, background: bool = False):
-        """background: write `serialized` (a self-contained model's bytes) in a thread, so the caller
-        can go on (validating it, say) while the disk takes them; wait() joins it, and commit() and
-        discard() wait first. Anything else is written before the constructor returns."""
+                 serialized: bytes | None = None):
         self.destination = Path(destination)
         self.external_data = external_data
         self._folder = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.", suffix=".tmp",
                                              dir=self.destination.parent))
         self.path = self._folder / self.destination.name
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        if background and serialized is not None and not external_data and not has_external_data(model):
-            # the bytes say it all: write_model reads nothing else of a model without external data,
-            # and the thread must not read the caller's model while it changes
-            self._thread = threading.Thread(target=self._write_in_background, args=(serialized,), daemon=True,
-                                            name="onnxprune-staged-write")
-            self._thread.start()
-            return
         self._write(model, serialized)
 
     def _write(self, model: onnx.ModelProto, serialized: bytes | None) -> None:
@@ -673,33 +660,12 @@ class StagedOutput:
                 raise OutputError(f"{self.destination}: could not write the model ({exc}).") from exc
             raise
 
-    def _write_in_background(self, serialized: bytes) -> None:
-        try:
-            write_model(onnx.ModelProto(), self.path, external_data=False, serialized=serialized)
-        except BaseException as exc:  # raised by wait(), in the caller's thread
-            self._error = exc
-
-    def wait(self) -> None:
-        """Join a background write; raise as the constructor would have (the staged files then go)."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        thread.join()
-        error, self._error = self._error, None
-        if error is None:
-            return
-        self.discard()
-        if isinstance(error, Exception) and not isinstance(error, OnnxPruneError):
-            raise OutputError(f"{self.destination}: could not write the model ({error}).") from error
-        raise error
-
     @property
     def files(self) -> list[Path]:
         return [p for p in (self.path, self._folder / (self.path.name + ".data")) if p.exists()]
 
     def commit(self) -> int:
         """Move into place (data file first, the model last); returns the bytes written."""
-        self.wait()
         size = 0
         for staged in reversed(self.files):
             _default_permissions(staged)
@@ -709,9 +675,6 @@ class StagedOutput:
         return size
 
     def discard(self) -> None:
-        if self._thread is not None:  # never delete under a write still running
-            self._thread.join()
-            self._thread = None
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def __enter__(self) -> "StagedOutput":

@@ -4,8 +4,10 @@ ONNX shape inference copies the whole model; on a 100 MB network that costs a
 second copy of every weight.  We infer on a *skeleton* instead: large
 initializers become typed graph inputs (only their shapes matter), small ones
 stay (they may be Reshape targets or Slice bounds).  The inferred value_info is
-copied back.  onnxruntime's symbolic shape inference is the fallback for graphs
-that onnx's own inference leaves incomplete (custom or contrib ops).
+copied back.  Where onnx's own inference leaves dims open, the shape
+computations are folded at concrete sizes (onnxprune.ir.shape_folding);
+onnxruntime's symbolic shape inference is the fallback for graphs that still
+leave them open (custom or contrib ops, dims that are expressions).
 """
 from __future__ import annotations
 
@@ -16,12 +18,9 @@ import onnx
 from onnx import helper
 
 from onnxprune.ir.quant import CONTRIB_SHAPE_OPS, contrib_output_shapes
+from onnxprune.ir.shape_folding import SMALL_CONSTANT, infer_folded
 
 log = logging.getLogger(__name__)
-
-# Initializers up to this many elements keep their values in the skeleton:
-# enough for any shape constant, far below any weight matrix.
-SMALL_CONSTANT = 64
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -135,20 +134,39 @@ def _infer(sk: onnx.ModelProto) -> tuple[dict[str, tuple[int, Shape]], onnx.Grap
         log.debug("onnx shape inference failed: %s", exc)
         inferred = sk
     shapes = _collect(inferred)
-    missing = _missing_outputs(sk, set(shapes))
-    if missing or any(_is_unknown(d) for _, shape in shapes.values() for d in shape):
-        # onnxruntime's symbolic inference follows Shape->Concat->Reshape arithmetic
-        # that onnx's leaves as unk__N dims (attention head splits with -1)
-        for name, (elem, shape) in _symbolic(sk).items():
-            if name not in shapes:
-                shapes[name] = (elem, shape)
-            elif len(shape) == len(shapes[name][1]):
-                merged = tuple(b if _is_unknown(a) and not _is_unknown(b) else a
-                               for a, b in zip(shapes[name][1], shape))
-                shapes[name] = (shapes[name][0], merged)
+    if _incomplete(sk, shapes):
+        shapes = _completed(sk, shapes)
     value_info = onnx.GraphProto()
     value_info.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in shapes)
     return shapes, value_info
+
+
+def _completed(sk: onnx.ModelProto, shapes: dict[str, tuple[int, Shape]]) -> dict[str, tuple[int, Shape]]:
+    """`shapes`, completed by folding the shape computations when that answers everything (no sympy:
+    a second to import), else by onnxruntime's symbolic inference, which follows Shape->Concat->Reshape
+    arithmetic that onnx's leaves as unk__N dims (attention head splits with -1) and knows contrib ops.
+    (A tensor without any shape comes from an op onnx does not know: folding cannot help there.)"""
+    if not _missing_outputs(sk, set(shapes)):
+        folded = dict(shapes)
+        _fill(folded, infer_folded(sk, _collect))
+        if not _incomplete(sk, folded):
+            return folded
+    _fill(shapes, _symbolic(sk))
+    return shapes
+
+
+def _incomplete(sk: onnx.ModelProto, shapes: dict[str, tuple[int, Shape]]) -> bool:
+    return bool(_missing_outputs(sk, set(shapes))) or any(_is_unknown(d) for _, shape in shapes.values() for d in shape)
+
+
+def _fill(shapes: dict[str, tuple[int, Shape]], found: dict[str, tuple[int, Shape]]) -> None:
+    """Add what `found` knows and `shapes` does not: missing tensors, unknown dims."""
+    for name, (elem, shape) in found.items():
+        if name not in shapes:
+            shapes[name] = (elem, shape)
+        elif len(shape) == len(shapes[name][1]):
+            merged = tuple(b if _is_unknown(a) and not _is_unknown(b) else a for a, b in zip(shapes[name][1], shape))
+            shapes[name] = (shapes[name][0], merged)
 
 
 def _is_unknown(d: Dim) -> bool:

@@ -15,7 +15,6 @@ dense model cannot run; if none works, the error says so and shows
 from __future__ import annotations
 
 import ast
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,8 +24,8 @@ import onnxruntime as ort
 from onnx import helper
 
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError, UsageError
-from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, has_external_data, model_byte_size
-from onnxprune.runtime.session import InPlaceModel, make_session, session_options
+from onnxprune.ir.model_io import model_byte_size
+from onnxprune.runtime.session import make_session
 
 DEFAULT_BATCH = 1
 # (spatial, other) sizes tried in turn for dynamic dims; the first is the plan without a run
@@ -292,50 +291,3 @@ def _quiet_runner(session: ort.InferenceSession) -> Callable[[dict[str, np.ndarr
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a size the model cannot run is an expected answer, not an error to print
     return lambda feeds: session.run(None, feeds, quiet)
-
-
-class DenseProbe:
-    """dense_input_shapes, run in a background thread: `planned` (the first plan, what the probe
-    tries first and nearly always keeps) at once, `result()` (exactly what dense_input_shapes
-    returns or raises) when it is needed. The caller can do its shape-dependent work at the planned
-    sizes meanwhile, and redo it in the rare case the probe settles on other sizes.
-
-    What the thread reads is taken from the model before the constructor returns (a header copy and
-    the weights' buffers: runtime.session.InPlaceModel), so the caller may go on changing the model;
-    onnxruntime runs on one core, the caller's work on the other. A model with weights on disk, or
-    one over protobuf's limit, is probed before the constructor returns."""
-
-    def __init__(self, model: onnx.ModelProto, given: dict[str, list[int]] | None, seed: int = 0,
-                 need_outputs: bool = False):
-        self.planned = plan_input_shapes(model, given)
-        self._result: InputShapes | None = None
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        if not need_outputs and model_byte_size(model) > PROBE_MAX_BYTES:
-            self._result = _unchecked(model, given)
-            return
-        if has_external_data(model) or model_byte_size(model) >= EXTERNAL_DATA_THRESHOLD:
-            self._result = dense_input_shapes(model, given, seed, need_outputs)
-            return
-        prepared = InPlaceModel.of(model)
-        if prepared.header is model:  # nothing was copied (big-endian): probe before the model changes
-            self._result = dense_input_shapes(model, given, seed, need_outputs)
-            return
-        self._thread = threading.Thread(target=self._run, args=(prepared, given, seed), daemon=True,
-                                        name="onnxprune-dense-probe")
-        self._thread.start()
-
-    def _run(self, prepared: InPlaceModel, given, seed: int) -> None:
-        try:
-            session = prepared.open(session_options(prepack=False, optimize=False), "CPUExecutionProvider")
-            self._result = probe_input_shapes(prepared.header, given, _quiet_runner(session), seed)
-        except BaseException as exc:  # re-raised by result(), in the caller's thread
-            self._error = exc
-
-    def result(self) -> InputShapes:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise self._error
-        return self._result

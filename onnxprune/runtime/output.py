@@ -30,15 +30,9 @@ READ_BACK_ATOL = 1e-6
 
 
 def save_verified(model: onnx.ModelProto, path: str | os.PathLike, validation: ValidationResult, *,
-                  source: SourceInfo | None = None, staged: StagedOutput | None = None) -> int:
-    """Stage `model`, check it from disk against `validation`, move it into place; returns bytes written.
-    `staged`: the validated bytes, already being written (StagingWriter): checked and moved."""
+                  source: SourceInfo | None = None) -> int:
+    """Stage `model`, check it from disk against `validation`, move it into place; returns bytes written."""
     path = check_output_path(path, source)
-    if staged is not None and validation.serialized is not None:
-        with staged:
-            staged.wait()
-            check_same_bytes(staged.path, validation.serialized, destination=path)
-            return staged.commit()
     external = wants_external_data(model, source)
     with StagedOutput(model, path, external_data=external, serialized=validation.serialized) as staged:
         if validation.serialized is not None and not (external or has_external_data(model)):
@@ -49,29 +43,6 @@ def save_verified(model: onnx.ModelProto, path: str | os.PathLike, validation: V
         else:
             check_read_back(staged.path, validation, destination=path)
         return staged.commit()
-
-
-class StagingWriter:
-    """validate_model's `on_serialized` for a self-contained output: writes the bytes beside `path`
-    (a hidden staging folder, onnxprune.ir.model_io.StagedOutput) in a background thread while
-    validation goes on, for save_verified(..., staged=writer.staged) to check byte for byte and move
-    into place. A model written with external data is left to save_verified (staged stays None).
-    discard() deletes what was not committed; call it on every way out (a failed check, a failed
-    gate, an interrupt)."""
-
-    def __init__(self, model: onnx.ModelProto, path: str | os.PathLike | None, source: SourceInfo | None = None):
-        self.path = None if path is None else check_output_path(path, source)
-        self._inline = path is not None and not (wants_external_data(model, source) or has_external_data(model))
-        self.staged: StagedOutput | None = None
-
-    def __call__(self, serialized: bytes) -> None:
-        if self._inline and self.staged is None:
-            self.staged = StagedOutput(onnx.ModelProto(), self.path, external_data=False, serialized=serialized,
-                                       background=True)
-
-    def discard(self) -> None:
-        if self.staged is not None:
-            self.staged.discard()
 
 
 def check_same_bytes(path: str | os.PathLike, expected: bytes, destination: os.PathLike | None = None,

@@ -126,7 +126,7 @@ def session_in_place(model: onnx.ModelProto, opts: ort.SessionOptions, provider:
 class InPlaceModel:
     """A ModelProto taken apart for session_in_place: a header (the model less its large weights'
     bytes) and the weights' buffers. Taking it apart reads the model; opening the session reads only
-    these, so it may happen later, or in another thread while the model changes."""
+    these."""
 
     def __init__(self, header: onnx.ModelProto, names: list[str], buffers: list[np.ndarray],
                  whole: bytes | None = None):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -60,19 +59,14 @@ def validate_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]], *
                    reference_outputs: list[np.ndarray] | None = None, expected_shapes: list[tuple] | None = None,  # None: a dim not to compare
                    atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0,
                    run_from: str | os.PathLike | None = None,
-                   on_serialized: Callable[[bytes], object] | None = None,
                    feeds: dict[str, np.ndarray] | None = None) -> ValidationResult:
     """`run_from`: the model's file, already written (a model with weights on disk is run from there).
-    `on_serialized` is called with the model's bytes as soon as they exist, before any check (e.g.
-    runtime.output.StagingWriter: the output is written while the checks run). `feeds`: what to run it
-    on (default: random inputs at `input_shapes`, from `seed`)."""
+    `feeds`: what to run it on (default: random inputs at `input_shapes`, from `seed`)."""
     result = ValidationResult()
     runtime_only = runtime_only_ops(model)
     if model_byte_size(model) < EXTERNAL_DATA_THRESHOLD and not has_external_data(model):
         # serialise once: the checker, onnxruntime and the final write share these bytes
         result.serialized = model.SerializeToString()
-        if on_serialized is not None:
-            on_serialized(result.serialized)
     if result.serialized is not None and not runtime_only:
         try:
             onnx.checker.check_model(result.serialized)
