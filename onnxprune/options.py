@@ -432,6 +432,7 @@ def with_keywords(options: Any, keywords: Mapping[str, Any]) -> Any:
     """A copy of the container `options` with flat or group keywords applied."""
     groups = groups_of(options)
     owner = {f.name: name for name, group in groups.items() for f in dataclasses.fields(group)}
+    parsers = {f.name: f.metadata.get("parse") for group in groups.values() for f in dataclasses.fields(group)}
     direct = {f.name for f in dataclasses.fields(options) if f.name not in groups}
     changes: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
@@ -443,7 +444,7 @@ def with_keywords(options: Any, keywords: Mapping[str, Any]) -> Any:
         elif key in direct:
             top[key] = value
         elif key in owner:
-            changes.setdefault(owner[key], {})[key] = _normalise(value)
+            changes.setdefault(owner[key], {})[key] = _normalise(_parsed(key, value, parsers[key]))
         else:
             import difflib
 
@@ -454,6 +455,17 @@ def with_keywords(options: Any, keywords: Mapping[str, Any]) -> Any:
         base = top.get(name, groups[name])
         top[name] = dataclasses.replace(base, **fields_)
     return dataclasses.replace(options, **top)
+
+
+def _parsed(key: str, value: Any, parse: Callable[[str], Any] | None) -> Any:
+    """A string keyword means what the same text means on the command line (ratio="heads=0.25,neurons=0.3",
+    input_shapes="x:1x3x224x224")."""
+    if not isinstance(value, str) or parse is None or parse is str:
+        return value
+    try:
+        return parse(value)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{key}={value!r}: {exc}") from None
 
 
 def _normalise(value: Any) -> Any:

@@ -34,6 +34,15 @@ def test_an_unknown_keyword_is_a_usage_error_that_suggests_the_close_name():
         PruneOptions.build(target_flop=0.5)
 
 
+def test_a_string_keyword_means_what_the_same_text_means_on_the_command_line():
+    options = PruneOptions.build(ratio="heads=0.25,neurons=0.3", input_shapes="x:1x3x8x8", class_axis="none")
+    assert options.target.ratio == {"heads": 0.25, "neurons": 0.3}
+    assert options.runtime.input_shapes == {"x": [1, 3, 8, 8]}
+    assert options.gate.class_axis == "none" and PruneOptions.build(calib="c.npz").calibration.calib == "c.npz"
+    with pytest.raises(UsageError, match="ratio='half'"):
+        PruneOptions.build(ratio="half")
+
+
 def test_options_are_frozen_and_lists_become_tuples():
     opts = PruneOptions.build(ratio=0.3, include=["/stage1/*"])
     assert opts.target.include == ("/stage1/*",)
