@@ -57,7 +57,7 @@ def _bert_small(cache: Path, python: str, samples: int) -> tuple[str, str, dict]
         ids = rng.integers(1000, 30000, size=(samples, 128), dtype=np.int64)
         mask = (np.arange(128)[None, :] < rng.integers(16, 129, size=(samples, 1))).astype(np.int64)
         np.savez(calib, input_ids=ids * mask, attention_mask=mask)
-    return str(model), str(calib), {"ratio": "heads=0.25,neurons=0.3"}
+    return str(model), str(calib), {"ratio": {"heads": 0.25, "neurons": 0.3}}
 
 
 def _minilm(samples: int) -> tuple[str, str, dict]:
