@@ -367,3 +367,37 @@ def test_digits_without_least_squares_output_matching_does_most_of_the_repair():
     matching = next(p for p in report.passes if p.name == "output_matching")
     assert matching.modified and matching.details["fidelity_after"] < matching.details["fidelity_before"]
     assert evaluate(repaired, str(MODELS / "digits_test.npz")).accuracy["top1"] >= 0.9, report.summary()
+
+
+# -- a weight tied across the steps of an unrolled recurrence ---------------------------------------
+def unrolled(steps: int = 3) -> onnx.ModelProto:
+    """x [N, steps, 8] -> MatMul (8 -> 12) -> Relu -> per step: Gather -> Gemm with one weight and bias read
+    by every step (as an exporter unrolls an RNN's input projection) -> Concat [N, steps * 6]."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 12)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal((6, 12)).astype(np.float32) * 0.5, "w_ih"),
+             numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b_ih")]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="embed"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu")]
+    for t in range(steps):
+        inits.append(numpy_helper.from_array(np.array(t, np.int64), f"t{t}"))
+        nodes += [helper.make_node("Gather", ["a", f"t{t}"], [f"a{t}"], name=f"step{t}", axis=1),
+                  helper.make_node("Gemm", [f"a{t}", "w_ih", "b_ih"], [f"y{t}"], name=f"cell{t}", transB=1)]
+    nodes.append(helper.make_node("Concat", [f"y{t}" for t in range(steps)], ["y"], name="cat", axis=1))
+    return make_model(nodes, [("x", ["N", steps, 8])], [("y", ["N", steps * 6])], inits)
+
+
+def test_a_weight_tied_across_steps_is_refit_once_from_every_steps_inputs():
+    import onnxprune
+
+    calib = {"x": np.random.default_rng(4).standard_normal((200, 3, 8)).astype(np.float32)}
+    pruned, report = onnxprune.prune(unrolled(), ratio=0.5, round_to=1, calib=calib, bias_correction=False,
+                                     bn_recalibration=False)
+    repair = next(p for p in report.passes if p["name"] == "reconstruction")
+    [least_squares] = repair["passes"][0]["passes"]
+    layers = {layer["node"]: layer for layer in least_squares["details"]["layers"]}
+    assert {layers[f"cell{t}"]["action"] for t in range(3)} == {"refit"}
+    assert all("tied across 3 readers" in layers[f"cell{t}"]["detail"] for t in range(3))
+    assert repair["details"]["fidelity_after"] < 0.5 * repair["details"]["fidelity_before"]
+    weights = [t.name for t in pruned.graph.initializer if t.name.startswith("w_ih")]
+    assert weights == ["w_ih"] and all(n.input[1] == "w_ih" for n in pruned.graph.node if n.op_type == "Gemm")

@@ -177,6 +177,11 @@ class GraphEditor:
             return name
         return self.attach_const(node, index, value, base or f"{name}__{node.name}")
 
+    def write_shared(self, name: str, value: np.ndarray) -> None:
+        """Initializer `name` holds `value` from now on, for every reader: the caller vouches that each
+        of them wants the change (a weight tied across the steps of an unrolled recurrence)."""
+        self.initializers[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
+
     # -- attributes ---------------------------------------------------------------------------------------
     @staticmethod
     def set_attr(node: onnx.NodeProto, name: str, value) -> None:

@@ -39,6 +39,7 @@ dense pass per level.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,6 @@ from onnxprune.calibration.features import (
     consumer_for,
     gram_for,
     input_rows,
-    output_positions,
     output_rows,
     pick_positions,
     real_rows,
@@ -160,6 +160,25 @@ class ConsumerEditor(GraphEditor):
         if new.shape != old.shape:
             raise ValueError(f"{c.op_type} '{c.node}': refit weight has shape {new.shape}, expected {old.shape}")
         self.write_const(self.node(c.node), 1, new)
+
+
+    def set_tied(self, readers: list[Consumer], effective: np.ndarray, bias: np.ndarray | None) -> None:
+        """Write one refit weight (and bias) for every reader of a tied weight, not a copy per reader."""
+        c = readers[0]
+        old = self.value(c.weight)
+        new = c.weight_from_effective(effective).astype(old.dtype)
+        if new.shape != old.shape:
+            raise ValueError(f"{c.op_type} '{c.node}': refit weight has shape {new.shape}, expected {old.shape}")
+        self.write_shared(c.weight, new)
+        if bias is None:
+            return
+        if c.op_type == "Gemm" and c.bias is not None and c.beta != 0 and all(r.bias == c.bias for r in readers):
+            shape = tuple(self.initializers[c.bias].dims)
+            value = (bias / c.beta).astype(old.dtype)
+            self.write_shared(c.bias, value.reshape(shape) if int(np.prod(shape)) == len(value) else value)
+        else:
+            for r in readers:
+                self.set_bias(r, bias)
 
 
 def shared_weight(weight: str, edit: GraphEditor) -> str:
@@ -341,19 +360,32 @@ class DenseTargets:
 
     def __init__(self, ctx: ReconstructionContext, consumers: dict[str, tuple[Consumer, np.ndarray | None]]):
         self.ctx = ctx
-        self.consumers = consumers
+        self.shapes = infer_shapes(skeleton(ctx.dense))
+        self.batch = {i.type.tensor_type.shape.dim[0].dim_param for i in ctx.dense.graph.input
+                      if i.type.tensor_type.shape.dim} - {""}
+        # outputs with the samples past axis 0 (time-major [time, batch, ...]): picks are kept by rows of
+        # samples-first outputs, so these are measured level by level, from a dense pass of their own
+        self.apart = {name for name, (cd, _) in consumers.items()
+                      if any(d in self.batch for d in (self.shapes.get(cd.output) or (0, ()))[1][1:])}
+        self.plan = consumers  # the refit's plan: consumers it drops later (untied) are dropped here too
         self.rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.real: dict[tuple[str, int], np.ndarray] = {}  # (node, split) -> token (not padding) flags per pick
+        self.runner: IncrementalCapture | None = None  # the pruned model's inputs, level by level
+
+    @property
+    def consumers(self) -> dict[str, tuple[Consumer, np.ndarray | None]]:
+        return {k: v for k, v in self.plan.items() if k not in self.apart}
 
     def estimate_bytes(self) -> int | None:
-        shapes = infer_shapes(skeleton(self.ctx.dense))
+        """Bytes of the sampled targets of every sample; None when a consumer's output size is unknown."""
         total = 0
         n = len(self.ctx.fit) + len(self.ctx.holdout)
         for cd, channels in self.consumers.values():
-            entry = shapes.get(cd.output)
-            if entry is None or any(not isinstance(d, int) or d <= 0 for d in entry[1][1:]):
+            entry = self.shapes.get(cd.output)
+            dims = None if entry is None else [1 if d in self.batch else d for d in entry[1]]
+            if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
                 return None
-            per, positions = output_positions(cd, (1,) + tuple(entry[1][1:]))
+            positions = max(1, int(np.prod(dims)) // max(cd.out_channels, 1))
             m = positions if self.ctx.per_sample is None else min(positions, self.ctx.per_sample)
             width = len(channels) if channels is not None else cd.out_channels
             total += n * m * (width * 4 + 8)
@@ -387,17 +419,19 @@ class DenseTargets:
             self.rows[key] = (np.concatenate([p for p, _, _ in chunks]), np.concatenate([y for _, y, _ in chunks]))
             self.real[key] = np.concatenate([r for _, _, r in chunks])
 
-    def grams(self, model: onnx.ModelProto, specs: list[Consumer],
-              runner: IncrementalCapture | None = None) -> list[dict[str, GramStats]]:
-        """[fit grams, held-out grams] of `specs` (consumers of the pruned `model`) against the cached targets.
-        The consumers' inputs come from `runner` when it can resume from what the levels before ran,
-        else from running the model's prefix."""
+    def grams(self, model: onnx.ModelProto, specs: list[Consumer], runner: IncrementalCapture | None = None,
+              tied: dict[str, list[str]] | None = None) -> list[dict[str, GramStats]]:
+        """[fit grams, held-out grams] of `specs` (consumers of the pruned `model`) against the cached targets,
+        by node name; the readers of a `tied` weight add to one, under the weight's name. The consumers'
+        inputs come from `runner` when it can resume from what the levels before ran, else from running
+        the model's prefix."""
         ctx = self.ctx
         out: list[dict[str, GramStats]] = [{}, {}]
         names = [c.input for c in specs]
+        key = {c.node: c.weight if tied and c.weight in tied else c.node for c in specs}
         if runner is not None and runner.advance(model, names):
             for split in (0, 1):
-                self._accumulate(out[split], split, specs, runner.batches(split, names))
+                self._accumulate(out[split], split, specs, runner.batches(split, names), key)
             return out
         plan = plan_chunks(sample_bytes(model, names), ctx.batch_size, ctx.memory_cap, ctx.fit.static_batch())
         for chunk in plan.chunks:
@@ -405,16 +439,19 @@ class DenseTargets:
             mine = [c for c in specs if c.input in chunk]
             for split, data in enumerate((ctx.fit, ctx.holdout)):
                 batches = ((n, capture.run(feeds, n)) for feeds, n in data.batches(plan.batch_size))
-                self._accumulate(out[split], split, mine, batches)
+                self._accumulate(out[split], split, mine, batches, key)
             del capture
         return out
 
-    def _accumulate(self, grams: dict[str, GramStats], split: int, specs: list[Consumer], batches) -> None:
-        """Gram matrices of `specs` from (n, {input tensor: value}) batches against the cached targets at the
-        same picks; the picks are read by rows (a Gemm on flattened tokens has several per sample)."""
+    def _accumulate(self, grams: dict[str, GramStats], split: int, specs: list[Consumer], batches,
+                    key: dict[str, str]) -> None:
+        """Gram matrices of `specs` (under `key[node]`) from (n, {input tensor: value}) batches against the
+        cached targets at the same picks; the picks are read by rows (a Gemm on flattened tokens has
+        several per sample)."""
         for c in specs:
             cached = self.rows.get((c.node, split))
-            grams[c.node] = gram_for(c, cached[1].shape[1] if cached else 0)
+            if key[c.node] not in grams:
+                grams[key[c.node]] = gram_for(c, cached[1].shape[1] if cached else 0)
         start = dict.fromkeys((c.node for c in specs), 0)  # rows of picks read so far, per consumer
         for _, got in batches:
             for c in specs:
@@ -426,7 +463,7 @@ class DenseTargets:
                 y = targets[at * m:end * m]
                 if not real.all():  # padded positions are not fitted
                     x, y = x[real], y[real]
-                grams[c.node].update(x, y)
+                grams[key[c.node]].update(x, y)
             del got
 
 
@@ -455,50 +492,125 @@ class LeastSquaresRefit(ReconstructionPass):
         targets = self.nodes if self.nodes is not None else [
             n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
             if edit.get_node(n) is not None]  # not those of dropped layers
-        records, plan = self._plan(targets, dense_edit, edit)
-        cache = DenseTargets(ctx, plan)
+        records, plan, tied = self._plan(targets, dense_edit, edit)
+        records += _untie_across_levels(model, targets, plan, tied)
+        cache: DenseTargets | None = DenseTargets(ctx, plan)
         size = cache.estimate_bytes() if plan else None
-        cached = size is not None and size <= ctx.memory_cap // 2
-        if cached:
+        if size is None or size > ctx.memory_cap // 2:
+            cache = None
+        if cache is None or any(r in cache.apart for readers in tied.values() for r in readers):
+            # the level-by-level collection keeps a Gram matrix per reader: no joint refits
+            records += _untie_across_levels(model, targets, plan, tied, always=True)
+        if cache is not None:
             cache.collect()
             # the pruned model's inputs of each level, resumed from what the level before ran
-            runner = IncrementalCapture((ctx.fit, ctx.holdout), ctx.batch_size, ctx.memory_cap // 2, ctx.threads)
+            cache.runner = IncrementalCapture((ctx.fit, ctx.holdout), ctx.batch_size, ctx.memory_cap // 2,
+                                              ctx.threads)
         for level in progress_iter(levels(model, [n for n in targets if n in plan]), "least squares, level"):
             specs = [edit.consumer(name) for name in level]
-            if cached:
-                g_fits, g_holds = cache.grams(model, specs, runner)
-            else:
-                requests = [GramRequest(cp, plan[cp.node][0].output, plan[cp.node][1]) for cp in specs]
-                g_fits = ctx.collect(model, ctx.fit, grams=requests, target_model=ctx.dense).grams
-                g_holds = ctx.collect(model, ctx.holdout, grams=requests, target_model=ctx.dense).grams \
-                    if len(ctx.holdout) else {}
-            for cp in specs:
-                records.append(_refit_layer(edit, cp, g_fits[cp.node], g_holds.get(cp.node), self.ridge))
+            g_fits, g_holds = self._level_grams(model, specs, plan, cache, tied)
+            for readers in _by_weight(specs, tied):
+                key = readers[0].weight if readers[0].weight in tied else readers[0].node
+                records += _refit_layer(edit, readers, g_fits[key], g_holds.get(key), self.ridge)
             edit.commit()  # the next level runs the model: new bias Adds must be in place
         order = {n: i for i, n in enumerate(targets)}
         records.sort(key=lambda r: order.get(r.node, len(order)))
         return records
 
+    def _level_grams(self, model: onnx.ModelProto, specs: list[Consumer], plan: dict, cache: "DenseTargets | None",
+                     tied: dict[str, list[str]]) -> tuple[dict, dict]:
+        """Fit and held-out sums of a level's consumers: from the cached dense targets where it can, else
+        from a dense and a pruned pass of this level's own."""
+        ctx = self.ctx
+        fits: dict = {}
+        holds: dict = {}
+        apart = specs if cache is None else [c for c in specs if c.node in cache.apart]
+        together = [c for c in specs if c not in apart]
+        if together:
+            fits, holds = cache.grams(model, together, cache.runner, tied)
+        if apart:
+            requests = [GramRequest(cp, plan[cp.node][0].output, plan[cp.node][1]) for cp in apart]
+            fits.update(ctx.collect(model, ctx.fit, grams=requests, target_model=ctx.dense).grams)
+            if len(ctx.holdout):
+                holds.update(ctx.collect(model, ctx.holdout, grams=requests, target_model=ctx.dense).grams)
+        return fits, holds
+
     def _plan(self, targets: list[str], dense_edit: ConsumerEditor, edit: ConsumerEditor
-              ) -> tuple[list[LayerRecord], dict[str, tuple[Consumer, np.ndarray | None]]]:
-        """Records of the targets that cannot be refit, and for the others (dense consumer, kept rows)."""
+              ) -> tuple[list[LayerRecord], dict[str, tuple[Consumer, np.ndarray | None]], dict[str, list[str]]]:
+        """Records of the targets that cannot be refit; for the others (dense consumer, kept rows); and the
+        tied weights (weight -> its readers, all of them targets of one kind), refit as one problem."""
         records: list[LayerRecord] = []
         plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
+        tied: dict[str, list[str]] = {}
+        wanted = set(targets)
         for name in targets:
             cp, cd = edit.consumer(name), dense_edit.consumer(name)
             if cp is None or cd is None:
                 records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
-            elif edit.reader_count(cp.weight) > 1:
-                records.append(LayerRecord(name, "skipped", shared_weight(cp.weight, edit)))
-            else:
-                out_mask = self.ctx.masks.get((cd.weight, weight_out_axis(cd)))
-                plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
-        return records, plan
+                continue
+            if edit.reader_count(cp.weight) > 1:
+                readers = _tied_readers(edit, cp, wanted)
+                if readers is None:
+                    records.append(LayerRecord(name, "skipped", shared_weight(cp.weight, edit)))
+                    continue
+                tied[cp.weight] = readers
+            out_mask = self.ctx.masks.get((cd.weight, weight_out_axis(cd)))
+            plan[name] = (cd, None if out_mask is None else np.flatnonzero(out_mask))
+        return records, plan, tied
 
 
-def _refit_layer(edit: ConsumerEditor, cp: Consumer, g_fit: GramStats | GroupedGramStats,
-                 g_hold: GramStats | GroupedGramStats | None,
-                 ridge: tuple[float, ...]) -> LayerRecord:
+def _tied_readers(edit: ConsumerEditor, cp: Consumer, targets: set[str]) -> list[str] | None:
+    """The readers of `cp`'s weight when they can share one refit: every one a consumer to refit, of the
+    same op, attributes and bias, reading the weight where `cp` does (the steps of an unrolled
+    recurrence); else None."""
+    readers = edit.readers(cp.weight)
+    nodes = [node for node, _ in readers]
+    if cp.group != 1:
+        return None  # a grouped conv's sums are per group: not joined here
+    if len({n.name for n in nodes}) != len(readers) or any(n.name not in targets for n in nodes):
+        return None
+    same = ("op_type", "weight", "trans_a", "trans_b", "alpha", "beta", "group", "feature_axis")
+    consumers = [edit.consumer(n.name) for n in nodes]
+    if any(c is None or any(getattr(c, k) != getattr(cp, k) for k in same) for c in consumers):
+        return None
+    bias = edit.bias_of(cp)
+    if any(not np.array_equal(edit.bias_of(c), bias) for c in consumers):
+        return None  # one refit serves readers that compute the same function only
+    return [n.name for n in nodes]
+
+
+def _untie_across_levels(model: onnx.ModelProto, targets: list[str], plan: dict, tied: dict[str, list[str]],
+                         always: bool = False) -> list[LayerRecord]:
+    """A tied weight is refit once, from all its readers' inputs at one level; readers at several depths
+    (a recurrent weight, each step feeding the next) are left as they are (all of them with `always`)."""
+    records: list[LayerRecord] = []
+    while True:
+        level_of = {n: k for k, names in enumerate(levels(model, [t for t in targets if t in plan]))
+                    for n in names}
+        spread = [w for w, readers in tied.items() if always or len({level_of[r] for r in readers}) > 1]
+        if not spread:
+            return records
+        why = "their targets do not fit the memory cap" if always else "at different depths: a recurrence"
+        for weight in spread:
+            readers = tied.pop(weight)
+            for r in readers:
+                plan.pop(r, None)
+                records.append(LayerRecord(r, "skipped", f"weight '{weight}' is tied across {len(readers)} readers "
+                                                          f"({why}): no single refit"))
+
+
+def _by_weight(specs: list[Consumer], tied: dict[str, list[str]]) -> list[list[Consumer]]:
+    """The level's consumers, the readers of one tied weight together."""
+    groups: dict[str, list[Consumer]] = {}
+    for cp in specs:
+        groups.setdefault(cp.weight if cp.weight in tied else cp.node, []).append(cp)
+    return list(groups.values())
+
+
+def _refit_layer(edit: ConsumerEditor, readers: list[Consumer], g_fit: GramStats | GroupedGramStats,
+                 g_hold: GramStats | GroupedGramStats | None, ridge: tuple[float, ...]) -> list[LayerRecord]:
+    """Refit one weight from its readers' sums (one reader, or the readers of a tied weight); a record each."""
+    cp = readers[0]
     if g_hold is not None and (g_hold.n == 0 or g_hold.target_energy <= 0):
         g_hold = None
     w0 = cp.effective_weight(edit.value(cp.weight).astype(np.float64))
@@ -517,11 +629,14 @@ def _refit_layer(edit: ConsumerEditor, cp: Consumer, g_fit: GramStats | GroupedG
     if before is not None and err is not None and err >= before:
         record.action, record.error_after = "kept", before
         record.detail = "no refit beat the current weights on held-out data"
-        return record
-    edit.set_weight(cp, w)
-    if cp.op_type != "MatMul" or np.abs(b).max() > 0:
-        edit.set_bias(cp, b)
-    return record
+    elif len(readers) > 1:
+        edit.set_tied(readers, w, b if cp.op_type != "MatMul" or np.abs(b).max() > 0 else None)
+        record.detail = f"weight '{cp.weight}' tied across {len(readers)} readers: one refit from all their inputs"
+    else:
+        edit.set_weight(cp, w)
+        if cp.op_type != "MatMul" or np.abs(b).max() > 0:
+            edit.set_bias(cp, b)
+    return [record] + [dataclasses.replace(record, node=r.node) for r in readers[1:]]
 
 
 # -- bias compensation ---------------------------------------------------------------------------------
