@@ -68,9 +68,11 @@ def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return out
 
 
-def sample_bytes(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, int | None]:
-    """Bytes per sample of each tensor (axis 0 is the batch), None where a dimension is unknown."""
-    shapes = infer_shapes(skeleton(model))
+def sample_bytes(model: onnx.ModelProto, names: Iterable[str],
+                 fixed_inputs: dict[str, list[int]] | None = None) -> dict[str, int | None]:
+    """Bytes per sample of each tensor (axis 0 is the batch), None where a dimension is unknown;
+    `fixed_inputs`: input shapes of one sample (the calibration data's), which settle the others."""
+    shapes = infer_shapes(skeleton(model), fixed_inputs)
     out: dict[str, int | None] = {}
     for name in names:
         entry = shapes.get(name)

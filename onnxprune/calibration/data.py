@@ -80,6 +80,13 @@ class CalibrationSet:
         model has no attention mask or nothing is padded (onnxprune.calibration.padding)."""
         return real_positions(feeds, n, self.mask_input)
 
+    def sample_shapes(self) -> dict[str, list[int]] | None:
+        """The inputs' shapes for one sample as fed (a static batch's size on axis 0): what settles the
+        dynamic sizes of the model's tensors to the data's (None: no samples)."""
+        for feeds, _ in self.batches(1):
+            return {name: list(value.shape) for name, value in feeds.items()}
+        return None
+
     def static_batch(self) -> int | None:
         static = {s.static_batch for s in self.specs if s.static_batch is not None}
         if len(static) > 1:

@@ -149,7 +149,7 @@ def collect_statistics(
     calib = CalibrationSet.open(data, model, max_samples=max_samples)
     target_model = target_model if target_model is not None else model
     keys = list(dict.fromkeys((str(t), int(a)) for t, a in tensors))
-    jobs, job_keys = _jobs(model, target_model, keys, grams)
+    jobs, job_keys = _jobs(model, target_model, keys, grams, calib.sample_shapes())
     plan = plan_chunks(jobs, batch_size, memory_cap, calib.static_batch())
     stat_acc = {key: ChannelAccumulator(key[1]) for key in keys}
     gram_acc: dict[int, GramStats] = {}
@@ -183,15 +183,16 @@ def collect_statistics(
     return result
 
 
-def _jobs(model, target_model, keys, grams) -> tuple[dict[str, int | None], dict[str, tuple]]:
-    """One job per channel statistic and per Gram request, with its bytes per sample (for the chunking)."""
+def _jobs(model, target_model, keys, grams, fixed=None) -> tuple[dict[str, int | None], dict[str, tuple]]:
+    """One job per channel statistic and per Gram request, with its bytes per sample (for the chunking;
+    `fixed`: the inputs' shapes for one sample of the data)."""
     x_names = [t for t, _ in keys] + [r.consumer.input for r in grams]
     y_names = [r.target for r in grams if r.target]
     if target_model is model:
-        x_bytes = y_bytes = sample_bytes(model, x_names + y_names) if x_names else {}
+        x_bytes = y_bytes = sample_bytes(model, x_names + y_names, fixed) if x_names else {}
     else:
-        x_bytes = sample_bytes(model, x_names) if x_names else {}
-        y_bytes = sample_bytes(target_model, y_names) if y_names else {}
+        x_bytes = sample_bytes(model, x_names, fixed) if x_names else {}
+        y_bytes = sample_bytes(target_model, y_names, fixed) if y_names else {}
     jobs: dict[str, int | None] = {}
     job_keys: dict[str, tuple] = {}
     for i, key in enumerate(keys):

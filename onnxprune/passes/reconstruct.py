@@ -352,22 +352,26 @@ def solve_ridge(fit: GramStats | GroupedGramStats, w0: np.ndarray, b0: np.ndarra
 class DenseTargets:
     """The dense model's outputs of the consumers to refit, at the sampled positions, for both splits.
 
-    One dense pass (per memory chunk) serves every level, instead of one per
-    level. The picks are kept so the pruned pass takes X at the same
-    positions. Used when the sampled targets fit in half the memory cap;
-    otherwise each level reads its targets from a dense pass of its own.
+    One dense pass (per memory chunk) serves a window of consecutive levels
+    whose sampled targets fit in half the memory cap, instead of one pass per
+    level; a level too large for that reads its targets from a dense pass of
+    its own. The picks are kept so the pruned pass takes X at the same positions.
     """
 
     def __init__(self, ctx: ReconstructionContext, consumers: dict[str, tuple[Consumer, np.ndarray | None]]):
         self.ctx = ctx
-        self.shapes = infer_shapes(skeleton(ctx.dense))
-        self.batch = {i.type.tensor_type.shape.dim[0].dim_param for i in ctx.dense.graph.input
-                      if i.type.tensor_type.shape.dim} - {""}
+        # shapes at the calibration data's sizes (a dynamic sequence is the data's), for one batch and one more
+        self.fixed = ctx.fit.sample_shapes()
+        self.fed = ctx.fit.static_batch() or 1
+        self.shapes = infer_shapes(skeleton(ctx.dense), self.fixed)
+        grown = infer_shapes(skeleton(ctx.dense), {k: [v[0] + 1, *v[1:]] for k, v in self.fixed.items()}) \
+            if self.fixed and ctx.fit.static_batch() is None else self.shapes
         # outputs with the samples past axis 0 (time-major [time, batch, ...]): picks are kept by rows of
         # samples-first outputs, so these are measured level by level, from a dense pass of their own
-        self.apart = {name for name, (cd, _) in consumers.items()
-                      if any(d in self.batch for d in (self.shapes.get(cd.output) or (0, ()))[1][1:])}
+        self.apart = {name for name, (cd, _) in consumers.items() if _batch_past_axis_0(
+            self.shapes.get(cd.output), grown.get(cd.output))}
         self.plan = consumers  # the refit's plan: consumers it drops later (untied) are dropped here too
+        self.index = {node: i for i, node in enumerate(self.consumers)}  # seeds each consumer's picks
         self.rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.real: dict[tuple[str, int], np.ndarray] = {}  # (node, split) -> token (not padding) flags per pick
         self.runner: IncrementalCapture | None = None  # the pruned model's inputs, level by level
@@ -376,31 +380,52 @@ class DenseTargets:
     def consumers(self) -> dict[str, tuple[Consumer, np.ndarray | None]]:
         return {k: v for k, v in self.plan.items() if k not in self.apart}
 
-    def estimate_bytes(self) -> int | None:
-        """Bytes of the sampled targets of every sample; None when a consumer's output size is unknown."""
-        total = 0
-        n = len(self.ctx.fit) + len(self.ctx.holdout)
-        for cd, channels in self.consumers.values():
-            entry = self.shapes.get(cd.output)
-            dims = None if entry is None else [1 if d in self.batch else d for d in entry[1]]
-            if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
-                return None
-            positions = max(1, int(np.prod(dims)) // max(cd.out_channels, 1))
-            m = positions if self.ctx.per_sample is None else min(positions, self.ctx.per_sample)
-            width = len(channels) if channels is not None else cd.out_channels
-            total += n * m * (width * 4 + 8)
-        return total
+    def bytes_of(self, node: str) -> int | None:
+        """Bytes of a consumer's sampled targets over every sample; None when its output size is unknown."""
+        cd, channels = self.plan[node]
+        entry = self.shapes.get(cd.output)
+        dims = None if entry is None else entry[1]
+        if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
+            return None
+        positions = max(1, int(np.prod(dims)) // max(cd.out_channels, 1) // max(self.fed, 1))
+        m = positions if self.ctx.per_sample is None else min(positions, self.ctx.per_sample)
+        width = len(channels) if channels is not None else cd.out_channels
+        return (len(self.ctx.fit) + len(self.ctx.holdout)) * m * (width * 4 + 8)
 
-    def collect(self) -> None:
+    def windows(self, levels_: list[list[str]]) -> list[tuple[list[list[str]], bool]]:
+        """Consecutive levels grouped so that each group's targets fit in half the memory cap, with whether
+        they do (a level larger than that alone, or of unknown size, reads its own dense pass)."""
+        cap = self.ctx.memory_cap // 2
+        out: list[tuple[list[list[str]], bool]] = []
+        used = 0
+        for level in levels_:
+            sizes = [self.bytes_of(n) for n in level if n not in self.apart]
+            size = None if None in sizes else sum(sizes)
+            if size is None or size > cap:
+                out.append(([level], False))
+                used = cap + 1  # nothing joins a level read on its own
+            elif out and out[-1][1] and used + size <= cap:
+                out[-1][0].append(level)
+                used += size
+            else:
+                out.append(([level], True))
+                used = size
+        return out
+
+    def collect(self, nodes: list[str]) -> None:
+        """The targets of `nodes` (held until the next collect)."""
         ctx = self.ctx
-        names = [cd.output for cd, _ in self.consumers.values()]
-        plan = plan_chunks(sample_bytes(ctx.dense, names), ctx.batch_size, ctx.memory_cap, ctx.fit.static_batch())
+        self.rows, self.real = {}, {}
+        mine = {k: v for k, v in self.consumers.items() if k in set(nodes)}
+        names = [cd.output for cd, _ in mine.values()]
+        plan = plan_chunks(sample_bytes(ctx.dense, names, self.fixed), ctx.batch_size, ctx.memory_cap,
+                           ctx.fit.static_batch())
         parts: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         for chunk in plan.chunks:
             capture = Capture(ctx.dense, chunk, threads=ctx.threads)
-            wanted = [(node, cd, ch) for node, (cd, ch) in self.consumers.items() if cd.output in chunk]
+            wanted = [(node, cd, ch) for node, (cd, ch) in mine.items() if cd.output in chunk]
             for split, data in enumerate((ctx.fit, ctx.holdout)):
-                rngs = {node: np.random.default_rng([ctx.seed, split, i]) for i, node in enumerate(self.consumers)}
+                rngs = {node: np.random.default_rng([ctx.seed, split, self.index[node]]) for node in mine}
                 for feeds, n in data.batches(plan.batch_size):
                     valid = data.real_positions(feeds, n)
                     got = capture.run(feeds, n)
@@ -433,7 +458,8 @@ class DenseTargets:
             for split in (0, 1):
                 self._accumulate(out[split], split, specs, runner.batches(split, names), key)
             return out
-        plan = plan_chunks(sample_bytes(model, names), ctx.batch_size, ctx.memory_cap, ctx.fit.static_batch())
+        plan = plan_chunks(sample_bytes(model, names, self.fixed), ctx.batch_size, ctx.memory_cap,
+                           ctx.fit.static_batch())
         for chunk in plan.chunks:
             capture = Capture(model, chunk, threads=ctx.threads)
             mine = [c for c in specs if c.input in chunk]
@@ -467,6 +493,14 @@ class DenseTargets:
             del got
 
 
+def _batch_past_axis_0(one, more) -> bool:
+    """Whether an output's size along some axis past 0 follows the batch (inferred shapes at one batch
+    size and at one more)."""
+    if one is None or more is None or len(one[1]) != len(more[1]):
+        return False
+    return any(a != b for a, b in zip(one[1][1:], more[1][1:]))
+
+
 class LeastSquaresRefit(ReconstructionPass):
     """Refit, layer by layer in graph order, each changed consumer's kept weights and bias.
 
@@ -494,25 +528,25 @@ class LeastSquaresRefit(ReconstructionPass):
             if edit.get_node(n) is not None]  # not those of dropped layers
         records, plan, tied = self._plan(targets, dense_edit, edit)
         records += _untie_across_levels(model, targets, plan, tied)
-        cache: DenseTargets | None = DenseTargets(ctx, plan)
-        size = cache.estimate_bytes() if plan else None
-        if size is None or size > ctx.memory_cap // 2:
-            cache = None
-        if cache is None or any(r in cache.apart for readers in tied.values() for r in readers):
-            # the level-by-level collection keeps a Gram matrix per reader: no joint refits
+        cache = DenseTargets(ctx, plan)
+        windows = cache.windows(levels(model, [n for n in targets if n in plan]))
+        apart = cache.apart | {n for window, fits in windows if not fits for level in window for n in level}
+        if any(r in apart for readers in tied.values() for r in readers):
+            # a level read on its own keeps a Gram matrix per reader: no joint refits
             records += _untie_across_levels(model, targets, plan, tied, always=True)
-        if cache is not None:
-            cache.collect()
-            # the pruned model's inputs of each level, resumed from what the level before ran
-            cache.runner = IncrementalCapture((ctx.fit, ctx.holdout), ctx.batch_size, ctx.memory_cap // 2,
-                                              ctx.threads)
-        for level in progress_iter(levels(model, [n for n in targets if n in plan]), "least squares, level"):
-            specs = [edit.consumer(name) for name in level]
-            g_fits, g_holds = self._level_grams(model, specs, plan, cache, tied)
-            for readers in _by_weight(specs, tied):
-                key = readers[0].weight if readers[0].weight in tied else readers[0].node
-                records += _refit_layer(edit, readers, g_fits[key], g_holds.get(key), self.ridge)
-            edit.commit()  # the next level runs the model: new bias Adds must be in place
+            windows = cache.windows(levels(model, [n for n in targets if n in plan]))
+        # the pruned model's inputs of each level, resumed from what the level before ran
+        cache.runner = IncrementalCapture((ctx.fit, ctx.holdout), ctx.batch_size, ctx.memory_cap // 2, ctx.threads)
+        for window, fits in progress_iter(windows, "least squares, levels"):
+            if fits:
+                cache.collect([n for level in window for n in level])
+            for level in window:
+                specs = [edit.consumer(name) for name in level]
+                g_fits, g_holds = self._level_grams(model, specs, plan, cache if fits else None, tied)
+                for readers in _by_weight(specs, tied):
+                    key = readers[0].weight if readers[0].weight in tied else readers[0].node
+                    records += _refit_layer(edit, readers, g_fits[key], g_holds.get(key), self.ridge)
+                edit.commit()  # the next level runs the model: new bias Adds must be in place
         order = {n: i for i, n in enumerate(targets)}
         records.sort(key=lambda r: order.get(r.node, len(order)))
         return records
