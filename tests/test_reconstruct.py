@@ -401,3 +401,34 @@ def test_a_weight_tied_across_steps_is_refit_once_from_every_steps_inputs():
     assert repair["details"]["fidelity_after"] < 0.5 * repair["details"]["fidelity_before"]
     weights = [t.name for t in pruned.graph.initializer if t.name.startswith("w_ih")]
     assert weights == ["w_ih"] and all(n.input[1] == "w_ih" for n in pruned.graph.node if n.op_type == "Gemm")
+
+
+def test_the_refit_is_the_same_whatever_the_memory_cap_splits_the_levels_into(monkeypatch):
+    """A small cap holds the dense targets of fewer levels at a time (more dense passes): the same picks, the
+    same fit (up to the float sums of inputs the pruned model then computes from the graph inputs)."""
+    dense, _ = prepare(str(MODELS / "digits_resnet.onnx"))
+    analysis = build_analysis(dense)
+    scores = score_groups(analysis, analysis.prunable_groups(), "l1")
+    keep = allocate(analysis, scores, Target(0.5, None, None, "uniform", 0.9, 8, [], []))
+    removed = {int(r) for gid, kept in keep.items()
+               for i, r in enumerate(analysis.groups[gid].roots.tolist()) if i not in set(kept.tolist())}
+    pruned = ApplyPlan(analysis, removed)(dense).model
+    calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:48]}
+    collect, passes_made = passes.DenseTargets.collect, []
+
+    def counted(self, nodes):
+        passes_made.append(len(nodes))
+        return collect(self, nodes)
+
+    monkeypatch.setattr(passes.DenseTargets, "collect", counted)
+    fits, windows = {}, {}
+    for cap in (1 << 30, 1 << 20):
+        passes_made.clear()
+        repaired, report = reconstruct(dense, pruned, analysis, removed, calib, per_sample=16, memory_cap=cap,
+                                       bias_correction=False, bn_recalibration=False)
+        windows[cap] = len(passes_made)
+        fits[cap] = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
+    assert windows[1 << 30] == 1 and windows[1 << 20] > 1
+    assert fits[1 << 30].keys() == fits[1 << 20].keys()
+    for name, value in fits[1 << 30].items():
+        np.testing.assert_allclose(value, fits[1 << 20][name], rtol=1e-2, atol=2e-3, err_msg=name)

@@ -30,12 +30,17 @@ fit and held-out calibration splits, batch/memory settings). The driver,
 
 Layers are processed in *levels*: a consumer's level is one more than the
 deepest refit consumer upstream of it, and every consumer of a level is fit
-from the same pass over the data, so the number of passes is the depth of
-the network, not its number of layers. Each level runs the pruned model
-truncated to what the level needs (its prefix: the cost is about depth / 2
-full passes). The dense targets at the sampled positions are read once for
-all levels when they fit in half the memory cap (`DenseTargets`), else by a
-dense pass per level.
+from the same pass over the data. Each level's inputs come from running only
+the nodes no earlier level ran, from the tensors they left
+(`calibration.incremental.IncrementalCapture`): one pass of the pruned model
+in all. The dense targets at the sampled positions are read by one dense
+pass per window of consecutive levels that fits in half the memory cap
+(`DenseTargets`); a level too large for that reads its own dense pass.
+
+A weight tied across readers of one level (an RNN's input projection,
+unrolled over its steps by the exporter) is refit once, from every reader's
+inputs and targets, and written once; readers at different depths (the
+recurrent weight, each step feeding the next) are left as they are.
 """
 from __future__ import annotations
 
