@@ -28,10 +28,10 @@ from onnxprune.passes.cleanup import CLEANUP, DropUnusedInitializers, RemoveDead
 from onnxprune.passes.depth import DropLayers
 from onnxprune.passes.lossless import BypassZeroBranches, find_dead_structure
 from onnxprune.passes.protocol import NOTHING_TO_DO, FixedPoint, Guarded, Pass, PassResult, Sequence, Verdict
+from onnxprune.passes.least_squares import LeastSquaresRefit
 from onnxprune.passes.reconstruct import (
     BiasCompensation,
     BnRecalibration,
-    LeastSquaresRefit,
     OutputMatching,
     ReconstructionContext,
     ReconstructionPass,

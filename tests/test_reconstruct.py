@@ -14,7 +14,7 @@ from onnxprune.calibration import CalibrationSet
 from onnxprune.passes.reconstruction import reconstruct
 from onnxprune.cost import model_cost
 from onnxprune.importance import score_groups
-from onnxprune.passes import reconstruct as passes
+from onnxprune.passes import least_squares, reconstruct as passes
 from onnxprune.passes.apply_plan import ApplyPlan
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.runtime.evaluate import evaluate
@@ -131,7 +131,7 @@ def test_a_depthwise_conv_is_refit_channel_by_channel():
     data = CalibrationSet.open({"x": rng.standard_normal((60, 3, 10, 10)).astype(np.float32)}, dense)
     fit, held = data.split(0.25, 0)
     ctx = passes.ReconstructionContext(dense, analysis.keep_masks(removed), fit, held, batch_size=16)
-    result = passes.LeastSquaresRefit(ctx, nodes=["dw"])(pruned)
+    result = least_squares.LeastSquaresRefit(ctx, nodes=["dw"])(pruned)
     repaired, [layer] = result.model, result.record.details["layers"]
     assert layer["action"] == "refit" and layer["features"] == 9  # one 3x3 tap set (+ bias) per channel
     assert layer["error_after"] < 0.8 * layer["error_before"]
@@ -414,13 +414,13 @@ def test_the_refit_is_the_same_whatever_the_memory_cap_splits_the_levels_into(mo
                for i, r in enumerate(analysis.groups[gid].roots.tolist()) if i not in set(kept.tolist())}
     pruned = ApplyPlan(analysis, removed)(dense).model
     calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:48]}
-    collect, passes_made = passes.DenseTargets.collect, []
+    collect, passes_made = least_squares.DenseTargets.collect, []
 
     def counted(self, nodes):
         passes_made.append(len(nodes))
         return collect(self, nodes)
 
-    monkeypatch.setattr(passes.DenseTargets, "collect", counted)
+    monkeypatch.setattr(least_squares.DenseTargets, "collect", counted)
     fits, windows = {}, {}
     for cap in (1 << 30, 1 << 20):
         passes_made.clear()

@@ -35,12 +35,11 @@ import onnx
 from onnxprune.calibration.capture import DEFAULT_MEMORY_CAP
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.passes.protocol import NOTHING_TO_DO, Guarded, Pass, PassRecord, PassResult, Verdict
+from onnxprune.passes.least_squares import DEFAULT_RIDGE, LeastSquaresRefit
 from onnxprune.passes.reconstruct import (
-    DEFAULT_RIDGE,
     BiasCompensation,
     BnRecalibration,
     Fidelity,
-    LeastSquaresRefit,
     OutputMatching,
     ReconstructionContext,
     rewired_nodes,
