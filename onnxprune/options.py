@@ -416,10 +416,10 @@ class PruneOptions:
     def check(self) -> None:
         self.target.check(self.depth)
         self.calibration.check()
-        if self.target.prune_cache and (self.calibration.calib is not None or self.gate.validate_data is not None):
+        if self.target.prune_cache and self.calibration.calib is not None:
             raise UsageError("prune_cache (--prune-cache) gives the pruned model a key-value cache of fewer heads, "
-                             "so data holding the dense model's past_key_values cannot feed it: drop --calib and "
-                             "--validate-data (check the pruned model with a generation loop of your own)")
+                             "and the repair does not yet feed calibration data's past_key_values at the kept "
+                             "heads: drop --calib (validation data is fed that way: --validate-data works)")
 
 
 def groups_of(options: Any) -> dict[str, Any]:

@@ -442,8 +442,11 @@ def _runnable(state: PruneState):
 
 
 def evaluate_pruned(state: PruneState) -> None:
-    outputs = pruned_outputs(state.dense_ref, _runnable(state), progress=state.options.runtime.progress)
-    state.quality = compare_quality(state.dense_ref, outputs, state.options.gate.max_accuracy_drop)
+    reference, adapt = state.dense_ref, None
+    if state.cache is not None:  # a smaller cache: fed and compared at the dense cache's kept heads
+        reference, adapt = state.cache.kept_reference(reference), state.cache.kept_feeds
+    outputs = pruned_outputs(reference, _runnable(state), progress=state.options.runtime.progress, adapt=adapt)
+    state.quality = compare_quality(reference, outputs, state.options.gate.max_accuracy_drop)
 
 
 def measure_latency(state: PruneState) -> None:

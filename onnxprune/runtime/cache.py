@@ -15,11 +15,13 @@ zeroed at the removed heads before the dense model runs on it (`zeroed`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from onnxprune.analysis import Analysis
+from onnxprune.errors import UsageError
 
 
 @dataclass
@@ -77,6 +79,23 @@ class CacheChange:
         """The dense model's outputs as the pruned model must give them: the cache outputs' kept heads."""
         return [_take(value, *self.outputs[name]) if name in self.outputs else value
                 for name, value in zip(names, outputs)]
+
+    def kept_reference(self, reference):
+        """The dense model's outputs on validation data (a runtime.gate.DenseReference) as the pruned model
+        must give them: each cache output's kept heads (its samples on axis 0, as the data passes hold them)."""
+        outputs = {}
+        for name, blocks in reference.outputs.items():
+            if name not in self.outputs:
+                outputs[name] = blocks
+                continue
+            if reference.output_axes.get(name, 0) != 0:
+                raise UsageError(f"prune_cache (--prune-cache) with validation data: cache output '{name}' holds "
+                                 "the samples past its first axis; validate the pruned model with a generation "
+                                 "loop of your own")
+            axis, keep = self.outputs[name]
+            outputs[name] = _take(blocks, axis, keep) if isinstance(blocks, np.ndarray) else \
+                [_take(b, axis, keep) for b in blocks]
+        return dataclasses.replace(reference, outputs=outputs)
 
     def zeroed(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The dense feeds with the removed heads' cache zero (what a model whose removed heads are dead

@@ -29,7 +29,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -350,7 +350,7 @@ _QUIET.log_severity_level = 4  # a failing batch is retried sample by sample: no
 
 def predict(session, specs: list[InputSpec], dataset: Dataset, outputs: str | list[str], batch_size: int, *,
             batch_axis: int = 0, output_axes: dict[str, int] | None = None, progress: bool | None = None,
-            label: str = "data pass") -> Predictions:
+            label: str = "data pass", adapt: Callable[[dict], dict] | None = None) -> Predictions:
     """`outputs` (a name or a list) for every sample of a dataset bound with `bind_data` (`specs`: the
     samples-first specs it returned), samples first.
 
@@ -360,7 +360,8 @@ def predict(session, specs: list[InputSpec], dataset: Dataset, outputs: str | li
     or an output does not hold the batch on its batch axis (`output_axes`, default 0), the samples are fed
     one at a time from there on and `Predictions.note` says why (an output that lacks the samples even
     then is a DataError). `progress` shows a bar of samples done
-    on stderr (None: only when stderr is a terminal)."""
+    on stderr (None: only when stderr is a terminal). `adapt(feeds) -> feeds`: what a model with other
+    inputs than the data's takes (a pruned key-value cache: the kept heads of the dense one's)."""
     names = [outputs] if isinstance(outputs, str) else list(outputs)
     axes = output_axes or dict.fromkeys(names, 0)
     chunk = _effective_batch(specs, batch_size)
@@ -375,7 +376,8 @@ def predict(session, specs: list[InputSpec], dataset: Dataset, outputs: str | li
         while start < n:
             stop = min(n, start + chunk)
             try:
-                got = _predict_batch(session, specs, dataset, names, axes, batch_axis, chunk, fixed, start, stop)
+                got = _predict_batch(session, specs, dataset, names, axes, batch_axis, chunk, fixed, start, stop,
+                                     adapt)
             except _BatchFailed as failed:
                 if fixed or stop - start == 1:
                     raise failed.error from failed.__cause__
@@ -390,7 +392,7 @@ def predict(session, specs: list[InputSpec], dataset: Dataset, outputs: str | li
     return Predictions({name: _join(blocks) for name, blocks in parts.items()}, chunk, note)
 
 
-def _predict_batch(session, specs, dataset, names, axes, batch_axis, chunk, fixed, start, stop) -> dict:
+def _predict_batch(session, specs, dataset, names, axes, batch_axis, chunk, fixed, start, stop, adapt=None) -> dict:
     """One batch: samples start..stop-1, a static batch padded to `chunk` and the padding dropped."""
     try:
         arrays = dataset.arrays(start, stop)
@@ -406,6 +408,8 @@ def _predict_batch(session, specs, dataset, names, axes, batch_axis, chunk, fixe
             a = np.concatenate([a, np.repeat(a[-1:], chunk - len(a), axis=0)])
         feeds[s.name] = a if batch_axis == 0 else np.ascontiguousarray(np.moveaxis(a, 0, batch_axis))
     fed = chunk if fixed else stop - start
+    if adapt is not None:
+        feeds = adapt(feeds)
     try:
         results = session.run(names, feeds, _QUIET)
     except Exception as exc:

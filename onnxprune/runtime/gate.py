@@ -209,13 +209,13 @@ def _custom(metric: Metric, outputs: Blocks, labels: np.ndarray | None, which: s
 
 
 def pruned_outputs(reference: DenseReference, model: onnx.ModelProto | bytes, *, progress: bool | None = None,
-                   label: str = "pruned model on data") -> dict[str, Blocks]:
+                   label: str = "pruned model on data", adapt=None) -> dict[str, Blocks]:
     """The pruned model's outputs on the same data (its inputs are the dense model's), fed as the dense
-    model was."""
+    model was; `adapt(feeds) -> feeds` for a pruned model that takes other inputs (a smaller cache)."""
     session = make_session(model, threads=reference.threads, provider=reference.provider)
     run = predict(session, reference.specs, reference.dataset, list(reference.outputs), reference.batch_size,
                   batch_axis=reference.batch_axis, output_axes=reference.output_axes, progress=progress,
-                  label=label)
+                  label=label, adapt=adapt)
     return run.outputs
 
 
