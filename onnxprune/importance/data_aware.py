@@ -200,36 +200,52 @@ class MeanActivation(DataCriterion):
         return _or_magnitude(sink_aggregate(analysis, group, stats, lambda s, cs: cs.mean_abs), analysis, group)
 
 
-@register
-class FLAP(DataCriterion):
-    """FLAP fluctuation: Var(x_j) x ||W[:, j]||^2 summed over the unit's input positions of each consumer."""
+class ColumnTimesActivation(DataCriterion):
+    """A statistic of each consumer's weight column times one of the unit's activations at that input,
+    summed over the unit's input positions of each consumer."""
 
-    name = "flap"
+    def column(self, cols: np.ndarray) -> np.ndarray:
+        """One number per input position from the (positions, rows) weight columns."""
+        raise NotImplementedError
+
+    def activation(self, cs) -> np.ndarray:
+        """One number per input position from its channel statistics."""
+        raise NotImplementedError
 
     def score(self, analysis, group, rng, stats=None):
         self.require(stats)
 
         def scores(sink, cs):
-            energy = column_weights(analysis, sink, lambda cols: np.square(cols).sum(axis=1))
-            return None if energy is None or len(energy) != cs.size else cs.var * energy
+            weights = column_weights(analysis, sink, self.column)
+            return None if weights is None or len(weights) != cs.size else self.activation(cs) * weights
 
         return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group)
 
 
 @register
-class Wanda(DataCriterion):
+class FLAP(ColumnTimesActivation):
+    """FLAP fluctuation: Var(x_j) x ||W[:, j]||^2."""
+
+    name = "flap"
+
+    def column(self, cols):
+        return np.square(cols).sum(axis=1)
+
+    def activation(self, cs):
+        return cs.var
+
+
+@register
+class Wanda(ColumnTimesActivation):
     """Structured Wanda: mean over output rows of |W_ij| x ||X_j|| (RMS over calibration samples)."""
 
     name = "wanda"
 
-    def score(self, analysis, group, rng, stats=None):
-        self.require(stats)
+    def column(self, cols):
+        return np.abs(cols).mean(axis=1)
 
-        def scores(sink, cs):
-            mean_abs = column_weights(analysis, sink, lambda cols: np.abs(cols).mean(axis=1))
-            return None if mean_abs is None or len(mean_abs) != cs.size else mean_abs * cs.rms
-
-        return _or_magnitude(sink_aggregate(analysis, group, stats, scores, how="sum"), analysis, group)
+    def activation(self, cs):
+        return cs.rms
 
 
 @register
