@@ -22,12 +22,17 @@ def token_model() -> onnx.ModelProto:
         helper.make_node("Unsqueeze", ["m", "axis"], ["m3"], name="unsq"),
         helper.make_node("Mul", ["xw", "m3"], ["y"], name="masked"),
     ]
+    return masked_tokens(nodes, [w])
+
+
+def masked_tokens(nodes, weights) -> onnx.ModelProto:
+    """x [batch, seq, HIDDEN] and an int64 attention_mask [batch, seq] in, y [batch, seq, OUT] out."""
     graph = helper.make_graph(
         nodes, "tokens",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", OUT])],
-        initializer=[w, numpy_helper.from_array(np.array([2], np.int64), "axis")])
+        initializer=[*weights, numpy_helper.from_array(np.array([2], np.int64), "axis")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -95,15 +100,7 @@ def token_mlp() -> onnx.ModelProto:
         helper.make_node("Unsqueeze", ["m", "axis"], ["m3"], name="unsq"),
         helper.make_node("Mul", ["o", "m3"], ["y"], name="masked"),
     ]
-    graph = helper.make_graph(
-        nodes, "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", OUT])],
-        initializer=[w1, w2, numpy_helper.from_array(np.array([2], np.int64), "axis")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return masked_tokens(nodes, [w1, w2])
 
 
 def test_a_least_squares_refit_is_the_same_whatever_the_padding():

@@ -21,11 +21,36 @@ import onnxruntime as ort
 from onnx import helper
 
 from onnxprune.ir.graph_view import reads
-from onnxprune.ir.model_io import copy_fields
+from onnxprune.ir.editor import rebuilt
 from onnxprune.ir.shapes import infer_shapes, skeleton
 from onnxprune.runtime.session import make_session
 
 DEFAULT_MEMORY_CAP = 1 << 30  # bytes of captured activations per batch
+
+
+def needed_nodes(model: onnx.ModelProto, names: Sequence[str], done: set[str] = frozenset()
+                 ) -> tuple[list[onnx.NodeProto], list[str]]:
+    """The nodes computing `names` (subgraphs' outer-scope reads included), in graph order, walking back
+    no further than the nodes named in `done`; and the tensors they read from those (the frontier)."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    chosen: set[str] = set()
+    frontier: dict[str, None] = {}
+    seen: set[str] = set()
+    stack = list(names)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = producer.get(t)
+        if node is None:
+            continue  # a graph input or a constant
+        if node.name in done:
+            frontier[t] = None
+        elif node.name not in chosen:
+            chosen.add(node.name)
+            stack.extend(reads(node))
+    return [n for n in model.graph.node if n.name in chosen], list(frontier)
 
 
 def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -34,38 +59,12 @@ def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     Graph inputs are all kept (callers feed every input); initializers only when used.
     """
     wanted = list(dict.fromkeys(names))
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
-    needed_nodes: set[int] = set()
-    needed: set[str] = set()
-    stack = list(wanted)
-    while stack:
-        t = stack.pop()
-        if t in needed:
-            continue
-        needed.add(t)
-        i = producer.get(t)
-        if i is None or i in needed_nodes:
-            continue
-        needed_nodes.add(i)
-        node = model.graph.node[i]
-        stack.extend(reads(node))  # subgraphs' outer-scope reads included
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    for field, value in model.graph.ListFields():
-        if field.name in ("node", "initializer", "output", "value_info"):
-            continue
-        if hasattr(value, "extend"):
-            getattr(out.graph, field.name).extend(value)
-        elif field.message_type:
-            getattr(out.graph, field.name).CopyFrom(value)
-        else:
-            setattr(out.graph, field.name, value)
-    out.graph.node.extend(n for i, n in enumerate(model.graph.node) if i in needed_nodes)
-    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
+    nodes, _ = needed_nodes(model, wanted)
+    used = {x for n in nodes for x in reads(n)} | set(wanted)
     old_outputs = {o.name: o for o in model.graph.output}
-    for name in wanted:
-        out.graph.output.append(old_outputs.get(name) or onnx.ValueInfoProto(name=name))
-    return out
+    return rebuilt(model, node=nodes, initializer=[t for t in model.graph.initializer if t.name in used],
+                   output=[old_outputs.get(name) or onnx.ValueInfoProto(name=name) for name in wanted],
+                   value_info=[])
 
 
 def sample_bytes(model: onnx.ModelProto, names: Iterable[str],

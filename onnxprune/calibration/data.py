@@ -80,6 +80,14 @@ class CalibrationSet:
         model has no attention mask or nothing is padded (onnxprune.calibration.padding)."""
         return real_positions(feeds, n, self.mask_input)
 
+    def batch_counts(self, batch_size: int = 32) -> list[tuple[int, int]]:
+        """(real samples, samples fed) of each batch `batches(batch_size)` yields, without reading the data
+        (a static batch is fed padded to its size)."""
+        static = self.static_batch()
+        chunk = static or max(1, int(batch_size))
+        return [(min(chunk, len(self.indices) - start), static or min(chunk, len(self.indices) - start))
+                for start in range(0, len(self.indices), chunk)]
+
     def sample_shapes(self) -> dict[str, list[int]] | None:
         """The inputs' shapes for one sample as fed (a static batch's size on axis 0): what settles the
         dynamic sizes of the model's tensors to the data's (None: no samples)."""

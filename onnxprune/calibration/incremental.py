@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.calibration.capture import calibration_session, first_samples
+from onnxprune.calibration.capture import calibration_session, first_samples, needed_nodes
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.ir.graph_view import reads
-from onnxprune.ir.model_io import copy_fields
+from onnxprune.ir.editor import rebuilt
 
 
 class IncrementalCapture:
@@ -42,7 +42,7 @@ class IncrementalCapture:
         self.done: set[str] = set()  # names of the nodes already run
         self.kept: dict[str, list[list[np.ndarray]]] = {}  # tensor -> per split, per batch (as fed)
         # per split, per batch: (real samples, samples fed: a static batch is padded)
-        self.counts = [[(n, _fed(feeds, n)) for feeds, n in s.batches(batch_size)] for s in self.splits]
+        self.counts = [s.batch_counts(batch_size) for s in self.splits]
         self.spent = False  # gave up once (memory cap, unnamed nodes): prefixes from then on
 
     def advance(self, model: onnx.ModelProto, wanted: Sequence[str]) -> bool:
@@ -104,36 +104,9 @@ def _segment(model: onnx.ModelProto, done: set[str], wanted: Sequence[str]) -> t
     """The nodes `wanted` needs that are not in `done`, as a model reading the graph inputs it uses and the
     frontier (the tensors those nodes read from `done` nodes); and that frontier."""
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output if o}
-    constants = {t.name for t in graph.initializer}
-    chosen: set[str] = set()
-    frontier: dict[str, None] = {}
-    stack = list(wanted)
-    seen: set[str] = set()
-    while stack:
-        t = stack.pop()
-        if t in seen or t in constants:
-            continue
-        seen.add(t)
-        node = producer.get(t)
-        if node is None:
-            continue  # a graph input
-        if node.name in done:
-            frontier[t] = None
-        elif node.name not in chosen:
-            chosen.add(node.name)
-            stack.extend(reads(node))
-    nodes = [n for n in graph.node if n.name in chosen]
+    nodes, frontier = needed_nodes(model, wanted, done)
     used = {x for n in nodes for x in reads(n)}
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    out.graph.name = graph.name
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(t for t in graph.initializer if t.name in used)
-    out.graph.input.extend(i for i in graph.input if i.name in used and i.name not in constants)
-    return out, list(frontier)
-
-
-def _fed(feeds: dict[str, np.ndarray], n: int) -> int:
-    """Samples in the batch as fed (more than n when a static batch was padded)."""
-    return max((len(v) for v in feeds.values() if np.ndim(v)), default=n)
+    constants = {t.name for t in graph.initializer}
+    return rebuilt(model, node=nodes, initializer=[t for t in graph.initializer if t.name in used],
+                   input=[i for i in graph.input if i.name in used and i.name not in constants], output=[],
+                   value_info=[]), frontier

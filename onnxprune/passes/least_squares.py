@@ -107,7 +107,8 @@ class DenseTargets:
         self.index = {node: i for i, node in enumerate(self.consumers)}  # seeds each consumer's picks
         self.rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.real: dict[tuple[str, int], np.ndarray] = {}  # (node, split) -> token (not padding) flags per pick
-        self.runner: IncrementalCapture | None = None  # the pruned model's inputs, level by level
+        # the pruned model's inputs of each level, resumed from what the level before ran
+        self.runner = IncrementalCapture((ctx.fit, ctx.holdout), ctx.batch_size, ctx.memory_cap // 2, ctx.threads)
 
     @property
     def consumers(self) -> dict[str, tuple[Consumer, np.ndarray | None]]:
@@ -177,19 +178,19 @@ class DenseTargets:
             self.rows[key] = (np.concatenate([p for p, _, _ in chunks]), np.concatenate([y for _, y, _ in chunks]))
             self.real[key] = np.concatenate([r for _, _, r in chunks])
 
-    def grams(self, model: onnx.ModelProto, specs: list[Consumer], runner: IncrementalCapture | None = None,
+    def grams(self, model: onnx.ModelProto, specs: list[Consumer],
               tied: dict[str, list[str]] | None = None) -> list[dict[str, GramStats]]:
         """[fit grams, held-out grams] of `specs` (consumers of the pruned `model`) against the cached targets,
         by node name; the readers of a `tied` weight add to one, under the weight's name. The consumers'
-        inputs come from `runner` when it can resume from what the levels before ran, else from running
+        inputs come from the runner when it can resume from what the levels before ran, else from running
         the model's prefix."""
         ctx = self.ctx
         out: list[dict[str, GramStats]] = [{}, {}]
         names = [c.input for c in specs]
         key = {c.node: c.weight if tied and c.weight in tied else c.node for c in specs}
-        if runner is not None and runner.advance(model, names):
+        if self.runner.advance(model, names):
             for split in (0, 1):
-                self._accumulate(out[split], split, specs, runner.batches(split, names), key)
+                self._accumulate(out[split], split, specs, self.runner.batches(split, names), key)
             return out
         plan = plan_chunks(sample_bytes(model, names, self.fixed), ctx.batch_size, ctx.memory_cap,
                            ctx.fit.static_batch())
@@ -278,8 +279,6 @@ class LeastSquaresRefit(ReconstructionPass):
             # a level read on its own keeps a Gram matrix per reader: no joint refits
             records += _untie_across_levels(model, targets, plan, tied, always=True)
             windows = cache.windows(levels(model, [n for n in targets if n in plan]))
-        # the pruned model's inputs of each level, resumed from what the level before ran
-        cache.runner = IncrementalCapture((ctx.fit, ctx.holdout), ctx.batch_size, ctx.memory_cap // 2, ctx.threads)
         for window, fits in progress_iter(windows, "least squares, levels"):
             if fits:
                 cache.collect([n for level in window for n in level])
@@ -304,7 +303,7 @@ class LeastSquaresRefit(ReconstructionPass):
         apart = specs if cache is None else [c for c in specs if c.node in cache.apart]
         together = [c for c in specs if c not in apart]
         if together:
-            fits, holds = cache.grams(model, together, cache.runner, tied)
+            fits, holds = cache.grams(model, together, tied)
         if apart:
             requests = [GramRequest(cp, plan[cp.node][0].output, plan[cp.node][1]) for cp in apart]
             fits.update(ctx.collect(model, ctx.fit, grams=requests, target_model=ctx.dense).grams)
