@@ -17,7 +17,8 @@ Every run is a fresh process per source tree (the working tree, and with
 onnxprune, prunes a small model once to warm up, then prunes each model once
 and reports the report's stage clock (load, analyze, score, allocate, rewrite,
 validate, save), the wall time of the call and the CPU time the process spent
-in it (all threads: less sensitive than wall time to other work on the machine). Trees alternate run by run
+in it (all threads: less sensitive than wall time to other work on the machine). Each prune starts after
+os.sync(), so no earlier run's output is still being written back. Trees alternate run by run
 (base, current, base, ...) and every number is the median over --runs, so
 drift on a shared machine hits both alike.
 
@@ -89,6 +90,9 @@ def worker(models: dict[str, str], options: dict) -> None:
         for name, path in models.items():
             out = scratch / name
             out.mkdir()
+            # the disk settles first: an earlier run's output still being written back would slow this
+            # run's write by up to a second on a VM disk, a cost of the benchmark, not of one prune
+            os.sync()
             start, cpu = time.perf_counter(), time.process_time()
             _, report = onnxprune.prune(path, str(out / "pruned.onnx"), **options)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu

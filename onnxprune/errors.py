@@ -79,3 +79,14 @@ class CalibrationRequired(DataError):
 
 class AblationBudgetError(DataError):
     """Ablating every unit would cost more than the budget, even with the fewest samples allowed."""
+
+
+class InputSizesRejected(UnsupportedModelError):
+    """The dense model does not run at the input sizes assumed for its dynamic dims, but does at
+    `found` (an onnxprune.runtime.inputs.InputShapes). prune raises it when the pruned model's
+    validation run fails there, and catches it to start again at `found`; its message is for the
+    caller that does not."""
+
+    def __init__(self, message: str, found: object):
+        super().__init__(message)
+        self.found = found

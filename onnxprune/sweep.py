@@ -238,7 +238,7 @@ def sweep(model: ModelLike, ratios: Sequence[float] | str, *, data: Any, target:
     key = TARGETS[target][0]
     quiet = with_keywords(opts, {key: ratios[0], "validate_data": None, "max_accuracy_drop": None,
                                  "measure_latency": False, "progress": False})  # sweep measures all together
-    state = PruneState(quiet, model, None)
+    state = PruneState(quiet, model, None, probe_sizes=True)
     run_stages(state, LOAD + SCORE)
     rt, gate = opts.runtime, opts.gate
     reference = reference_pass(state.dense, _open(data, opts), batch_size=opts.data.batch_size,

@@ -151,7 +151,7 @@ def test_sessions_taking_weights_in_place_give_the_outputs_of_the_serialised_mod
     import onnxruntime as ort
 
     working, _ = analysed
-    feeds = dense_input_shapes(working, None).feeds  # sizes the model runs at
+    feeds = dense_input_shapes(working, None, probe=True).feeds  # sizes the model runs at
     opts = dict(threads=1, optimize=optimize, prepack=False)
     sessions = [session_in_place(working, session_options(**opts), "CPUExecutionProvider"),
                 session_in_place(working, session_options(**opts), "CPUExecutionProvider",

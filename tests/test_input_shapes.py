@@ -56,9 +56,12 @@ def test_analyze_says_which_shapes_its_flops_are_counted_at(tmp_path, capsys):
 
 def test_a_model_that_runs_at_no_size_tried_gets_one_paragraph_naming_input_shape():
     nodes = [helper.make_node("Reshape", ["images", "fixed"], ["r"], name="needs_100x100"),
-             helper.make_node("Conv", ["r", "w"], ["y"], name="conv")]
+             helper.make_node("Conv", ["r", "w1"], ["c"], name="conv1"),
+             helper.make_node("Relu", ["c"], ["a"], name="act"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2")]
     model = make_model(nodes, [("images", [1, 3, "h", "w"])], [("y", [1, 8, 100, 100])],
-                       [const([1, 3, 100, 100], "fixed"), weight(8, 3, 1, 1, name="w")])
+                       [const([1, 3, 100, 100], "fixed"), weight(16, 3, 1, 1, name="w1"),
+                        weight(8, 16, 1, 1, name="w2")])
     with pytest.raises(UnsupportedModelError) as caught:
         onnxprune.prune(model, ratio=0.5)
     message = str(caught.value)
@@ -125,3 +128,15 @@ def test_the_kv_decoders_run_at_their_planned_sizes_without_input_shape():
     for name in ("qwen2_kv_legacy", "qwen2_kv_dynamo"):  # dynamo: input_ids (batch, 1), mask (batch, past + 1)
         _, report = onnxprune.prune(folder / f"{name}.onnx", lossless=True)
         assert "outputs equal the dense model" in report.checks
+
+
+def test_the_dense_model_is_run_at_its_planned_sizes_only_when_the_pruned_model_fails_there(tmp_path, monkeypatch):
+    import onnxprune.runtime.inputs as inputs
+
+    probes = []
+    real = inputs.probe_dense
+    monkeypatch.setattr(inputs, "probe_dense", lambda *a, **k: probes.append(1) or real(*a, **k))
+    _, report = onnxprune.prune(detector_like(), ratio=0.5, input_shapes={"images": [1, 3, 320, 320]})
+    assert probes == []  # validation ran the pruned model there: that was the check
+    onnxprune.prune(detector_like(), ratio=0.5)  # 224 fails: the dense model is probed, prune starts again
+    assert probes == [1]

@@ -18,6 +18,10 @@ from onnxprune.ir.editor import GraphEditor
 from onnxprune.ir.graph_view import GraphView
 
 
+# constants up to this many elements are compared before a copy is made (shape constants, not weights)
+SMALL_VALUE = 4096
+
+
 class Rewriter:
     def __init__(self, model: onnx.ModelProto, view: GraphView, masks: dict[tuple[str, int], np.ndarray]):
         self.model = model
@@ -26,6 +30,7 @@ class Rewriter:
         self.edit = GraphEditor(model)
         self._changed_tensors = {t for t, _ in masks}
         self._created: dict[str, np.ndarray] = {}  # constants made by this rewrite (the view has the old ones)
+        self._read = {t.name for t in model.graph.initializer if self.edit.reader_count(t.name)}
 
     # -- questions ------------------------------------------------------------
     def mask(self, tensor: str, axis: int) -> np.ndarray | None:
@@ -56,9 +61,21 @@ class Rewriter:
         self.edit.remove_attr(node, name)
 
     def replace_const_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
-        """Point input `index` of `node` at a new initializer holding `value`."""
+        """Point input `index` of `node` at a new initializer holding `value` (unless the constant it
+        reads holds just that: a copy equal to its original would only be merged back by the cleanup)."""
+        if self._holds(node.input[index], np.asarray(value)):
+            return
         name = self.edit.attach_const(node, index, value, f"{node.input[index]}__{node.name}")
         self._created[name] = np.asarray(value)
+
+    def _holds(self, name: str, value: np.ndarray) -> bool:
+        if not name or value.size > SMALL_VALUE:
+            return False
+        current = self._created.get(name)
+        if current is None and self.view.is_const(name):
+            current = self.view.const(name)
+        return current is not None and current.dtype == value.dtype and current.shape == value.shape \
+            and bool(np.array_equal(current, value))
 
     def set_const_element(self, node_name: str, index: int, offset: int, value: int,
                           reader: tuple[onnx.NodeProto, int] | None = None) -> None:
@@ -101,5 +118,8 @@ class Rewriter:
 
     def finish(self) -> None:
         """Place the shape-node copies right after their originals and inserted nodes right
-        before their readers (topological order holds)."""
+        before their readers (topological order holds); constants this rewrite replaced for their last
+        reader go (a cleanup pass would copy every weight into a new model to drop them)."""
         self.edit.commit()
+        outputs = {o.name for o in self.model.graph.output}
+        self.edit.remove_initializers({n for n in self._read if not self.edit.reader_count(n) and n not in outputs})

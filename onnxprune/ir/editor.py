@@ -160,6 +160,16 @@ class GraphEditor:
         self.initializers[name] = self.graph.initializer[-1]
         return name
 
+    def remove_initializers(self, names: set[str]) -> None:
+        """Delete these initializers from the graph in place (meant for small ones, such as replaced shape
+        constants: protobuf keeps a deleted message's bytes until the model is freed)."""
+        if not names:
+            return
+        for index in reversed([i for i, t in enumerate(self.graph.initializer) if t.name in names]):
+            del self.graph.initializer[index]
+        for name in names:
+            self.initializers.pop(name, None)
+
     def attach_const(self, node: onnx.NodeProto, index: int, value: np.ndarray, base: str) -> str:
         """Input `index` of `node` reads a new initializer holding `value` (named after `base`);
         the constant it read before is left as it is for its other readers. Returns the new name."""

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.analysis import Analysis
 from onnxprune.analysis.rewriter import Rewriter
 from onnxprune.analysis.rules import rule_for
 from onnxprune.errors import PlanError
-from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external
+from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, add_tensor, copy_fields, is_external
 from onnxprune.passes.protocol import Pass, PassResult
 
 
@@ -101,7 +100,7 @@ def _slice_initializers(model, pruned, analysis, masks) -> int:
             spill = spill or Spill()
             pruned.graph.initializer.append(spill.add(arr, t.name))
         else:
-            pruned.graph.initializer.append(numpy_helper.from_array(arr, t.name))
+            add_tensor(pruned.graph.initializer, arr, t.name)
         del arr
         sliced += 1
     return sliced

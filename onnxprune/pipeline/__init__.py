@@ -23,7 +23,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.ir.prepare import prepare
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline.progressive import prune_progressively
-from onnxprune.pipeline.runner import Stage, run_stages
+from onnxprune.pipeline.runner import Stage, at_sizes_the_dense_model_runs, run_stages
 from onnxprune.pipeline.stages import DECIDE, FINISH, LOAD, REWRITE, build_analysis
 from onnxprune.pipeline.state import PruneState
 from onnxprune.report import ModelStats, PruneReport
@@ -129,10 +129,15 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, options: Pr
     `max_accuracy_drop` it stops before the budget is exceeded and keeps the
     last model within it. The report's `steps` lists them.
     """
-    state = PruneState(PruneOptions.build(options, **keywords), model, output)
-    if state.options.target.steps > 1:
-        return prune_progressively(state)
-    return finish(state, LOAD + DECIDE)
+    options = PruneOptions.build(options, **keywords)
+
+    def run(input_shapes) -> tuple[onnx.ModelProto, PruneReport]:
+        state = PruneState(options, model, output, input_shapes=input_shapes)
+        if options.target.steps > 1:
+            return prune_progressively(state)
+        return finish(state, LOAD + DECIDE)
+
+    return at_sizes_the_dense_model_runs(run)
 
 
 def finish(state: PruneState, first: list[Stage]) -> tuple[onnx.ModelProto, PruneReport]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
+
+from onnxprune.errors import InputSizesRejected
 
 
 log = logging.getLogger(__name__)
@@ -37,3 +39,18 @@ def run_stages(state: Any, stages: Iterable[Stage]) -> None:
         state.clock.lap(stage.timing or stage.name)
         for name in stage.releases:
             setattr(state, name, None)
+
+
+T = TypeVar("T")
+
+
+def at_sizes_the_dense_model_runs(run: Callable[[Any], T]) -> T:
+    """`run(None)`: a whole run whose load plans the input sizes; if validation found that the dense model
+    does not run at them (InputSizesRejected), `run(sizes)` once more, at the sizes it does run at. The
+    sizes are checked that late because running the dense model up front costs a fifth of a large
+    model's prune, and the first plan almost always runs."""
+    try:
+        return run(None)
+    except InputSizesRejected as rejected:
+        log.info("%s; starting again there", rejected)
+        return run(rejected.found)

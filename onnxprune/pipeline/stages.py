@@ -18,7 +18,7 @@ from onnxprune.analysis.diagnose import explain
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.curves import removal_orders, sensitivity_curves
 from onnxprune.cost import model_cost
-from onnxprune.errors import PlanError, UsageError
+from onnxprune.errors import InputSizesRejected, PlanError, UsageError, ValidationError
 from onnxprune.importance import criterion, score_groups
 from onnxprune.importance.data_aware import criterion_statistics
 from onnxprune.ir.graph_view import GraphView
@@ -37,7 +37,7 @@ from onnxprune.runtime.cache import CacheChange
 from onnxprune.runtime.data import open_data
 from onnxprune.runtime.gate import AccuracyDropError, check_gate_options, compare_latency, compare_quality, \
     pruned_outputs, reference_pass
-from onnxprune.runtime.inputs import dense_input_shapes
+from onnxprune.runtime.inputs import dense_input_shapes, recheck_input_shapes
 from onnxprune.runtime.metrics import load_metric
 from onnxprune.runtime.output import save_verified, stage_if_on_disk
 from onnxprune.runtime.validate import run_model, validate_model
@@ -72,7 +72,9 @@ def load(state: PruneState) -> None:
     o = state.options
     state.dense, state.source = prepare(state.model, state.output)
     state.working = state.dense
-    state.input_shapes = dense_input_shapes(state.dense, _shapes(o), o.runtime.seed, need_outputs=state.lossless)
+    if state.input_shapes is None:  # else: sizes a first attempt found the dense model runs at
+        state.input_shapes = dense_input_shapes(state.dense, _shapes(o), o.runtime.seed,
+                                                probe=state.lossless or state.probe_sizes)
     state.dense_cost = model_cost(state.dense, state.input_shapes.shapes)
     state.before = ModelStats.from_cost(state.dense_cost, state.source.file_size)
     state.expected_shapes = output_shapes(state.dense, state.input_shapes.shapes)
@@ -123,6 +125,8 @@ def _drops_layers(state: PruneState) -> bool:
 
 def drop_layers(state: PruneState) -> None:
     o = state.options
+    if state.calib_data is None:  # influence is measured on random inputs at the planned sizes
+        check_input_sizes(state, state.working)
     _, state.depth = choose_drops(
         state.working, o.depth.drop_layers, o.depth.drop_unit, state.given_plan, calib=state.calib_data,
         calib_samples=o.calibration.calib_samples, input_shapes=state.input_shapes.shapes, seed=o.runtime.seed,
@@ -407,15 +411,38 @@ def validate(state: PruneState) -> None:
     feeds, reference = _lossless_reference(state)
     names = [o.name for o in state.working.graph.output]
     expected = state.expected_shapes if cache is None else cache.output_shapes(names, state.expected_shapes)
-    state.validation = validate_model(state.working, shapes, reference_outputs=reference, feeds=feeds,
-                                      expected_shapes=expected, seed=state.options.runtime.seed,
-                                      run_from=state.staged.path if state.staged is not None else None)
+    try:
+        state.validation = validate_model(state.working, shapes, reference_outputs=reference, feeds=feeds,
+                                          expected_shapes=expected, seed=state.options.runtime.seed,
+                                          run_from=state.staged.path if state.staged is not None else None)
+    except ValidationError:  # the pruned model's failure, unless the dense model fails there too
+        check_input_sizes(state)
+        raise
     if cache is not None:  # the expected shapes were the dense model's with the caches' kept heads
         checks = state.validation.checks
         checks[:] = ["output shapes as expected (the caches at their kept heads)" if c == "output shapes unchanged"
                      else c for c in checks]
     size = len(state.validation.serialized or b"") or model_byte_size(state.working)
     state.after = ModelStats.from_cost(model_cost(state.working, shapes), size)
+
+
+def check_input_sizes(state: PruneState, dense=None) -> None:
+    """Input sizes only planned (not run) are run on the dense model (`dense`, else the caller's model
+    loaded again): if it fails there, raise InputSizesRejected with the sizes it runs at (prune starts
+    again there). Validation calls it when the pruned model failed; a stage that runs the dense model
+    on random inputs calls it first."""
+    planned = state.input_shapes
+    if planned.checked:
+        return
+    if dense is None:
+        dense, _ = prepare(state.model)
+    o = state.options
+    found = recheck_input_shapes(dense, planned, _shapes(o), o.runtime.seed)
+    planned.checked = True
+    if found is not None:
+        raise InputSizesRejected(
+            f"the dense model does not run at the input sizes assumed for it ({planned.sizes()}), but does at "
+            f"{found.sizes()}: give those with --input-shape", found)
 
 
 def _pruned_shapes(state: PruneState) -> dict[str, list[int]]:

@@ -38,7 +38,9 @@ class PruneState:
     working: onnx.ModelProto | None = None  # what the next stage works on: dense, then without dropped layers,
                                             # then pruned
     source: SourceInfo | None = None
-    input_shapes: InputShapes | None = None
+    input_shapes: InputShapes | None = None  # given: sizes an earlier attempt found the dense model runs at
+    probe_sizes: bool = False               # run the dense model at its planned sizes while loading (a sweep
+                                            # validates many models there); else validation finds out
     dense_cost: ModelCost | None = None
     before: ModelStats | None = None
     expected_shapes: list | None = None     # output dims inference can tell (some depend on the data)

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import ProviderError
+from onnxprune.ir.subgraphs import subgraphs
 from onnxprune.ir.model_io import EXTERNAL_DATA_THRESHOLD, EXTERNAL_MIN_BYTES, copy_fields, has_external_data, \
     load_model, model_byte_size, write_model
 
@@ -105,28 +106,58 @@ def session_through_file(model: onnx.ModelProto, opts: ort.SessionOptions, provi
 # way; on ResNet-50, 100 MB, handing them over opens the session 3-5 times faster).
 IN_PLACE_MIN_BYTES = 8 << 20
 
-# Initializers handed to onnxruntime as buffers rather than inside the serialised model: float tensors
+# Initializers fed to onnxruntime as buffers rather than inside the serialised model: float tensors
 # stored as raw bytes, at least EXTERNAL_MIN_BYTES long (shape constants and small vectors stay inline).
 _IN_PLACE_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                    onnx.TensorProto.DOUBLE: np.float64}
 
 
 def session_in_place(model: onnx.ModelProto, opts: ort.SessionOptions, provider: str,
-                     serialized: bytes | None = None) -> ort.InferenceSession:
-    """A session on an in-memory model without serialising its weights: the graph goes to onnxruntime
-    as a small header whose large float initializers are marked external, and their values as
-    buffers (SessionOptions.add_external_initializers) over the tensors' bytes, or over their place
-    in `serialized` (the model's bytes, when given: no copy at all), which onnxruntime copies once
-    into its own tensors. Same graph, same values, same kernels as a session on the serialised model
-    (the outputs are bit-identical), without serialising every weight and parsing it back: on
-    BERT-base this halves the cost of opening the session."""
+                     serialized: bytes | None = None) -> "ort.InferenceSession | WeightsFed":
+    """A session on an in-memory model without serialising its weights or copying them: the graph goes
+    to onnxruntime as a small header in which the large float initializers are graph inputs, and every
+    run feeds them from buffers over the tensors' bytes, or over their place in `serialized` (the
+    model's bytes, when given). onnxruntime reads fed inputs where they are; initializers handed over
+    (add_external_initializers) it copies into its own tensors (on BERT-base 0.2 s and 300 MB more).
+    Same graph, same values, same kernels as a session on the serialised model, for a run without
+    graph optimisation or prepacking (the outputs are bit-identical). Options that optimise or prepack
+    get a session on the serialised model: both work on constant weights only."""
+    if not _runs_as_written(opts):
+        return ort.InferenceSession(serialized or model.SerializeToString(), opts, providers=[provider])
     return InPlaceModel.of(model, serialized).open(opts, provider)
 
 
+def _runs_as_written(opts: ort.SessionOptions) -> bool:
+    """No graph optimisation and no prepacking: a weight fed as an input runs the very kernels its
+    initializer would."""
+    try:
+        unpacked = opts.get_session_config_entry("session.disable_prepacking") == "1"
+    except Exception:  # onnxruntime raises when the entry was never set
+        unpacked = False
+    return unpacked and opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+class WeightsFed:
+    """An onnxruntime session whose large weights are graph inputs, fed with every run: `run` and
+    `get_inputs` show the model's own inputs only; everything else is the session's."""
+
+    def __init__(self, session: ort.InferenceSession, weights: dict[str, np.ndarray]):
+        self._session, self._weights = session, weights
+
+    def run(self, output_names, input_feed: dict, run_options=None) -> list:
+        return self._session.run(output_names, {**input_feed, **self._weights}, run_options)
+
+    def get_inputs(self) -> list:
+        return [i for i in self._session.get_inputs() if i.name not in self._weights]
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
 class InPlaceModel:
-    """A ModelProto taken apart for session_in_place: a header (the model less its large weights'
-    bytes) and the weights' buffers. Taking it apart reads the model; opening the session reads only
-    these."""
+    """A ModelProto taken apart for session_in_place: a header (the model with its large weights as
+    graph inputs) and the weights' buffers. Taking it apart reads the model; opening the session reads
+    only the header."""
 
     def __init__(self, header: onnx.ModelProto, names: list[str], buffers: list[np.ndarray],
                  whole: bytes | None = None):
@@ -145,25 +176,35 @@ class InPlaceModel:
             return cls(header, names, buffers)
         return cls(header, [], [], serialized or model.SerializeToString())
 
-    def open(self, opts: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    def open(self, opts: ort.SessionOptions, provider: str) -> "ort.InferenceSession | WeightsFed":
         if not self.names:
             return ort.InferenceSession(self._whole, opts, providers=[provider])
-        values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
-        opts.add_external_initializers(self.names, values)
         session = ort.InferenceSession(self.header.SerializeToString(), opts, providers=[provider])
-        session._onnxprune_buffers = values  # they must live as long as the session
-        return session
+        return WeightsFed(session, dict(zip(self.names, self.buffers)))
+
+
+def _read_by_other_domains(graph: onnx.GraphProto) -> set[str]:
+    """What nodes outside the default domain read (in subgraphs too): contrib kernels may require a
+    weight to be a constant (MatMulNBits' scales), so theirs stay initializers."""
+    names: set[str] = set()
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            names.update(i for i in node.input if i)
+        for sub in subgraphs(node):
+            names |= _read_by_other_domains(sub)
+    return names
 
 
 def _split_initializers(model: onnx.ModelProto, serialized: bytes | None = None
                         ) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
-    """(header, names, values): the header is `model` with its large raw float initializers marked
-    external (no bytes); `model` itself is not changed. Values are views of `serialized` where it
-    holds the tensor, else copies of the tensors' raw bytes."""
+    """(header, names, values): the header is `model` with its large raw float initializers turned into
+    graph inputs (declared with their type and dims, no bytes); `model` itself is not changed. Values
+    are views of `serialized` where it holds the tensor, else copies of the tensors' raw bytes."""
     if sys.byteorder != "little":  # raw_data is little-endian: the buffers would need a byte swap
         return model, [], []
     graph = model.graph
-    inputs = {i.name for i in graph.input}  # an initializer that is also an input is a default: left inline
+    # an initializer that is also an input is a default: left inline; so is a contrib op's weight
+    inline = {i.name for i in graph.input} | _read_by_other_domains(graph)
     places = raw_data_places(serialized) if serialized is not None else {}
     header = onnx.ModelProto()
     copy_fields(model, header, skip="graph")
@@ -173,7 +214,7 @@ def _split_initializers(model: onnx.ModelProto, serialized: bytes | None = None
     for t in graph.initializer:
         dtype = _IN_PLACE_TYPES.get(t.data_type)
         if dtype is None or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
-                or t.name in inputs:
+                or t.name in inline:
             header.graph.initializer.append(t)
             continue
         numel = 1
@@ -192,13 +233,7 @@ def _split_initializers(model: onnx.ModelProto, serialized: bytes | None = None
                 header.graph.initializer.append(t)
                 continue
             values = np.frombuffer(raw, dtype=dtype)
-        ref = header.graph.initializer.add()
-        ref.name = t.name
-        ref.data_type = t.data_type
-        ref.dims.extend(t.dims)
-        ref.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", "onnxprune-in-memory"), ("offset", "0"), ("length", str(size))):
-            ref.external_data.add(key=key, value=value)
+        header.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         names.append(t.name)
         buffers.append(values.reshape(tuple(t.dims)))
     return header, names, buffers

@@ -28,7 +28,7 @@ from onnxprune.ir.prepare import ModelLike
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.options import SparsifyOptions, with_keywords
 from onnxprune.passes.cleanup import ReshareInitializers
-from onnxprune.pipeline.runner import Stage, run_stages
+from onnxprune.pipeline.runner import Stage, at_sizes_the_dense_model_runs, run_stages
 from onnxprune.pipeline.stages import evaluate_dense, evaluate_pruned, gate, load, measure_latency, save, validate
 from onnxprune.pipeline.state import PruneState
 from onnxprune.runtime.gate import check_gate_options
@@ -89,13 +89,18 @@ def sparsify(model: ModelLike, output: str | os.PathLike | None = None, options:
     verified atomic save are prune's stages (onnxprune.pipeline.stages); the gate raises
     AccuracyDropError and writes nothing.
     """
-    state = SparsifyState(SparsifyOptions.build(options, **keywords), model, output)
-    try:
-        run_stages(state, SPARSIFY)
-        return state.working, state.report
-    finally:
-        if state.staged is not None:
-            state.staged.discard()
+    options = SparsifyOptions.build(options, **keywords)
+
+    def run(input_shapes) -> tuple[onnx.ModelProto, SparsifyReport]:
+        state = SparsifyState(options, model, output, input_shapes=input_shapes)
+        try:
+            run_stages(state, SPARSIFY)
+            return state.working, state.report
+        finally:
+            if state.staged is not None:
+                state.staged.discard()
+
+    return at_sizes_the_dense_model_runs(run)
 
 
 def check_sparsify_options(state: SparsifyState) -> None:
