@@ -92,10 +92,8 @@ def _slice_initializers(model, pruned, analysis, masks) -> int:
             pruned.graph.initializer.append(t)
             continue
         arr = analysis.view.const(t.name)
-        index = [np.arange(n) for n in arr.shape]
-        for axis, mask in cuts:
-            index[axis] = np.flatnonzero(mask)
-        arr = arr[np.ix_(*index)]
+        for axis, mask in cuts:  # one axis at a time: np.take is many times quicker than an open-mesh index
+            arr = np.take(arr, np.flatnonzero(mask), axis=axis)
         if is_external(t) and arr.nbytes >= EXTERNAL_MIN_BYTES:  # read from disk, written back to disk
             spill = spill or Spill()
             pruned.graph.initializer.append(spill.add(arr, t.name))
