@@ -78,6 +78,13 @@ def attention_summary(changes: list[AttentionChange], cache: dict[str, int] | No
     if cache:
         text += (" The key-value cache inputs and outputs now hold these KV heads: a generation loop allocates "
                  "past_key_values from them (per layer).")
+        if len({(c.heads[1], c.kv_heads[1]) for c in changes}) > 1:
+            # measured: onnxruntime-genai 0.14.1 sizes every layer from genai_config.json, 0.15.2 to 0.18.0 read
+            # each layer's past_key_values shape from the model
+            text += (" The layers now differ: a config with one num_key_value_heads for all layers cannot describe "
+                     "them (transformers' config.json; onnxruntime-genai before 0.15 refuses the model), while "
+                     "onnxruntime-genai 0.15 and later read each layer's count from the model; for one count in "
+                     "every layer, prune with a uniform ratio (--ratio kv-groups=F).")
     return text
 
 

@@ -70,6 +70,9 @@ class AnalysisState:
     query_slots: dict[int, int] = field(default_factory=dict)
     #: grouped-query attention by slot: units of the KV heads, which stay (counted with the slots' group)
     slot_kv_units: set[int] = field(default_factory=set)
+    #: attention ops that state what a unit holds: unit -> (query heads, KV heads) in it (GroupQueryAttention's
+    #: KV group: counting head_dim blocks per source would take a packed QKV projection's q+k+v for query heads)
+    unit_heads: dict[int, tuple[int, int]] = field(default_factory=dict)
     #: opt-in: prune the hidden (residual-stream) width through norms and reductions (not lossless)
     hidden_width: bool = False
     hidden_units: set[int] = field(default_factory=set)

@@ -34,6 +34,7 @@ class Group:
     hidden: bool = False  # the residual-stream width, pruned through norms (opt-in, not lossless)
     kv_groups: int | None = None  # grouped-query attention by slot: a unit is one query head of each kv group
     slot_kv: bool = False  # the KV heads of grouped-query attention by slot: they stay, the slots' group counts them
+    unit_heads: tuple[int, int] | None = None  # (query, KV) heads in one unit, as the attention op states them
 
     @property
     def size(self) -> int:
@@ -50,6 +51,8 @@ class Group:
         or hidden (the residual-stream width, through norms: opt-in)."""
         if self.hidden:
             return "hidden"
+        if self.head_dim is not None and self.unit_heads is not None:
+            return "kv groups" if self.unit_heads[0] != self.unit_heads[1] else "heads"
         if self.head_dim is not None and self.heads_per_unit:
             return "kv groups" if len(set(self.heads_per_unit.values())) > 1 else "heads"
         if all(s.op_type in ("Conv", "ConvTranspose") for s in self.sources):
@@ -64,7 +67,7 @@ class Group:
         if kind == "heads":
             return f"{self.size} heads x {self.head_dim}"
         if kind == "kv groups":
-            query, kv = max(self.heads_per_unit.values()), min(self.heads_per_unit.values())
+            query, kv = self._kv_group_heads()
             return f"{self.size} kv groups ({query} query + {kv} kv heads x {self.head_dim})"
         return f"{self.size} {kind}"
 
@@ -81,8 +84,16 @@ class Group:
         if kind == "heads":  # one head a unit (a fused QKV projection's unit spans its Q, K and V columns)
             return units, units
         if kind == "kv groups":
-            return units * max(self.heads_per_unit.values()), units * min(self.heads_per_unit.values())
+            query, kv = self._kv_group_heads()
+            return units * query, units * kv
         return None
+
+    def _kv_group_heads(self) -> tuple[int, int]:
+        """(query heads, KV heads) in one KV group: as the attention op states them, else the widest and the
+        narrowest source (q_proj, k_proj)."""
+        if self.unit_heads is not None:
+            return self.unit_heads
+        return max(self.heads_per_unit.values()), min(self.heads_per_unit.values())
 
     def to_dict(self) -> dict:
         return {
@@ -214,6 +225,9 @@ def _annotate(state: AnalysisState, groups: list["Group"], gid_of_unit: np.ndarr
     for unit in state.slot_kv_units:
         if (g := group_of(unit)) is not None:
             g.slot_kv = True
+    for unit, heads in state.unit_heads.items():
+        if (g := group_of(unit)) is not None:
+            g.unit_heads = heads
     for unit, width in state.splits:
         if (g := group_of(unit)) is None:
             continue

@@ -6,6 +6,11 @@ heads or KV groups go from the cache too, the pruned model reads and writes only
 a caller allocates its cache from the new head counts (the pruned file declares them; the prune
 report lists them per layer). Everything else about the interface stays.
 
+Both layouts reach this module the same way, as the analysis' `cache_inputs` / `cache_outputs`: the
+plain one (MatMul/Softmax attention, a Concat appending to the cache: analysis/rules/concat.py) and
+onnxruntime-genai's (com.microsoft.GroupQueryAttention reading past_key / past_value and writing
+present_key / present_value: analysis/rules/contrib.py).
+
 `CacheChange` says which heads each cache input and output keeps, and turns what was measured
 on the dense model into what the pruned one must show: its input shapes, its feeds (the kept
 heads of the dense feeds), its expected output shapes and outputs (the kept heads of the dense

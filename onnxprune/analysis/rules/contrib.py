@@ -15,7 +15,12 @@ activations into contrib ops.  Their rules:
 * GroupQueryAttention (num_heads query heads sharing kv_num_heads KV heads):
   a unit is a whole KV group, the KV head with the num_heads / kv_num_heads
   query heads that read it (query head i reads KV head i // group), so the
-  ratio never changes; `num_heads` and `kv_num_heads` are rewritten.
+  ratio never changes; `num_heads` and `kv_num_heads` are rewritten.  Its
+  key-value cache (past_key / past_value graph inputs and present_key /
+  present_value outputs, [batch, kv_num_heads, sequence, head_size], as
+  onnxruntime-genai's model builder writes them) takes the KV groups on axis 1
+  with `prune_cache` (the model's interface changes: runtime/cache.py);
+  without it the cache blocks them with a reason naming `--prune-cache`.
 * SkipLayerNormalization, SkipSimplifiedLayerNormalization and
   EmbedLayerNormalization normalise over the hidden (residual) axis: units
   reaching it are blocked with a reason. (SimplifiedLayerNormalization, which
@@ -24,10 +29,10 @@ activations into contrib ops.  Their rules:
   elementwise: units pass, a constant bias is sliced with them.
 
 Anything these rules cannot follow (a past/present key-value cache, whose
-head axis is part of the model's interface; packed or 4-D key/value layouts;
-per-head biases computed at run time; quantized KV caches) blocks the heads
-with a reason naming the node.  A contrib op with no rule here is blocked by
-the generic Unsupported rule.
+head axis is part of the model's interface, unless GroupQueryAttention's with
+`prune_cache`; packed or 4-D key/value layouts; per-head biases computed at run
+time; quantized KV caches) blocks the heads with a reason naming the node.  A
+contrib op with no rule here is blocked by the generic Unsupported rule.
 """
 from __future__ import annotations
 
@@ -277,10 +282,27 @@ class MultiHeadAttentionRule(Rule):
 
 @register(MS + "GroupQueryAttention")
 class GroupQueryAttentionRule(Rule):
-    """query [B, S, N*H] (or packed [B, S, (N + 2 KV) * H]), key/value [B, S, KV*H] -> [B, S, N*H].
+    """query [B, S, N*H] (or packed [B, S, (N + 2 KV) * H]), key/value [B, S, KV*H] -> [B, S, N*H];
+    past_key/past_value [B, KV, P, H] -> present_key/present_value [B, KV, P + S, H].
 
     A unit is one KV group: KV head g and query heads g*r .. g*r + r - 1 (r = N / KV).
     """
+
+    CACHE_INPUTS = {3: "past_key", 4: "past_value"}
+    CACHE_OUTPUTS = {1: "present_key", 2: "present_value"}
+
+    @staticmethod
+    def head_layout(node, view) -> tuple[int, int, int, bool] | None:
+        """(num_heads, kv_num_heads, head_size, packed), or None when the head layout is not understood."""
+        heads = int(view.attr(node, "num_heads", 0))
+        kv_heads = int(view.attr(node, "kv_num_heads", 0))
+        q = node.input[0]
+        q_width = view.dim(q, 2) if view.rank(q) == 3 else None
+        packed = not view.has_input(node, 1) and not view.has_input(node, 2)
+        if heads < 1 or kv_heads < 1 or heads % kv_heads or not isinstance(q_width, int):
+            return None
+        total = heads + 2 * kv_heads if packed else heads
+        return (heads, kv_heads, q_width // total, packed) if q_width % total == 0 else None
 
     def propagate(self, node, s):
         y = node.output[0]
@@ -289,21 +311,15 @@ class GroupQueryAttentionRule(Rule):
         k, v = (node.input[i] if s.view.has_input(node, i) else "" for i in (1, 2))
         _block_off_axes(node, s, [q, k, v])
         _block_inputs(node, s, f"{where} uses it as sequence lengths or positions", indices={5, 6, 9})
-        heads = int(s.view.attr(node, "num_heads", 0))
-        kv_heads = int(s.view.attr(node, "kv_num_heads", 0))
-        q_width = s.view.dim(q, 2) if s.view.rank(q) == 3 else None
-        packed = not k and not v
-        if heads < 1 or kv_heads < 1 or heads % kv_heads or q_width is None or (
-                not packed and (not k or not v or s.view.rank(k) != 3 or s.view.rank(v) != 3)):
+        layout = self.head_layout(node, s.view)
+        if layout is None or (not layout[3] and (not k or not v or s.view.rank(k) != 3 or s.view.rank(v) != 3)):
+            heads, kv_heads = (int(s.view.attr(node, a, 0)) for a in ("num_heads", "kv_num_heads"))
             _block_inputs(node, s, f"{where}: head layout not understood (num_heads {heads}, kv_num_heads "
-                                   f"{kv_heads}, query width {q_width}); its heads are kept", indices={0, 1, 2})
+                                   f"{kv_heads}, query '{q}' of shape {s.view.shape(q)}); its heads are kept",
+                          indices={0, 1, 2})
             return
+        heads, kv_heads, head_dim, packed = layout
         r = heads // kv_heads
-        total = heads + 2 * kv_heads if packed else heads
-        if q_width % total:
-            _block_inputs(node, s, f"{where}: query width {q_width} is not {total} heads", indices={0, 1, 2})
-            return
-        head_dim = q_width // total
         units = s.fresh(node, y, 2, kv_heads)
         q_heads = np.repeat(units, r * head_dim)
         kv_cols = np.repeat(units, head_dim)
@@ -315,21 +331,76 @@ class GroupQueryAttentionRule(Rule):
             _couple_features(node, s, v, kv_cols, "value")
         s.set_layout(y, 2, q_heads)
         _note_heads(s, units, head_dim)
+        s.unit_heads.update((int(u), (r, 1)) for u in units.tolist())
         per_query_head = np.repeat(units, r)
         _per_head_input(node, s, 10, 1, per_query_head, "attention_bias")
         _per_head_input(node, s, 11, 0, per_query_head, "head_sink")
-        reasons = _state_reasons(node, s, {3: "past_key", 4: "past_value", 12: "k_scale", 13: "v_scale"},
-                                 {1: "present_key", 2: "present_value", 3: "output_qk"})
+        reasons = _state_reasons(node, s, {12: "k_scale", 13: "v_scale"}, {3: "output_qk"})  # quantized cache
+        if s.prune_cache:
+            reasons += self.follow_cache(node, s, units)
+        else:
+            reasons += [f"{reason} (--prune-cache lets its KV groups go from the cache too)"
+                        for reason in _state_reasons(node, s, self.CACHE_INPUTS, self.CACHE_OUTPUTS)]
         for reason in reasons:
             s.block(units, reason)
+
+    def follow_cache(self, node, s, units: np.ndarray) -> list[str]:
+        """prune_cache: past_key/past_value graph inputs and present_key/present_value outputs take the KV groups
+        on their head axis (1); a caller then feeds and reads only the kept heads. Returns the reasons a
+        cache tensor cannot follow (not a graph input, not [batch, kv_num_heads, sequence, head_size])."""
+        where = f"GroupQueryAttention '{node.name}'"
+        reasons = []
+        for i, what in self.CACHE_INPUTS.items():
+            if not s.view.has_input(node, i):
+                continue
+            name = node.input[i]
+            if name not in s.view.graph_inputs or s.view.is_const(name):
+                reasons.append(f"{where}: its {what} '{name}' is computed in the graph, not fed by the caller, "
+                               "so the cache cannot shrink with the KV groups; heads are kept")
+            elif s.view.rank(name) != 4 or s.view.dim(name, 1) != len(units):
+                reasons.append(f"{where}: its {what} '{name}' is not [batch, {len(units)} kv heads, past, head_size] "
+                               f"(shape {s.view.shape(name)}); heads are kept")
+            else:
+                s.set_layout(name, 1, units)
+                s.cache_inputs[name] = 1
+        for i in self.CACHE_OUTPUTS:
+            name = node.output[i] if i < len(node.output) else ""
+            if _used(s, name):  # [batch, kv_num_heads, total, head_size] by the op's definition
+                s.set_layout(name, 1, units)
+                if name in s.view.graph_outputs:
+                    s.cache_outputs[name] = 1
+        return reasons
 
     def rewrite(self, node, rw):
         _rewrite_heads(node, rw, ("num_heads", "kv_num_heads"))
 
     def zeros(self, node, z):
-        if not z.view.has_input(node, 2):
-            return  # packed: the value columns are a slice of the query input
-        _head_zeros(node, z, node.input[2])
+        """A KV group's output is exactly zero when its new values are: softmax(...) @ 0 = 0. With the cache
+        pruned, its cached values are zero too (a cache holds what the model wrote at earlier steps, as for the
+        plain layout's Concat), and so are its present values."""
+        layout = self.head_layout(node, z.view)
+        if layout is None:
+            return
+        heads, kv_heads, head_dim, packed = layout
+        if packed:  # the value columns are the last kv_num_heads * head_size of the packed input
+            q = node.input[0]
+            mask = z.position_zeros(q, 2)
+            first_v = (heads + kv_heads) * head_dim
+            dead = set() if mask is None else {
+                r for r, places in z.positions(q).items()
+                if any(a == 2 and (v := pos[pos >= first_v]).size and mask[v].all() for a, pos in places)}
+        elif z.view.has_input(node, 2):
+            dead = z.zero_set(node.input[2])
+        else:
+            return
+        z._set(node.output[0], dead & set(z.positions(node.output[0])))
+        past = node.input[4] if z.view.has_input(node, 4) else ""
+        if past and past not in z.analysis.state.cache_inputs:
+            return  # present_value holds that past, whose values the cache layout does not vouch for
+        if past:
+            z._set(past, dead & set(z.positions(past)))
+        if len(node.output) > 2 and node.output[2]:
+            z._set(node.output[2], dead & set(z.positions(node.output[2])))
 
 
 # -- norms over the hidden axis ----------------------------------------------------
