@@ -10,9 +10,9 @@ per-channel weights, calibrated on 64 samples of the model's calibration split):
 * int8 then pruned: `quantize(float)`, then `onnxprune prune --target-flops T` on the int8 model;
 * pruned then int8: `onnxprune prune --target-flops T` on the float model, then `quantize(pruned)`;
 
-With --format qoperator the targets are `--ratio`s (the same share of every layer's channels on
-both sides): FLOPs of a QOperator graph count one operation per output element of its integer ops,
-not their multiply-accumulates, so a FLOPs target would mean something else on each side.
+Both formats take FLOPs targets: QLinearConv, QLinearMatMul and QGemm count the multiply-accumulates
+of the float ops they replace, and QuantizeLinear/DequantizeLinear count nothing, so a target means
+the same on the int8 model as on its float original.
 
 and their top-1 accuracy on the held-out split.  A data-aware criterion reads the calibration
 split; the reconstruction passes stay off on both sides (they refit float weights only, so they
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--format", choices=("qdq", "qoperator"), default="qdq")
     args = parser.parse_args()
     quant_format = QuantFormat.QOperator if args.format == "qoperator" else QuantFormat.QDQ
-    amount = "ratio" if args.format == "qoperator" else "target_flops"
+    amount = "target_flops"
     rows = []
     for name in args.models.split(","):
         stem = name.split("_")[0]
