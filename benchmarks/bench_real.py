@@ -28,11 +28,12 @@ texts, the committed calibration/test splits):
 Settings (`--settings` takes comma-separated globs over these names):
 
 * `nodata:l1`, `nodata:fpgm`: no calibration data at all, uniform (the data-free baseline);
-* `{uniform,adaptive}:{l1,flap,wanda,fpgm}:{repair,norepair}`: with calibration data;
+* `{uniform,adaptive,global}:{l1,flap,wanda,fpgm}:{repair,norepair}`: with calibration data (global:
+  one threshold on the scores across layers; in the default list with l1 only);
   `repair` runs the default reconstruction (least squares, bias compensation, BN recalibration),
   `norepair` switches all three off (`least_squares=False, bias_correction=False,
   bn_recalibration=False`): the data then only ranks (flap, wanda) or allocates (adaptive);
-* `{uniform,adaptive}:{l1,flap,wanda,fpgm}:stats`: least squares off, the statistics passes on
+* `{uniform,adaptive,global}:{l1,flap,wanda,fpgm}:stats`: least squares off, the statistics passes on
   (bias compensation, BN recalibration / output statistics matching). Not in the default list
   except for minilm (what least squares adds on a transformer).
 
@@ -431,8 +432,9 @@ TASKS = {
 CRITERIA = ("l1", "flap", "wanda", "fpgm")
 REPAIRS = ("repair", "norepair", "stats")
 ALL_SETTINGS = ["nodata:l1", "nodata:fpgm"] + [f"{s}:{c}:{r}" for r in REPAIRS
-                                               for s in ("uniform", "adaptive") for c in CRITERIA]
-SETTINGS = [s for s in ALL_SETTINGS if not s.endswith(":stats")]  # the default; a task may add some
+                                               for s in ("uniform", "adaptive", "global") for c in CRITERIA]
+# the default (a task may add some); global with l1 only, to keep the list short
+SETTINGS = [s for s in ALL_SETTINGS if not s.endswith(":stats") and (not s.startswith("global") or ":l1:" in s)]
 QUICK_SETTINGS = ["nodata:l1", "uniform:l1:repair", "adaptive:l1:repair", "uniform:wanda:norepair"]
 
 

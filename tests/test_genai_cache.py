@@ -28,7 +28,7 @@ LAYERS, HEAD_SIZE = CONFIG["num_hidden_layers"], CONFIG["head_size"]
 CACHES = [f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]
 QKV = "/model/layers.{}/attn/qkv_proj/MatMul"  # each layer's KV-group group is named after it
 GQA = "/model/layers.{}/attn/GroupQueryAttention"
-# the model declares its head size as a symbol (kv_cache_dim), so prune is told the sizes to validate at:
+# batch 2 and a past of 3 are sizes prune would not choose itself (it plans batch 1, an empty past):
 PREFILL = {"input_ids": [2, 4], "attention_mask": [2, 4], **{c: [2, 2, 0, HEAD_SIZE] for c in CACHES}}
 DECODE = {"input_ids": [2, 1], "attention_mask": [2, 4], **{c: [2, 2, 3, HEAD_SIZE] for c in CACHES}}
 
@@ -190,3 +190,11 @@ def test_layers_left_with_different_kv_head_counts_are_reported_as_such(tmp_path
     assert "a config with one num_key_value_heads for all layers cannot describe them" in report.summary()
     tokens, _ = generate(pruned, new_tokens=3)
     assert tokens.shape == (2, 3)
+
+
+def test_the_symbolic_head_size_of_the_cache_is_read_from_the_attention_without_input_shape(tmp_path):
+    out = tmp_path / "model.onnx"
+    pruned, report = onnxprune.prune(decoder(), out, ratio={"kv-groups": 0.5}, prune_cache=True)
+    note = next(n for n in report.notes if n.startswith("input shapes assumed"))
+    assert f"kv_cache_dim={HEAD_SIZE} (head size, from the attention reading it)" in note
+    assert set(declared_heads(onnx.load(str(out))).values()) == {1}

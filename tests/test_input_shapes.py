@@ -140,3 +140,17 @@ def test_the_dense_model_is_run_at_its_planned_sizes_only_when_the_pruned_model_
     assert probes == []  # validation ran the pruned model there: that was the check
     onnxprune.prune(detector_like(), ratio=0.5)  # 224 fails: the dense model is probed, prune starts again
     assert probes == [1]
+
+
+def test_a_failure_before_validation_at_a_size_the_dense_model_cannot_take_starts_again_at_one_it_can():
+    # a 200-tap filter over audio: the planned 128 samples are too short, so the cost or the plan fails
+    # before any validation run; the dense model is probed, and prune starts again at 512 samples
+    nodes = [helper.make_node("Conv", ["audio", "taps"], ["bands"], name="filterbank"),
+             helper.make_node("Relu", ["bands"], ["r"], name="act"),
+             helper.make_node("Conv", ["r", "mix"], ["y"], name="mix")]
+    model = make_model(nodes, [("audio", [1, 1, "samples"])], [("y", [1, 4, None])],
+                       [weight(16, 1, 200, name="taps"), weight(4, 16, 1, name="mix")])
+    _, report = onnxprune.prune(model, ratio=0.5)
+    note = next(n for n in report.notes if n.startswith("input shapes assumed"))
+    assert "audio 1x1x512" in note and "failed at audio 1x1x128" in note
+    assert report.after.params < report.before.params

@@ -24,7 +24,7 @@ from onnxprune.ir.prepare import prepare
 from onnxprune.options import PruneOptions
 from onnxprune.pipeline.progressive import prune_progressively
 from onnxprune.pipeline.runner import Stage, at_sizes_the_dense_model_runs, run_stages
-from onnxprune.pipeline.stages import DECIDE, FINISH, LOAD, REWRITE, build_analysis
+from onnxprune.pipeline.stages import DECIDE, FINISH, LOAD, REWRITE, build_analysis, sizes_checked_on_failure
 from onnxprune.pipeline.state import PruneState
 from onnxprune.report import ModelStats, PruneReport
 from onnxprune.runtime.inputs import plan_input_shapes
@@ -134,7 +134,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, options: Pr
     def run(input_shapes) -> tuple[onnx.ModelProto, PruneReport]:
         state = PruneState(options, model, output, input_shapes=input_shapes)
         if options.target.steps > 1:
-            return prune_progressively(state)
+            with sizes_checked_on_failure(state):
+                return prune_progressively(state)
         return finish(state, LOAD + DECIDE)
 
     return at_sizes_the_dense_model_runs(run)
@@ -143,7 +144,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, options: Pr
 def finish(state: PruneState, first: list[Stage]) -> tuple[onnx.ModelProto, PruneReport]:
     """Run `first`, then the rewrite and the finishing stages; a staged output never outlives the call."""
     try:
-        run_stages(state, first + REWRITE + FINISH)
+        with sizes_checked_on_failure(state):
+            run_stages(state, first + REWRITE + FINISH)
         return state.working, state.report
     finally:
         if state.staged is not None:

@@ -9,7 +9,9 @@ loaded state and runs them once per ratio).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Iterator
 
 import numpy as np
 
@@ -18,7 +20,7 @@ from onnxprune.analysis.diagnose import explain
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.curves import removal_orders, sensitivity_curves
 from onnxprune.cost import model_cost
-from onnxprune.errors import InputSizesRejected, PlanError, UsageError, ValidationError
+from onnxprune.errors import InputSizesRejected, PlanError, UsageError
 from onnxprune.importance import criterion, score_groups
 from onnxprune.importance.data_aware import criterion_statistics
 from onnxprune.ir.graph_view import GraphView
@@ -125,8 +127,6 @@ def _drops_layers(state: PruneState) -> bool:
 
 def drop_layers(state: PruneState) -> None:
     o = state.options
-    if state.calib_data is None:  # influence is measured on random inputs at the planned sizes
-        check_input_sizes(state, state.working)
     _, state.depth = choose_drops(
         state.working, o.depth.drop_layers, o.depth.drop_unit, state.given_plan, calib=state.calib_data,
         calib_samples=o.calibration.calib_samples, input_shapes=state.input_shapes.shapes, seed=o.runtime.seed,
@@ -411,13 +411,9 @@ def validate(state: PruneState) -> None:
     feeds, reference = _lossless_reference(state)
     names = [o.name for o in state.working.graph.output]
     expected = state.expected_shapes if cache is None else cache.output_shapes(names, state.expected_shapes)
-    try:
-        state.validation = validate_model(state.working, shapes, reference_outputs=reference, feeds=feeds,
-                                          expected_shapes=expected, seed=state.options.runtime.seed,
-                                          run_from=state.staged.path if state.staged is not None else None)
-    except ValidationError:  # the pruned model's failure, unless the dense model fails there too
-        check_input_sizes(state)
-        raise
+    state.validation = validate_model(state.working, shapes, reference_outputs=reference, feeds=feeds,
+                                      expected_shapes=expected, seed=state.options.runtime.seed,
+                                      run_from=state.staged.path if state.staged is not None else None)
     if cache is not None:  # the expected shapes were the dense model's with the caches' kept heads
         checks = state.validation.checks
         checks[:] = ["output shapes as expected (the caches at their kept heads)" if c == "output shapes unchanged"
@@ -426,16 +422,29 @@ def validate(state: PruneState) -> None:
     state.after = ModelStats.from_cost(model_cost(state.working, shapes), size)
 
 
-def check_input_sizes(state: PruneState, dense=None) -> None:
-    """Input sizes only planned (not run) are run on the dense model (`dense`, else the caller's model
-    loaded again): if it fails there, raise InputSizesRejected with the sizes it runs at (prune starts
-    again there). Validation calls it when the pruned model failed; a stage that runs the dense model
-    on random inputs calls it first."""
+@contextmanager
+def sizes_checked_on_failure(state: PruneState) -> Iterator[None]:
+    """Stages run at input sizes that were planned, not run on the dense model: when one fails (the
+    pruned model's validation run, a cost of zero at a size the model cannot take, a layer drop's
+    random inputs), the sizes are checked first (`check_input_sizes`), so that the failure reported
+    is the pruning's, or prune starts again at sizes the dense model runs at."""
+    try:
+        yield
+    except (UsageError, AccuracyDropError, InputSizesRejected):  # not about the sizes
+        raise
+    except Exception:
+        if state.input_shapes is not None:
+            check_input_sizes(state)
+        raise
+
+
+def check_input_sizes(state: PruneState) -> None:
+    """Input sizes only planned (not run) are run on the dense model (the caller's model loaded again):
+    if it fails there, raise InputSizesRejected with the sizes it runs at."""
     planned = state.input_shapes
     if planned.checked:
         return
-    if dense is None:
-        dense, _ = prepare(state.model)
+    dense, _ = prepare(state.model)
     o = state.options
     found = recheck_input_shapes(dense, planned, _shapes(o), o.runtime.seed)
     planned.checked = True

@@ -149,6 +149,44 @@ def _default_size(vi, axis: int, spatial: set[int], image_size, sizes: tuple[int
     return sizes[1], "length"
 
 
+def _cache_head_size(model: onnx.ModelProto, name: str) -> int | None:
+    """The head size of a cache input whose last dim is a symbol (onnxruntime-genai's `kv_cache_dim`):
+    the width of the projection feeding the GroupQueryAttention that reads it, over its heads (a packed
+    query holds num_heads + 2 kv_num_heads of them, a separate key kv_num_heads). None if not found."""
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or name not in node.input[3:5]:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
+        packed = len(node.input) < 2 or not node.input[1]
+        width = _projection_width(graph, node.input[0] if packed else node.input[1])
+        count = heads + 2 * kv_heads if packed else kv_heads
+        if width and count and width % count == 0:
+            return width // count
+    return None
+
+
+def _projection_width(graph: onnx.GraphProto, tensor: str) -> int | None:
+    """Output features of the MatMul/Gemm with a constant weight that makes `tensor`, through bias Adds,
+    Casts and Identities."""
+    producers = {o: n for n in graph.node for o in n.output}
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    for _ in range(8):
+        node = producers.get(tensor)
+        if node is None:
+            return None
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            return weights[node.input[1]][-1]
+        if node.op_type == "Gemm" and node.input[1] in weights:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            return weights[node.input[1]][0 if trans_b else -1]
+        if node.op_type not in ("Add", "Cast", "Identity"):
+            return None
+        tensor = next((i for i in node.input if i and i not in weights), "")
+    return None
+
+
 def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None = None,
                       profile: int = 0) -> InputShapes:
     """Shapes from --input-shape, static dims, metadata, then SIZE_PROFILES[profile]; nothing is run.
@@ -187,8 +225,11 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
                 shape.append(symbols[key])
                 continue
             derived = _evaluate(key, symbols) if key else None
+            head_size = _cache_head_size(model, vi.name) if _is_cache_input(vi) and axis == len(dims) - 1 else None
             if derived is not None:
                 value, reason = derived, "from the dims it names"
+            elif head_size is not None:
+                value, reason = head_size, "head size, from the attention reading it"
             else:
                 value, reason = _default_size(vi, axis, spatial, image_size, SIZE_PROFILES[profile])
             if key:

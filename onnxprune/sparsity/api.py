@@ -29,7 +29,8 @@ from onnxprune.ir.shapes import infer_shapes
 from onnxprune.options import SparsifyOptions, with_keywords
 from onnxprune.passes.cleanup import ReshareInitializers
 from onnxprune.pipeline.runner import Stage, at_sizes_the_dense_model_runs, run_stages
-from onnxprune.pipeline.stages import evaluate_dense, evaluate_pruned, gate, load, measure_latency, save, validate
+from onnxprune.pipeline.stages import evaluate_dense, evaluate_pruned, gate, load, measure_latency, save, \
+    sizes_checked_on_failure, validate
 from onnxprune.pipeline.state import PruneState
 from onnxprune.runtime.gate import check_gate_options
 from onnxprune.runtime.metrics import load_metric
@@ -94,7 +95,8 @@ def sparsify(model: ModelLike, output: str | os.PathLike | None = None, options:
     def run(input_shapes) -> tuple[onnx.ModelProto, SparsifyReport]:
         state = SparsifyState(options, model, output, input_shapes=input_shapes)
         try:
-            run_stages(state, SPARSIFY)
+            with sizes_checked_on_failure(state):
+                run_stages(state, SPARSIFY)
             return state.working, state.report
         finally:
             if state.staged is not None:
