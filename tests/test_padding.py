@@ -1,6 +1,7 @@
 """Padded token positions (attention mask 0) never enter a statistic, a Gram matrix or a divergence:
 the same samples padded further give the same numbers."""
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -187,3 +188,23 @@ def test_a_named_mask_input_must_exist():
     with pytest.raises(DataError, match="--mask-input 'mask' is not an input of the model"):
         onnxprune.prune(flattened_token_mlp(4), ratio=0.25, round_to=1, calib=additive(samples([2, 3], 4)),
                         mask_input="mask")
+
+
+def test_the_pooled_output_error_reads_the_mean_over_real_positions_only():
+    from onnxprune.passes.reconstruct import _add_pooled
+
+    reference = RNG.standard_normal((2, 6, 3))
+    valid = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
+    changed = reference.copy()
+    changed[~valid] += 100.0  # only padding moves
+    sums = [0.0, 0.0]
+    _add_pooled(sums, reference, changed, valid)
+    assert sums[0] == 0.0 and sums[1] > 0.0
+    changed[0, 0] += 1.0
+    changed[0, 1] -= 1.0  # errors that cancel in the mean: per-position error, no pooled error
+    sums = [0.0, 0.0]
+    _add_pooled(sums, reference, changed, valid)
+    assert sums[0] == pytest.approx(0.0, abs=1e-20)
+    changed[1, 0] += 1.0  # one of the 5 real positions of sample 1, every feature
+    _add_pooled(sums, reference, changed, valid)
+    assert sums[0] == pytest.approx(3 * (1.0 / 5) ** 2, abs=1e-12)  # 1/5 off on each of 3 features

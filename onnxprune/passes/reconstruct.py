@@ -238,13 +238,18 @@ def weight_out_axis(c: Consumer) -> int:
 # -- fidelity on held-out data ------------------------------------------------------------------------
 class Fidelity:
     """Relative squared error of a model's float outputs against the dense model's, on held-out samples
-    (sum over outputs of ||model - dense||^2 / ||dense||^2), plus top-1 agreement of a (N, classes) output."""
+    (sum over outputs of ||model - dense||^2 / ||dense||^2), plus top-1 agreement of a (N, classes) output
+    and, for a [N, sequence, features] output, the same error of its mean over the real positions of each
+    sample (`last_pooled`): what a sentence embedding reads, which per-position error can rank the other
+    way (measured on MiniLM: an allocation with 0.041 per-token error against 0.070 had 0.138 pooled
+    error against 0.092, and the worse retrieval)."""
 
     def __init__(self, ctx: ReconstructionContext):
         self.ctx = ctx
         self.names = [o.name for o in ctx.dense.graph.output]
         self._reference: list[dict[str, np.ndarray]] | None = None
         self.last_agreement: float | None = None
+        self.last_pooled: float | None = None
 
     def _dense_batches(self):
         if self._reference is not None:
@@ -269,6 +274,7 @@ class Fidelity:
         session = Capture(model, self.names, threads=self.ctx.threads)
         num = {n: 0.0 for n in self.names}
         den = {n: 0.0 for n in self.names}
+        pooled = {n: [0.0, 0.0] for n in self.names}  # numerator, denominator of the pooled error
         agree = total = 0
         batches = self.ctx.holdout.batches(self.ctx.batch_size)
         for ref in self._dense_batches():
@@ -280,6 +286,8 @@ class Fidelity:
                 if r.dtype.kind != "f" or r.shape != g.shape:
                     continue
                 keep = row_mask(r.shape, valid, rows_per_sample=True) if r.ndim >= 3 else None
+                if r.ndim == 3 and len(r) == n:
+                    _add_pooled(pooled[name], r, g, keep)
                 if keep is not None:  # padded positions: neither an error nor a reference
                     r, g = r[keep], g[keep]
                 num[name] += float(np.square(g.astype(np.float64) - r).sum())
@@ -289,8 +297,19 @@ class Fidelity:
                 agree += int((got[self.names[0]].argmax(1) == r0.argmax(1)).sum())
                 total += len(r0)
         self.last_agreement = agree / total if total else None
+        pooled_parts = [a / b for a, b in pooled.values() if b > 0]
+        self.last_pooled = float(np.mean(pooled_parts)) if pooled_parts else None
         parts = [num[n] / den[n] for n in self.names if den[n] > 0]
         return float(np.mean(parts)) if parts else 0.0
+
+
+def _add_pooled(sums: list[float], r: np.ndarray, g: np.ndarray, keep: np.ndarray | None) -> None:
+    """Add one batch's squared error of the per-sample means over real positions to `sums`."""
+    weights = (keep if keep is not None else np.ones(r.shape[:2], bool)).astype(np.float64)[..., None]
+    count = np.maximum(weights.sum(1), 1.0)
+    r_mean, g_mean = (r * weights).sum(1) / count, (g * weights).sum(1) / count
+    sums[0] += float(np.square(g_mean - r_mean).sum())
+    sums[1] += float(np.square(r_mean).sum())
 
 
 # -- bias compensation ---------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class ReconstructionReport:
     fidelity_after: float | None
     agreement_before: float | None = None  # held-out top-1 agreement with the dense model (classifiers)
     agreement_after: float | None = None
+    pooled_after: float | None = None  # held-out error of the outputs' means over positions (sequences)
     passes: list[PassRecord] = field(default_factory=list)  # one guarded record per pass, in order
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -74,7 +75,7 @@ class ReconstructionReport:
         return {"fit_samples": self.fit_samples, "holdout_samples": self.holdout_samples,
                 "fidelity_before": self.fidelity_before, "fidelity_after": self.fidelity_after,
                 "agreement_before": self.agreement_before, "agreement_after": self.agreement_after,
-                "seconds": round(self.seconds, 3), "notes": self.notes,
+                "pooled_after": self.pooled_after, "seconds": round(self.seconds, 3), "notes": self.notes,
                 "passes": [p.to_dict() for p in self.passes]}
 
     def summary(self) -> str:
@@ -105,12 +106,13 @@ class HeldOutFidelity:
         self.fidelity = fidelity
         self.model = model
         self.score = fidelity(model)
-        self.agreement = fidelity.last_agreement
+        self.agreement, self.pooled = fidelity.last_agreement, fidelity.last_pooled
 
     def __call__(self, before: onnx.ModelProto, after: onnx.ModelProto) -> Verdict:
         if before is not self.model:  # not the model judged last: measure it
-            self.model, self.score, self.agreement = before, self.fidelity(before), self.fidelity.last_agreement
-        score, agreement = self.fidelity(after), self.fidelity.last_agreement
+            self.model, self.score = before, self.fidelity(before)
+            self.agreement, self.pooled = self.fidelity.last_agreement, self.fidelity.last_pooled
+        score, agreement, pooled = self.fidelity(after), self.fidelity.last_agreement, self.fidelity.last_pooled
         details = {"fidelity_before": self.score, "fidelity_after": score,
                    "agreement_before": self.agreement, "agreement_after": agreement}
         worse_error = score is not None and self.score is not None and not score <= self.score  # NaN is worse
@@ -119,7 +121,7 @@ class HeldOutFidelity:
             return Verdict(False, "held-out top-1 agreement with the dense model dropped", details)
         if worse_error:
             return Verdict(False, "held-out output error grew", details)
-        self.model, self.score, self.agreement = after, score, agreement
+        self.model, self.score, self.agreement, self.pooled = after, score, agreement, pooled
         return Verdict(True, "held-out fidelity did not get worse", details)
 
 
@@ -169,7 +171,7 @@ def reconstruct(
     else:
         current = _run_passes(pruned, ctx, analysis, judge, report, (least_squares, bias_correction,
                                                                       bn_recalibration), ridge)
-    report.fidelity_after, report.agreement_after = judge.score, judge.agreement
+    report.fidelity_after, report.agreement_after, report.pooled_after = judge.score, judge.agreement, judge.pooled
     report.seconds = time.perf_counter() - clock
     return current, report
 
