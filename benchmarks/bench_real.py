@@ -37,7 +37,8 @@ Settings (`--settings` takes comma-separated globs over these names):
   (bias compensation, BN recalibration / output statistics matching). Not in the default list
   except for minilm (what least squares adds on a transformer).
 
-Each (model, target, setting) is one `onnxprune.prune(model, out, target_flops=T, ...)` call in
+Each (model, target, setting) is one `onnxprune.prune(model, out, target_flops=T, ...)` call (crnn's with
+class_axis=2: its output is CTC logits, [steps, batch, classes]) in
 a fresh process (default round_to 8, seed 0); "prune s" is that call's wall time, "peak RSS" the
 process's own peak (`ru_maxrss` from os.wait4, taken by a small launcher process: a child of this
 large process would count this process's memory too), imports included. The FLOPs removed column is
@@ -180,6 +181,7 @@ class Task:
     batch_axis_out: int = 0
     inputs: tuple[str, ...] = ()
     extra_settings: tuple[str, ...] = ()  # added to the default settings (globs over ALL_SETTINGS)
+    options: dict = field(default_factory=dict)  # prune options every setting of this task gets
     sizes: dict = field(default_factory=dict)
 
 
@@ -416,7 +418,8 @@ TASKS = {
     "crnn": Task("crnn", "CRNN captcha reader", crnn_model, crnn_build, crnn_reduce, crnn_score,
                  [Column("exact match", "exact"), Column("% of dense", "exact", "ratio"),
                   Column("char accuracy", "char_acc"), Column("text = dense", "text_agreement")],
-                 "exact", batch_axis_out=1, inputs=("image",)),
+                 "exact", batch_axis_out=1, inputs=("image",),
+                 options={"class_axis": 2}),  # CTC logits [steps, batch, classes]: the repair's check reads them
     "pplcnet": Task("pplcnet", "PP-LCNet orientation classifier: rotated rendered pages", pplcnet_model,
                     pplcnet_build, identity_reduce, top1_score, TOP1, "top1", inputs=("x",)),
     "clutter": Task("clutter", "clutter_vgg (models/)", lambda zoo: ROOT / "models" / "clutter_vgg.onnx",
@@ -542,7 +545,7 @@ def run_model(task: Task, path: Path, data: dict) -> np.ndarray:
 def measure(task: Task, setting: str, target: float, model: Path, calib: Path, data: dict, dense: np.ndarray,
             timeout: float) -> dict:
     row = {"model": task.name, "setting": setting, "target": target}
-    options = dict(setting_options(setting, calib), target_flops=target)
+    options = dict(setting_options(setting, calib), target_flops=target, **task.options)
     with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
         tmp = Path(tmp)
         out = tmp / "pruned.onnx"

@@ -309,7 +309,9 @@ class GateOptions:
                                "--max-accuracy-drop is in its unit", metavar="FILE.py:FUNCTION")
     class_axis: int | str | None = option(None, "the class axis of outputs that hold class scores, in the model's "
                                                 "layout (default: from the labels, else only a [batch, classes] "
-                                                "float output has one); 'none': no output holds class scores",
+                                                "float output has one); 'none': no output holds class scores. "
+                                                "With --calib the repair's held-out check then also keeps the "
+                                                "first output's top-1 agreement per position from dropping",
                                           parse=class_axis_text, metavar="N|none")
 
 

@@ -208,3 +208,19 @@ def test_the_pooled_output_error_reads_the_mean_over_real_positions_only():
     changed[1, 0] += 1.0  # one of the 5 real positions of sample 1, every feature
     _add_pooled(sums, reference, changed, valid)
     assert sums[0] == pytest.approx(3 * (1.0 / 5) ** 2, abs=1e-12)  # 1/5 off on each of 3 features
+
+
+def test_a_declared_class_axis_makes_the_repair_keep_top1_agreement_per_position():
+    import onnxprune
+    from onnxprune.passes.reconstruct import _class_axis_of
+
+    logits = np.zeros((20, 4, 37), np.float32)  # CTC logits: [steps, batch, classes]
+    assert _class_axis_of(None, logits) is None and _class_axis_of(2, logits) == 2
+    assert _class_axis_of(None, np.zeros((4, 10), np.float32)) == 1
+    data = samples([6, 3, 5, 6, 2, 4, 6, 6, 5, 3], padded_to=6)
+    details = {}
+    for axis in (None, 2):
+        _, report = onnxprune.prune(token_mlp(), ratio=0.5, calib=data, class_axis=axis, round_to=1)
+        details[axis] = next(p for p in report.passes if p["name"] == "reconstruction")["details"]
+    assert details[None]["agreement_after"] is None
+    assert 0.0 <= details[2]["agreement_before"] <= details[2]["agreement_after"] <= 1.0

@@ -143,6 +143,7 @@ def reconstruct(
     memory_cap: int = DEFAULT_MEMORY_CAP,
     threads: int = 0,
     seed: int = 0,
+    class_axis: int | None = None,
 ) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Repair `pruned` (= ApplyPlan(analysis, removed_roots)(dense).model) with calibration data.
 
@@ -153,14 +154,18 @@ def reconstruct(
     .jsonl), a dict of arrays, a Dataset or a CalibrationSet; labels are
     ignored. holdout: the fraction kept aside for the guard (0 turns the
     guard off). per_sample: Conv output positions sampled per image for the
-    least squares. Neither `dense` nor `pruned` is modified.
+    least squares. class_axis: the first output's class axis, when it holds
+    a sequence of class scores (the guard then also keeps the top-1
+    agreement per position from dropping). Neither `dense` nor `pruned` is
+    modified.
     """
     clock = time.perf_counter()
     calib = CalibrationSet.open(calib_data, dense, max_samples=max_samples)
     fit, held = calib.split(holdout, seed)
     masks = analysis.keep_masks(removed_roots) if removed_roots else {}
     rewired = rewired_nodes(dense, pruned)
-    ctx = ReconstructionContext(dense, masks, fit, held, batch_size, per_sample, memory_cap, threads, seed, rewired)
+    ctx = ReconstructionContext(dense, masks, fit, held, batch_size, per_sample, memory_cap, threads, seed, rewired,
+                                class_axis)
     judge = HeldOutFidelity(Fidelity(ctx), pruned)
     report = ReconstructionReport(len(fit), len(held), judge.score, judge.score, judge.agreement, judge.agreement)
     if len(held) == 0:

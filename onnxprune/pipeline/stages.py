@@ -331,7 +331,8 @@ def repair(state: PruneState) -> None:
                                         max_samples=o.calibration.calib_samples,
                                         least_squares=o.reconstruction.least_squares,
                                         bias_correction=o.reconstruction.bias_correction,
-                                        bn_recalibration=o.reconstruction.bn_recalibration, seed=o.runtime.seed)
+                                        bn_recalibration=o.reconstruction.bn_recalibration, seed=o.runtime.seed,
+                                        class_axis=o.gate.class_axis if isinstance(o.gate.class_axis, int) else None)
     state.notes += recon.summary().splitlines()
     state.passes.append(recon.record)
     if not _depth_only(state):
