@@ -28,12 +28,14 @@ texts, the committed calibration/test splits):
 Settings (`--settings` takes comma-separated globs over these names):
 
 * `nodata:l1`, `nodata:fpgm`: no calibration data at all, uniform (the data-free baseline);
-* `{uniform,adaptive,global}:{l1,flap,wanda,fpgm}:{repair,norepair}`: with calibration data (global:
-  one threshold on the scores across layers; in the default list with l1 only);
+* `{uniform,adaptive,global,progressive}:{l1,flap,wanda,fpgm}:{repair,norepair}`: with calibration data
+  (global: one threshold on the scores across layers; progressive: uniform ratios reached in 3 linear
+  steps, each re-scored and repaired (`steps=3`); global and progressive in the default list with l1
+  and repair only);
   `repair` runs the default reconstruction (least squares, bias compensation, BN recalibration),
   `norepair` switches all three off (`least_squares=False, bias_correction=False,
   bn_recalibration=False`): the data then only ranks (flap, wanda) or allocates (adaptive);
-* `{uniform,adaptive,global}:{l1,flap,wanda,fpgm}:stats`: least squares off, the statistics passes on
+* `{uniform,adaptive,global,progressive}:{l1,flap,wanda,fpgm}:stats`: least squares off, the statistics passes on
   (bias compensation, BN recalibration / output statistics matching). Not in the default list
   except for minilm (what least squares adds on a transformer).
 
@@ -434,10 +436,14 @@ TASKS = {
 
 CRITERIA = ("l1", "flap", "wanda", "fpgm")
 REPAIRS = ("repair", "norepair", "stats")
-ALL_SETTINGS = ["nodata:l1", "nodata:fpgm"] + [f"{s}:{c}:{r}" for r in REPAIRS
-                                               for s in ("uniform", "adaptive", "global") for c in CRITERIA]
-# the default (a task may add some); global with l1 only, to keep the list short
-SETTINGS = [s for s in ALL_SETTINGS if not s.endswith(":stats") and (not s.startswith("global") or ":l1:" in s)]
+# "progressive": uniform ratios reached in PROGRESSIVE_STEPS linear steps, each re-scored and repaired
+STRATEGIES = ("uniform", "adaptive", "global", "progressive")
+PROGRESSIVE_STEPS = 3
+ALL_SETTINGS = ["nodata:l1", "nodata:fpgm"] + [f"{s}:{c}:{r}" for r in REPAIRS for s in STRATEGIES
+                                               for c in CRITERIA]
+# the default (a task may add some); global and progressive with l1 and repair only, to keep it short
+SETTINGS = [s for s in ALL_SETTINGS if not s.endswith(":stats")
+            and (not s.startswith(("global", "progressive")) or s.endswith(":l1:repair"))]
 QUICK_SETTINGS = ["nodata:l1", "uniform:l1:repair", "adaptive:l1:repair", "uniform:wanda:norepair"]
 
 
@@ -447,6 +453,8 @@ def setting_options(setting: str, calib: Path) -> dict:
         return {"criterion": parts[1], "strategy": "uniform"}
     strategy, criterion, repair = parts
     options = {"criterion": criterion, "strategy": strategy, "calib": str(calib)}
+    if strategy == "progressive":
+        options.update(strategy="uniform", steps=PROGRESSIVE_STEPS)
     if repair == "norepair":
         options.update(least_squares=False, bias_correction=False, bn_recalibration=False)
     elif repair == "stats":
@@ -459,7 +467,8 @@ def describe(setting: str) -> tuple[str, str, str]:
     parts = setting.split(":")
     if parts[0] == "nodata":
         return "uniform", parts[1], "no data"
-    return parts[0], parts[1], {"repair": "calib + reconstruction", "norepair": "calib, no reconstruction",
+    strategy = f"progressive, {PROGRESSIVE_STEPS} steps" if parts[0] == "progressive" else parts[0]
+    return strategy, parts[1], {"repair": "calib + reconstruction", "norepair": "calib, no reconstruction",
                                 "stats": "calib + statistics passes (no least squares)"}[parts[2]]
 
 
