@@ -154,3 +154,21 @@ def test_a_failure_before_validation_at_a_size_the_dense_model_cannot_take_start
     note = next(n for n in report.notes if n.startswith("input shapes assumed"))
     assert "audio 1x1x512" in note and "failed at audio 1x1x128" in note
     assert report.after.params < report.before.params
+
+
+def test_random_validation_inputs_give_an_attention_mask_of_ones_and_other_integers_their_usual_draw():
+    from onnxprune.runtime.inputs import random_inputs
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["y"])], "tokens",
+        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [2, 16]),
+         helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, [2, 16]),
+         helper.make_tensor_value_info("token_type_ids", onnx.TensorProto.INT64, [2, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [2, 16])])
+    model = helper.make_model(graph)
+    shapes = {i.name: [2, 16] for i in graph.input}
+    feeds = random_inputs(model, shapes, seed=0)
+    assert (feeds["attention_mask"] == 1).all()
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, 2, (2, 16)) for _ in range(3)]
+    assert np.array_equal(feeds["input_ids"], draws[0]) and np.array_equal(feeds["token_type_ids"], draws[2])
