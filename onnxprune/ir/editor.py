@@ -27,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.ir.graph_view import tensor_values
-from onnxprune.ir.model_io import copy_fields
+from onnxprune.ir.model_io import add_tensor, copy_fields
 from onnxprune.ir.subgraphs import all_names, outer_reads, rename_reads
 
 Reader = tuple[onnx.NodeProto, int]  # (node, input index); -1: read inside the node's subgraphs
@@ -156,8 +156,7 @@ class GraphEditor:
     def add_initializer(self, value: np.ndarray, base: str) -> str:
         """A new initializer holding `value`, named `base` or a fresh variant of it; returns the name."""
         name = self.fresh_name(base)
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        self.initializers[name] = self.graph.initializer[-1]
+        self.initializers[name] = add_tensor(self.graph.initializer, np.asarray(value), name)
         return name
 
     def remove_initializers(self, names: set[str]) -> None:

@@ -269,10 +269,6 @@ class Fidelity:
         if cached is not None:
             self._reference = cached
 
-    def _class_axis(self, r: np.ndarray) -> int | None:
-        """The axis of class scores in the first output: 1 of a [N, classes] output; a declared one."""
-        return _class_axis_of(self.ctx.class_axis, r)
-
     def __call__(self, model: onnx.ModelProto) -> float | None:
         if len(self.ctx.holdout) == 0:
             return None
@@ -297,7 +293,8 @@ class Fidelity:
                     r, g = r[keep], g[keep]
                 num[name] += float(np.square(g.astype(np.float64) - r).sum())
                 den[name] += float(np.square(r.astype(np.float64)).sum())
-            r0, axis = ref[self.names[0]], self._class_axis(ref[self.names[0]])
+            r0 = ref[self.names[0]]
+            axis = _class_axis_of(self.ctx.class_axis, r0)
             if axis is not None and got[self.names[0]].shape == r0.shape:
                 same = got[self.names[0]].argmax(axis) == r0.argmax(axis)
                 agree += int(same.sum())
@@ -310,6 +307,7 @@ class Fidelity:
 
 
 def _class_axis_of(ctx_axis: int | None, r: np.ndarray) -> int | None:
+    """The axis of class scores in an output: 1 of a [N, classes] one; a declared one (`ctx_axis`)."""
     if r.dtype.kind != "f":
         return None
     if r.ndim == 2 and r.shape[1] > 1:

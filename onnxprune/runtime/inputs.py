@@ -10,10 +10,12 @@ share the value; a dim declared as -1 (paddle2onnx) is dynamic like a named one.
 sizes and, when that fails, at the next profiles (320, 640, ... for images;
 16, 512, ... for sequences), so that nothing is ever validated at a size the
 dense model cannot run; if none works, the error says so and shows
---input-shape. Prune probes only when it needs the dense outputs (lossless);
-otherwise the pruned model's own validation run is the check, and the dense
-model is probed only if that run fails (`recheck_input_shapes`): on BERT-base
-the up-front probe was a fifth of prune's time.
+--input-shape. Prune probes up front only when it needs the dense outputs
+(lossless) or validates many models (sweep); otherwise the pruned model's own
+validation run is the check, and the dense model is probed only if something
+fails at the planned sizes (`recheck_input_shapes`, called by
+onnxprune.pipeline.stages.sizes_checked_on_failure): on BERT-base the
+up-front probe was a fifth of prune's time.
 """
 from __future__ import annotations
 
@@ -225,10 +227,10 @@ def plan_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None
                 shape.append(symbols[key])
                 continue
             derived = _evaluate(key, symbols) if key else None
-            head_size = _cache_head_size(model, vi.name) if _is_cache_input(vi) and axis == len(dims) - 1 else None
             if derived is not None:
                 value, reason = derived, "from the dims it names"
-            elif head_size is not None:
+            elif _is_cache_input(vi) and axis == len(dims) - 1 and \
+                    (head_size := _cache_head_size(model, vi.name)) is not None:
                 value, reason = head_size, "head size, from the attention reading it"
             else:
                 value, reason = _default_size(vi, axis, spatial, image_size, SIZE_PROFILES[profile])
@@ -329,8 +331,8 @@ def probe_dense(model: onnx.ModelProto, given: dict[str, list[int]] | None, seed
 
 def recheck_input_shapes(model: onnx.ModelProto, planned: InputShapes, given: dict[str, list[int]] | None,
                          seed: int = 0) -> InputShapes | None:
-    """After the pruned model failed at `planned` sizes (unchecked): None if the dense model runs there
-    (the failure is the pruned model's), else the sizes it runs at. Raises UnsupportedModelError, naming
+    """After something failed at `planned` sizes (unchecked): None if the dense model runs there (the
+    failure is not the sizes'), else the sizes it runs at. Raises UnsupportedModelError, naming
     --input-shape, when it runs at none tried."""
     found = probe_dense(model, given, seed)
     return None if found.shapes == planned.shapes else found
