@@ -56,9 +56,11 @@ def cases() -> dict[str, tuple[str, dict]]:
     digits = str(MODELS / "digits_resnet.onnx")
     calib = str(MODELS / "digits_calib.npz")
     out["digits flops-0.5"] = (digits, {"target_flops": 0.5})
-    out["digits flops-0.5 calib"] = (digits, {"target_flops": 0.5, "calib": calib, "calib_samples": 64})
+    # strategy named: with calib the default became adaptive (2026-11-30), and trees before it are compared
+    out["digits flops-0.5 calib"] = (digits, {"target_flops": 0.5, "calib": calib, "calib_samples": 64,
+                                              "strategy": "uniform"})
     out["digits flops-0.5 flap calib"] = (digits, {"target_flops": 0.5, "criterion": "flap", "calib": calib,
-                                                   "calib_samples": 64})
+                                                   "calib_samples": 64, "strategy": "uniform"})
     out["digits drop-1 then ratio-0.3"] = (digits, {"drop_layers": 1, "ratio": 0.3})
     out["digits plan replay"] = (digits, {"plan": "<plan of digits flops-0.5>"})
     out["clutter_vgg params-0.4 bn_scale"] = (str(MODELS / "clutter_vgg.onnx"),

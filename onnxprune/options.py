@@ -130,10 +130,11 @@ class TargetOptions:
     lossless: bool = option(False, "remove only exactly-dead channels and zero branches", switch=True,
                             exclusive="what")
     plan: Any = option(None, "apply a saved (possibly edited) plan JSON", exclusive="what")
-    strategy: str = option("uniform", "uniform: the same ratio in every group; global: one ranking of all "
-                                      "units; adaptive: per-group ratios from measured sensitivity curves (the "
-                                      "least predicted divergence per FLOP saved; needs --calib)",
-                           choices=STRATEGIES)
+    strategy: str | None = option(None, "uniform: the same ratio in every group; global: one ranking of all "
+                                            "units; adaptive: per-group ratios from measured sensitivity curves "
+                                            "(the least predicted divergence per FLOP saved; needs --calib). "
+                                            "Default: adaptive with --calib (one step, one ratio or target for "
+                                            "all kinds), else uniform", choices=STRATEGIES)
     max_ratio: float = option(0.9, "most any group may lose", parse=float)
     round_to: int = option(8, "keep a multiple of N units per group (CPU kernels run odd widths slowly)", parse=int)
     include: tuple[str, ...] = option((), "only prune groups whose source node name matches this glob, or op type",
@@ -187,7 +188,7 @@ class TargetOptions:
             unknown = sorted(set(self.ratio) - set(UNIT_KINDS))
             if unknown:
                 raise UsageError(f"unknown unit kind(s) {unknown} in the ratio; use {', '.join(UNIT_KINDS)}")
-            if self.strategy != "uniform":
+            if self.strategy not in (None, "uniform"):
                 raise UsageError("ratios per unit kind need the uniform strategy")
         values = list(given[0].values()) if isinstance(given[0], Mapping) else given
         for value in values:
@@ -200,11 +201,21 @@ class TargetOptions:
             raise UsageError("max_ratio must be in (0, 1]")
         if self.round_to < 1:
             raise UsageError("round_to must be >= 1")
-        if self.strategy not in STRATEGIES:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
             raise UsageError(f"unknown strategy '{self.strategy}' ({', '.join(STRATEGIES)})")
 
-    def describe(self, criterion: str) -> str:
-        """One line for the report: what was asked."""
+    def default_strategy(self, calibrated: bool) -> str:
+        """What prune uses where no strategy was named: adaptive when calibration data can measure the
+        sensitivity curves and the repair can check the plan against uniform's (one step, one ratio or
+        target for every kind), else uniform."""
+        if self.strategy is not None:
+            return self.strategy
+        adaptive = calibrated and self.width and not isinstance(self.ratio, Mapping) and self.steps == 1
+        return "adaptive" if adaptive else "uniform"
+
+    def describe(self, criterion: str, kept: str | None = None) -> str:
+        """One line for the report: what was asked (and `kept`, the strategy whose plan was kept when it is
+        not the one asked for)."""
         if isinstance(self.ratio, Mapping):
             what = "ratio " + ", ".join(f"{k} {v:g}" for k, v in self.ratio.items()) + " of units removed"
         elif self.ratio is not None:
@@ -213,7 +224,8 @@ class TargetOptions:
             what = f"target: {self.target_flops:.0%} of FLOPs removed"
         else:
             what = f"target: {self.target_params:.0%} of parameters removed"
-        return f"{what} ({criterion}, {self.strategy})"
+        strategy = self.strategy if kept in (None, self.strategy) else f"{self.strategy}: the {kept} plan kept"
+        return f"{what} ({criterion}, {strategy})"
 
 
 @dataclass(frozen=True)
@@ -414,6 +426,12 @@ class PruneOptions:
         """`base` (default: all defaults) with flat keywords (field names of any group) or whole groups
         (target=TargetOptions(...)) replaced; an unknown keyword is a UsageError naming the close ones."""
         return with_keywords(base if base is not None else cls(), keywords)
+
+    def with_strategy(self) -> "PruneOptions":
+        """These options with the strategy named (TargetOptions.default_strategy)."""
+        strategy = self.target.default_strategy(self.calibration.calib is not None)
+        return self if strategy == self.target.strategy else \
+            dataclasses.replace(self, target=dataclasses.replace(self.target, strategy=strategy))
 
     def check(self) -> None:
         self.target.check(self.depth)

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_model
+from onnx import helper, numpy_helper
 
 import onnxprune
 from onnxprune.calibration.curves import Curve, removal_orders, sensitivity_curves
 from onnxprune.cli import main
 from onnxprune.cost import model_cost
 from onnxprune.errors import UsageError
+from onnxprune.options import PruneOptions
 from onnxprune.importance import score_groups
 from onnxprune.pipeline import build_analysis, prepare
 from onnxprune.strategy.adaptive import allocate_adaptive, allowed_kept
@@ -68,6 +71,55 @@ def test_adaptive_predicts_no_more_divergence_than_uniform_at_the_same_target(di
         uniform = allocate(analysis, scores, Target(None, goal, None, "uniform", 0.9, 8, [], []), estimator)
         predicted = sum(curves.curves[g].loss_at(analysis.groups[g].size - len(k)) for g, k in uniform.items())
         assert adaptive.predicted_loss <= predicted + 1e-9, goal
+
+
+def linear_pair_with_a_redundant_unit() -> tuple:
+    """x (N, 4) -> MatMul fc1 -> h (N, 3) -> MatMul fc2 -> y (N, 2), no nonlinearity between them, and the
+    third hidden unit exactly the sum of the first two: removing it loses nothing a refit of fc2 cannot
+    give back (fc2 reads units 0 and 1 once more each)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 2)).astype(np.float32)
+    w1 = np.concatenate([w1, w1.sum(axis=1, keepdims=True)], axis=1)
+    w2 = rng.normal(size=(3, 2)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [("x", ["N", 4])], [("y", ["N", 2])],
+                       [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    data = {"x": rng.normal(size=(64, 4)).astype(np.float32)}
+    return model, data
+
+
+@pytest.mark.parametrize("fill, redundant_costs_nothing", [("refit", True), ("mean", False)])
+def test_a_curve_measures_what_the_refit_of_the_consumer_cannot_give_back(fill, redundant_costs_nothing):
+    model, data = linear_pair_with_a_redundant_unit()
+    working, _ = prepare(model)
+    analysis = build_analysis(working)
+    group = next(g for g in analysis.groups if g.size == 3)
+    curves = sensitivity_curves(working, analysis, data, {group.id: np.array([2, 1, 0])}, grid=(0.34, 0.67),
+                                samples=64, fill=fill)
+    redundant, independent = curves.curves[group.id].losses  # unit 2 alone, then units 2 and 1
+    assert (redundant < 1e-6) == redundant_costs_nothing, redundant
+    assert independent > 0.01  # unit 1 is not a combination of unit 0: nothing predicts it
+
+
+def test_with_calibration_data_the_default_strategy_is_adaptive_and_else_uniform():
+    calibrated = PruneOptions.build(target_flops=0.5, calib=str(CALIB)).with_strategy()
+    assert calibrated.target.strategy == "adaptive"
+    assert PruneOptions.build(target_flops=0.5).with_strategy().target.strategy == "uniform"
+    named = PruneOptions.build(target_flops=0.5, calib=str(CALIB), strategy="global").with_strategy()
+    assert named.target.strategy == "global"
+    for uniform_only in ({"ratio": {"heads": 0.25, "neurons": 0.3}}, {"target_flops": 0.5, "steps": 3}):
+        assert PruneOptions.build(calib=str(CALIB), **uniform_only).with_strategy().target.strategy == "uniform"
+
+
+def test_a_prune_with_calibration_data_and_no_strategy_compares_adaptive_with_uniform(tmp_path):
+    plan = tmp_path / "plan.json"
+    _, report = onnxprune.prune(DIGITS, tmp_path / "out.onnx", target_flops=0.4, calib=str(CALIB), calib_samples=32,
+                                sensitivity_samples=8, least_squares=False, save_plan=plan)
+    assert any(n.startswith("allocations repaired and compared") for n in report.notes)
+    kept = json.loads(plan.read_text())["meta"]["strategy"]
+    assert kept in ("adaptive", "uniform")
+    assert ("(l1, adaptive)" if kept == "adaptive" else "(l1, adaptive: the uniform plan kept)") in report.mode
 
 
 def test_adaptive_strategy_needs_calibration_data():

@@ -49,7 +49,7 @@ from onnxprune.analysis.units import NO_UNIT
 from onnxprune.calibration.capture import Capture, calibration_session
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.padding import row_mask
-from onnxprune.calibration.stats import calibration_statistics
+from onnxprune.calibration.stats import ChannelStats, calibration_statistics
 from onnxprune.errors import AblationBudgetError, OnnxPruneError
 from onnxprune.ir.graph_view import reads
 from onnxprune.ir.model_io import copy_fields
@@ -64,6 +64,7 @@ DEFAULT_MIN_SAMPLES = 8
 # 3e13 FLOPs: 6 to 12 minutes at the 40-80 GFLOP/s onnxruntime reached on 2 CPU cores here
 # (digits_resnet: 0.83 TFLOPs of ablations, 12-24 s)
 DEFAULT_BUDGET_FLOPS = 3e13
+FILLS = ("zero", "mean", "refit")
 
 
 @dataclass
@@ -81,16 +82,64 @@ class GatedModel:
     gated: list[tuple[str, int]]  # the (tensor, axis) slots that were gated
     used: np.ndarray  # per gate index: whether any gated position carries it
     muls: dict[str, np.ndarray] = field(default_factory=dict)  # gating Mul node -> gate index per position
+    refits: list["Refit"] = field(default_factory=list)
 
     def ones(self) -> np.ndarray:
         return np.ones(self.units + 1, dtype=np.float32)
 
+    @property
+    def controls(self) -> set[str]:
+        """The graph inputs that say what is removed: the gate, and each refit's matrix and offset."""
+        return {self.gate, *(name for r in self.refits for name in (r.matrix, r.offset))}
+
+
+RIDGE = 1e-3  # of the mean variance: the kept positions are often nearly collinear (a ReLU's dead ones)
+
+
+@dataclass
+class Refit:
+    """A sink whose gated-off positions read a linear prediction from its kept positions, fitted by least
+    squares on calibration data: x_off ≈ mean_off + Aᵀ(x_on − mean_on). The consumer reads that sink
+    linearly, so this is what the repair's least-squares refit of the consumer gives back (the refit's
+    optimum is W_on + A W_off, the same product). Fed per run: `matrix` [P, P] (x along the axis times
+    it, zero but at [on, off]) and `offset` [P]."""
+
+    matrix: str
+    offset: str
+    index: np.ndarray  # gate index per position of the axis
+    stats: ChannelStats
+    mul: str = ""  # the gating Mul of the sink
+    first: str = ""  # the first node of the prediction (it reads the sink before the gate)
+
+    def zeros(self) -> dict[str, np.ndarray]:
+        p = len(self.index)
+        return {self.matrix: np.zeros((p, p), np.float32), self.offset: np.zeros(p, np.float32)}
+
+    def fitted(self, gate: np.ndarray) -> dict[str, np.ndarray]:
+        off = gate[self.index] == 0
+        if not off.any():
+            return self.zeros()
+        on = ~off
+        cov, mean = self.stats.covariance, self.stats.mean
+        c_on = cov[np.ix_(on, on)]
+        ridge = RIDGE * max(float(np.trace(c_on)) / max(int(on.sum()), 1), 1e-12)
+        coef = np.linalg.solve(c_on + ridge * np.eye(len(c_on)), cov[np.ix_(on, off)]) if on.any() else \
+            np.zeros((0, int(off.sum())))
+        p = len(self.index)
+        matrix, offset = np.zeros((p, p), np.float32), np.zeros(p, np.float32)
+        matrix[np.ix_(on, off)] = coef
+        offset[off] = mean[off] - mean[on] @ coef
+        return {self.matrix: matrix, self.offset: offset}
+
 
 def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
-                fill: dict[tuple[str, int], np.ndarray] | None = None) -> GatedModel:
+                fill: dict[tuple[str, int], np.ndarray] | None = None,
+                refit: dict[tuple[str, int], ChannelStats] | None = None) -> GatedModel:
     """Gate every sink position that carries a unit of `groups` (see the module docstring). With
     `fill[(tensor, axis)]` (one value per position of that axis, e.g. its mean on calibration data), a
-    gated-off position reads that value instead of zero: removal followed by bias compensation."""
+    gated-off position reads that value instead of zero: removal followed by bias compensation. With
+    `refit[(tensor, axis)]` (statistics with a covariance), it reads its least-squares prediction from the
+    positions kept (`Refit`): removal followed by the refit of the consumer."""
     slots, total, index, by_node, used = _gate_slots(analysis, groups)
     gated = onnx.ModelProto()
     gated.CopyFrom(model)
@@ -104,6 +153,7 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
     done: dict[tuple, str] = {}
     nodes: list[onnx.NodeProto] = []
     muls: dict[str, np.ndarray] = {}
+    refits: list[Refit] = []
     counter = 0
     for node in graph.node:
         keys = by_node.get(node.name, [])
@@ -135,8 +185,14 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
                         mask = f"{prefix}_cast"
                     nodes.append(helper.make_node("Mul", [current, mask], [f"{prefix}_out"], name=f"{prefix}_mul"))
                     muls[f"{prefix}_mul"] = index[(tensor, axis)]
+                    gated_off = current
                     current = f"{prefix}_out"
-                    if fill is not None and (tensor, axis) in fill:
+                    stats = (refit or {}).get((tensor, axis))
+                    if stats is not None and rank is not None and elem in (TensorProto.FLOAT, 0, None):
+                        refits.append(_refit_off(nodes, graph, prefix, gated_off, current, axis % rank, rank,
+                                                 index[(tensor, axis)], stats))
+                        current = f"{prefix}_refitted"
+                    elif fill is not None and (tensor, axis) in fill:
                         current = _fill_off(nodes, graph, prefix, current, mask, fill[(tensor, axis)], shape, elem)
                 done[(tensor, axes)] = current
             for i, name in enumerate(node.input):
@@ -145,7 +201,8 @@ def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return GatedModel(gated, gate, total, slots, sorted(k for k, v in index.items() if (v < total).any()), used, muls)
+    return GatedModel(gated, gate, total, slots, sorted(k for k, v in index.items() if (v < total).any()), used, muls,
+                      refits)
 
 
 def _gate_slots(analysis, groups: Sequence):
@@ -189,12 +246,42 @@ def _fill_off(nodes: list, graph, prefix: str, gated: str, mask: str, values: np
     return f"{prefix}_sum"
 
 
-def sink_means(model: onnx.ModelProto, analysis, groups: Sequence, calib: CalibrationSet,
-               batch_size: int = 64, threads: int = 0) -> dict[tuple[str, int], np.ndarray]:
-    """The mean of every sink of `groups` along its unit axis, on the calibration samples (streamed a
+def _refit_off(nodes: list, graph, prefix: str, ungated: str, gated: str, axis: int, rank: int,
+               index: np.ndarray, stats: ChannelStats) -> Refit:
+    """gated + (ungated along `axis`) @ matrix + offset, the matrix and offset fed per run (zero but
+    at the positions gated off)."""
+    refit = Refit(f"{prefix}_refit_matrix", f"{prefix}_refit_offset", index, stats, mul=f"{prefix}_mul",
+                  first=f"{prefix}_to_last" if axis != rank - 1 else f"{prefix}_predict")
+    p = len(index)
+    graph.input.append(helper.make_tensor_value_info(refit.matrix, TensorProto.FLOAT, [p, p]))
+    graph.input.append(helper.make_tensor_value_info(refit.offset, TensorProto.FLOAT, [p]))
+    last = axis == rank - 1
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    source = ungated
+    if not last:  # the axis last for the MatMul, then back
+        nodes.append(helper.make_node("Transpose", [ungated], [f"{prefix}_to_last"], perm=perm,
+                                      name=f"{prefix}_to_last"))
+        source = f"{prefix}_to_last"
+    nodes.append(helper.make_node("MatMul", [source, refit.matrix], [f"{prefix}_predicted"], name=f"{prefix}_predict"))
+    nodes.append(helper.make_node("Add", [f"{prefix}_predicted", refit.offset], [f"{prefix}_shifted"],
+                                  name=f"{prefix}_shift"))
+    shifted = f"{prefix}_shifted"
+    if not last:
+        nodes.append(helper.make_node("Transpose", [shifted], [f"{prefix}_back"],
+                                      perm=[int(i) for i in np.argsort(perm)], name=f"{prefix}_back"))
+        shifted = f"{prefix}_back"
+    nodes.append(helper.make_node("Add", [gated, shifted], [f"{prefix}_refitted"], name=f"{prefix}_refitted"))
+    return refit
+
+
+def sink_statistics(model: onnx.ModelProto, analysis, groups: Sequence, calib: CalibrationSet,
+                    batch_size: int = 64, threads: int = 0,
+                    covariance: bool = False) -> dict[tuple[str, int], ChannelStats]:
+    """Statistics of every sink of `groups` along its unit axis, on the calibration samples (streamed a
     chunk of tensors at a time under the statistics' memory cap)."""
-    stats = calibration_statistics(model, analysis, calib, groups=groups, batch_size=batch_size, threads=threads)
-    return {key: s.mean for key, s in stats.channels.items()}
+    stats = calibration_statistics(model, analysis, calib, groups=groups, batch_size=batch_size, threads=threads,
+                                   covariance=covariance)
+    return stats.channels
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -279,6 +366,7 @@ def suffix(gm: GatedModel, start: set[str], node_flops: dict[str, float] | None,
     """Every node downstream of the gating Mul nodes `start`, with the gate masks they need."""
     graph = gm.model.graph
     constants = {t.name for t in graph.initializer}
+    controls = gm.controls
     affected: set[str] = set()
     chosen: set[int] = set()
     gate_only: dict[str, int] = {}  # tensor -> producer, for nodes computed from the gate and constants alone
@@ -287,7 +375,7 @@ def suffix(gm: GatedModel, start: set[str], node_flops: dict[str, float] | None,
         if node.name in start or any(x in affected for x in ins):
             chosen.add(i)
             affected.update(o for o in node.output if o)
-        elif all(x in constants or x == gm.gate or x in gate_only for x in ins):
+        elif all(x in constants or x in controls or x in gate_only for x in ins):
             gate_only.update((o, i) for o in node.output if o)
     stack = [x for i in chosen for x in reads(graph.node[i]) if x in gate_only]
     while stack:
@@ -298,7 +386,7 @@ def suffix(gm: GatedModel, start: set[str], node_flops: dict[str, float] | None,
     nodes = [graph.node[i] for i in sorted(chosen)]
     produced = {o for n in nodes for o in n.output if o}
     frontier = list(dict.fromkeys(x for n in nodes for x in reads(n)
-                                  if x not in produced and x not in constants and x != gm.gate))
+                                  if x not in produced and x not in constants and x not in controls))
     outputs = [o for o in graph.output if o.name in affected]
     out = onnx.ModelProto()
     copy_fields(gm.model, out, skip="graph")
@@ -310,7 +398,7 @@ def suffix(gm: GatedModel, start: set[str], node_flops: dict[str, float] | None,
     for name in frontier:
         elem = dtypes.get(name, TensorProto.FLOAT)
         out.graph.input.append(old_inputs.get(name) or helper.make_tensor_value_info(name, elem, None))
-    out.graph.input.append(old_inputs[gm.gate])
+    out.graph.input.extend(old_inputs[x] for x in [gm.gate, *sorted(controls & used - {gm.gate})])
     out.graph.output.extend(outputs)
     flops = None if node_flops is None else float(sum(node_flops.get(n.name, 0.0) for n in nodes))
     return Suffix(out, frontier, [o.name for o in outputs], flops)
@@ -390,13 +478,19 @@ class Probes:
 def plan_probes(model: onnx.ModelProto, analysis, data: Any, groups: Sequence, *, samples: int,
                 runs_per_group: int | None = None, min_samples: int = DEFAULT_MIN_SAMPLES,
                 budget_flops: float | None = DEFAULT_BUDGET_FLOPS, batch_size: int = 64,
-                max_samples: int | None = None, seed: int = 0, fill_means: bool = False) -> Probes:
+                max_samples: int | None = None, seed: int = 0, fill: str = "zero") -> Probes:
     """Gate `groups`, cut each group's suffix, and pick the calibration samples the FLOP budget allows
-    (the caller runs each group's suffix once per unit, or `runs_per_group` times). `fill_means`: a
-    gated-off position reads its mean on the calibration data (as after bias compensation)."""
+    (the caller runs each group's suffix once per unit, or `runs_per_group` times). `fill`, what a
+    gated-off position reads: "zero"; "mean", its mean on the calibration data (as after bias
+    compensation); "refit", its least-squares prediction from the positions kept (as after the refit of
+    its consumer; the mean where a sink cannot be refit)."""
+    if fill not in FILLS:
+        raise OnnxPruneError(f"ablation fill must be one of {', '.join(FILLS)}, got '{fill}'")
     calib = CalibrationSet.open(data, model, max_samples=max_samples)
-    fill = sink_means(model, analysis, groups, calib, batch_size) if fill_means else None
-    gm = gated_model(model, analysis, groups, fill)
+    stats = sink_statistics(model, analysis, groups, calib, batch_size, covariance=fill == "refit") \
+        if fill != "zero" else {}
+    gm = gated_model(model, analysis, groups, {k: v.mean for k, v in stats.items()} if stats else None,
+                     stats if fill == "refit" else None)
     node_flops = _node_flops(model)
     dtypes = {name: entry[0] for name, entry in analysis.view.shapes.items() if entry and entry[0]}
     plans = []
@@ -406,6 +500,7 @@ def plan_probes(model: onnx.ModelProto, analysis, data: Any, groups: Sequence, *
         if not active:
             continue
         start = {name for name, idx in gm.muls.items() if ((idx >= lo) & (idx < hi)).any()}
+        start |= {r.first for r in gm.refits if r.mul in start}  # the prediction reads the ungated sink
         plans.append((g, active, suffix(gm, start, node_flops, dtypes)))
     units = sum(len(a) for _, a, _ in plans)
     cost = None if node_flops is None else \
@@ -429,11 +524,16 @@ class GroupProbe:
         self.probes, self.group, self.part = probes, group, part
         gm = probes.gm
         self.ones = gm.ones()
-        self.feeds = _frontier_feeds(gm, part, probes.batches, self.ones, threads) if part.outputs else []
+        inputs = {i.name for i in part.model.graph.input}
+        self.refits = [r for r in gm.refits if r.matrix in inputs]
+        self.unchanged = {gm.gate: self.ones}
+        for r in self.refits:
+            self.unchanged.update(r.zeros())
+        self.feeds = _frontier_feeds(gm, part, probes.batches, self.unchanged, threads) if part.outputs else []
         self.session = calibration_session(part.model, threads=threads) if part.outputs else None
         self.losses: list[tuple[int, Divergence]] = []
         if self.session is not None:
-            dense = _run(self.session, part.outputs, self.feeds, gm.gate, self.ones)
+            dense = _run(self.session, part.outputs, self.feeds, self.unchanged)
             for j, name in enumerate(part.outputs):
                 kind = divergence_kind(dense[0][j], loss)
                 if kind is not None:
@@ -449,8 +549,11 @@ class GroupProbe:
             return 0.0
         gate = self.ones.copy()
         gate[self.probes.gm.slots[self.group.id] + np.asarray(zeroed, dtype=np.int64)] = 0.0
+        controls = {**self.unchanged, self.probes.gm.gate: gate}
+        for r in self.refits:
+            controls.update(r.fitted(gate))
         total = 0.0
-        for b, values in enumerate(_run(self.session, self.part.outputs, self.feeds, self.probes.gm.gate, gate)):
+        for b, values in enumerate(_run(self.session, self.part.outputs, self.feeds, controls)):
             total += sum(d.total(b, values[j]) for j, d in self.losses)
         self.runs += len(self.feeds)
         return max(total / self.probes.samples, 0.0)
@@ -520,20 +623,21 @@ def check_loss(loss: str) -> None:
         raise OnnxPruneError(f"ablation loss must be 'auto', 'kl' or 'mse', got '{loss}'")
 
 
-def _run(session, outputs: list[str], feeds, gate_name: str, gate: np.ndarray) -> list[list[np.ndarray]]:
-    """Per batch, the outputs (padding rows dropped) with `gate`."""
-    return [[v[:n] for v in session.run(outputs, {**f, gate_name: gate})] for f, n in feeds]
+def _run(session, outputs: list[str], feeds, controls: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+    """Per batch, the outputs (padding rows dropped) with the gate and refits `controls`."""
+    return [[v[:n] for v in session.run(outputs, {**f, **controls})] for f, n in feeds]
 
 
-def _frontier_feeds(gm: GatedModel, part: Suffix, batches, ones: np.ndarray, threads: int):
+def _frontier_feeds(gm: GatedModel, part: Suffix, batches, unchanged: dict[str, np.ndarray], threads: int):
     """Per batch: the suffix's inputs (graph inputs as given, prefix tensors from one dense run) and n."""
     graph_inputs = {i.name for i in gm.model.graph.input}
     captured = [x for x in part.frontier if x not in graph_inputs]
+    unchanged = {**unchanged, **{k: v for r in gm.refits for k, v in r.zeros().items()}}  # the whole model's
     capture = Capture(gm.model, captured, threads=threads) if captured else None
     out = []
     for feeds, n in batches:
         f = {x: feeds[x] for x in part.frontier if x in graph_inputs}
         if capture is not None:
-            f.update(capture.run({**feeds, gm.gate: ones}))
+            f.update(capture.run({**feeds, **unchanged}))
         out.append((f, n))
     return out

@@ -106,22 +106,22 @@ def sensitivity_curves(
     seed: int = 0,
     threads: int = 0,
     progress: bool | None = None,
-    fill_means: bool = True,
+    fill: str = "refit",
 ) -> SensitivityCurves:
     """Curves of the groups in `orders` (group id -> unit indices, the first removed first) on `model`
     (the model `analysis` was built on), measured on a seeded subset of `samples` calibration samples.
 
-    fill_means: a removed unit's positions read their mean on the calibration data instead of zero, as
-    they do after the repair (bias compensation, or the bias column of the least-squares refit): the
-    curve measures what the repair cannot give back. On clutter_vgg, adaptive allocation from these
-    curves reached 89.9% / 87.7% top-1 at 50% / 70% of FLOPs removed, from zeroed ones 89.5% / 87.3%."""
+    fill: what a removed unit's positions read (onnxprune.calibration.ablation.plan_probes): "zero";
+    "mean", their mean on the calibration data (bias compensation); "refit" (the default), their
+    least-squares prediction from the positions kept, which is what the repair's refit of the consumer
+    gives back: the curve measures what the repair cannot."""
     check_loss(loss)
     grid = check_grid(grid)
     clock = time.perf_counter()
     groups = [analysis.groups[gid] for gid in orders if analysis.groups[gid].size > 1]
     probes = plan_probes(model, analysis, data, groups, samples=samples, runs_per_group=len(grid) + 1,
                          budget_flops=budget_flops, batch_size=batch_size, max_samples=max_samples, seed=seed,
-                         fill_means=fill_means)
+                         fill=fill)
     curves: dict[int, Curve] = {}
     kinds: dict[str, str] = {}
     runs = 0

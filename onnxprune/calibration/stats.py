@@ -37,6 +37,7 @@ class ChannelStats:
     apoz: np.ndarray
     mean_abs: np.ndarray
     mean_sq: np.ndarray
+    covariance: np.ndarray | None = None  # [C, C] population covariance, when asked for
 
     @property
     def size(self) -> int:
@@ -48,10 +49,11 @@ class ChannelStats:
 
 
 class ChannelAccumulator:
-    def __init__(self, axis: int):
+    def __init__(self, axis: int, covariance: bool = False):
         self.axis = axis
         self.n = 0
         self.mean = self.m2 = self.nonpos = self.abs = None
+        self.products = np.float64(0.0) if covariance else None  # sum of x xᵀ over every position
 
     def update(self, x: np.ndarray, valid: np.ndarray | None = None) -> None:
         """Add a batch; `valid` (bool [samples, sequence]): only those token positions count."""
@@ -66,6 +68,9 @@ class ChannelAccumulator:
         s2 = np.square(v).sum(axis=(0, 2), dtype=np.float64)
         absum = np.abs(v).sum(axis=(0, 2), dtype=np.float64)
         nonpos = (v <= 0).sum(axis=(0, 2))
+        if self.products is not None:  # float32 products, float64 sums: one [C, C] product per batch
+            r = np.moveaxis(v, 1, 2).reshape(-1, channels)
+            self.products = self.products + (r.T @ r).astype(np.float64)
         mean_b = s1 / nb
         m2_b = np.maximum(s2 - s1 * mean_b, 0.0)
         if self.mean is None:
@@ -82,7 +87,11 @@ class ChannelAccumulator:
     def result(self) -> ChannelStats:
         n = max(self.n, 1)
         var = self.m2 / n
-        return ChannelStats(self.n, self.mean, var, self.nonpos / n, self.abs / n, var + np.square(self.mean))
+        covariance = None
+        if self.products is not None and self.mean is not None:
+            covariance = self.products / n - np.outer(self.mean, self.mean)
+        return ChannelStats(self.n, self.mean, var, self.nonpos / n, self.abs / n, var + np.square(self.mean),
+                            covariance)
 
 
 @dataclass
@@ -135,6 +144,7 @@ def collect_statistics(
     max_samples: int | None = None,
     seed: int = 0,
     threads: int = 0,
+    covariance: bool = False,
 ) -> CalibrationStats:
     """Stream `data` through `model`; per-channel stats for `tensors`, Gram sums for `grams`.
 
@@ -144,6 +154,7 @@ def collect_statistics(
     per_sample: output positions sampled per sample for Conv (and per-sample
     rows of MatMul) Gram matrices; None = all.
     memory_cap: bytes of captured activations held per batch.
+    covariance: also the covariance of the channels of each of `tensors` (a [C, C] matrix each).
     """
     clock = time.perf_counter()
     calib = CalibrationSet.open(data, model, max_samples=max_samples)
@@ -151,7 +162,7 @@ def collect_statistics(
     keys = list(dict.fromkeys((str(t), int(a)) for t, a in tensors))
     jobs, job_keys = _jobs(model, target_model, keys, grams, calib.sample_shapes())
     plan = plan_chunks(jobs, batch_size, memory_cap, calib.static_batch())
-    stat_acc = {key: ChannelAccumulator(key[1]) for key in keys}
+    stat_acc = {key: ChannelAccumulator(key[1], covariance) for key in keys}
     gram_acc: dict[int, GramStats] = {}
     rngs: dict[int, np.random.Generator] = {}
     for i, r in enumerate(grams):

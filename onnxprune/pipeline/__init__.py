@@ -75,6 +75,12 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, options: Pr
     target_params (fractions REMOVED), lossless=True, or plan (a Plan or the
     path of a saved plan).
 
+    Strategy: with `calib` and one ratio or target for every kind, in one step,
+    the default is "adaptive" (per-group ratios from sensitivity curves, kept
+    only if its repaired outputs are no further from the dense model's on
+    held-out calibration samples than those of the uniform plan); otherwise
+    "uniform". Name `strategy` ("uniform", "global", "adaptive") to choose.
+
     Depth (onnxprune.strategy.depth): `drop_layers=N` removes the N residual
     units with the lowest block influence (1 - cosine similarity of their input
     and output on `calib`, or on random inputs without it, as the report's notes

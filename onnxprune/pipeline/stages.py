@@ -381,6 +381,7 @@ def rewrite_candidates(state: PruneState) -> None:
     for name, keep in state.candidates.items():
         trial = replace(state, notes=list(state.notes), passes=list(state.passes))
         keep_units(trial, keep, name)
+        trial.mode = state.options.target.describe(state.options.scoring.criterion, kept=name)
         rewrite(trial)
         repair(trial)
         trials[name] = (trial, {k: trial.passes[-1].details.get(k) for k in HELD_OUT})

@@ -79,6 +79,10 @@ class PruneState:
     report: Any = None
     clock: StageClock = field(default_factory=StageClock)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.options, PruneOptions):  # every prune run names its strategy (alone, swept, in steps)
+            self.options = self.options.with_strategy()
+
     @property
     def width(self) -> bool:
         return self.options.target.width

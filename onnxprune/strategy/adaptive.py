@@ -123,12 +123,14 @@ def _price_cap(loss: dict, saved: dict) -> float:
 
 
 def _top_up(groups, counts: dict[int, int], options: dict, loss: dict, measure: "_Measure") -> dict[int, int]:
-    """From `counts` (below the goal), single rounding steps where predicted loss per removed cost is least;
-    the last step is the one that reaches the goal with the least loss."""
+    """From `counts` (below the goal), single rounding steps where predicted loss per removed cost is least.
+    The last step is the one that lands within the overshoot tolerance with the least loss; while none
+    does, a step that stays below the goal; else the one that overshoots least."""
     counts = dict(counts)
     current = measure.removed(counts)
+    tolerance = measure.goal + OVERSHOOT_TOLERANCE
     while current < measure.goal:
-        best = finishing = None
+        landing = below = over = None
         for g in groups:
             where = int(np.flatnonzero(options[g.id] == counts[g.id])[0])
             if where + 1 >= len(options[g.id]):
@@ -138,15 +140,21 @@ def _top_up(groups, counts: dict[int, int], options: dict, loss: dict, measure: 
             if gained <= 0:
                 continue
             extra = float(loss[g.id][where + 1] - loss[g.id][where])
-            if current + gained >= measure.goal and (finishing is None or extra < finishing[0]):
-                finishing = (extra, g.id, trial[g.id], gained)
-            if best is None or extra / gained < best[0]:
-                best = (extra / gained, g.id, trial[g.id], gained)
-        step = finishing or best
-        if step is None:
+            step = (g.id, trial[g.id], gained)
+            if current + gained > tolerance:
+                if over is None or gained < over[0][2]:
+                    over = (step, gained)
+            elif current + gained >= measure.goal:
+                if landing is None or extra < landing[1]:
+                    landing = (step, extra)
+            elif below is None or extra / gained < below[1]:
+                below = (step, extra / gained)
+        chosen = landing or below or over
+        if chosen is None:
             break
-        counts[step[1]] = step[2]
-        current += step[3]
+        gid, kept, gained = chosen[0]
+        counts[gid] = kept
+        current += gained
     return counts
 
 
