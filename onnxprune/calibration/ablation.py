@@ -121,7 +121,7 @@ class Refit:
             return self.zeros()
         on = ~off
         cov, mean = self.stats.covariance, self.stats.mean
-        c_on = cov[np.ix_(on, on)]
+        c_on = cov[np.ix_(on, on)].astype(np.float64)
         ridge = RIDGE * max(float(np.trace(c_on)) / max(int(on.sum()), 1), 1e-12)
         coef = np.linalg.solve(c_on + ridge * np.eye(len(c_on)), cov[np.ix_(on, off)]) if on.any() else \
             np.zeros((0, int(off.sum())))

@@ -89,7 +89,7 @@ class ChannelAccumulator:
         var = self.m2 / n
         covariance = None
         if self.products is not None and self.mean is not None:
-            covariance = self.products / n - np.outer(self.mean, self.mean)
+            covariance = (self.products / n - np.outer(self.mean, self.mean)).astype(np.float32)  # held long
         return ChannelStats(self.n, self.mean, var, self.nonpos / n, self.abs / n, var + np.square(self.mean),
                             covariance)
 
