@@ -6,7 +6,9 @@ bias so that its output on calibration data matches the dense model's
 output, with inputs taken from the already-repaired pruned model (He et al.
 2017, ThiNet's reconstruction step). Ridge regression towards the current
 weights; the strength is chosen per layer on the held-out split, and the
-current weights are kept when no refit beats them there.
+current weights are kept when no refit beats them there. A weight read through
+DequantizeLinear (QDQ) is refit on its dequantized values, judged as it will be
+stored (rounded to integers) and written back as integers (`passes.qdq_weights`).
 
 Layers are processed in *levels*: a consumer's level is one more than the
 deepest refit consumer upstream of it, and every consumer of a level is fit

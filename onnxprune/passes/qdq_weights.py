@@ -186,13 +186,12 @@ def requantize(edit: GraphEditor, c: Consumer, raw: np.ndarray) -> Requantized:
     return Requantized(data, scale, zero if q.zero_point else None, bias_scale)
 
 
-def write_weight(edit: GraphEditor, c: Consumer, new: Requantized, bias: np.ndarray | None) -> None:
-    """Write `new` into the weight's DequantizeLinear and, with a QDQ bias, its new scale and the int32
-    values of `bias` (c's bias in its own units: float; None: the bias's current float values)."""
+def write_weight(edit: GraphEditor, c: Consumer, new: Requantized) -> None:
+    """Write `new` into the weight's DequantizeLinear and, with a QDQ bias, its new scale, with the bias's
+    integers re-derived so that its float values stay what they were (`write_bias` then changes them)."""
     q = dequantized(edit, c.weight)
     bq = dequantized(edit, c.bias) if c.bias is not None else None
-    if bq is not None and bias is None:
-        bias = real_values(edit, bq)  # read before the scale changes: the float bias stays what it was
+    bias = real_values(edit, bq) if bq is not None else None  # read before its scale changes
     edit.write_const(q.node, 0, new.data)
     edit.write_const(q.node, 1, new.scale)
     if q.zero_point:

@@ -194,7 +194,7 @@ class ConsumerEditor(GraphEditor):
     def set_raw_weight(self, c: Consumer, raw: np.ndarray) -> None:
         """Write `raw` (the weight in its own layout) into the consumer."""
         if qdq.dequantized(self, c.weight) is not None:
-            qdq.write_weight(self, c, qdq.requantize(self, c, raw), None)
+            qdq.write_weight(self, c, qdq.requantize(self, c, raw))
             return
         old = self.value(c.weight)
         new = np.asarray(raw).astype(old.dtype)
