@@ -170,3 +170,19 @@ def test_the_integer_scheme_is_read_back_from_the_integers_and_kept():
     q, scale, _ = seven.quantize(np.vstack([np.zeros(5), real[1:]]), np.full(4, 0.5, np.float32),
                                  np.zeros(4, np.int8))
     assert scale[0] == np.float32(0.5) and not q[0].any()
+
+
+def test_bias_compensation_and_output_matching_write_qdq_biases_and_weights_as_integers(tmp_path):
+    # without least squares the other passes repair: an int32 bias compensated, rows scaled, all requantized
+    int8 = quantized_cnn(tmp_path, per_channel=True)
+    plain, _ = onnxprune.prune(int8, target_flops=0.4, round_to=1)
+    repaired, report = onnxprune.prune(int8, target_flops=0.4, round_to=1, calib=CALIB, least_squares=False)
+    repair = next(p for p in report.passes if p["name"] == "reconstruction")
+    actions = {p["name"]: {layer["node"]: layer["action"] for layer in p["passes"][0]["details"]["layers"]}
+               for p in repair["passes"] if p["details"]["verdict"] == "kept"}
+    assert actions["bias_compensation"] == {"c2": "bias", "fc": "bias"}
+    assert actions["output_matching"] == {"c2": "matched", "fc": "matched"}
+    assert [n.op_type for n in repaired.graph.node] == [n.op_type for n in plain.graph.node]
+    assert values(repaired, "c2.w_quantized").dtype == np.int8 and values(repaired, "c2.b_quantized").dtype == np.int32
+    assert not np.array_equal(values(repaired, "c2.b_quantized"), values(plain, "c2.b_quantized"))
+    assert error(repaired, int8, TEST) < 0.5 * error(plain, int8, TEST)
