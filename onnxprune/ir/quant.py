@@ -183,6 +183,86 @@ def _broadcastable(q: Quantization, param: np.ndarray) -> np.ndarray:
     return np.repeat(param, size, axis=q.axis).take(np.arange(q.shape[q.axis]), axis=q.axis)
 
 
+# -- requantizing a refit weight -------------------------------------------------------------------------
+
+# the integer ranges onnxruntime's quantizer writes weights in, narrowest first: reduced (7-bit, for x86
+# kernels that add pairs of 8-bit products in int16), symmetric, full
+_RANGES: dict[np.dtype, tuple[tuple[int, int], ...]] = {
+    np.dtype(np.int8): ((-64, 64), (-127, 127), (-128, 127)),
+    np.dtype(np.uint8): ((0, 127), (0, 255)),
+    np.dtype(np.int16): ((-16384, 16384), (-32767, 32767), (-32768, 32767)),
+    np.dtype(np.uint16): ((0, 32767), (0, 65535)),
+}
+
+
+@dataclass(frozen=True)
+class IntegerScheme:
+    """How a weight's integers were made from its real values, read back from the integers themselves:
+    their dtype, the range they use, whether the zero point sits at the middle of the type (symmetric:
+    0 for signed, 128 for uint8) and the per-channel axis (None: one scale for the tensor)."""
+
+    dtype: np.dtype
+    qmin: int
+    qmax: int
+    symmetric: bool
+    axis: int | None
+
+    @classmethod
+    def of(cls, q: np.ndarray, zero_point: np.ndarray, axis: int | None) -> "IntegerScheme | None":
+        """The scheme of integers `q` with `zero_point`, or None for a dtype it does not know (int4, floats)."""
+        ranges = _RANGES.get(np.dtype(q.dtype))
+        if ranges is None:
+            return None
+        info = np.iinfo(q.dtype)
+        middle = 0 if info.min < 0 else (int(info.max) + 1) // 2
+        symmetric = bool(np.all(zero_point == middle))
+        used = [int(q.min()), int(q.max())] if q.size else [middle, middle]
+        lo, hi = min(used + [int(zero_point.min())]), max(used + [int(zero_point.max())])
+        # the narrowest standard range holding every integer: a tensor sliced by pruning may no longer reach
+        # its range's ends, but the range it was quantized in is the one to keep (7-bit stays 7-bit)
+        qmin, qmax = next(((a, b) for a, b in ranges if a <= lo and hi <= b), ranges[-1])
+        if symmetric and middle == 0:
+            qmin = max(qmin, -qmax)  # symmetric signed integers stay symmetric: -127..127, not -128
+        return cls(np.dtype(q.dtype), qmin, qmax, symmetric, axis)
+
+    def quantize(self, real: np.ndarray, old_scale: np.ndarray, old_zero_point: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(integers, scale, zero point) of `real` in this scheme, the scale and zero point shaped and typed like
+        the old ones. A scale follows its slice's range as the quantizer computed it (min and max, 0 included);
+        an all-zero slice keeps its old scale and zero point (any scale stores zeros exactly)."""
+        real = np.asarray(real, np.float64)
+        over = tuple(i for i in range(real.ndim) if i != self.axis) if self.axis is not None else None
+        rmin = np.minimum(real.min(axis=over, keepdims=True), 0.0)
+        rmax = np.maximum(real.max(axis=over, keepdims=True), 0.0)
+        old_s = self._like(old_scale, rmin).astype(np.float64)
+        old_z = self._like(old_zero_point, rmin).astype(np.float64)
+        if self.symmetric:
+            scale = np.maximum(-rmin, rmax) / ((self.qmax - self.qmin) / 2.0)
+            zero = old_z
+        else:
+            scale = (rmax - rmin) / float(self.qmax - self.qmin)
+            zero = np.clip(np.round(self.qmin - rmin / np.where(scale > 0, scale, 1.0)), self.qmin, self.qmax)
+        flat = ~(scale > 0)
+        scale, zero = np.where(flat, old_s, scale), np.where(flat, old_z, zero)
+        stored = scale.astype(old_scale.dtype)  # the integers are made with the scale as it will be read
+        q = np.clip(np.round(real / stored.astype(np.float64)) + zero, self.qmin, self.qmax).astype(self.dtype)
+        return (q, stored.reshape(old_scale.shape),
+                zero.astype(old_zero_point.dtype).reshape(old_zero_point.shape))
+
+    def _like(self, param: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """A scale or zero point (one value, or one per position of `axis`) broadcast like `target`."""
+        param = np.asarray(param)
+        return param.reshape(()) * np.ones_like(target) if param.size == 1 else param.reshape(target.shape)
+
+
+def quantize_int32(real: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:
+    """An int32 bias for `real` with the given scale (and zero point, 0 when None), saturated to int32."""
+    zero = 0.0 if zero_point is None else np.asarray(zero_point, np.float64)
+    q = np.round(np.asarray(real, np.float64) / np.asarray(scale, np.float64)) + zero
+    info = np.iinfo(np.int32)
+    return np.clip(q, info.min, info.max).astype(np.int32)
+
+
 # -- MatMulNBits (com.microsoft): weight-only 2/4/8-bit, quantized in blocks along K ------------------
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ bias so that its output on calibration data matches the dense model's
 output, with inputs taken from the already-repaired pruned model (He et al.
 2017, ThiNet's reconstruction step). Ridge regression towards the current
 weights; the strength is chosen per layer on the held-out split, and the
-current weights are kept when no refit beats them there.
+current weights are kept when no refit beats them there. A weight read through
+DequantizeLinear (QDQ) is refit on its dequantized values, judged as it will be
+stored (rounded to integers) and written back as integers (`passes.qdq_weights`).
 
 Layers are processed in *levels*: a consumer's level is one more than the
 deepest refit consumer upstream of it, and every consumer of a level is fit
@@ -60,12 +62,13 @@ DEFAULT_RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def solve_ridge(fit: GramStats | GroupedGramStats, w0: np.ndarray, b0: np.ndarray,
-                alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """argmin ||X W^T + b - Y||^2 + lam ||W - W0||^2, lam = alpha * mean(diag(X^T X)); bias unregularised.
+                alpha: float, fit_bias: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """argmin ||X W^T + b - Y||^2 + lam ||W - W0||^2, lam = alpha * mean(diag(X^T X)); bias unregularised,
+    or held at b0 when not `fit_bias` (a consumer with no bias it can write).
     A grouped Conv is solved group by group (its rows of W0 and b0 in group order)."""
     if isinstance(fit, GroupedGramStats):
         o = len(b0) // fit.groups
-        parts = [solve_ridge(p, w0[i * o:(i + 1) * o], b0[i * o:(i + 1) * o], alpha)
+        parts = [solve_ridge(p, w0[i * o:(i + 1) * o], b0[i * o:(i + 1) * o], alpha, fit_bias)
                  for i, p in enumerate(fit.parts)]
         return np.concatenate([w for w, _ in parts]), np.concatenate([b for _, b in parts])
     a, c = fit.augmented()
@@ -75,11 +78,13 @@ def solve_ridge(fit: GramStats | GroupedGramStats, w0: np.ndarray, b0: np.ndarra
     reg[f] = 0.0
     lhs = a + np.diag(reg)
     rhs = c + reg[:, None] * np.vstack([w0.T, b0[None, :]])
+    if not fit_bias:  # the bias row is known: move its part of the sums to the right-hand side
+        lhs, rhs = lhs[:f, :f], rhs[:f] - a[:f, f:] * b0[None, :]
     try:
         sol = np.linalg.solve(lhs, rhs)
     except np.linalg.LinAlgError:
         sol = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-    return sol[:f].T, sol[f]
+    return sol[:f].T, (sol[f] if fit_bias else np.asarray(b0, np.float64))
 
 
 class DenseTargets:
@@ -322,7 +327,11 @@ class LeastSquaresRefit(ReconstructionPass):
         for name in targets:
             cp, cd = edit.consumer(name), dense_edit.consumer(name)
             if cp is None or cd is None:
-                records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
+                records.append(LayerRecord(name, "skipped", edit.unsupported(name)))
+                continue
+            why = edit.weight_problem(cp)
+            if why:  # an integer weight in a layout that is not requantized
+                records.append(LayerRecord(name, "skipped", why))
                 continue
             if edit.reader_count(cp.weight) > 1:
                 readers = _tied_readers(edit, cp, wanted)
@@ -389,14 +398,16 @@ def _refit_layer(edit: ConsumerEditor, readers: list[Consumer], g_fit: GramStats
     cp = readers[0]
     if g_hold is not None and (g_hold.n == 0 or g_hold.target_energy <= 0):
         g_hold = None
-    w0 = cp.effective_weight(edit.value(cp.weight).astype(np.float64))
+    w0 = cp.effective_weight(edit.weight(cp))
     b0 = edit.bias_of(cp)
+    fit_bias = edit.bias_problem(cp) is None  # a QDQ consumer without a bias keeps none
     energy = g_hold.target_energy if g_hold is not None else 0.0
     before = g_hold.squared_error(w0, b0) / energy if g_hold is not None else None
     best = None
     for alpha in (ridge if g_hold is not None else (1e-2,)):
-        w, b = solve_ridge(g_fit, w0, b0, alpha)
-        err = g_hold.squared_error(w, b) / energy if g_hold is not None else None
+        w, b = solve_ridge(g_fit, w0, b0, alpha, fit_bias)
+        # judged as it will be stored: an integer weight (and bias) rounded to its integers
+        err = g_hold.squared_error(*edit.stored(cp, w, b)) / energy if g_hold is not None else None
         if best is None or (err is not None and err < best[0]):
             best = (err, alpha, w, b)
     err, alpha, w, b = best
@@ -410,6 +421,6 @@ def _refit_layer(edit: ConsumerEditor, readers: list[Consumer], g_fit: GramStats
         record.detail = f"weight '{cp.weight}' tied across {len(readers)} readers: one refit from all their inputs"
     else:
         edit.set_weight(cp, w)
-        if cp.op_type != "MatMul" or np.abs(b).max() > 0:
+        if fit_bias and (cp.op_type != "MatMul" or np.abs(b).max() > 0):
             edit.set_bias(cp, b)
     return [record] + [dataclasses.replace(record, node=r.node) for r in readers[1:]]

@@ -37,6 +37,7 @@ from onnxprune.calibration.padding import row_mask
 from onnxprune.calibration.stats import collect_statistics
 from onnxprune.ir.editor import GraphEditor, copy_model
 from onnxprune.ir.graph_view import reads
+from onnxprune.passes import qdq_weights as qdq
 from onnxprune.passes.protocol import NOTHING_TO_DO, Pass, PassResult
 from onnxprune.runtime.progress import progress_iter
 
@@ -76,40 +77,102 @@ class LayerRecord:
 
 
 # -- model editing ------------------------------------------------------------------------------------
+# the QOperator format's mixing ops: their inputs are integer activations, so there is no float input to
+# fit from; they are listed among the changed consumers to be skipped with that reason
+QOPERATOR_CONSUMERS = ("QLinearConv", "QLinearMatMul", "QGemm")
+
+
 class ConsumerEditor(GraphEditor):
     """The graph editor, plus the weights and biases of consumers (Conv, Gemm, MatMul) by node name.
 
-    Writes are copy-on-write (`GraphEditor.write_const`): a weight or bias other nodes read too
-    (a subgraph included) gets a private copy instead of being changed for all of them."""
+    A weight or bias may be a float initializer or `DequantizeLinear` of integers (QDQ,
+    `passes.qdq_weights`): it is read as float and written back as integers in its own scheme
+    (`weight_problem` says where that cannot be done). Writes are copy-on-write
+    (`GraphEditor.write_const`): a weight or bias other nodes read too (a subgraph included) gets a
+    private copy instead of being changed for all of them."""
 
     def consumer(self, node_name: str) -> Consumer | None:
         node = self.get_node(node_name)
-        return None if node is None else consumer_for(node, self.initializers)
+        if node is None:
+            return None
+        # a weight or bias made by a DequantizeLinear of constants counts as a constant of its shape
+        known = {name: self.initializers[name] for name in node.input if name in self.initializers}
+        for name in node.input[1:3]:
+            q = qdq.dequantized(self, name)
+            if q is not None:
+                known[name] = onnx.TensorProto(name=name, dims=self.initializers[q.data].dims)
+        return consumer_for(node, known)
+
+    def unsupported(self, node_name: str) -> str:
+        """Why `node_name` is not a consumer the passes can refit."""
+        node = self.get_node(node_name)
+        if node is not None and node.op_type in QOPERATOR_CONSUMERS:
+            return (f"{node.op_type} reads integer activations (QOperator format): its weights are not refit; "
+                    "the QDQ format's are")
+        return "not a Conv/Gemm/MatMul with a constant weight"
+
+    def weight_problem(self, c: Consumer) -> str | None:
+        """Why `c`'s weight cannot be written back (an integer layout the passes do not requantize), or None."""
+        return qdq.weight_problem(self, c, weight_out_axis(c))
+
+    def bias_problem(self, c: Consumer) -> str | None:
+        """Why no bias can be written for `c` (a QDQ consumer without one, an odd int32 bias), or None."""
+        return qdq.bias_problem(self, c)
+
+    def weight(self, c: Consumer) -> np.ndarray:
+        """The consumer's weight as float64, in the weight's own layout (dequantized when it is QDQ)."""
+        q = qdq.dequantized(self, c.weight)
+        return self.value(c.weight).astype(np.float64) if q is None else qdq.real_values(self, q)
 
     def bias_of(self, c: Consumer) -> np.ndarray:
         """The consumer's current bias in output units (zeros when it has none), shape (out,)."""
         if c.bias is None:
             return np.zeros(c.out_channels)
-        b = self.value(c.bias).astype(np.float64).reshape(-1)
+        q = qdq.dequantized(self, c.bias)
+        b = (self.value(c.bias).astype(np.float64) if q is None else qdq.real_values(self, q)).reshape(-1)
         if c.op_type == "Gemm":
             b = b * c.beta
         return np.broadcast_to(b, (c.out_channels,)).copy()
 
+    def stored(self, c: Consumer, effective: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(effective weight, bias) as the model will compute with them once written: a QDQ weight and
+        bias rounded to their integers, so a refit is judged by what it will be."""
+        q = qdq.dequantized(self, c.weight)
+        if q is None:
+            return effective, bias
+        new = qdq.requantize(self, c, c.weight_from_effective(effective))
+        weight = c.effective_weight(new.real(q.axis))
+        if c.bias is None or qdq.dequantized(self, c.bias) is None:
+            return weight, bias
+        beta = c.beta if c.op_type == "Gemm" and c.beta != 0 else 1.0
+        raw = self._bias_tensor(c, bias, beta)
+        return weight, np.broadcast_to(qdq.stored_bias(self, c, raw, new.bias_scale).reshape(-1) * beta,
+                                       (c.out_channels,)).copy()
+
+    def _bias_tensor(self, c: Consumer, bias: np.ndarray, beta: float) -> np.ndarray:
+        """`bias` (output units) divided by beta, shaped like c's bias tensor when it has as many values."""
+        q = qdq.dequantized(self, c.bias)
+        shape = tuple(self.initializers[q.data if q is not None else c.bias].dims)
+        value = bias / beta
+        return value.reshape(shape) if int(np.prod(shape)) == len(value) else value
+
     def set_bias(self, c: Consumer, bias: np.ndarray) -> None:
-        """Write `bias` (output units, shape (out,)) into the consumer, creating it if needed."""
+        """Write `bias` (output units, shape (out,)) into the consumer, creating it if needed (where
+        `bias_problem` allows)."""
         node = self.node(c.node)
-        dtype = self.value(c.weight).dtype
-        new_name = None if c.bias is not None else f"{node.name}.bias"
+        beta = c.beta if c.op_type == "Gemm" and c.beta != 0 and c.bias is not None else 1.0
+        if c.op_type == "Gemm" and beta != c.beta:
+            self.set_attr(node, "beta", 1.0)
+        if c.bias is not None and qdq.dequantized(self, c.bias) is not None:
+            qdq.write_bias(self, c, self._bias_tensor(c, bias, beta))
+            return
+        # a float bias: in the weight's type (a QDQ weight's float bias keeps its own)
+        dtype = self.value(c.bias if qdq.dequantized(self, c.weight) else c.weight).dtype
         if c.op_type == "Conv":
-            self.write_const(node, 2, bias.astype(dtype), new_name)
+            self.write_const(node, 2, bias.astype(dtype), None if c.bias is not None else f"{node.name}.bias")
         elif c.op_type == "Gemm":
-            beta = c.beta
-            if beta == 0 or c.bias is None:
-                self.set_attr(node, "beta", 1.0)
-                beta = 1.0
-            shape = tuple(self.initializers[c.bias].dims) if c.bias is not None else (c.out_channels,)
-            value = (bias / beta).astype(dtype)
-            self.write_const(node, 2, value.reshape(shape) if int(np.prod(shape)) == len(value) else value, new_name)
+            value = self._bias_tensor(c, bias, beta) if c.bias is not None else bias
+            self.write_const(node, 2, value.astype(dtype), None if c.bias is not None else f"{node.name}.bias")
         else:
             self.add_bias_after(node, bias.astype(dtype))
 
@@ -124,12 +187,20 @@ class ConsumerEditor(GraphEditor):
         self.add_node(add, after=node.name)
 
     def set_weight(self, c: Consumer, effective: np.ndarray) -> None:
+        """Write the (out, features) `effective` weight into the consumer: a QDQ weight as integers (its
+        int32 bias re-derived for the new scale)."""
+        self.set_raw_weight(c, c.weight_from_effective(effective))
+
+    def set_raw_weight(self, c: Consumer, raw: np.ndarray) -> None:
+        """Write `raw` (the weight in its own layout) into the consumer."""
+        if qdq.dequantized(self, c.weight) is not None:
+            qdq.write_weight(self, c, qdq.requantize(self, c, raw))
+            return
         old = self.value(c.weight)
-        new = c.weight_from_effective(effective).astype(old.dtype)
+        new = np.asarray(raw).astype(old.dtype)
         if new.shape != old.shape:
             raise ValueError(f"{c.op_type} '{c.node}': refit weight has shape {new.shape}, expected {old.shape}")
         self.write_const(self.node(c.node), 1, new)
-
 
     def set_tied(self, readers: list[Consumer], effective: np.ndarray, bias: np.ndarray | None) -> None:
         """Write one refit weight (and bias) for every reader of a tied weight, not a copy per reader."""
@@ -208,7 +279,7 @@ def changed_consumers(model: onnx.ModelProto, masks: dict[tuple[str, int], np.nd
     changed = changed_tensors(model, masks, rewired)
     inits = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node
-            if n.op_type in ("Conv", "Gemm", "MatMul") and n.input and n.input[0] not in inits
+            if n.op_type in ("Conv", "Gemm", "MatMul", *QOPERATOR_CONSUMERS) and n.input and n.input[0] not in inits
             and (n.input[0] in changed or n.name in rewired)]
 
 
@@ -380,9 +451,13 @@ class BiasCompensation(ReconstructionPass):
         for name, (tensor, axis, mask) in todo.items():
             cd, cp = dense_edit.consumer(name), edit.consumer(name)
             if cd is None or cp is None:
-                records.append(LayerRecord(name, "skipped", "not a Conv/Gemm/MatMul with a constant weight"))
+                records.append(LayerRecord(name, "skipped", edit.unsupported(name)))
                 continue
-            delta = compensation(cd, dense_edit.value(cd.weight), mask, stats.channel(tensor, axis).mean)
+            why = edit.bias_problem(cp)
+            if why:
+                records.append(LayerRecord(name, "skipped", why))
+                continue
+            delta = compensation(cd, dense_edit.weight(cd), mask, stats.channel(tensor, axis).mean)
             out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
             if out_mask is not None:
                 delta = delta[out_mask]
@@ -477,7 +552,7 @@ class OutputMatching(ReconstructionPass):
             nodes = [n for n in changed_consumers(ctx.dense, ctx.masks, ctx.rewired)
                      if n not in self.skip and edit.get_node(n) is not None
                      and dense_edit.node(n).output[0] not in to_bn]
-        records, plan = self._plan(nodes, dense_edit)
+        records, plan = self._plan(nodes, dense_edit, edit)
         if not plan:
             return records
         dense_stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(cd.output, 1) for cd, _ in plan.values()}))
@@ -493,14 +568,19 @@ class OutputMatching(ReconstructionPass):
         records.sort(key=lambda r: order.get(r.node, len(order)))
         return records
 
-    def _plan(self, nodes: list[str], dense_edit: ConsumerEditor
+    def _plan(self, nodes: list[str], dense_edit: ConsumerEditor, edit: ConsumerEditor
               ) -> tuple[list[LayerRecord], dict[str, tuple[Consumer, np.ndarray | None]]]:
         records: list[LayerRecord] = []
         plan: dict[str, tuple[Consumer, np.ndarray | None]] = {}
         for name in nodes:
-            cd = dense_edit.consumer(name)
-            if cd is None or cd.op_type not in ("Conv", "Gemm"):
-                records.append(LayerRecord(name, "skipped", "not a Conv/Gemm with a constant weight"))
+            cd, cp = dense_edit.consumer(name), edit.consumer(name)
+            if cd is None or cp is None or cd.op_type not in ("Conv", "Gemm"):
+                why = edit.unsupported(name)
+                records.append(LayerRecord(name, "skipped", why.replace("Conv/Gemm/MatMul", "Conv/Gemm")))
+                continue
+            why = edit.weight_problem(cp) or edit.bias_problem(cp)
+            if why:
+                records.append(LayerRecord(name, "skipped", why))
                 continue
             if dense_edit.reader_count(cd.weight) > 1:
                 records.append(LayerRecord(name, "skipped", shared_weight(cd.weight, dense_edit)))
@@ -519,11 +599,12 @@ class OutputMatching(ReconstructionPass):
         scale = np.where(std_p > 1e-12 * (std_d + 1e-30), std_d / np.maximum(std_p, 1e-30), 1.0)
         scale = np.clip(scale, 1.0 / self.max_scale, self.max_scale)
         shift = mean_d - scale * got.mean
-        w = edit.value(cp.weight)
+        w = edit.weight(cp)
         shape = [1] * w.ndim
         shape[weight_out_axis(cp)] = -1
-        edit.write_const(edit.node(cp.node), 1, (w * scale.reshape(shape)).astype(w.dtype))
-        edit.set_bias(cp, scale * edit.bias_of(cp) + shift)
+        bias = scale * edit.bias_of(cp) + shift  # read before a QDQ weight's new scale moves its bias scale
+        edit.set_raw_weight(cp, w * scale.reshape(shape))
+        edit.set_bias(cp, bias)
         drift = float(np.mean(np.abs(got.mean - mean_d) / (std_d + 1e-12)))
         return LayerRecord(cp.node, "matched", f"mean shift {drift:.3g} std, scale "
                            f"{float(scale.min()):.3g}..{float(scale.max()):.3g}", features=len(scale),
