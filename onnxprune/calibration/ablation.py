@@ -101,8 +101,8 @@ class Refit:
     """A sink whose gated-off positions read a linear prediction from its kept positions, fitted by least
     squares on calibration data: x_off ≈ mean_off + Aᵀ(x_on − mean_on). The consumer reads that sink
     linearly, so this is what the repair's least-squares refit of the consumer gives back (the refit's
-    optimum is W_on + A W_off, the same product). Fed per run: `matrix` [P, P] (x along the axis times
-    it, zero but at [on, off]) and `offset` [P]."""
+    optimum is W_on + A W_off, the same product). Fed per run: `matrix` (x along the axis times it, zero
+    but at [on, off]; a 1x1 Conv's weight for a channels-first map) and `offset` [P]."""
 
     matrix: str
     offset: str
@@ -110,10 +110,18 @@ class Refit:
     stats: ChannelStats
     mul: str = ""  # the gating Mul of the sink
     first: str = ""  # the first node of the prediction (it reads the sink before the gate)
+    kernel: int = 0  # spatial dims of a 1x1 Conv's weight (the matrix transposed); 0: a MatMul's [P, P]
+
+    def matrix_shape(self, p: int) -> list[int]:
+        return [p, p] + [1] * self.kernel
+
+    def _layout(self, matrix: np.ndarray) -> np.ndarray:
+        """x along the axis times `matrix`, as the node reads it (a Conv's weight is [out, in, 1...])."""
+        return np.ascontiguousarray(matrix.T).reshape(self.matrix_shape(len(matrix))) if self.kernel else matrix
 
     def zeros(self) -> dict[str, np.ndarray]:
         p = len(self.index)
-        return {self.matrix: np.zeros((p, p), np.float32), self.offset: np.zeros(p, np.float32)}
+        return {self.matrix: np.zeros(self.matrix_shape(p), np.float32), self.offset: np.zeros(p, np.float32)}
 
     def fitted(self, gate: np.ndarray) -> dict[str, np.ndarray]:
         off = gate[self.index] == 0
@@ -129,7 +137,7 @@ class Refit:
         matrix, offset = np.zeros((p, p), np.float32), np.zeros(p, np.float32)
         matrix[np.ix_(on, off)] = coef
         offset[off] = mean[off] - mean[on] @ coef
-        return {self.matrix: matrix, self.offset: offset}
+        return {self.matrix: self._layout(matrix), self.offset: offset}
 
 
 def gated_model(model: onnx.ModelProto, analysis, groups: Sequence,
@@ -248,29 +256,36 @@ def _fill_off(nodes: list, graph, prefix: str, gated: str, mask: str, values: np
 
 def _refit_off(nodes: list, graph, prefix: str, ungated: str, gated: str, axis: int, rank: int,
                index: np.ndarray, stats: ChannelStats) -> Refit:
-    """gated + (ungated along `axis`) @ matrix + offset, the matrix and offset fed per run (zero but
-    at the positions gated off)."""
-    refit = Refit(f"{prefix}_refit_matrix", f"{prefix}_refit_offset", index, stats, mul=f"{prefix}_mul",
-                  first=f"{prefix}_to_last" if axis != rank - 1 else f"{prefix}_predict")
+    """gated + the prediction of `ungated` along `axis`, its matrix and offset fed per run (zero but at the
+    positions gated off): a 1x1 convolution for a channels-first feature map (no transposes of a large
+    activation), else a MatMul over the axis moved last."""
     p = len(index)
-    graph.input.append(helper.make_tensor_value_info(refit.matrix, TensorProto.FLOAT, [p, p]))
+    conv = axis == 1 and rank >= 3
+    refit = Refit(f"{prefix}_refit_matrix", f"{prefix}_refit_offset", index, stats, mul=f"{prefix}_mul",
+                  first=f"{prefix}_predict" if conv or axis == rank - 1 else f"{prefix}_to_last",
+                  kernel=rank - 2 if conv else 0)
+    graph.input.append(helper.make_tensor_value_info(refit.matrix, TensorProto.FLOAT, refit.matrix_shape(p)))
     graph.input.append(helper.make_tensor_value_info(refit.offset, TensorProto.FLOAT, [p]))
-    last = axis == rank - 1
-    perm = [i for i in range(rank) if i != axis] + [axis]
-    source = ungated
-    if not last:  # the axis last for the MatMul, then back
-        nodes.append(helper.make_node("Transpose", [ungated], [f"{prefix}_to_last"], perm=perm,
-                                      name=f"{prefix}_to_last"))
-        source = f"{prefix}_to_last"
-    nodes.append(helper.make_node("MatMul", [source, refit.matrix], [f"{prefix}_predicted"], name=f"{prefix}_predict"))
-    nodes.append(helper.make_node("Add", [f"{prefix}_predicted", refit.offset], [f"{prefix}_shifted"],
-                                  name=f"{prefix}_shift"))
-    shifted = f"{prefix}_shifted"
-    if not last:
-        nodes.append(helper.make_node("Transpose", [shifted], [f"{prefix}_back"],
-                                      perm=[int(i) for i in np.argsort(perm)], name=f"{prefix}_back"))
-        shifted = f"{prefix}_back"
-    nodes.append(helper.make_node("Add", [gated, shifted], [f"{prefix}_refitted"], name=f"{prefix}_refitted"))
+    predicted = f"{prefix}_predicted"
+    if conv:
+        nodes.append(helper.make_node("Conv", [ungated, refit.matrix, refit.offset], [predicted],
+                                      name=f"{prefix}_predict"))
+    else:
+        perm = [i for i in range(rank) if i != axis] + [axis]
+        source = ungated
+        if axis != rank - 1:
+            nodes.append(helper.make_node("Transpose", [ungated], [f"{prefix}_to_last"], perm=perm,
+                                          name=f"{prefix}_to_last"))
+            source = f"{prefix}_to_last"
+        nodes.append(helper.make_node("MatMul", [source, refit.matrix], [f"{prefix}_product"],
+                                      name=f"{prefix}_predict"))
+        nodes.append(helper.make_node("Add", [f"{prefix}_product", refit.offset], [predicted],
+                                      name=f"{prefix}_shift"))
+        if axis != rank - 1:
+            nodes.append(helper.make_node("Transpose", [predicted], [f"{prefix}_back"],
+                                          perm=[int(i) for i in np.argsort(perm)], name=f"{prefix}_back"))
+            predicted = f"{prefix}_back"
+    nodes.append(helper.make_node("Add", [gated, predicted], [f"{prefix}_refitted"], name=f"{prefix}_refitted"))
     return refit
 
 

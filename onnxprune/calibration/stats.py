@@ -48,12 +48,17 @@ class ChannelStats:
         return np.sqrt(self.mean_sq)
 
 
+COVARIANCE_POSITIONS = 64  # per sample and channel axis (e.g. of a feature map's H x W)
+
+
 class ChannelAccumulator:
     def __init__(self, axis: int, covariance: bool = False):
         self.axis = axis
         self.n = 0
         self.mean = self.m2 = self.nonpos = self.abs = None
-        self.products = np.float64(0.0) if covariance else None  # sum of x xᵀ over every position
+        self.products = np.float64(0.0) if covariance else None  # sum of x xᵀ over the sampled positions
+        self.sampled, self.sampled_sum = 0, np.float64(0.0)
+        self.rng = np.random.default_rng(0)
 
     def update(self, x: np.ndarray, valid: np.ndarray | None = None) -> None:
         """Add a batch; `valid` (bool [samples, sequence]): only those token positions count."""
@@ -68,9 +73,8 @@ class ChannelAccumulator:
         s2 = np.square(v).sum(axis=(0, 2), dtype=np.float64)
         absum = np.abs(v).sum(axis=(0, 2), dtype=np.float64)
         nonpos = (v <= 0).sum(axis=(0, 2))
-        if self.products is not None:  # float32 products, float64 sums: one [C, C] product per batch
-            r = np.moveaxis(v, 1, 2).reshape(-1, channels)
-            self.products = self.products + (r.T @ r).astype(np.float64)
+        if self.products is not None:
+            self._add_products(v, channels)
         mean_b = s1 / nb
         m2_b = np.maximum(s2 - s1 * mean_b, 0.0)
         if self.mean is None:
@@ -84,12 +88,23 @@ class ChannelAccumulator:
         self.abs = self.abs + absum
         self.n = total
 
+    def _add_products(self, v: np.ndarray, channels: int) -> None:
+        """x xᵀ of at most COVARIANCE_POSITIONS positions per row of `v` (pre, C, post): a feature map's
+        neighbouring positions say little more, and all of them cost most of a curve's time."""
+        if v.shape[2] > COVARIANCE_POSITIONS:
+            v = v[:, :, np.sort(self.rng.choice(v.shape[2], COVARIANCE_POSITIONS, replace=False))]
+        r = np.moveaxis(v, 1, 2).reshape(-1, channels)
+        self.products = self.products + (r.T @ r).astype(np.float64)  # float32 products, float64 sums
+        self.sampled += r.shape[0]
+        self.sampled_sum = self.sampled_sum + r.sum(axis=0, dtype=np.float64)
+
     def result(self) -> ChannelStats:
         n = max(self.n, 1)
         var = self.m2 / n
         covariance = None
-        if self.products is not None and self.mean is not None:
-            covariance = (self.products / n - np.outer(self.mean, self.mean)).astype(np.float32)  # held long
+        if self.products is not None and self.sampled:
+            mean = self.sampled_sum / self.sampled
+            covariance = (self.products / self.sampled - np.outer(mean, mean)).astype(np.float32)  # held long
         return ChannelStats(self.n, self.mean, var, self.nonpos / n, self.abs / n, var + np.square(self.mean),
                             covariance)
 
