@@ -94,7 +94,9 @@ def main() -> None:
                 scales = "per-channel" if per_channel else "per-tensor"
                 rows.append([name, scales, "0 (dense)", f"{top1(dense, test):.2%}", f"{top1(int8, test):.2%}", ""])
                 for target in (float(t) for t in args.targets.split(",")):
-                    options = {amount: target, "criterion": args.criterion, "round_to": args.round_to}
+                    # uniform on both sides: one allocation rule, so the orders differ only in what int8 changes
+                    options = {amount: target, "criterion": args.criterion, "round_to": args.round_to,
+                               "strategy": "uniform"}
                     if args.calib:
                         options.update(calib=str(calib))
                     elif args.criterion not in ("l1", "l2", "fpgm", "bn_scale", "random"):

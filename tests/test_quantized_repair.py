@@ -62,7 +62,7 @@ def test_least_squares_refits_qdq_weights_as_integers_in_their_own_scheme(tmp_pa
     int8 = quantized_cnn(tmp_path, **SCHEMES[scheme])
     options = dict(target_flops=0.4, round_to=1)
     plain, _ = onnxprune.prune(int8, **options)
-    repaired, report = onnxprune.prune(int8, calib=CALIB, **options)
+    repaired, report = onnxprune.prune(int8, calib=CALIB, strategy="uniform", **options)  # the plain run's plan
     onnx.checker.check_model(repaired, full_check=True)
     assert [n.op_type for n in repaired.graph.node] == [n.op_type for n in plain.graph.node]  # no new nodes
     layers = least_squares_layers(report)
@@ -94,7 +94,7 @@ def test_a_qdq_matmul_without_a_bias_is_refit_without_one(tmp_path):
     int8 = quantized(mlp(), tmp_path, per_channel=True, input_shape=[2, 3, 16])
     calib = {"x": np.random.default_rng(3).standard_normal((64, 3, 16)).astype(np.float32)}
     plain, _ = onnxprune.prune(int8, target_flops=0.4, round_to=1)
-    repaired, report = onnxprune.prune(int8, calib=calib, target_flops=0.4, round_to=1)
+    repaired, report = onnxprune.prune(int8, calib=calib, target_flops=0.4, round_to=1, strategy="uniform")
     assert [n.op_type for n in repaired.graph.node] == [n.op_type for n in plain.graph.node]
     assert least_squares_layers(report)["fc2"]["action"] == "refit"
     w2 = values(repaired, "w2_quantized")
@@ -123,7 +123,7 @@ def qdq_head(dq_inputs: list[str], inits: list, readers: int = 1, dequantizes: i
 def repaired_and_plain(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, dict]]:
     """The model pruned with calibration data, without, and the least-squares records."""
     calib = {"x": np.random.default_rng(5).standard_normal((64, 3)).astype(np.float32)}
-    repaired, report = onnxprune.prune(model, calib=calib, ratio=0.5, round_to=1)
+    repaired, report = onnxprune.prune(model, calib=calib, ratio=0.5, round_to=1, strategy="uniform")
     plain, _ = onnxprune.prune(model, ratio=0.5, round_to=1)
     return repaired, plain, least_squares_layers(report)
 
@@ -176,7 +176,8 @@ def test_bias_compensation_and_output_matching_write_qdq_biases_and_weights_as_i
     # without least squares the other passes repair: an int32 bias compensated, rows scaled, all requantized
     int8 = quantized_cnn(tmp_path, per_channel=True)
     plain, _ = onnxprune.prune(int8, target_flops=0.4, round_to=1)
-    repaired, report = onnxprune.prune(int8, target_flops=0.4, round_to=1, calib=CALIB, least_squares=False)
+    repaired, report = onnxprune.prune(int8, target_flops=0.4, round_to=1, calib=CALIB, least_squares=False,
+                                       strategy="uniform")
     repair = next(p for p in report.passes if p["name"] == "reconstruction")
     actions = {p["name"]: {layer["node"]: layer["action"] for layer in p["passes"][0]["details"]["layers"]}
                for p in repair["passes"] if p["details"]["verdict"] == "kept"}
