@@ -176,9 +176,13 @@ def test_the_reported_error_is_the_output_error_on_the_calibration_data():
     x, dense_model = correlated(400, 32), mlp()
     model, report = sparsify(dense_model, sparsity=0.5, calib={"x": x}, calib_samples=None)
     dense, sparse = weights_of(dense_model), weights_of(model)
-    y, y_sparse = x.astype(np.float64) @ dense["w1"], x.astype(np.float64) @ sparse["w1"]
+    # fc1 reads the model's input, so its inherited error is none: its error is its output's whole distance
+    # from the dense output, the refit bias included
+    y = x.astype(np.float64) @ dense["w1"] + dense["b1"]
+    y_sparse = x.astype(np.float64) @ sparse["w1"] + sparse["b1"]
     expected = ((y - y_sparse) ** 2).sum() / (y ** 2).sum()
     assert report.layers[0].error == pytest.approx(expected, rel=1e-4)
+    assert report.layers[0].output_error == pytest.approx(expected, rel=1e-4)
 
 
 def test_a_gemm_reading_tokens_flattened_with_the_batch_sees_every_token_in_its_gram():
