@@ -1,6 +1,10 @@
 """`sparsify()`: zero individual weights of Conv/Gemm/MatMul, then validate, gate and save as `prune` does.
 
-    load -> find weights -> Gram matrices (calibration) -> zero + update -> validate -> gate -> save
+    load -> find weights -> zero + update -> validate -> gate -> save
+
+(SparseGPT calibrates inside "zero + update", level by level on the model
+sparsified so far: sequential.py; Wanda reads the dense model's Gram
+matrices in a "calibrate" stage before it.)
 
 Loading, validation, measuring, the gate and the save are prune's own stages
 (onnxprune.pipeline.stages) over a SparsifyState; only the middle is this
@@ -80,8 +84,9 @@ def sparsify(model: ModelLike, output: str | os.PathLike | None = None, options:
     see onnxprune.sparsity.masks).
 
     criterion: "magnitude" (smallest |w| of each layer), "wanda" (smallest |w| * ||x|| of each output,
-    needs `calib`) or "sparsegpt" (OBS: zeroes and updates the remaining weights to compensate, from the
-    Gram matrices of each layer's inputs on `calib`); default sparsegpt with calibration data, else
+    needs `calib`) or "sparsegpt" (OBS: zeroes and updates the remaining weights to compensate, layer after
+    layer, from each layer's inputs on `calib` in the model sparsified so far, towards the dense model's
+    outputs: onnxprune.sparsity.sequential); default sparsegpt with calibration data, else
     magnitude. `calib`: any format `eval` reads (at most `calib_samples` samples);
     `positions_per_sample`: output positions of a Conv sampled per sample for its Gram matrix (None: all).
     `block_size`, `damp`: SparseGPT's lazy-update block and damping (a fraction of mean(diag H)).
