@@ -14,8 +14,10 @@ from onnxprune.errors import PlanError, UsageError
 from onnxprune.pipeline import prune
 from onnxprune.sparsity import Pattern, nm_violations, sparsify
 from onnxprune.ir.prepare import prepare
-from onnxprune.sparsity.api import _gram_matrices
-from onnxprune.sparsity.layers import find_targets
+from onnxprune.calibration.data import CalibrationSet
+from onnxprune.sparsity.api import _assemble, _gram_matrices
+from onnxprune.sparsity.layers import Solver, find_targets
+from onnxprune.sparsity.sequential import solve_in_levels
 from onnxprune.sparsity.masks import select_mask
 from onnxprune.sparsity.sparsegpt import sparsegpt
 
@@ -172,13 +174,64 @@ def test_sparsegpt_moves_each_layer_less_than_magnitude_and_wanda_on_calibration
             assert error < errors["wanda", pattern][layer], (pattern, layer)
 
 
+def deep_mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    """x (N, 32) -> Gemm 32->64 -> Tanh -> Gemm 64->64 -> Tanh -> MatMul 64->32 -> Tanh -> Gemm 32->16:
+    four layers, each reading the one before, so an early layer's error reaches every later one."""
+    def draw(*shape, name, scale=1.0):
+        fan_in = shape[0] if len(shape) == 2 else 4
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale / np.sqrt(fan_in)).astype(np.float32), name)
+
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1"),
+             helper.make_node("Tanh", ["h1"], ["a1"], name="t1"),
+             helper.make_node("Gemm", ["a1", "w2", "b2"], ["h2"], name="fc2"),
+             helper.make_node("Tanh", ["h2"], ["a2"], name="t2"),
+             helper.make_node("MatMul", ["a2", "w3"], ["h3"], name="mm3"),
+             helper.make_node("Tanh", ["h3"], ["a3"], name="t3"),
+             helper.make_node("Gemm", ["a3", "w4", "b4"], ["y"], name="fc4")]
+    inits = [draw(32, 64, name="w1", scale=0.5), draw(64, name="b1"), draw(64, 64, name="w2", scale=2.0),
+             draw(64, name="b2"), draw(64, 32, name="w3", scale=2.0), draw(32, 16, name="w4"), draw(16, name="b4")]
+    return make_model(nodes, [("x", ["N", 32])], [("y", ["N", 16])], inits)
+
+
+def sparsegpt_model(model: onnx.ModelProto, calib: dict, pattern: Pattern, sequential: bool):
+    working, _ = prepare(model)
+    selection = find_targets(working, pattern)
+    replaced, solved = solve_in_levels(working, selection.targets, Solver(pattern, "sparsegpt"),
+                                       CalibrationSet.open(calib, working), None, 0, sequential=sequential)
+    return _assemble(working, selection, replaced, solved)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "0.6"])
+def test_solving_each_layer_on_the_inputs_the_sparsified_layers_before_give_it_ends_closer_to_dense(pattern):
+    rng = np.random.default_rng(3)
+    dense_model = deep_mlp(rng)
+    p = Pattern.parse(pattern) if ":" in pattern else Pattern.unstructured(float(pattern))
+    calib, unseen = {"x": correlated(2048, 32, seed=1)}, correlated(512, 32, seed=2)
+    dense = run(dense_model, {"x": unseen})[0].astype(np.float64)
+    far = {}
+    for sequential in (False, True):
+        model, layers = sparsegpt_model(dense_model, calib, p, sequential)
+        got = run(model, {"x": unseen})[0]
+        far[sequential] = np.linalg.norm(got - dense) / np.linalg.norm(dense)
+        w = weights_of(model)
+        for row in layers:  # the pattern holds exactly, whatever the inputs were
+            if p.structured:  # every weight here is (K, N): blocks run down its columns
+                assert nm_violations(w[row.weight].T, 2, 4) == 0, row.layer
+            assert row.zeros_after == int((w[row.weight] == 0).sum()) == round(p.fraction * w[row.weight].size)
+    assert far[True] < 0.9 * far[False], far
+
+
 def test_the_reported_error_is_the_output_error_on_the_calibration_data():
     x, dense_model = correlated(400, 32), mlp()
     model, report = sparsify(dense_model, sparsity=0.5, calib={"x": x}, calib_samples=None)
     dense, sparse = weights_of(dense_model), weights_of(model)
-    y, y_sparse = x.astype(np.float64) @ dense["w1"], x.astype(np.float64) @ sparse["w1"]
+    # fc1 reads the model's input, so its inherited error is none: its error is its output's whole distance
+    # from the dense output, the refit bias included
+    y = x.astype(np.float64) @ dense["w1"] + dense["b1"]
+    y_sparse = x.astype(np.float64) @ sparse["w1"] + sparse["b1"]
     expected = ((y - y_sparse) ** 2).sum() / (y ** 2).sum()
     assert report.layers[0].error == pytest.approx(expected, rel=1e-4)
+    assert report.layers[0].output_error == pytest.approx(expected, rel=1e-4)
 
 
 def test_a_gemm_reading_tokens_flattened_with_the_batch_sees_every_token_in_its_gram():
@@ -258,10 +311,12 @@ def test_prune_then_sparsify_zeroes_inside_the_structure_that_remains(tmp_path):
     assert "read back from disk" in report.checks
 
 
-def test_weights_on_disk_come_out_on_disk(tmp_path):
+@pytest.mark.parametrize("criterion", ["magnitude", "sparsegpt"])
+def test_weights_on_disk_come_out_on_disk(tmp_path, criterion):
     source, out = tmp_path / "ext.onnx", tmp_path / "out.onnx"
     onnx.save(cnn(), str(source), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
-    _, report = sparsify(source, out, sparsity=0.5)
+    calib = cnn_calibration() if criterion == "sparsegpt" else None
+    _, report = sparsify(source, out, sparsity=0.5, criterion=criterion, calib=calib)
     assert (tmp_path / "out.onnx.data").is_file()
     header = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)

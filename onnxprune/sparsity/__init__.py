@@ -11,7 +11,8 @@ buys is a smaller compressed file and, for 2:4, TensorRT's sparse kernels.
 
 Modules: `masks` (patterns, the reduction-axis layout, mask selection),
 `sparsegpt` (the OBS update from a Gram matrix), `layers` (which weights,
-one weight's solve), `api` (the command's pipeline), `report`, `cli`.
+one weight's solve), `sequential` (SparseGPT level by level on the partly
+sparsified model), `api` (the command's pipeline), `report`, `cli`.
 """
 from onnxprune.sparsity.api import sparsify
 from onnxprune.sparsity.layers import CRITERIA, LayerResult

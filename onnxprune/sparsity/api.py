@@ -1,6 +1,10 @@
 """`sparsify()`: zero individual weights of Conv/Gemm/MatMul, then validate, gate and save as `prune` does.
 
-    load -> find weights -> Gram matrices (calibration) -> zero + update -> validate -> gate -> save
+    load -> find weights -> zero + update -> validate -> gate -> save
+
+(SparseGPT calibrates inside "zero + update", level by level on the model
+sparsified so far: sequential.py; Wanda reads the dense model's Gram
+matrices in a "calibrate" stage before it.)
 
 Loading, validation, measuring, the gate and the save are prune's own stages
 (onnxprune.pipeline.stages) over a SparsifyState; only the middle is this
@@ -38,6 +42,7 @@ from onnxprune.runtime.progress import progress_iter
 from onnxprune.sparsity.layers import CRITERIA, NEEDS_CALIBRATION, LayerResult, Selection, Solver, WeightTarget, \
     find_targets
 from onnxprune.sparsity.masks import Pattern
+from onnxprune.sparsity.sequential import solve_in_levels
 from onnxprune.sparsity.report import SparsifyReport
 
 # Gram accumulators (float64, features^2 each) held per pass over the calibration data: the weights
@@ -79,8 +84,9 @@ def sparsify(model: ModelLike, output: str | os.PathLike | None = None, options:
     see onnxprune.sparsity.masks).
 
     criterion: "magnitude" (smallest |w| of each layer), "wanda" (smallest |w| * ||x|| of each output,
-    needs `calib`) or "sparsegpt" (OBS: zeroes and updates the remaining weights to compensate, from the
-    Gram matrices of each layer's inputs on `calib`); default sparsegpt with calibration data, else
+    needs `calib`) or "sparsegpt" (OBS: zeroes and updates the remaining weights to compensate, layer after
+    layer, from each layer's inputs on `calib` in the model sparsified so far, towards the dense model's
+    outputs: onnxprune.sparsity.sequential); default sparsegpt with calibration data, else
     magnitude. `calib`: any format `eval` reads (at most `calib_samples` samples);
     `positions_per_sample`: output positions of a Conv sampled per sample for its Gram matrix (None: all).
     `block_size`, `damp`: SparseGPT's lazy-update block and damping (a fraction of mean(diag H)).
@@ -141,7 +147,15 @@ def gram_matrices(state: SparsifyState) -> None:
 def zero_weights(state: SparsifyState) -> None:
     s = state.options.weights
     solver = Solver(state.pattern, s.criterion, s.block_size, s.damp)
-    state.working, state.layers = _solve(state.working, state.selection, solver, state.grams)
+    if s.criterion == "sparsegpt":  # calibrated level by level, on the model sparsified so far (sequential.py)
+        calib = CalibrationSet.open(state.calib_data, state.working,
+                                    max_samples=state.options.calibration.calib_samples)
+        replaced, solved = solve_in_levels(state.working, state.selection.targets, solver, calib,
+                                           s.positions_per_sample, state.options.runtime.seed)
+        state.samples = len(calib)
+        state.working, state.layers = _assemble(state.working, state.selection, replaced, solved)
+    else:
+        state.working, state.layers = _solve(state.working, state.selection, solver, state.grams)
     state.grams = None
     if state.source.value_info:
         infer_shapes(state.working)
@@ -167,7 +181,9 @@ SPARSIFY = [
     Stage("load", load),
     Stage("find weights", find_weights, timing="load"),
     Stage("evaluate dense", evaluate_dense, applies=lambda s: s.validate_data is not None),
-    Stage("calibrate", gram_matrices, applies=lambda s: s.calib_data is not None),
+    # SparseGPT calibrates as it goes, level by level (zero_weights); Wanda reads the dense model once
+    Stage("calibrate", gram_matrices,
+          applies=lambda s: s.calib_data is not None and s.options.weights.criterion != "sparsegpt"),
     Stage("sparsify", zero_weights),
     Stage("validate", validate),
     Stage("evaluate sparsified", evaluate_pruned, applies=lambda s: s.dense_ref is not None),
@@ -230,30 +246,39 @@ def _solve(model: onnx.ModelProto, selection: Selection, solver: Solver, grams: 
     back to a scratch data file as they are made, as prune's slices do), and the per-layer rows."""
     inits = {t.name: t for t in model.graph.initializer}
     replaced: dict[str, onnx.TensorProto] = {}
-    layers: list[LayerResult] = []
+    solved: dict[str, LayerResult] = {}
     spill = None
-    for target in progress_iter(selection.targets, f"sparsify {len(selection.targets)} weights"):
+    for target in progress_iter([t for t in selection.targets if t.skip is None],
+                                f"sparsify {len(selection.targets)} weights"):
         tensor = inits[target.weight]
         w = tensor_values(tensor)
-        if target.skip is not None:
-            layers.append(LayerResult(target.name, target.op_type, target.weight, tuple(w.shape), int(w.size),
-                                      int(np.count_nonzero(w == 0)), int(np.count_nonzero(w == 0)),
-                                      skipped=target.skip))
-            continue
         try:
             new, row = solver.solve(target, w, grams)
         except np.linalg.LinAlgError as exc:  # a Gram matrix no damping makes positive definite
-            layers.append(LayerResult(target.name, target.op_type, target.weight, tuple(w.shape), int(w.size),
-                                      int(np.count_nonzero(w == 0)), int(np.count_nonzero(w == 0)),
-                                      skipped=f"SparseGPT failed ({exc}): raise --damp"))
+            solved[target.weight] = _dense_row(target, w, f"SparseGPT failed ({exc}): raise --damp")
             continue
-        layers.append(row)
+        solved[target.weight] = row
         if is_external(tensor) and new.nbytes >= EXTERNAL_MIN_BYTES:
             spill = spill or Spill()
             replaced[target.weight] = spill.add(new, target.weight)
         else:
             replaced[target.weight] = numpy_helper.from_array(new, target.weight)
         del w, new
+    return _assemble(model, selection, replaced, solved)
+
+
+def _dense_row(target: WeightTarget, w: np.ndarray, why: str) -> LayerResult:
+    zeros = int(np.count_nonzero(w == 0))
+    return LayerResult(target.name, target.op_type, target.weight, tuple(w.shape), int(w.size), zeros, zeros,
+                       skipped=why)
+
+
+def _assemble(model: onnx.ModelProto, selection: Selection, replaced: dict[str, onnx.TensorProto],
+              solved: dict[str, LayerResult]) -> tuple[onnx.ModelProto, list[LayerResult]]:
+    """The model with the `replaced` initializers, and a row per target in the selection's order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = [solved[t.weight] if t.skip is None else _dense_row(t, tensor_values(inits[t.weight]), t.skip)
+              for t in selection.targets]
     # a new ModelProto rather than edits in place: protobuf would keep the dense bytes in the old arena
     out = onnx.ModelProto()
     copy_fields(model, out, skip="graph")

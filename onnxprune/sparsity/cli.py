@@ -24,8 +24,9 @@ def add_parser(sub, common_options: Callable[[Any], None]) -> argparse.ArgumentP
         description="Zeroes individual weights of every Conv, Gemm and MatMul weight: a fraction of them "
                     "(--sparsity) or N:M (--pattern 2:4: at most N non-zero weights in every M consecutive ones along "
                     "the reduction axis, the layout sparse tensor cores and TensorRT's sparsity option read). "
-                    "SparseGPT (the default with --calib) updates the remaining weights to compensate, from the "
-                    "Gram matrices of each layer's inputs on the calibration data. Shapes do not change, so it "
+                    "SparseGPT (the default with --calib) updates the remaining weights to compensate, layer after "
+                    "layer, from each layer's inputs on the calibration data in the model sparsified so far, towards "
+                    "the dense model's outputs. Shapes do not change, so it "
                     "composes after `prune`. onnxruntime's CPU and CUDA providers run the zeros as dense weights "
                     "(no speed-up); the gain is a smaller compressed file and TensorRT's 2:4 kernels.")
     s.add_argument("input")

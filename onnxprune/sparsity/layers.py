@@ -58,8 +58,13 @@ class LayerResult:
     weights: int
     zeros_before: int
     zeros_after: int
-    error: float | None = None  # relative output error on calibration data: ||X (W - W')^T||^2 / ||X W^T||^2
+    # relative output error on calibration data: ||X (W - W')^T||^2 / ||X W^T||^2; SparseGPT's is what this
+    # layer's zeros add to the error it inherits from the layers sparsified before it (sequential.py)
+    error: float | None = None
     skipped: str | None = None
+    # SparseGPT: ||X~ W'^T + b' - (X W^T + b)||^2 / ||X W^T + b||^2, the output's whole distance from the dense
+    # model's, inherited error included
+    output_error: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -68,7 +73,8 @@ class LayerResult:
     def to_dict(self) -> dict:
         return {"layer": self.layer, "op_type": self.op_type, "weight": self.weight, "shape": list(self.shape),
                 "weights": self.weights, "zeros_before": self.zeros_before, "zeros_after": self.zeros_after,
-                "sparsity": round(self.sparsity, 6), "relative_error": self.error, "skipped": self.skipped}
+                "sparsity": round(self.sparsity, 6), "relative_error": self.error, "output_error": self.output_error,
+                "skipped": self.skipped}
 
 
 def matches(c: Consumer, patterns: list[str] | tuple[str, ...]) -> bool:
@@ -159,6 +165,64 @@ class Solver:
         result = LayerResult(target.name, target.op_type, target.weight, tuple(w.shape), int(w.size),
                              int(np.count_nonzero(w == 0)), int(np.count_nonzero(out == 0)), error)
         return out, result
+
+    def solve_against(self, target: WeightTarget, w: np.ndarray, biases: list[np.ndarray],
+                      stats: list[GramStats | GroupedGramStats], refit_bias: bool
+                      ) -> tuple[np.ndarray, np.ndarray | None, LayerResult]:
+        """SparseGPT against the dense outputs: the sparse weight (own shape and dtype), the refit effective
+        bias (None unless `refit_bias`) and the table row.
+
+        stats: per reader, sums of its inputs X~ (from the partly sparsified model) against the dense model's
+        outputs Y at the same rows; biases: each reader's effective bias (zeros without one). The weight
+        first takes the least-squares fit of Y on X~ (ridge towards the dense weight), then SparseGPT zeroes
+        it with X~'s Gram matrix, centred when the bias is refit to absorb the mean shift."""
+        layout = target.layout
+        groups = layout.groups
+        matrix = layout.to_blocks(w)
+        rows = len(matrix) // groups
+        total = int(round(self.pattern.fraction * matrix.size))
+        sparse = np.empty_like(matrix)
+        new_bias = np.empty(rows * groups) if refit_bias else None
+        drift = after = energy = 0.0
+        for g in range(groups):
+            out = slice(g * rows, (g + 1) * rows)
+            parts = [s.parts[g] if isinstance(s, GroupedGramStats) else s for s in stats]
+            n = sum(p.n for p in parts)
+            if refit_bias:  # one reader: its sums, centred
+                p = parts[0]
+                x_mean, y_mean = p.xsum / max(n, 1), p.ysum / max(n, 1)
+                h = p.xtx - n * np.outer(x_mean, x_mean)
+                c = p.xty - n * np.outer(x_mean, y_mean)
+            else:  # the bias stays: X~ W'^T should give Y - b
+                h = sum(p.xtx for p in parts)
+                c = sum(p.xty - np.outer(p.xsum, b[out]) for p, b in zip(parts, biases))
+            h, c = layout.gram_to_blocks(h), c[layout.order]
+            # the refit's pull towards the dense weight: a prior worth as many rows as features (128 short
+            # texts give MiniLM's 1536-wide Gemm 3 rows per feature, and an unrestrained refit fits their noise)
+            lam = max(self.damp, len(h) / max(n, 1)) * max(float(np.mean(np.diag(h))), 1e-12)
+            refit = np.linalg.solve(h + lam * np.eye(len(h)), c + lam * matrix[out].T).T
+            count = int(round(total * (g + 1) / groups)) - int(round(total * g / groups))
+            sparse[out] = sparsegpt(refit, h, self.pattern, block_size=self.block_size, damp=self.damp, count=count)
+            for dense_fit, kept in ((refit, False), (sparse[out], True)):
+                effective = np.empty_like(dense_fit)
+                effective[:, layout.order] = dense_fit
+                bias_g = [b[out] for b in biases]
+                if refit_bias:
+                    bias_g = [y_mean - effective @ x_mean]
+                    if kept:
+                        new_bias[out] = bias_g[0]
+                err = sum(p.squared_error(effective, b) for p, b in zip(parts, bias_g))
+                if kept:
+                    after += err
+                else:
+                    drift += err
+            energy += sum(p.target_energy for p in parts)
+        out_w = layout.from_blocks(sparse, w.dtype)
+        result = LayerResult(target.name, target.op_type, target.weight, tuple(w.shape), int(w.size),
+                             int(np.count_nonzero(w == 0)), int(np.count_nonzero(out_w == 0)),
+                             error=max(after - drift, 0.0) / energy if energy > 0 else None,
+                             output_error=after / energy if energy > 0 else None)
+        return out_w, new_bias, result
 
     def _sparsify(self, matrix: np.ndarray, hessians: list[np.ndarray] | None) -> np.ndarray:
         if self.criterion == "magnitude" or self.criterion == "wanda":
