@@ -122,6 +122,18 @@ def test_a_prune_with_calibration_data_and_no_strategy_compares_adaptive_with_un
     assert ("(l1, adaptive)" if kept == "adaptive" else "(l1, adaptive: the uniform plan kept)") in report.mode
 
 
+def test_adaptive_by_default_gives_way_to_uniform_where_its_curves_would_pass_the_budget(tmp_path, monkeypatch):
+    import onnxprune.pipeline.stages as stages
+
+    monkeypatch.setattr(stages, "DEFAULT_BUDGET_FLOPS", 1e9)  # digits: 6 groups x 6 passes x 64 samples x 97 MFLOPs
+    options = dict(target_flops=0.4, calib=str(CALIB), calib_samples=32, least_squares=False)
+    _, report = onnxprune.prune(DIGITS, tmp_path / "default.onnx", **options)
+    assert "(l1, uniform)" in report.mode
+    assert any(n.startswith("uniform allocation: adaptive, the default with calibration data") for n in report.notes)
+    _, named = onnxprune.prune(DIGITS, tmp_path / "named.onnx", strategy="adaptive", sensitivity_samples=8, **options)
+    assert any(n.startswith("adaptive allocation:") for n in named.notes)  # named: the curves run anyway
+
+
 def test_adaptive_strategy_needs_calibration_data():
     with pytest.raises(UsageError, match="--calib"):
         onnxprune.prune(DIGITS, target_flops=0.5, strategy="adaptive")

@@ -17,6 +17,7 @@ import numpy as np
 
 from onnxprune.analysis import Analysis, analyze_graph
 from onnxprune.analysis.diagnose import explain
+from onnxprune.calibration.ablation import DEFAULT_BUDGET_FLOPS
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.curves import removal_orders, sensitivity_curves
 from onnxprune.cost import model_cost
@@ -177,6 +178,21 @@ def _adaptive(state: PruneState) -> bool:
     return state.options.target.strategy == "adaptive"
 
 
+def curves_affordable(state: PruneState) -> None:
+    """Adaptive by default only where its curves fit the ablation FLOP budget: each group's curve runs
+    len(grid) + 1 passes of the curve samples, bounded here by passes through the whole model. Past it
+    (BERT-base: 24 groups, 22 GFLOPs a sample, about 7x the budget) the run is uniform, and says so."""
+    o, groups = state.options, len(state.analysis.prunable_groups())
+    cost = groups * (len(o.scoring.sensitivity_grid) + 1) * o.scoring.sensitivity_samples * state.dense_cost.flops
+    if cost <= DEFAULT_BUDGET_FLOPS:
+        return
+    state.options = replace(o, target=replace(o.target, strategy="uniform"))
+    state.notes.append(f"uniform allocation: adaptive, the default with calibration data, would measure "
+                       f"sensitivity curves of {groups} groups for up to {cost / 1e12:.3g} TFLOPs, over the budget "
+                       f"of {DEFAULT_BUDGET_FLOPS / 1e12:.3g} TFLOPs; name --strategy adaptive to run them anyway "
+                       "(with fewer samples per curve)")
+
+
 def measure_curves(state: PruneState) -> None:
     """Sensitivity curves of the eligible groups, their units removed in the criterion's order."""
     o, analysis = state.options, state.analysis
@@ -280,6 +296,8 @@ SCORE = [  # skipped where a forked state already holds their results
 DECIDE = [
     Stage("drop layers", drop_layers, applies=_drops_layers),
     *SCORE,
+    Stage("sensitivity budget", curves_affordable, timing="sensitivity",
+          applies=lambda s: _scores_needed(s) and s.adaptive_by_default and _adaptive(s) and s.curves is None),
     Stage("sensitivity", measure_curves, applies=lambda s: _scores_needed(s) and _adaptive(s) and s.curves is None),
     Stage("allocate", allocate_units, applies=_scores_needed),
     Stage("replay plan", replay_plan, applies=lambda s: s.given_plan is not None, timing="analyze"),

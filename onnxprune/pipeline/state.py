@@ -57,6 +57,7 @@ class PruneState:
     statistics: Any = None                  # calibration statistics of a data-aware criterion
     scores: dict[int, np.ndarray] | None = None
     curves: Any = None                      # sensitivity curves (adaptive allocation)
+    adaptive_by_default: bool = False       # adaptive because calibration data came and no strategy was named
     keep: dict[int, np.ndarray] | None = None
     candidates: dict[str, dict] = field(default_factory=dict)  # allocations to repair and compare (adaptive)
     removed: set[int] | None = None
@@ -81,7 +82,10 @@ class PruneState:
 
     def __post_init__(self) -> None:
         if isinstance(self.options, PruneOptions):  # every prune run names its strategy (alone, swept, in steps)
+            defaulted = self.options.target.strategy is None
             self.options = self.options.with_strategy()
+            if defaulted:
+                self.adaptive_by_default = self.options.target.strategy == "adaptive"
 
     @property
     def width(self) -> bool:
