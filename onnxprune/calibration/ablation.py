@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -90,7 +91,16 @@ class GatedModel:
     @property
     def controls(self) -> set[str]:
         """The graph inputs that say what is removed: the gate, and each refit's matrix and offset."""
-        return {self.gate, *(name for r in self.refits for name in (r.matrix, r.offset))}
+        return set(self.unchanged)
+
+    @cached_property
+    def unchanged(self) -> dict[str, np.ndarray]:
+        """The controls' values that remove nothing (the gate all ones, every refit zero), made once: a
+        refit's matrix is [P, P] and every group's probe feeds them."""
+        out = {self.gate: self.ones()}
+        for r in self.refits:
+            out.update(r.zeros())
+        return out
 
 
 RIDGE = 1e-3  # of the mean variance: the kept positions are often nearly collinear (a ReLU's dead ones)
@@ -538,13 +548,10 @@ class GroupProbe:
     def __init__(self, probes: Probes, group, part: Suffix, loss: str, threads: int):
         self.probes, self.group, self.part = probes, group, part
         gm = probes.gm
-        self.ones = gm.ones()
         inputs = {i.name for i in part.model.graph.input}
         self.refits = [r for r in gm.refits if r.matrix in inputs]
-        self.unchanged = {gm.gate: self.ones}
-        for r in self.refits:
-            self.unchanged.update(r.zeros())
-        self.feeds = _frontier_feeds(gm, part, probes.batches, self.unchanged, threads) if part.outputs else []
+        self.unchanged = {name: gm.unchanged[name] for name in gm.controls & inputs}
+        self.feeds = _frontier_feeds(gm, part, probes.batches, threads) if part.outputs else []
         self.session = calibration_session(part.model, threads=threads) if part.outputs else None
         self.losses: list[tuple[int, Divergence]] = []
         if self.session is not None:
@@ -562,7 +569,7 @@ class GroupProbe:
     def loss(self, zeroed: Sequence[int]) -> float:
         if not self.losses:
             return 0.0
-        gate = self.ones.copy()
+        gate = self.unchanged[self.probes.gm.gate].copy()
         gate[self.probes.gm.slots[self.group.id] + np.asarray(zeroed, dtype=np.int64)] = 0.0
         controls = {**self.unchanged, self.probes.gm.gate: gate}
         for r in self.refits:
@@ -643,16 +650,15 @@ def _run(session, outputs: list[str], feeds, controls: dict[str, np.ndarray]) ->
     return [[v[:n] for v in session.run(outputs, {**f, **controls})] for f, n in feeds]
 
 
-def _frontier_feeds(gm: GatedModel, part: Suffix, batches, unchanged: dict[str, np.ndarray], threads: int):
+def _frontier_feeds(gm: GatedModel, part: Suffix, batches, threads: int):
     """Per batch: the suffix's inputs (graph inputs as given, prefix tensors from one dense run) and n."""
     graph_inputs = {i.name for i in gm.model.graph.input}
     captured = [x for x in part.frontier if x not in graph_inputs]
-    unchanged = {**unchanged, **{k: v for r in gm.refits for k, v in r.zeros().items()}}  # the whole model's
     capture = Capture(gm.model, captured, threads=threads) if captured else None
     out = []
     for feeds, n in batches:
         f = {x: feeds[x] for x in part.frontier if x in graph_inputs}
         if capture is not None:
-            f.update(capture.run({**feeds, **unchanged}))
+            f.update(capture.run({**feeds, **gm.unchanged}))
         out.append((f, n))
     return out
