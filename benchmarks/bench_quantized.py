@@ -19,7 +19,8 @@ and their top-1 accuracy on the held-out split.  A data-aware criterion reads th
 split.  Without `--calib` the reconstruction passes stay off on both sides; with it both sides prune
 with `--calib` (the model's calibration split) and the default reconstruction: the float model is
 repaired in float and then quantized, the int8 model is repaired in place (a QDQ weight is refit on
-its dequantized values and requantized; QOperator ops are not refit).  The last column is the
+its dequantized values and requantized; a QOperator op from its dequantized input, its weights
+written back as integers the same way).  The last column is the
 difference in points (int8-then-pruned minus pruned-then-int8).
 """
 from __future__ import annotations

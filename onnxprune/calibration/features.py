@@ -57,6 +57,15 @@ class Consumer:
     trans_b: int = 0
     alpha: float = 1.0
     beta: float = 1.0
+    # an integer input (a QOperator op's): its real values are (x - input_zero_point) * input_scale
+    input_scale: float | None = None
+    input_zero_point: float = 0.0
+
+    def real_input(self, x: np.ndarray) -> np.ndarray:
+        """The input's real values (its channel means too: the map is affine), float32."""
+        if self.input_scale is None:
+            return x
+        return (np.asarray(x, np.float32) - np.float32(self.input_zero_point)) * np.float32(self.input_scale)
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -222,7 +231,9 @@ def sample_rows(c: Consumer, x: np.ndarray) -> int:
 
 
 def input_rows(c: Consumer, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
-    """Rows of X (rows, features) at the picked output positions."""
+    """Rows of X (rows, features) at the picked output positions, in real values (an integer input
+    dequantized before a Conv's padding adds its zeros)."""
+    x = c.real_input(x)
     if c.op_type == "Conv":
         return _conv_rows(c, x, pick)
     if c.op_type == "Gemm":

@@ -183,6 +183,37 @@ def _broadcastable(q: Quantization, param: np.ndarray) -> np.ndarray:
     return np.repeat(param, size, axis=q.axis).take(np.arange(q.shape[q.axis]), axis=q.axis)
 
 
+# -- the QOperator format's mixing ops, as the float op they compute ---------------------------------------
+
+@dataclass(frozen=True)
+class QLinearMixing:
+    """Where a QOperator mixing op reads its operands, and the float op it computes on their real values:
+    input x (integers, scale, zero point: one value each), weight w (the same, per tensor or per output
+    channel), an optional int32 bias whose scale is x's scale x w's, and y's scale and zero point, with
+    which it writes its output as integers."""
+
+    computes: str  # "Conv", "MatMul" or "Gemm"
+    bias: int | None  # the int32 bias's input index; None: the op has no bias input
+    attributes: tuple[str, ...]  # the attributes it shares with the float op
+    bias_times_alpha: bool = False  # QGemm: Y = alpha * x_scale * w_scale * (x w + bias)
+    x: tuple[int, int, int] = (0, 1, 2)  # inputs: integers, scale, zero point
+    w: tuple[int, int, int] = (3, 4, 5)
+
+
+_CONV_ATTRIBUTES = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+QLINEAR_MIXING: dict[tuple[str, str], QLinearMixing] = {
+    ("", "QLinearConv"): QLinearMixing("Conv", bias=8, attributes=_CONV_ATTRIBUTES),
+    ("", "QLinearMatMul"): QLinearMixing("MatMul", bias=None, attributes=()),
+    ("com.microsoft", "QGemm"): QLinearMixing("Gemm", bias=6, attributes=("alpha", "transA", "transB"),
+                                              bias_times_alpha=True),
+}
+
+
+def qlinear_mixing(node: onnx.NodeProto) -> QLinearMixing | None:
+    """How `node` mixes integer activations with an integer weight, when it is a QOperator mixing op."""
+    return QLINEAR_MIXING.get((_domain(node), node.op_type))
+
+
 # -- requantizing a refit weight -------------------------------------------------------------------------
 
 # the integer ranges onnxruntime's quantizer writes weights in, narrowest first: reduced (7-bit, for x86

@@ -6,9 +6,12 @@ bias so that its output on calibration data matches the dense model's
 output, with inputs taken from the already-repaired pruned model (He et al.
 2017, ThiNet's reconstruction step). Ridge regression towards the current
 weights; the strength is chosen per layer on the held-out split, and the
-current weights are kept when no refit beats them there. A weight read through
-DequantizeLinear (QDQ) is refit on its dequantized values, judged as it will be
-stored (rounded to integers) and written back as integers (`passes.qdq_weights`).
+current weights are kept when no refit beats them there. An integer weight (behind a
+DequantizeLinear, or read by a QOperator op) is refit on its dequantized values, judged as
+it will be stored (rounded to integers) and written back as integers
+(`passes.integer_weights`). A QOperator op (QLinearConv, QLinearMatMul, QGemm) is fit
+from its dequantized input to its dense output before requantization, which a float twin
+of it in the dense model computes (`passes.qoperator`).
 
 Layers are processed in *levels*: a consumer's level is one more than the
 deepest refit consumer upstream of it, and every consumer of a level is fit
@@ -53,6 +56,7 @@ from onnxprune.passes.reconstruct import (
     ReconstructionPass,
     changed_consumers,
     levels,
+    preactivations,
     shared_weight,
     weight_out_axis,
 )
@@ -277,6 +281,12 @@ class LeastSquaresRefit(ReconstructionPass):
             if edit.get_node(n) is not None]  # not those of dropped layers
         records, plan, tied = self._plan(targets, dense_edit, edit)
         records += _untie_across_levels(model, targets, plan, tied)
+        # a QOperator consumer's targets: its dense output before requantization, from a float twin
+        dense, twins = preactivations(ctx.dense, list(plan))
+        for name, tensor in twins.items():
+            cd, kept = plan[name]
+            plan[name] = (dataclasses.replace(cd, output=tensor), kept)
+        ctx = dataclasses.replace(ctx, dense=dense)
         cache = DenseTargets(ctx, plan)
         windows = cache.windows(levels(model, [n for n in targets if n in plan]))
         apart = cache.apart | {n for window, fits in windows if not fits for level in window for n in level}
@@ -289,7 +299,7 @@ class LeastSquaresRefit(ReconstructionPass):
                 cache.collect([n for level in window for n in level])
             for level in window:
                 specs = [edit.consumer(name) for name in level]
-                g_fits, g_holds = self._level_grams(model, specs, plan, cache if fits else None, tied)
+                g_fits, g_holds = self._level_grams(ctx, model, specs, plan, cache if fits else None, tied)
                 for readers in _by_weight(specs, tied):
                     key = readers[0].weight if readers[0].weight in tied else readers[0].node
                     records += _refit_layer(edit, readers, g_fits[key], g_holds.get(key), self.ridge)
@@ -298,11 +308,11 @@ class LeastSquaresRefit(ReconstructionPass):
         records.sort(key=lambda r: order.get(r.node, len(order)))
         return records
 
-    def _level_grams(self, model: onnx.ModelProto, specs: list[Consumer], plan: dict, cache: "DenseTargets | None",
-                     tied: dict[str, list[str]]) -> tuple[dict, dict]:
+    @staticmethod
+    def _level_grams(ctx: ReconstructionContext, model: onnx.ModelProto, specs: list[Consumer], plan: dict,
+                     cache: "DenseTargets | None", tied: dict[str, list[str]]) -> tuple[dict, dict]:
         """Fit and held-out sums of a level's consumers: from the cached dense targets where it can, else
-        from a dense and a pruned pass of this level's own."""
-        ctx = self.ctx
+        from a dense (ctx.dense: with the float twins) and a pruned pass of this level's own."""
         fits: dict = {}
         holds: dict = {}
         apart = specs if cache is None else [c for c in specs if c.node in cache.apart]

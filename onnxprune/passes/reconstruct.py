@@ -37,7 +37,9 @@ from onnxprune.calibration.padding import row_mask
 from onnxprune.calibration.stats import collect_statistics
 from onnxprune.ir.editor import GraphEditor, copy_model
 from onnxprune.ir.graph_view import reads
-from onnxprune.passes import qdq_weights as qdq
+from onnxprune.ir.quant import QLINEAR_MIXING, qlinear_mixing
+from onnxprune.passes import integer_weights
+from onnxprune.passes import qoperator
 from onnxprune.passes.protocol import NOTHING_TO_DO, Pass, PassResult
 from onnxprune.runtime.progress import progress_iter
 
@@ -77,17 +79,18 @@ class LayerRecord:
 
 
 # -- model editing ------------------------------------------------------------------------------------
-# the QOperator format's mixing ops: their inputs are integer activations, so there is no float input to
-# fit from; they are listed among the changed consumers to be skipped with that reason
-QOPERATOR_CONSUMERS = ("QLinearConv", "QLinearMatMul", "QGemm")
+# the QOperator format's mixing ops: the float op each computes is refit on its dequantized input
+# (`passes.qoperator`), its integers rewritten in their scheme (`passes.integer_weights`)
+QOPERATOR_CONSUMERS = tuple(op for _, op in QLINEAR_MIXING)
 
 
 class ConsumerEditor(GraphEditor):
-    """The graph editor, plus the weights and biases of consumers (Conv, Gemm, MatMul) by node name.
+    """The graph editor, plus the weights and biases of consumers (Conv, Gemm, MatMul, and the QOperator
+    ops that compute them) by node name.
 
-    A weight or bias may be a float initializer or `DequantizeLinear` of integers (QDQ,
-    `passes.qdq_weights`): it is read as float and written back as integers in its own scheme
-    (`weight_problem` says where that cannot be done). Writes are copy-on-write
+    A weight or bias may be a float initializer or integers: behind a `DequantizeLinear` (QDQ) or read by
+    a QOperator op (`passes.integer_weights`); integers are read as float and written back as integers
+    in their own scheme (`weight_problem` says where that cannot be done). Writes are copy-on-write
     (`GraphEditor.write_const`): a weight or bias other nodes read too (a subgraph included) gets a
     private copy instead of being changed for all of them."""
 
@@ -95,10 +98,13 @@ class ConsumerEditor(GraphEditor):
         node = self.get_node(node_name)
         if node is None:
             return None
+        if qlinear_mixing(node) is not None:
+            found = qoperator.consumer(self, node)
+            return found if isinstance(found, Consumer) else None
         # a weight or bias made by a DequantizeLinear of constants counts as a constant of its shape
         known = {name: self.initializers[name] for name in node.input if name in self.initializers}
         for name in node.input[1:3]:
-            q = qdq.dequantized(self, name)
+            q = integer_weights.dequantized(self, name)
             if q is not None:
                 known[name] = onnx.TensorProto(name=name, dims=self.initializers[q.data].dims)
         return consumer_for(node, known)
@@ -106,52 +112,54 @@ class ConsumerEditor(GraphEditor):
     def unsupported(self, node_name: str) -> str:
         """Why `node_name` is not a consumer the passes can refit."""
         node = self.get_node(node_name)
-        if node is not None and node.op_type in QOPERATOR_CONSUMERS:
-            return (f"{node.op_type} reads integer activations (QOperator format): its weights are not refit; "
-                    "the QDQ format's are")
-        return "not a Conv/Gemm/MatMul with a constant weight"
+        why = qoperator.consumer(self, node) if node is not None else None
+        return why if isinstance(why, str) else "not a Conv/Gemm/MatMul with a constant weight"
+
+    def integers(self, c: Consumer) -> integer_weights.IntegerWeights:
+        """Where c's weight and bias are integers, and which node reads them how (None each where float)."""
+        return integer_weights.integer_weights(self, c, weight_out_axis(c))
 
     def weight_problem(self, c: Consumer) -> str | None:
         """Why `c`'s weight cannot be written back (an integer layout the passes do not requantize), or None."""
-        return qdq.weight_problem(self, c, weight_out_axis(c))
+        return integer_weights.weight_problem(self, c, self.integers(c), weight_out_axis(c))
 
     def bias_problem(self, c: Consumer) -> str | None:
-        """Why no bias can be written for `c` (a QDQ consumer without one, an odd int32 bias), or None."""
-        return qdq.bias_problem(self, c)
+        """Why no bias can be written for `c` (an integer consumer without one, an odd int32 bias), or None."""
+        return integer_weights.bias_problem(self, c, self.integers(c))
 
     def weight(self, c: Consumer) -> np.ndarray:
-        """The consumer's weight as float64, in the weight's own layout (dequantized when it is QDQ)."""
-        q = qdq.dequantized(self, c.weight)
-        return self.value(c.weight).astype(np.float64) if q is None else qdq.real_values(self, q)
+        """The consumer's weight as float64, in the weight's own layout (dequantized when it is integers)."""
+        q = self.integers(c).weight
+        return self.value(c.weight).astype(np.float64) if q is None else integer_weights.real_values(self, q)
 
     def bias_of(self, c: Consumer) -> np.ndarray:
         """The consumer's current bias in output units (zeros when it has none), shape (out,)."""
         if c.bias is None:
             return np.zeros(c.out_channels)
-        q = qdq.dequantized(self, c.bias)
-        b = (self.value(c.bias).astype(np.float64) if q is None else qdq.real_values(self, q)).reshape(-1)
+        q = self.integers(c).bias
+        b = (self.value(c.bias).astype(np.float64) if q is None else integer_weights.real_values(self, q)).reshape(-1)
         if c.op_type == "Gemm":
             b = b * c.beta
         return np.broadcast_to(b, (c.out_channels,)).copy()
 
     def stored(self, c: Consumer, effective: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(effective weight, bias) as the model will compute with them once written: a QDQ weight and
+        """(effective weight, bias) as the model will compute with them once written: an integer weight and
         bias rounded to their integers, so a refit is judged by what it will be."""
-        q = qdq.dequantized(self, c.weight)
-        if q is None:
+        ints = self.integers(c)
+        if ints.weight is None:
             return effective, bias
-        new = qdq.requantize(self, c, c.weight_from_effective(effective))
-        weight = c.effective_weight(new.real(q.axis))
-        if c.bias is None or qdq.dequantized(self, c.bias) is None:
+        new = integer_weights.requantize(self, ints, c.weight_from_effective(effective))
+        weight = c.effective_weight(new.real(ints.weight.axis))
+        if ints.bias is None:
             return weight, bias
         beta = c.beta if c.op_type == "Gemm" and c.beta != 0 else 1.0
         raw = self._bias_tensor(c, bias, beta)
-        return weight, np.broadcast_to(qdq.stored_bias(self, c, raw, new.bias_scale).reshape(-1) * beta,
+        return weight, np.broadcast_to(integer_weights.stored_bias(self, ints.bias, raw, new.bias_scale).reshape(-1) * beta,
                                        (c.out_channels,)).copy()
 
     def _bias_tensor(self, c: Consumer, bias: np.ndarray, beta: float) -> np.ndarray:
         """`bias` (output units) divided by beta, shaped like c's bias tensor when it has as many values."""
-        q = qdq.dequantized(self, c.bias)
+        q = self.integers(c).bias
         shape = tuple(self.initializers[q.data if q is not None else c.bias].dims)
         value = bias / beta
         return value.reshape(shape) if int(np.prod(shape)) == len(value) else value
@@ -163,11 +171,12 @@ class ConsumerEditor(GraphEditor):
         beta = c.beta if c.op_type == "Gemm" and c.beta != 0 and c.bias is not None else 1.0
         if c.op_type == "Gemm" and beta != c.beta:
             self.set_attr(node, "beta", 1.0)
-        if c.bias is not None and qdq.dequantized(self, c.bias) is not None:
-            qdq.write_bias(self, c, self._bias_tensor(c, bias, beta))
+        ints = self.integers(c)
+        if ints.bias is not None:
+            integer_weights.write_bias(self, ints.bias, self._bias_tensor(c, bias, beta))
             return
         # a float bias: in the weight's type (a QDQ weight's float bias keeps its own)
-        dtype = self.value(c.bias if qdq.dequantized(self, c.weight) else c.weight).dtype
+        dtype = self.value(c.bias if ints.weight is not None else c.weight).dtype
         if c.op_type == "Conv":
             self.write_const(node, 2, bias.astype(dtype), None if c.bias is not None else f"{node.name}.bias")
         elif c.op_type == "Gemm":
@@ -187,14 +196,15 @@ class ConsumerEditor(GraphEditor):
         self.add_node(add, after=node.name)
 
     def set_weight(self, c: Consumer, effective: np.ndarray) -> None:
-        """Write the (out, features) `effective` weight into the consumer: a QDQ weight as integers (its
-        int32 bias re-derived for the new scale)."""
+        """Write the (out, features) `effective` weight into the consumer: an integer weight as integers
+        (its int32 bias re-derived for the new scale)."""
         self.set_raw_weight(c, c.weight_from_effective(effective))
 
     def set_raw_weight(self, c: Consumer, raw: np.ndarray) -> None:
         """Write `raw` (the weight in its own layout) into the consumer."""
-        if qdq.dequantized(self, c.weight) is not None:
-            qdq.write_weight(self, c, qdq.requantize(self, c, raw))
+        ints = self.integers(c)
+        if ints.weight is not None:
+            integer_weights.write_weight(self, ints, integer_weights.requantize(self, ints, raw))
             return
         old = self.value(c.weight)
         new = np.asarray(raw).astype(old.dtype)
@@ -225,6 +235,21 @@ def shared_weight(weight: str, edit: GraphEditor) -> str:
     """Why a consumer is not refit: its weight is one tensor several nodes read (ALBERT's shared
     layers, a recurrence), and a refit per reader would store a copy per reader."""
     return f"weight '{weight}' is shared by {edit.reader_count(weight)} nodes; refitting it for one would copy it"
+
+
+def preactivations(model: onnx.ModelProto, nodes: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """`model`, and where `nodes` hold QOperator consumers, a copy with the float twin of each: the tensor
+    holding its output before requantization, by node (`passes.qoperator`; that output clips at the
+    integer range, a fused Relu's 0 included, and the refit and the statistics want it unclipped).
+    `model` itself when there are none."""
+    edit = ConsumerEditor(model)
+    layers = []
+    for name in nodes:
+        node = edit.get_node(name)
+        c = edit.consumer(name) if node is not None and qlinear_mixing(node) is not None else None
+        if c is not None:
+            layers.append((c, edit.weight(c), edit.bias_of(c)))
+    return qoperator.with_float_twins(model, layers) if layers else (model, {})
 
 
 # -- the passes' common shape -------------------------------------------------------------------------
@@ -399,12 +424,23 @@ def _add_pooled(sums: list[float], r: np.ndarray, g: np.ndarray, keep: np.ndarra
 
 # -- bias compensation ---------------------------------------------------------------------------------
 def removed_inputs(ctx: ReconstructionContext, analysis) -> dict[str, tuple[str, int, np.ndarray]]:
-    """node -> (tensor, axis, keep mask) for every sink that loses input positions."""
+    """node -> (tensor, axis, keep mask) for every sink that loses input positions, and every QOperator
+    consumer that does (the analysis records no sink between integer ops, where there is no float
+    tensor to mask: their removed inputs are read from the keep mask of their integer input)."""
     out = {}
     for s in analysis.state.sinks:
         mask = ctx.masks.get((s.tensor, s.axis))
         if mask is not None and not mask.all():
             out[s.node] = (s.tensor, s.axis, mask)
+    edit = ConsumerEditor(ctx.dense)
+    for node in ctx.dense.graph.node:
+        c = edit.consumer(node.name) if qlinear_mixing(node) is not None and node.name not in out else None
+        shape = analysis.view.shape(c.input) if c is not None else None
+        if shape:
+            axis = c.feature_axis % len(shape)
+            mask = ctx.masks.get((c.input, axis))
+            if mask is not None and not mask.all():
+                out[node.name] = (c.input, axis, mask)
     return out
 
 
@@ -457,7 +493,10 @@ class BiasCompensation(ReconstructionPass):
             if why:
                 records.append(LayerRecord(name, "skipped", why))
                 continue
-            delta = compensation(cd, dense_edit.weight(cd), mask, stats.channel(tensor, axis).mean)
+            mean = stats.channel(tensor, axis).mean
+            if tensor == cd.input:  # an integer input (QOperator): its means in real values
+                mean = cd.real_input(mean)
+            delta = compensation(cd, dense_edit.weight(cd), mask, mean)
             out_mask = ctx.masks.get((cd.weight, weight_out_axis(cd)))
             if out_mask is not None:
                 delta = delta[out_mask]
@@ -555,14 +594,19 @@ class OutputMatching(ReconstructionPass):
         records, plan = self._plan(nodes, dense_edit, edit)
         if not plan:
             return records
-        dense_stats = ctx.collect(ctx.dense, ctx.fit, tensors=sorted({(cd.output, 1) for cd, _ in plan.values()}))
+        # a QOperator consumer's statistics are those of its output before requantization, in both models
+        dense, dense_twins = preactivations(ctx.dense, list(plan))
+        wanted = {name: dense_twins.get(name, cd.output) for name, (cd, _) in plan.items()}
+        dense_stats = ctx.collect(dense, ctx.fit, tensors=sorted((t, 1) for t in wanted.values()))
         for level in progress_iter(levels(model, list(plan)), "output statistics matching, level"):
             specs = [edit.consumer(name) for name in level]
-            stats = ctx.collect(model, ctx.fit, tensors=[(cp.output, 1) for cp in specs])
+            measured, twins = preactivations(model, level)
+            outputs = {cp.node: twins.get(cp.node, cp.output) for cp in specs}
+            stats = ctx.collect(measured, ctx.fit, tensors=[(outputs[cp.node], 1) for cp in specs])
             for cp in specs:
                 cd, kept = plan[cp.node]
-                records.append(self._match(edit, cp, cd, kept, dense_stats.channel(cd.output, 1),
-                                           stats.channel(cp.output, 1)))
+                records.append(self._match(edit, cp, cd, kept, dense_stats.channel(wanted[cp.node], 1),
+                                           stats.channel(outputs[cp.node], 1)))
             edit.commit()
         order = {n: i for i, n in enumerate(nodes)}
         records.sort(key=lambda r: order.get(r.node, len(order)))
