@@ -159,6 +159,19 @@ def test_integers_two_qoperator_ops_read_are_not_refit_and_say_why(tmp_path):
     assert values(repaired, "w2_quantized").shape[0] < 32  # sliced, not refit
 
 
+def test_a_weight_scale_two_ops_read_is_copied_for_the_one_refit_not_changed_for_both(tmp_path):
+    # a deduplicating optimizer leaves equal scales as one initializer: each refit writes its own copy
+    int8 = qoperator(cnn(), tmp_path, [1, 3, 8, 8], **SCHEMES["per_tensor"])
+    node(int8, "fc_quant").input[4] = "c2.w_scale"
+    plain, _ = onnxprune.prune(int8, target_flops=0.4, round_to=1)
+    repaired, report = onnxprune.prune(int8, calib=CALIB, target_flops=0.4, round_to=1, strategy="uniform")
+    layers = least_squares_layers(report)
+    assert layers["c2_quant"]["action"] == layers["fc_quant"]["action"] == "refit"
+    c2_scale, fc_scale = (node(repaired, name).input[4] for name in ("c2_quant", "fc_quant"))
+    assert c2_scale != fc_scale and values(repaired, c2_scale) != values(repaired, fc_scale)
+    assert error(repaired, int8, TEST) < 0.5 * error(plain, int8, TEST)
+
+
 def sorted_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """The nodes in an order where each comes after what it reads."""
     nodes, done = list(model.graph.node), {i.name for i in model.graph.input} | {
