@@ -371,6 +371,10 @@ class SparsityOptions:
     block_size: int = option(SPARSEGPT_BLOCK, "SparseGPT: columns per lazy-update block", parse=positive)
     damp: float = option(SPARSEGPT_DAMP, "SparseGPT: damping added to the Gram matrix's diagonal, as a fraction "
                                          "of its mean", parse=float)
+    distill: int = option(0, "epochs of distillation toward the dense model after zeroing: the kept weights, their "
+                             "biases and the normalisation parameters fitted to the dense model's outputs on --calib, "
+                             "zeros held, the best epoch on held-out samples kept (needs PyTorch: pip install "
+                             "'onnxprune[distill]'); 0: none", parse=non_negative, metavar="EPOCHS")
 
 
 @dataclass(frozen=True)

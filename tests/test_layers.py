@@ -14,7 +14,7 @@ LAYER = {
     "runtime": 3,
     "cost": 4, "report": 4,
     "calibration": 5,
-    "importance": 6, "strategy": 6,
+    "importance": 6, "strategy": 6, "autodiff": 6,
     "passes": 7,
     "pipeline": 8,
     "sparsity": 9,

@@ -59,6 +59,7 @@ class SparsifyState(PruneState):
     grams: dict | None = None
     samples: int | None = None
     layers: list[LayerResult] | None = None
+    distillation: Any = None  # autodiff.distill.DistillResult, when --distill ran
 
     @property
     def lossless(self) -> bool:
@@ -121,6 +122,11 @@ def check_sparsify_options(state: SparsifyState) -> None:
     if criterion in NEEDS_CALIBRATION and o.calibration.calib is None:
         raise UsageError(f"criterion {criterion} weighs each weight by its input on calibration data: give some "
                          "(calib / --calib DATA), or use --criterion magnitude")
+    if s.distill:
+        if o.calibration.calib is None:
+            raise UsageError("distillation (--distill) fits the sparsified model to the dense one on calibration "
+                             "data: give some (calib / --calib DATA)")
+        import onnxprune.autodiff.torch_graph  # noqa: F401  (PyTorch is an extra: say so before any work)
     if s.block_size < 1 or not s.damp > 0:
         raise UsageError(f"block size must be at least 1 and damping above 0; got {s.block_size} and {s.damp}")
     state.options = with_keywords(o, {"criterion": criterion})
@@ -161,15 +167,35 @@ def zero_weights(state: SparsifyState) -> None:
         infer_shapes(state.working)
 
 
+def distill_weights(state: SparsifyState) -> None:
+    """Fit the kept weights, their biases and the normalisation parameters to the dense model's outputs,
+    zeros held (onnxprune.autodiff.distill)."""
+    from onnxprune.autodiff.distill import distill, trainable_tensors  # PyTorch: an optional extra
+
+    o = state.options
+    inits = {t.name: t for t in state.working.graph.initializer}
+    masks = {r.weight: tensor_values(inits[r.weight]) != 0 for r in state.layers
+             if r.skipped is None and r.weight in inits}
+    biases = [c.bias for t in state.selection.targets if t.skip is None for c in t.readers if c.bias]
+    calib = CalibrationSet.open(state.calib_data, state.working, max_samples=o.calibration.calib_samples)
+    fitted, state.distillation = distill(state.working, state.dense, calib,
+                                         trainable_tensors(state.working, masks, biases),
+                                         epochs=o.weights.distill, seed=o.runtime.seed)
+    if fitted:
+        state.working = _with_values(state.working, fitted)
+
+
 def build_sparsify_report(state: SparsifyState) -> None:
     s = state.options.weights
     mode = f"{state.pattern}, {s.criterion}" + (f", calibrated on {state.samples} samples" if state.samples else "")
+    if state.distillation is not None:
+        mode += ", distilled" if state.distillation.kept else ", distillation not kept"
     state.report = SparsifyReport(
         str(state.source.path) if state.source.path else "<ModelProto>",
         str(state.output) if state.output is not None else None, mode, state.layers, state.dense_cost.params,
         state.source.file_size, state.after.file_size, state.samples, checks=state.validation.checks,
         notes=[n for n in [state.input_shapes.note()] if n], timings=state.clock.timings,
-        quality=state.quality, latency=state.latency)
+        quality=state.quality, latency=state.latency, distillation=state.distillation)
 
 
 def _file_size(state: SparsifyState) -> None:
@@ -185,6 +211,7 @@ SPARSIFY = [
     Stage("calibrate", gram_matrices,
           applies=lambda s: s.calib_data is not None and s.options.weights.criterion != "sparsegpt"),
     Stage("sparsify", zero_weights),
+    Stage("distill", distill_weights, applies=lambda s: s.options.weights.distill > 0),
     Stage("validate", validate),
     Stage("evaluate sparsified", evaluate_pruned, applies=lambda s: s.dense_ref is not None),
     Stage("latency", measure_latency, applies=lambda s: s.measure_latency),
@@ -265,6 +292,25 @@ def _solve(model: onnx.ModelProto, selection: Selection, solver: Solver, grams: 
             replaced[target.weight] = numpy_helper.from_array(new, target.weight)
         del w, new
     return _assemble(model, selection, replaced, solved)
+
+
+def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A new model whose initializers named in `values` hold them (large ones of an on-disk model go to a
+    scratch data file, as sparsify's own writes do)."""
+    spill = None
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip="graph")
+    copy_fields(model.graph, out.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        value = values.get(tensor.name)
+        if value is None:
+            out.graph.initializer.append(tensor)
+        elif is_external(tensor) and value.nbytes >= EXTERNAL_MIN_BYTES:
+            spill = spill or Spill()
+            out.graph.initializer.append(spill.add(value, tensor.name))
+        else:
+            out.graph.initializer.append(numpy_helper.from_array(value.reshape(tuple(tensor.dims)), tensor.name))
+    return out
 
 
 def _dense_row(target: WeightTarget, w: np.ndarray, why: str) -> LayerResult:

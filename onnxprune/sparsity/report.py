@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from onnxprune.runtime.measures import LatencyStats, QualityStats
 from onnxprune.text import box_table, human, human_bytes
@@ -28,6 +29,7 @@ class SparsifyReport:
     timings: dict[str, float] = field(default_factory=dict)
     quality: QualityStats | None = None
     latency: LatencyStats | None = None
+    distillation: Any = None  # onnxprune.autodiff.distill.DistillResult
 
     @property
     def sparsified(self) -> list[LayerResult]:
@@ -71,6 +73,7 @@ class SparsifyReport:
             "validation": {"checks": self.checks},
             "quality": self.quality.to_dict() if self.quality is not None else None,
             "latency": self.latency.to_dict() if self.latency is not None else None,
+            "distillation": self.distillation.to_dict() if self.distillation is not None else None,
             "notes": self.notes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -127,6 +130,8 @@ class SparsifyReport:
             text += f"; relative output error per layer on calibration data: mean {sum(errors) / len(errors):.4f}, " \
                     f"worst {max(errors):.4f}"
         text += f". Checks passed: {', '.join(self.checks)}."
+        if self.distillation is not None:
+            text += "\n" + self.distillation.describe()
         if self.quality is not None:
             text += "\n" + ("Accuracy gate: " if self.quality.max_drop is not None else "Validation: ") + \
                 self.quality.verdict()
