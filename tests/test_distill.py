@@ -31,6 +31,7 @@ CONFORMANCE = MODELS / "conformance"
     CONFORMANCE / "efficientnet_legacy.onnx",  # Conv auto_pad SAME, Pad, a Slice that steps backwards
     CONFORMANCE / "swin_legacy.onnx",  # Mod, windows by Reshape/Transpose/Pad
     CONFORMANCE / "gpt2_legacy.onnx",  # causal mask by LessOrEqual, Where
+    MODELS / "fixtures" / "transformers" / "llama_decoder_legacy.onnx",  # causal mask by Trilu
 ], ids=lambda p: p.stem)
 def test_the_torch_graph_computes_what_onnxruntime_computes(path):
     model = onnx.load(str(path))

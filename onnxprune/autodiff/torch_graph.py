@@ -69,6 +69,12 @@ def _mod(node, a, x):
     return [torch.fmod(x[0], x[1]) if a.get("fmod", 0) else torch.remainder(x[0], x[1])]
 
 
+@rule("Trilu")
+def _trilu(node, a, x):
+    k = int(x[1].reshape(-1)[0]) if len(x) > 1 and x[1] is not None else 0
+    return [torch.triu(x[0], k) if a.get("upper", 1) else torch.tril(x[0], k)]
+
+
 @rule("Where")
 def _where(node, a, x):
     return [torch.where(x[0].bool(), x[1], x[2])]
