@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from helpers import feeds_for, make_model, run, weight
+from helpers import feeds_for, make_model, run
 from onnxprune.errors import UnsupportedModelError, UsageError
 from onnxprune.sparsity import sparsify
 
@@ -55,8 +55,9 @@ def test_an_op_without_a_rule_is_refused_by_node_name_before_anything_runs():
 
 
 def test_gradients_reach_the_trainable_initializers_under_their_own_names():
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 3])], [("y", [2, 4])],
-                       [weight(3, 4, name="w")])
+    # (its own weight, not helpers.weight: the random weights of later test files depend on that shared RNG)
+    w = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 3])], [("y", [2, 4])], [w])
     graph = TorchGraph(model, ["w"])
     graph({"x": np.ones((2, 3), np.float32)}, ["y"])["y"].sum().backward()
     assert set(graph.parameters) == {"w"}
