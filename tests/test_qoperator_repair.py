@@ -6,15 +6,14 @@ re-derived at input scale x the new weight scale. The graph keeps its nodes."""
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 import onnxprune
 from onnxprune.ir.quant import IntegerScheme, qlinear_mixing
 from onnxprune.passes.reconstruct import ConsumerEditor
-from helpers import run
-from test_quantized import RandomReader, cnn, initializer, mlp
-from test_quantized_repair import CALIB, TEST, error, least_squares_layers, values
+from test_quantized import RandomReader, cnn, mlp
+from test_quantized_repair import CALIB, TEST, check_mlp_refit_without_bias, error, least_squares_layers, \
+    pruned_plain_and_repaired, repaired_without_least_squares, values
 
 SCHEMES = {  # 7-bit weights where int8: x86 u8s8 kernels saturate pairs of 8-bit products otherwise
     "per_tensor": dict(per_channel=False, reduce_range=True),
@@ -48,12 +47,7 @@ def scheme_of(model: onnx.ModelProto, name: str) -> IntegerScheme:
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_least_squares_refits_qlinear_conv_and_qgemm_weights_as_integers_in_their_own_scheme(tmp_path, scheme):
     int8 = qoperator(cnn(), tmp_path, [1, 3, 8, 8], **SCHEMES[scheme])
-    options = dict(target_flops=0.4, round_to=1)
-    plain, _ = onnxprune.prune(int8, **options)
-    repaired, report = onnxprune.prune(int8, calib=CALIB, strategy="uniform", **options)  # the plain run's plan
-    onnx.checker.check_model(repaired, full_check=True)
-    assert [n.op_type for n in repaired.graph.node] == [n.op_type for n in plain.graph.node]  # no new nodes
-    layers = least_squares_layers(report)
+    plain, repaired, layers = pruned_plain_and_repaired(int8)
     assert layers["c2_quant"]["action"] == layers["fc_quant"]["action"] == "refit"
     assert all(layers[n]["error_after"] < layers[n]["error_before"] for n in ("c2_quant", "fc_quant"))
     for name in ("c2_quant", "fc_quant"):
@@ -104,29 +98,14 @@ def test_a_new_weight_scale_re_derives_the_int32_bias_so_its_real_values_stay(tm
 def test_a_qlinear_matmul_has_no_bias_input_and_is_refit_without_one(tmp_path):
     int8 = qoperator(mlp(), tmp_path, [2, 3, 16], per_channel=True, reduce_range=True)
     assert [n.op_type for n in int8.graph.node].count("QLinearMatMul") == 2
-    calib = {"x": np.random.default_rng(3).standard_normal((64, 3, 16)).astype(np.float32)}
-    plain, _ = onnxprune.prune(int8, target_flops=0.4, round_to=1)
-    repaired, report = onnxprune.prune(int8, calib=calib, target_flops=0.4, round_to=1, strategy="uniform")
-    assert [n.op_type for n in repaired.graph.node] == [n.op_type for n in plain.graph.node]
-    assert least_squares_layers(report)["fc2_quant"]["action"] == "refit"
-    w2 = values(repaired, "w2_quantized")
-    assert w2.dtype == np.int8 and not np.array_equal(w2, values(plain, "w2_quantized"))
-    x = np.random.default_rng(4).standard_normal((16, 3, 16)).astype(np.float32)
-    dense_y, plain_y, repaired_y = (run(m, {"x": x}, optimize=False)[0] for m in (int8, plain, repaired))
-    assert np.square(repaired_y - dense_y).sum() < 0.5 * np.square(plain_y - dense_y).sum()
+    check_mlp_refit_without_bias(int8, "fc2_quant", margin=0.5)
 
 
 def test_bias_compensation_and_output_matching_write_qoperator_biases_and_weights_as_integers(tmp_path):
     # without least squares: the int32 biases compensated from the dense input means (dequantized), the
     # rows scaled to the dense output statistics before requantization, all written as integers
     int8 = qoperator(cnn(), tmp_path, [1, 3, 8, 8], **SCHEMES["per_channel"])
-    plain, _ = onnxprune.prune(int8, target_flops=0.4, round_to=1)
-    repaired, report = onnxprune.prune(int8, target_flops=0.4, round_to=1, calib=CALIB, least_squares=False,
-                                       strategy="uniform")
-    repair = next(p for p in report.passes if p["name"] == "reconstruction")
-    actions = {p["name"]: {layer["node"]: layer["action"] for layer in p["passes"][0]["details"]["layers"]}
-               for p in repair["passes"]}
-    verdicts = {p["name"]: p["details"]["verdict"] for p in repair["passes"]}
+    plain, repaired, actions, verdicts = repaired_without_least_squares(int8)
     assert actions["bias_compensation"] == {"c2_quant": "bias", "fc_quant": "bias"}
     assert verdicts["bias_compensation"] == "kept"
     assert actions["output_matching"] == {"c2_quant": "matched", "fc_quant": "matched"}
