@@ -54,6 +54,13 @@ def test_an_op_without_a_rule_is_refused_by_node_name_before_anything_runs():
         TorchGraph(model)
 
 
+def test_a_node_pytorch_cannot_run_is_named_in_the_error():
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mismatched")], [("x", [2, 3])],
+                       [("y", [2, 4])], [onnx.numpy_helper.from_array(np.ones((5, 4), np.float32), "w")])
+    with pytest.raises(UnsupportedModelError, match=r"'mismatched' \(MatMul\) fails"):
+        TorchGraph(model)({"x": np.ones((2, 3), np.float32)}, ["y"])
+
+
 def test_gradients_reach_the_trainable_initializers_under_their_own_names():
     # (its own weight, not helpers.weight: the random weights of later test files depend on that shared RNG)
     w = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")

@@ -425,6 +425,11 @@ class TorchGraph:
         for node, a in zip(self.nodes, self.attrs):
             if wanted.issubset(values):
                 break
-            got = OPS[node.op_type](node, a, [values[i] if i else None for i in node.input])
+            try:
+                got = OPS[node.op_type](node, a, [values[i] if i else None for i in node.input])
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # PyTorch's own complaint, placed
+                raise UnsupportedModelError(
+                    f"node {node.name or node.output[0]!r} ({node.op_type}) fails in the distillation backend: "
+                    f"{str(exc).splitlines()[0]}; repair without --distill") from exc
             values.update(zip(node.output, got))
         return {name: values[name] for name in outputs}
