@@ -83,8 +83,8 @@ def trainable_tensors(model: onnx.ModelProto, weights: dict[str, np.ndarray], bi
 def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, calib: CalibrationSet,
             trainable: dict[str, np.ndarray | None], *, epochs: int = 4, lr: float = 1e-4, batch_size: int = 16,
             seed: int = 0, threads: int = 0) -> tuple[dict[str, np.ndarray], DistillResult]:
-    """New values for the `trainable` initializers of `student` (name -> mask of the entries that may be
-    non-zero, None: all), fitted to `teacher`'s outputs on `calib`; {} when no epoch improved the held-out
+    """New values (float32) for the `trainable` initializers of `student` (name -> mask of the entries that
+    may be non-zero, None: all), fitted to `teacher`'s outputs on `calib`; {} when no epoch improved the held-out
     loss. Both models have the same inputs and outputs."""
     if epochs < 1 or not lr > 0 or batch_size < 1:
         raise UsageError(f"distillation needs at least one epoch, a positive learning rate and batch size; got "
@@ -139,8 +139,7 @@ def distill(student: onnx.ModelProto, teacher: onnx.ModelProto, calib: Calibrati
                            len(calib), time.perf_counter() - clock)
     if best_state is None:
         return {}, result
-    dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in student.graph.initializer}
-    return {n: v.numpy().astype(dtypes[n]) for n, v in best_state.items()}, result
+    return {n: v.numpy() for n, v in best_state.items()}, result
 
 
 def _batch_of(batches: list) -> int:

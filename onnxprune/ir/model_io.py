@@ -514,6 +514,33 @@ class Spill:
         return ref
 
 
+class NewValues:
+    """New values for some initializers of a model, each stored as the tensor it replaces was: in a
+    scratch data file (`Spill`) when that one was on disk and the values are large, inline otherwise;
+    cast to its dtype and shaped to its dims."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, onnx.TensorProto] = {}
+        self._spill: Spill | None = None
+
+    def put(self, like: onnx.TensorProto, values: np.ndarray) -> None:
+        values = np.asarray(values).astype(helper.tensor_dtype_to_np_dtype(like.data_type), copy=False)
+        values = values.reshape(tuple(like.dims))
+        if is_external(like) and values.nbytes >= EXTERNAL_MIN_BYTES:
+            self._spill = self._spill or Spill()
+            self.tensors[like.name] = self._spill.add(values, like.name)
+        else:
+            self.tensors[like.name] = numpy_helper.from_array(values, like.name)
+
+    def applied_to(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A new model with these values (a new message: protobuf would keep the old bytes in its arena)."""
+        out = onnx.ModelProto()
+        copy_fields(model, out, skip="graph")
+        copy_fields(model.graph, out.graph, skip="initializer")
+        out.graph.initializer.extend(self.tensors.get(t.name, t) for t in model.graph.initializer)
+        return out
+
+
 def _data_locations(model: onnx.ModelProto) -> set[str]:
     """External data files named by the model (one, or one per tensor)."""
     return {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}

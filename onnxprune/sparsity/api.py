@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.stats import GramRequest, collect_statistics
 from onnxprune.errors import PlanError, UsageError
 from onnxprune.ir.graph_view import tensor_values
-from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external
+from onnxprune.ir.model_io import NewValues
 from onnxprune.ir.prepare import ModelLike
 from onnxprune.ir.shapes import infer_shapes
 from onnxprune.options import SparsifyOptions, with_keywords
@@ -182,7 +181,10 @@ def distill_weights(state: SparsifyState) -> None:
                                          trainable_tensors(state.working, masks, biases),
                                          epochs=o.weights.distill, seed=o.runtime.seed)
     if fitted:
-        state.working = _with_values(state.working, fitted)
+        values = NewValues()
+        for name, value in fitted.items():
+            values.put(inits[name], value)
+        state.working = values.applied_to(state.working)
 
 
 def build_sparsify_report(state: SparsifyState) -> None:
@@ -272,45 +274,20 @@ def _solve(model: onnx.ModelProto, selection: Selection, solver: Solver, grams: 
     """A new model with every live target's weight replaced by its sparse version (weights read from disk go
     back to a scratch data file as they are made, as prune's slices do), and the per-layer rows."""
     inits = {t.name: t for t in model.graph.initializer}
-    replaced: dict[str, onnx.TensorProto] = {}
+    replaced = NewValues()
     solved: dict[str, LayerResult] = {}
-    spill = None
     for target in progress_iter([t for t in selection.targets if t.skip is None],
                                 f"sparsify {len(selection.targets)} weights"):
-        tensor = inits[target.weight]
-        w = tensor_values(tensor)
+        w = tensor_values(inits[target.weight])
         try:
             new, row = solver.solve(target, w, grams)
         except np.linalg.LinAlgError as exc:  # a Gram matrix no damping makes positive definite
             solved[target.weight] = _dense_row(target, w, f"SparseGPT failed ({exc}): raise --damp")
             continue
         solved[target.weight] = row
-        if is_external(tensor) and new.nbytes >= EXTERNAL_MIN_BYTES:
-            spill = spill or Spill()
-            replaced[target.weight] = spill.add(new, target.weight)
-        else:
-            replaced[target.weight] = numpy_helper.from_array(new, target.weight)
+        replaced.put(inits[target.weight], new)
         del w, new
     return _assemble(model, selection, replaced, solved)
-
-
-def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A new model whose initializers named in `values` hold them (large ones of an on-disk model go to a
-    scratch data file, as sparsify's own writes do)."""
-    spill = None
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    copy_fields(model.graph, out.graph, skip="initializer")
-    for tensor in model.graph.initializer:
-        value = values.get(tensor.name)
-        if value is None:
-            out.graph.initializer.append(tensor)
-        elif is_external(tensor) and value.nbytes >= EXTERNAL_MIN_BYTES:
-            spill = spill or Spill()
-            out.graph.initializer.append(spill.add(value, tensor.name))
-        else:
-            out.graph.initializer.append(numpy_helper.from_array(value.reshape(tuple(tensor.dims)), tensor.name))
-    return out
 
 
 def _dense_row(target: WeightTarget, w: np.ndarray, why: str) -> LayerResult:
@@ -319,17 +296,13 @@ def _dense_row(target: WeightTarget, w: np.ndarray, why: str) -> LayerResult:
                        skipped=why)
 
 
-def _assemble(model: onnx.ModelProto, selection: Selection, replaced: dict[str, onnx.TensorProto],
+def _assemble(model: onnx.ModelProto, selection: Selection, replaced: NewValues,
               solved: dict[str, LayerResult]) -> tuple[onnx.ModelProto, list[LayerResult]]:
     """The model with the `replaced` initializers, and a row per target in the selection's order."""
     inits = {t.name: t for t in model.graph.initializer}
     layers = [solved[t.weight] if t.skip is None else _dense_row(t, tensor_values(inits[t.weight]), t.skip)
               for t in selection.targets]
-    # a new ModelProto rather than edits in place: protobuf would keep the dense bytes in the old arena
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    copy_fields(model.graph, out.graph, skip="initializer")
+    out = replaced.applied_to(model)
     del out.graph.value_info[:]
-    out.graph.initializer.extend(replaced.get(t.name, t) for t in model.graph.initializer)
     out = ReshareInitializers()(out).model  # copies of shared biases made on load are one tensor again
     return out, layers

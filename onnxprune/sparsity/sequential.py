@@ -35,14 +35,13 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.calibration.capture import Capture, first_samples
 from onnxprune.calibration.data import CalibrationSet
 from onnxprune.calibration.features import Consumer, GramStats, GroupedGramStats, gram_for, pick_positions, rows
 from onnxprune.calibration.incremental import IncrementalCapture
 from onnxprune.ir.graph_view import reads, tensor_values
-from onnxprune.ir.model_io import EXTERNAL_MIN_BYTES, Spill, copy_fields, is_external
+from onnxprune.ir.model_io import NewValues
 from onnxprune.passes.reconstruct import levels
 from onnxprune.runtime.progress import progress_iter
 from onnxprune.sparsity.layers import LayerResult, Solver, WeightTarget
@@ -67,8 +66,8 @@ class Bias:
 
 def solve_in_levels(model: onnx.ModelProto, targets: list[WeightTarget], solver: Solver, calib: CalibrationSet,
                     per_sample: int | None, seed: int, threads: int = 0, sequential: bool = True
-                    ) -> tuple[dict[str, onnx.TensorProto], dict[str, LayerResult]]:
-    """The new weight and bias initializers of every live target of `targets` and its table row (by
+                    ) -> tuple[NewValues, dict[str, LayerResult]]:
+    """The new weight and bias values of every live target of `targets` and its table row (by
     weight name). sequential=False takes every input from the dense model (one-pass calibration)."""
     live = [t for t in targets if t.skip is None]
     reader_level = {n: k for k, names in enumerate(levels(model, [c.node for t in live for c in t.readers]))
@@ -83,9 +82,8 @@ def solve_in_levels(model: onnx.ModelProto, targets: list[WeightTarget], solver:
     inits = {t.name: t for t in model.graph.initializer}
     dense = _Tensors(calib, threads)
     sparse = _Tensors(calib, threads) if sequential else dense
-    replaced: dict[str, onnx.TensorProto] = {}
+    replaced = NewValues()
     results: dict[str, LayerResult] = {}
-    spill: Spill | None = None
     current = model
     for k in progress_iter(sorted(by_level), f"sparsegpt, {len(by_level)} levels of {len(live)} weights"):
         level = by_level[k]
@@ -93,7 +91,7 @@ def solve_in_levels(model: onnx.ModelProto, targets: list[WeightTarget], solver:
         inputs = [c.input for c in readers]
         outputs = [c.output for c in readers]
         if sequential:
-            current = _with(model, replaced)
+            current = replaced.applied_to(model)
             sparse.advance(current, inputs)
             dense.advance(model, outputs)
         else:
@@ -113,27 +111,13 @@ def solve_in_levels(model: onnx.ModelProto, targets: list[WeightTarget], solver:
                                                     zeros, skipped=f"SparseGPT failed ({exc}): raise --damp")
                     continue
                 results[t.weight] = row
-                written = [(t.weight, new_w)] + ([(refit.initializer, new_b / refit.scale)] if refit else [])
-                for name, value in written:
-                    value = value.astype(tensor_values(inits[name]).dtype).reshape(tuple(inits[name].dims))
-                    if is_external(inits[name]) and value.nbytes >= EXTERNAL_MIN_BYTES:
-                        spill = spill or Spill()
-                        replaced[name] = spill.add(value, name)
-                    else:
-                        replaced[name] = numpy_helper.from_array(value, name)
+                replaced.put(inits[t.weight], new_w)
+                if refit:
+                    replaced.put(inits[refit.initializer], new_b / refit.scale)
             del stats
         if sequential:
             sparse.forget([c.node for c in readers])
     return replaced, results
-
-
-def _with(model: onnx.ModelProto, replaced: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
-    """`model` with the initializers solved so far replaced (a new message: the old bytes are not kept)."""
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    copy_fields(model.graph, out.graph, skip="initializer")
-    out.graph.initializer.extend(replaced.get(t.name, t) for t in model.graph.initializer)
-    return out
 
 
 def _bias_of(c: Consumer, inits: dict[str, onnx.TensorProto], readers: dict[str, int], own_weight: bool) -> Bias:
